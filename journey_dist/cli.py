@@ -1,0 +1,52 @@
+"""`journey` command line: quick answers without writing a script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from journey_dist.config import PRESETS, ConfigError
+
+
+def _cmd_presets(_args: argparse.Namespace) -> None:
+    import torch
+
+    from journey_dist.model import GPT
+
+    print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'d_model':>7} {'vocab':>6} {'ctx':>5} {'params':>14}")
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):  # count without allocating
+            n = GPT(cfg).num_params()
+        print(f"{name:<12} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.n_embd:>7} {cfg.vocab_size:>6} "
+              f"{cfg.block_size:>5} {n:>14,}")
+
+
+# name -> (function, help, add_arguments(parser) or None). New subcommands register here.
+COMMANDS: dict = {
+    "presets": (_cmd_presets, "list model presets and their parameter counts", None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="journey", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_text, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if add_arguments is not None:
+            add_arguments(p)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        print(f"journey: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""A ledger of collectives: calls and bytes per op and process group, next to the analytic volume.
+
+    with CommLedger() as ledger:
+        train_step(...)
+    print(ledger.table())
+
+It is a TorchDispatchMode, so it sees every collective that goes through PyTorch's
+dispatcher: eager `torch.distributed.*` calls (c10d ops) and the functional
+collectives DTensor uses (_c10d_functional ops). DDP's C++ reducer bypasses the
+dispatcher; its buckets are recorded from a comm hook with `ledger.record`.
+
+"bytes" is the size of the full buffer handed to the collective (all-reduce: the
+tensor; all-gather: the gathered output; reduce-scatter: the unsharded input).
+"wire" is what one rank sends on a ring for that buffer:
+all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n, all-to-all (n-1)/n,
+broadcast / send 1x (the sender's copy).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# dispatcher op name -> ledger op kind
+_OPS = {
+    "allreduce_": "all_reduce", "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce",
+    "allreduce_coalesced_": "all_reduce",
+    "_allgather_base_": "all_gather", "allgather_": "all_gather",
+    "allgather_into_tensor_coalesced_": "all_gather", "all_gather_into_tensor": "all_gather",
+    "all_gather_into_tensor_out": "all_gather", "all_gather_into_tensor_coalesced": "all_gather",
+    "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced_": "reduce_scatter",
+    "broadcast_": "broadcast", "broadcast": "broadcast",
+    "alltoall_base_": "all_to_all", "all_to_all_single": "all_to_all", "alltoall_": "all_to_all",
+    "send": "send", "recv_": "recv", "recv_any_source_": "recv",
+    "barrier": "barrier",
+}
+_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
+
+
+def ring_factor(op: str, n: int) -> float:
+    """Fraction of the buffer one rank sends on a ring of n ranks."""
+    if n <= 1 and op not in ("send", "recv"):
+        return 0.0
+    return {
+        "all_reduce": 2 * (n - 1) / n,
+        "all_gather": (n - 1) / n,
+        "reduce_scatter": (n - 1) / n,
+        "all_to_all": (n - 1) / n,
+        "broadcast": 1.0,
+        "send": 1.0,
+        "recv": 0.0,
+        "barrier": 0.0,
+    }[op]
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    op: str
+    group: tuple[int, ...]  # global ranks in the group
+    nbytes: int  # full buffer handed to the collective
+
+    @property
+    def wire_bytes(self) -> float:
+        return ring_factor(self.op, len(self.group)) * self.nbytes
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors(item)]
+    return []
+
+
+def _group_of(args) -> tuple[int, ...]:
+    for a in args:
+        pg = None
+        if isinstance(a, torch.ScriptObject):
+            try:
+                pg = dist.ProcessGroup.unbox(a)
+            except Exception:  # not a process group (e.g. a ReduceOp)
+                continue
+        elif isinstance(a, str):
+            try:
+                pg = dist.distributed_c10d._resolve_process_group(a)
+            except Exception:  # a reduce-op string such as "sum"
+                continue
+        if pg is not None:
+            return tuple(dist.get_process_group_ranks(pg))
+    return tuple(range(dist.get_world_size()))
+
+
+def _buffer_bytes(kind: str, name: str, args) -> int:
+    tensor_args = [_tensors(a) for a in args]
+    sizes = [sum(t.numel() * t.element_size() for t in ts) for ts in tensor_args if ts]
+    if not sizes:
+        return 0
+    if name.startswith("all_gather_into_tensor") and "out" not in name:
+        # functional all-gather takes only the shard and the group size
+        group_size = next(a for a in args[1:] if isinstance(a, int))
+        return sizes[0] * group_size
+    return max(sizes)  # the full (unsharded) buffer is the largest tensor argument
+
+
+class CommLedger(TorchDispatchMode):
+    """Record every collective run inside the `with` block (this rank's view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[CommRecord] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in _NAMESPACES:
+            name = func._schema.name.split("::")[-1]
+            kind = _OPS.get(name)
+            if kind is not None:
+                self.record(kind, _group_of(args), _buffer_bytes(kind, name, args))
+        return func(*args, **kwargs)
+
+    def record(self, op: str, group: tuple[int, ...], nbytes: int) -> None:
+        """Add a collective by hand (for C++ paths the dispatcher never sees, like DDP)."""
+        self.records.append(CommRecord(op, tuple(group), int(nbytes)))
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def summary(self) -> dict[tuple[str, tuple[int, ...]], dict[str, float]]:
+        """{(op, group): {"calls", "bytes", "wire_bytes"}} in first-seen order."""
+        out: dict[tuple[str, tuple[int, ...]], dict[str, float]] = defaultdict(
+            lambda: {"calls": 0, "bytes": 0, "wire_bytes": 0.0})
+        for r in self.records:
+            row = out[(r.op, r.group)]
+            row["calls"] += 1
+            row["bytes"] += r.nbytes
+            row["wire_bytes"] += r.wire_bytes
+        return dict(out)
+
+    def total_bytes(self, op: str | None = None) -> int:
+        return sum(r.nbytes for r in self.records if op is None or r.op == op)
+
+    def calls(self, op: str | None = None) -> int:
+        return sum(1 for r in self.records if op is None or r.op == op)
+
+    def to_dict(self) -> list[dict]:
+        return [{"op": op, "group": list(g), **row} for (op, g), row in self.summary().items()]
+
+    def table(self) -> str:
+        lines = [f"{'collective':<15} {'group':<14} {'calls':>6} {'bytes':>14} {'sent/rank (ring)':>17}"]
+        for (op, group), row in self.summary().items():
+            lines.append(f"{op:<15} {str(list(group)):<14} {row['calls']:>6} "
+                         f"{row['bytes']:>14,} {row['wire_bytes']:>17,.0f}")
+        return "\n".join(lines)

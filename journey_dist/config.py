@@ -1,0 +1,166 @@
+"""Model and parallelism configuration, presets, and validation.
+
+Every check that can fail for a user lives here, so a bad run stops with a clear
+message *before* any process group is created (a half-initialised job is the
+usual source of silent hangs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """GPT-2 architecture hyper-parameters (pre-LN, GELU MLP, learned positions)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    vocab_size: int = 256  # byte-level by default
+    block_size: int = 128  # maximum context length
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True  # lm_head.weight is wte.weight, as in GPT-2
+    attn_impl: str = "sdpa"  # "sdpa" (fused, F.scaled_dot_product_attention) or "eager"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"GPTConfig.{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"pick n_embd as a multiple of n_head (e.g. {self.n_head * 32})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.attn_impl not in ("sdpa", "eager"):
+            raise ConfigError(f"attn_impl={self.attn_impl!r}; use 'sdpa' or 'eager'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def with_(self, **changes) -> GPTConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # Tests: builds and runs in milliseconds.
+    "tiny": GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=256, block_size=32),
+    # CPU-sized: about a minute of training on 2 cores reaches readable byte-level text.
+    "gpt-mini": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=256, block_size=128),
+    "gpt2-small": GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024),
+}
+
+
+def get_preset(name: str, **overrides) -> GPTConfig:
+    """Return a preset by name, optionally with fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name].with_(**overrides) if overrides else PRESETS[name]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the world is split: dp x tp x pp ranks, microbatches for pp, ZeRO stage.
+
+    Rank layout (as in Megatron): tp varies fastest, then dp, then pp, so the
+    ranks of one tensor-parallel group are neighbours (same node, fastest links).
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    microbatches: int = 1
+    zero: int = 0
+    sequence_parallel: bool = False
+    schedule: str = "1f1b"  # pipeline schedule: "gpipe" or "1f1b"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def validate(
+        self,
+        model: GPTConfig | None = None,
+        world_size: int | None = None,
+        global_batch: int | None = None,
+    ) -> ParallelConfig:
+        """Raise ConfigError naming the problem and the fix; return self when valid."""
+        for name in ("dp", "tp", "pp", "microbatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"zero={self.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(f"schedule={self.schedule!r}; use 'gpipe' or '1f1b'")
+        if world_size is not None and world_size != self.world_size:
+            raise ConfigError(
+                f"dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.world_size} but the world "
+                f"has {world_size} ranks; launch with --nproc_per_node={self.world_size} "
+                f"or change dp/tp/pp so their product is {world_size}"
+            )
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("sequence_parallel needs tp > 1 (it splits the sequence over tp)")
+        if self.zero and self.dp == 1:
+            raise ConfigError(f"zero={self.zero} shards over data-parallel ranks and needs dp > 1")
+        if self.pp > 1 and self.schedule == "1f1b" and self.microbatches < self.pp:
+            raise ConfigError(
+                f"microbatches={self.microbatches} < pp={self.pp}: 1F1B needs at least one "
+                f"microbatch per stage to fill the pipeline; use microbatches >= {self.pp}"
+            )
+        if model is not None:
+            if model.n_head % self.tp:
+                raise ConfigError(
+                    f"tp={self.tp} does not divide n_head={model.n_head}; "
+                    f"use a tp in {_divisors(model.n_head)}"
+                )
+            if model.vocab_size % self.tp:
+                raise ConfigError(
+                    f"tp={self.tp} does not divide vocab_size={model.vocab_size}; pad the "
+                    f"vocabulary to {_round_up(model.vocab_size, self.tp)} (a multiple of tp, as "
+                    f"Megatron does) or pick a tp in {_divisors(model.vocab_size)}"
+                )
+            if self.pp > model.n_layer:
+                raise ConfigError(
+                    f"pp={self.pp} is larger than n_layer={model.n_layer}; every stage needs "
+                    f"at least one layer, so use pp <= {model.n_layer}"
+                )
+            if self.sequence_parallel and model.block_size % self.tp:
+                raise ConfigError(
+                    f"sequence_parallel splits the sequence: tp={self.tp} must divide "
+                    f"block_size={model.block_size}"
+                )
+        if global_batch is not None:
+            per_dp = self.dp * self.microbatches
+            if global_batch % per_dp:
+                raise ConfigError(
+                    f"global batch {global_batch} is not divisible by dp*microbatches = "
+                    f"{self.dp}*{self.microbatches} = {per_dp}; use a multiple of {per_dp}"
+                )
+        return self
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

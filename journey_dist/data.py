@@ -1,0 +1,134 @@
+"""Text in, token batches out: the embedded corpus, char/byte tokens, per-rank batches.
+
+Batches are a pure function of (seed, step): every rank draws the same *global*
+batch and keeps its own slice. So a data-parallel run on N ranks sees exactly the
+rows a single process sees for the global batch, which is what parity tests need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from journey_dist.config import ConfigError
+
+CORPORA = ("handbook", "dialogues")
+
+
+def load_text(source: str = "handbook") -> str:
+    """Text of an embedded corpus ('handbook', 'dialogues') or of a UTF-8 file path."""
+    if source in CORPORA:
+        return resources.files("journey_dist").joinpath(f"corpus/{source}.txt").read_text("utf-8")
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(
+            f"data file {source!r} not found; pass an existing text file or one of the "
+            f"embedded corpora: {', '.join(CORPORA)}"
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{source} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+            f"convert it first, e.g. `iconv -f latin1 -t utf-8 {source} > {path.stem}.utf8.txt`"
+        ) from None
+    if not text:
+        raise ConfigError(f"data file {source} is empty")
+    return text
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocab 256, no unknowns, any text round-trips."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class CharTokenizer:
+    """One token per distinct character of the training text (smaller vocab than bytes)."""
+
+    def __init__(self, text: str):
+        self.chars = sorted(set(text))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the char vocabulary") from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+@dataclass
+class TokenData:
+    """A tokenised corpus split into train/val streams."""
+
+    train: torch.Tensor  # (N_train,) int64
+    val: torch.Tensor  # (N_val,) int64
+    tokenizer: ByteTokenizer | CharTokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def load_tokens(source: str = "handbook", level: str = "byte", val_fraction: float = 0.1) -> TokenData:
+    """Tokenise a corpus at 'byte' or 'char' level; the last `val_fraction` is validation."""
+    text = load_text(source)
+    if level == "byte":
+        tok: ByteTokenizer | CharTokenizer = ByteTokenizer()
+    elif level == "char":
+        tok = CharTokenizer(text)
+    else:
+        raise ConfigError(f"level={level!r}; use 'byte' or 'char'")
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    n_val = int(len(ids) * val_fraction)
+    return TokenData(ids[: len(ids) - n_val], ids[len(ids) - n_val:], tok)
+
+
+def get_batch(tokens: torch.Tensor, batch_size: int, block_size: int, step: int,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch for `step`: (x, y) each (batch_size, block_size), y = x shifted by one.
+
+    Deterministic in (seed, step), independent of rank and world size.
+    """
+    if len(tokens) <= block_size + 1:
+        raise ConfigError(
+            f"the text has {len(tokens)} tokens but a sample needs block_size+1 = "
+            f"{block_size + 1}; use a longer text or a smaller block_size"
+        )
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=g)
+    x = torch.stack([tokens[s: s + block_size] for s in starts.tolist()])
+    y = torch.stack([tokens[s + 1: s + 1 + block_size] for s in starts.tolist()])
+    return x, y
+
+
+def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rows [rank*B/W, (rank+1)*B/W) of a global batch (B must divide by W)."""
+    if batch.size(0) % world_size:
+        raise ConfigError(
+            f"global batch {batch.size(0)} does not divide over {world_size} ranks; "
+            f"use a multiple of {world_size}"
+        )
+    per = batch.size(0) // world_size
+    return batch[rank * per: (rank + 1) * per]
+
+
+def microbatches(x: torch.Tensor, y: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split (x, y) into n equal microbatches along the batch dimension."""
+    if x.size(0) % n:
+        raise ConfigError(f"batch {x.size(0)} does not split into {n} microbatches; use a multiple")
+    return list(zip(x.chunk(n), y.chunk(n)))

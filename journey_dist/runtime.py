@@ -1,0 +1,291 @@
+"""Process groups, devices, seeding, rank-0 printing, results, and spawning ranks.
+
+`launch(fn, world_size)` is how every lab starts: under `torchrun` it joins the
+job torchrun made; under plain `python` (or a notebook) it spawns `world_size`
+local ranks on a free port. The same `spawn` is the test harness's engine, so
+tests exercise exactly what users run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("JOURNEY_TIMEOUT", "120"))
+
+
+class RankFailure(RuntimeError):
+    """A spawned rank raised, died, or missed its deadline; the message names it."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only, flushed so interleaving with other ranks stays readable."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy (if present) and torch on every device."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional for the core
+        pass
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Join (or create) the default process group from torchrun-style env variables.
+
+    nccl when CUDA is available, gloo otherwise. Every collective gets a timeout,
+    so a dead peer ends the job with an error instead of a silent hang.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = pick_device(local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world_size > 1:
+                raise RankFailure("MASTER_PORT is not set; start with torchrun or launch()")
+            os.environ["MASTER_PORT"] = str(find_free_port())
+        timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs
+        )
+    return DistInfo(rank, world_size, local_rank, device, backend)
+
+
+def shutdown() -> None:
+    """Barrier then destroy the process group (a missing barrier can abort at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------- spawning
+
+
+def _rank_main(
+    fn: Callable, rank: int, world_size: int, port: int, args: tuple, out_dir: str,
+    timeout_s: float, threads: int,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(threads)
+    out = Path(out_dir)
+    try:
+        init_distributed(timeout_s=timeout_s)
+        result = fn(*args)
+        shutdown()
+        torch.save(result, out / f"rank{rank}.tmp")
+        os.replace(out / f"rank{rank}.tmp", out / f"rank{rank}.pt")
+    except BaseException:  # report everything, including KeyboardInterrupt
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        sys.exit(1)
+
+
+def _start_method(fn: Callable) -> str:
+    # Functions defined in a notebook cannot be re-imported by a spawned child.
+    main = sys.modules.get("__main__")
+    interactive = fn.__module__ == "__main__" and not hasattr(main, "__file__")
+    return "fork" if interactive else "spawn"
+
+
+def spawn(
+    fn: Callable,
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout_s: float = 300.0,
+    collective_timeout_s: float | None = None,
+) -> list[Any]:
+    """Run `fn(*args)` on `world_size` fresh gloo ranks; return each rank's return value.
+
+    The process group is initialised before `fn` runs and destroyed after. If a
+    rank raises or dies, the others are stopped and RankFailure carries that
+    rank's traceback; a rank still running at `timeout_s` is named and killed.
+    """
+    ctx = mp.get_context(_start_method(fn))
+    port = find_free_port()
+    out_dir = tempfile.mkdtemp(prefix="journey-ranks-")
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    coll_timeout = collective_timeout_s or min(DEFAULT_TIMEOUT_S, timeout_s)
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, r, world_size, port, tuple(args), out_dir, coll_timeout, threads),
+            daemon=False,
+        )
+        for r in range(world_size)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        failed: list[int] = []
+        while any(p.is_alive() for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if failed:
+            # Give peers a moment to report their own errors, then stop them.
+            grace = time.monotonic() + 3
+            while time.monotonic() < grace and any(p.is_alive() for p in procs):
+                time.sleep(0.05)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        if failed:
+            raise RankFailure(_failure_message(out_dir, procs, failed, hung))
+        if hung:
+            raise RankFailure(
+                f"rank(s) {hung} still running after {timeout_s:.0f}s and were killed "
+                "(a collective that some ranks never entered?)"
+            )
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _failure_message(out_dir: str, procs: list, failed: list[int], hung: list[int]) -> str:
+    parts = []
+    for r in failed:
+        err = Path(out_dir) / f"rank{r}.err"
+        detail = err.read_text() if err.exists() else f"(no traceback: exit code {procs[r].exitcode})"
+        parts.append(f"--- rank {r} failed ---\n{detail}")
+    if hung:
+        parts.append(f"rank(s) {hung} were still running and were stopped")
+    return "\n".join(parts)
+
+
+def launch(fn: Callable, world_size: int, *args: Any, timeout_s: float = 1800.0) -> list[Any]:
+    """Run `fn(*args)` on every rank: torchrun's ranks if under torchrun, else spawn them.
+
+    Under torchrun this process *is* one rank, and the returned list holds only its
+    own result. A single-rank run stays in this process (no spawn cost).
+    """
+    if under_torchrun():
+        init_distributed()
+        try:
+            return [fn(*args)]
+        finally:
+            shutdown()
+    if world_size == 1:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(find_free_port()))
+        init_distributed()
+        try:
+            return [fn(*args)]
+        finally:
+            shutdown()
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(key, None)
+    return spawn(fn, world_size, args, timeout_s=timeout_s)
+
+
+def requested_world_size(default: int) -> int:
+    """WORLD_SIZE under torchrun, else the lab's default (what plain `python` spawns)."""
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else default
+
+
+# --------------------------------------------------------------------- results
+
+
+def runs_dir(lab: str) -> Path:
+    """Where a lab writes results: $JOURNEY_RUNS_DIR/<lab> (default ./runs/<lab>)."""
+    return Path(os.environ.get("JOURNEY_RUNS_DIR", "runs")) / lab
+
+
+def save_json(lab: str, name: str, data: Any) -> Path | None:
+    """Write `data` as runs/<lab>/<name>.json on rank 0 (atomically); return the path."""
+    if not is_rank0():
+        return None
+    path = runs_dir(lab) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (torch.device, torch.dtype, Path)):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")

@@ -1,0 +1,235 @@
+"""The one training step and loop every lab uses.
+
+Parallel schemes plug in through small hooks instead of copying the loop:
+`loss_fn` (e.g. a vocab-parallel loss), `sync_grads` (e.g. a naive DP all-reduce
+after backward), `no_sync` (skip DP communication on non-final micro-steps),
+`clip_fn` (a grad norm that spans shards) and `reduce_loss` (average the logged
+loss over data-parallel ranks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from journey_dist.data import TokenData, get_batch, microbatches, shard
+from journey_dist.runtime import print0, save_json
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # global batch in sequences (summed over data-parallel ranks)
+    grad_accum: int = 1  # micro-steps per optimizer step (on each rank)
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # or "constant"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    autocast: str | None = None  # None, "bf16" or "fp16"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or cfg.steps <= cfg.warmup_steps:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, LayerNorm, or 1-D params)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None,
+    )
+
+
+def default_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, y)[1]
+
+
+def autocast_context(device: torch.device, dtype: str | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean over micro-steps, detached; .item() only when logging
+    grad_norm: torch.Tensor | None
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    loss_fn: LossFn = default_loss,
+    grad_clip: float = 0.0,
+    autocast: str | None = None,
+    sync_grads: Callable[[], None] | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    clip_fn: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
+) -> StepResult:
+    """Forward/backward over the micro-batches, sync, clip, optimizer step, zero grads.
+
+    Each micro-step's loss is divided by the number of micro-steps, so the
+    accumulated gradient is the gradient of the mean loss over the whole batch.
+    """
+    micro = list(micro)
+    device = micro[0][0].device
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro):
+        last = i == len(micro) - 1
+        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with ctx:
+            with autocast_context(device, autocast):
+                loss = loss_fn(model, x, y) / len(micro)
+            loss.backward()
+        total += loss.detach()
+    if sync_grads is not None:
+        sync_grads()
+    grad_norm = None
+    if grad_clip > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        clip = clip_fn or (lambda ps, c: torch.nn.utils.clip_grad_norm_(ps, c))
+        grad_norm = clip(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(total, grad_norm)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: torch.Tensor, batch_size: int, block_size: int,
+             batches: int = 4, loss_fn: LossFn = default_loss, device: torch.device | None = None,
+             autocast: str | None = None) -> float:
+    """Mean loss over fixed validation batches (same batches every call)."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    losses = []
+    for i in range(batches):
+        x, y = get_batch(tokens, batch_size, block_size, step=i, seed=12345)
+        with autocast_context(device, autocast):
+            losses.append(loss_fn(model, x.to(device), y.to(device)).float().item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+@dataclass
+class History:
+    steps: list[dict] = field(default_factory=list)
+    val_loss: float | None = None
+    tokens_per_s: float = 0.0
+
+    @property
+    def first_loss(self) -> float:
+        return self.steps[0]["loss"]
+
+    @property
+    def last_loss(self) -> float:
+        return self.steps[-1]["loss"]
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "val_loss": self.val_loss, "tokens_per_s": self.tokens_per_s}
+
+
+def train(
+    model: nn.Module,
+    data: TokenData,
+    cfg: TrainConfig,
+    *,
+    lab: str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: torch.device | None = None,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    block_size: int | None = None,
+    reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    verbose: bool = True,
+    **step_hooks,
+) -> History:
+    """Train for cfg.steps on deterministic batches; log, evaluate, write runs/<lab>/train.json.
+
+    Each data-parallel rank takes its slice of the same global batch. `step_hooks`
+    go to `train_step` (loss_fn, sync_grads, no_sync, clip_fn).
+    """
+    device = device or next(model.parameters()).device
+    block_size = block_size or model.config.block_size
+    optimizer = optimizer or make_optimizer(model, cfg)
+    history = History()
+    tokens_per_step = cfg.batch_size * block_size
+    model.train()
+    t0 = t_log = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = get_batch(data.train, cfg.batch_size, block_size, step, cfg.seed)
+        x, y = shard(x, dp_rank, dp_size).to(device), shard(y, dp_rank, dp_size).to(device)
+        result = train_step(model, optimizer, microbatches(x, y, cfg.grad_accum),
+                            grad_clip=cfg.grad_clip, autocast=cfg.autocast, **step_hooks)
+        last = step == cfg.steps - 1
+        if step % cfg.log_every == 0 or last:
+            loss = reduce_loss(result.loss) if reduce_loss else result.loss
+            now = time.perf_counter()
+            steps_since = (step % cfg.log_every or cfg.log_every) if step else 1
+            tps = tokens_per_step * steps_since / max(now - t_log, 1e-9)
+            t_log = now
+            row = {"step": step, "loss": loss.item(), "lr": lr_at(step, cfg), "tokens_per_s": tps}
+            if result.grad_norm is not None:
+                row["grad_norm"] = float(result.grad_norm)
+            history.steps.append(row)
+            if verbose:
+                clear = "\r\033[K" if sys.stdout.isatty() else ""
+                print0(f"{clear}step {step:4d}/{cfg.steps} | loss {row['loss']:.4f} | "
+                       f"lr {row['lr']:.2e} | {tps / 1e3:6.1f}k tok/s")
+        elif verbose:
+            _progress(step, cfg.steps)
+        if cfg.eval_every and step and step % cfg.eval_every == 0:
+            history.steps[-1]["val_loss"] = evaluate(model, data.val, cfg.batch_size // dp_size,
+                                                     block_size, cfg.eval_batches,
+                                                     step_hooks.get("loss_fn", default_loss))
+    history.tokens_per_s = tokens_per_step * cfg.steps / (time.perf_counter() - t0)
+    history.val_loss = evaluate(model, data.val, max(1, cfg.batch_size // dp_size), block_size,
+                                cfg.eval_batches, step_hooks.get("loss_fn", default_loss),
+                                device, cfg.autocast)
+    if lab:
+        save_json(lab, "train", {"config": cfg.to_dict(), **history.to_dict()})
+    return history
+
+
+def _progress(step: int, total: int, width: int = 30) -> None:
+    """A one-line progress bar between log lines, only on an interactive terminal."""
+    if not sys.stdout.isatty():
+        return
+    done = int(width * (step + 1) / total)
+    print0(f"\r[{'#' * done}{'.' * (width - done)}] {step + 1}/{total}", end="")

@@ -1,0 +1,25 @@
+"""The shared multi-rank test harness: N gloo ranks on a free port, with deadlines.
+
+    results = run_ranks(my_rank_fn, 2, arg1, arg2)
+
+`my_rank_fn` must be a module-level function (spawned children import it). The
+process group is up when it runs; `dist.get_rank()` says which rank it is. A rank
+that raises fails the test with that rank's traceback; a hung rank is named and
+killed after `timeout_s`. This is journey_dist.runtime.spawn, the same engine the
+labs use, so tests run what users run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from journey_dist.runtime import RankFailure, spawn
+
+__all__ = ["RankFailure", "run_ranks"]
+
+
+def run_ranks(fn, world_size: int, *args: Any, timeout_s: float = 120.0,
+              collective_timeout_s: float = 60.0) -> list[Any]:
+    """Run fn(*args) on `world_size` gloo ranks; return the per-rank results in rank order."""
+    return spawn(fn, world_size, args, timeout_s=timeout_s,
+                 collective_timeout_s=collective_timeout_s)
