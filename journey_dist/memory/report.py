@@ -222,3 +222,58 @@ def _why_not_measure(args, est, cfg, single: bool, device: str, seq: int, n_para
     if args.measure == "auto" and flops > _FLOP_LIMIT[device]:
         return f"~{flops:.1e} FLOP would take long on {device}; pass --measure yes to run it anyway"
     return ""
+
+
+# ---------------------------------------------------------------------- grids (benchmarks, lab)
+
+
+def grid_row(spec: dict, device: str = "cpu", ledger: bool | None = None) -> dict:
+    """Estimate and measure one config; spec keys: preset, batch, seq, dtype, attn, and optionally
+    dropout, optimizer, microbatches, recompute, overrides (GPTConfig fields)."""
+    from journey_dist.config import get_preset
+    from journey_dist.memory.estimate import estimate_memory
+    from journey_dist.memory.measure import measure_config
+
+    cfg = get_preset(spec["preset"], attn_impl=spec["attn"], dropout=spec.get("dropout", 0.0),
+                     **spec.get("overrides", {}))
+    kw = dict(batch_size=spec["batch"], seq_len=spec["seq"], dtype=spec["dtype"],
+              optimizer=spec.get("optimizer", "adamw"), microbatches=spec.get("microbatches", 1),
+              recompute=spec.get("recompute", False))
+    est = estimate_memory(cfg, device=device, **kw)
+    meas = measure_config(cfg, device=device, ledger=ledger, **kw)
+    extra = meas.cuda.get("cublas_workspace", 0)  # allocated by cuBLAS, outside the model
+    peak_est = est.total + extra
+    return {
+        "spec": spec, "label": spec_label(spec), "estimate": est, "measurement": meas,
+        "rows": compare(est, meas),
+        "peak_measured": meas.peak, "peak_estimated": peak_est, "workspace_added": extra,
+        "peak_error_pct": 100.0 * (peak_est - meas.peak) / meas.peak,
+        "states_exact": (all(meas.high_water[k] == getattr(est, k) for k in ("params", "grads", "optimizer"))
+                         if meas.high_water else None),
+        "peak_phase_estimated": est.peak_phase,
+    }
+
+
+def spec_label(spec: dict) -> str:
+    parts = [spec["preset"]] + [f"{k}={v}" for k, v in spec.get("overrides", {}).items()]
+    parts += [f"b{spec['batch']}", f"s{spec['seq']}", spec["dtype"], spec["attn"]]
+    if spec.get("dropout"):
+        parts.append(f"dropout {spec['dropout']}")
+    if spec.get("optimizer", "adamw") != "adamw":
+        parts.append(spec["optimizer"])
+    if spec.get("microbatches", 1) > 1:
+        parts.append(f"{spec['microbatches']} microbatches")
+    if spec.get("recompute"):
+        parts.append("recompute")
+    return " ".join(parts)
+
+
+def grid_markdown(results: list[dict]) -> str:
+    """One line per config: measured and estimated peak, error, model states exact, peak moment."""
+    lines = ["| config | measured peak | estimated peak | error | params/grads/optimizer exact | "
+             "estimated peak moment |", "|---|---|---|---|---|---|"]
+    for r in results:
+        exact = {True: "yes", False: "NO", None: "-"}[r["states_exact"]]
+        lines.append(f"| {r['label']} | {fmt_bytes(r['peak_measured'])} | {fmt_bytes(r['peak_estimated'])} | "
+                     f"{r['peak_error_pct']:+.2f}% | {exact} | {r['peak_phase_estimated']} |")
+    return "\n".join(lines)
