@@ -491,7 +491,10 @@ def _estimate_stage(cfg: GPTConfig, x: _Shape, dtype: str, optimizer: str, train
     states = model_state_bytes(n_params, dtype, optimizer, dp, zero,
                                None if trainable is None else round(n_params * frac))
     w = PRECISIONS[dtype].weights
-    steps = 4 * param_tensor_count(cfg) if (optimizer == "adamw" and zero == 0 and pp == 1) else 0
+    # AdamW's per-tensor step counters: 4 bytes each (a 512-byte block each on CUDA)
+    steps = 0
+    if optimizer == "adamw" and zero == 0 and pp == 1:
+        steps = (512 if x.device == "cuda" else 4) * param_tensor_count(cfg)
     P, G, O = states["params"], states["grads"], states["optimizer"] + (steps if trainable is None else 0)
     gdiv = dp if zero >= 2 else 1
 

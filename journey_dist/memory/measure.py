@@ -18,9 +18,9 @@ Three instruments, each labelled with what it is:
   It reports the peak of the total, the breakdown at that instant, each category's own
   high-water mark, and a labelled timeline (after forward / backward / step).
 * CUDA caching allocator (`torch.cuda.max_memory_allocated` / `max_memory_reserved`), reset
-  after warm-up so cuBLAS workspaces, autocast caches and optimizer states already exist. The
-  cuBLAS workspace is measured separately and reported, since it is allocated memory the
-  analytic estimate does not model.
+  after warm-up so cuBLAS workspaces and optimizer states already exist. The workspaces are
+  measured separately (`allocated_outside_tensors`: allocated bytes that belong to no tensor
+  after warm-up) and reported, since the analytic estimate does not model them.
 * Process RSS (psutil): what the OS sees, including the Python interpreter, libraries and the
   CPU allocator's caching. It is context, not a measurement of tensors.
 """
@@ -198,18 +198,29 @@ def rss_bytes() -> dict[str, int]:
     return {"rss": psutil.Process().memory_info().rss, "rss_high_water": peak}
 
 
-def cublas_workspace_bytes(device: torch.device) -> int:
-    """Allocated bytes cuBLAS workspaces take (PyTorch allocates them through the caching allocator)."""
-    if device.type != "cuda":
-        return 0
+def _allocator_bytes(tensors) -> int:
+    """Bytes the CUDA caching allocator charges for these tensors' storages (512-byte blocks)."""
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += max(512, -(-st.nbytes() // 512) * 512)
+    return total
+
+
+def allocated_outside_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                              *extra: torch.Tensor) -> int:
+    """CUDA bytes allocated that belong to no tensor we hold: after a warm-up step this is mostly
+    cuBLAS/cuBLASLt workspaces (PyTorch allocates them through the caching allocator, one per
+    handle and stream). memory_allocated() minus params, grads, optimizer state and inputs."""
+    tensors = list(model.parameters()) + list(model.buffers()) + list(extra)
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    device = tensors[0].device
     torch.cuda.synchronize(device)
-    torch._C._cuda_clearCublasWorkspaces()
-    before = torch.cuda.memory_allocated(device)
-    a = torch.ones(64, 64, device=device)
-    (a @ a).sum().item()
-    del a
-    torch.cuda.synchronize(device)
-    return torch.cuda.memory_allocated(device) - before
+    return torch.cuda.memory_allocated(device) - _allocator_bytes(tensors)
 
 
 @dataclass
@@ -222,7 +233,7 @@ class Measurement:
     at_peak: dict[str, int] = field(default_factory=dict)  # ledger categories at the peak instant
     timeline: list = field(default_factory=list)
     ledger_peak: int = 0
-    cuda: dict[str, int] = field(default_factory=dict)  # allocator: allocated/reserved, cuBLAS ws
+    cuda: dict[str, int] = field(default_factory=dict)  # allocator: max allocated/reserved, workspaces
     rss: dict[str, int] = field(default_factory=dict)  # process RSS (OS view), for context only
     instrument: str = "tensor ledger"
 
@@ -295,9 +306,7 @@ def _measure(model, optimizer, x, y, autocast, warmup, loss_fn, ledger, microbat
     use_ledger = device.type != "cuda" if ledger is None else ledger
     result = Measurement(device=str(device), peak=0)
     if device.type == "cuda":
-        result.cuda["cublas_workspace"] = cublas_workspace_bytes(device)
-        step()  # re-create the workspace cleared above
-        torch.cuda.synchronize(device)
+        result.cuda["workspace"] = allocated_outside_tensors(model, optimizer, x, y)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     if use_ledger:

@@ -77,8 +77,8 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
     ax.bar([i + 0.2 for i in xs], meas, width=0.4, label="measured")
     for i, r in enumerate(rows):
         if r["error_pct"] is not None:
-            ax.annotate(f"{r['error_pct']:+.1f}%", (i, max(est[i], meas[i])), ha="center",
-                        va="bottom", fontsize=8)
+            err = r["error_pct"] if abs(r["error_pct"]) >= 0.05 else 0.0
+            ax.annotate(f"{err:+.1f}%", (i, max(est[i], meas[i])), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), names, rotation=20)
     ax.set_ylabel("MiB")
     ax.set_title(title, fontsize=9)
@@ -182,8 +182,9 @@ def estimate_command(args) -> dict:
         print(f"measured with: {meas.instrument}; process RSS {fmt_bytes(meas.rss['rss'])} "
               "(OS view, includes the interpreter and libraries)")
         if meas.cuda:
-            print(f"CUDA: max reserved {fmt_bytes(meas.cuda['max_reserved'])}, cuBLAS workspace "
-                  f"{fmt_bytes(meas.cuda['cublas_workspace'])} (inside max allocated, not estimated)")
+            print(f"CUDA: max reserved {fmt_bytes(meas.cuda['max_reserved'])}; allocated outside "
+                  f"tensors (cuBLAS workspaces) {fmt_bytes(meas.cuda['workspace'])}, inside the "
+                  "measured total and not estimated")
     print("modelled moments of the step:")
     print(phases_table(est))
     if args.verbose:
@@ -241,7 +242,7 @@ def grid_row(spec: dict, device: str = "cpu", ledger: bool | None = None) -> dic
               recompute=spec.get("recompute", False))
     est = estimate_memory(cfg, device=device, **kw)
     meas = measure_config(cfg, device=device, ledger=ledger, **kw)
-    extra = meas.cuda.get("cublas_workspace", 0)  # allocated by cuBLAS, outside the model
+    extra = meas.cuda.get("workspace", 0)  # cuBLAS workspaces: allocated, but no tensor of ours
     peak_est = est.total + extra
     return {
         "spec": spec, "label": spec_label(spec), "estimate": est, "measurement": meas,
