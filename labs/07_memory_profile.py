@@ -56,7 +56,7 @@ for group, terms in est.terms.items():
     print0(f"\n{group}:")
     for t in terms:
         print0(f"  {fmt_bytes(t.nbytes):>12}  {t.name:<58} {t.formula}")
-per_layer = sum(t.nbytes for t in est.terms["per layer (x layers x in-flight micro-batches)"])
+per_layer = sum(t.nbytes for t in est.terms["per layer"])
 paper = activation_bytes_per_layer(args.seq, args.batch, cfg.n_embd, cfg.n_head, dropout=False,
                                    fused_attention=args.attn == "sdpa",
                                    bytes_per_value=4 if args.dtype == "fp32" else 2)

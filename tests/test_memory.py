@@ -79,7 +79,7 @@ def test_layer_terms_are_the_paper_plus_documented_extras(tp, sp):
     cfg = get_preset("gpt2-medium").with_(dropout=0.1, block_size=S, n_embd=H, n_head=A, vocab_size=51200)
     est = estimate_memory(cfg, batch_size=B, seq_len=S, dtype="bf16-mixed", attn="eager", tp=tp,
                           sequence_parallel=sp, device="cuda")
-    terms = {t.name: t.nbytes for t in est.terms["per layer (x layers x in-flight micro-batches)"]}
+    terms = {t.name: t.nbytes for t in est.terms["per layer"]}
     extras = terms.pop("LayerNorm mean and rstd (ln_1, ln_2)")
     extras += terms.pop("causal mask (bool, made per layer)")
     assert extras < 0.02 * sum(terms.values())  # 0.15% (t=1) to 1.2% (t=8, SP): the s x s mask

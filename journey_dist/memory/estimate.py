@@ -417,7 +417,8 @@ class MemoryEstimate:
             ("params", self.params, self.terms["model states"][0].formula),
             ("grads", self.grads, self.terms["model states"][1].formula),
             ("optimizer", self.optimizer, self.terms["model states"][2].formula),
-            ("activations", self.activations, "L x per-layer terms + embeddings/ln_f (see terms)"),
+            ("activations", self.activations,
+             "layers x in-flight micro-batches x per-layer terms + outside the blocks"),
             ("logits", self.logits, "logits, fp32 copy, log-softmax (see terms)"),
             ("temporaries", self.temporaries, f"scratch at the peak ({self.peak_phase})"),
             ("total", self.total, f"peak: {self.peak_phase}"),
@@ -516,6 +517,8 @@ def _estimate_stage(cfg: GPTConfig, x: _Shape, dtype: str, optimizer: str, train
     g_mlp = (8 * h * h / x.t + (4 * h / x.t + h + 2 * h if cfg.bias else h)) * w * frac / gdiv
     tied_tmp = cfg.vocab_size * h / x.t * w * frac if (cfg.tie_embeddings and pp == 1) else 0.0
     dx = r * n * h * x.rep  # gradient of the residual stream, alive through the whole backward
+    # ZeRO-3 all-gathers a block's full weights for its forward and backward (one block at a time)
+    gathered = layer_param_count(cfg, x.t) * w if zero >= 3 else 0.0
     acc = m > 1  # accumulating: the grads of earlier micro-batches are alive during this one
 
     def phase(grads: float, acts: float, logits: float, temps: float) -> dict[str, float]:
@@ -539,7 +542,7 @@ def _estimate_stage(cfg: GPTConfig, x: _Shape, dtype: str, optimizer: str, train
             continue
         grads = g_head + k * g_layer
         acts = a_top - k * a_stored
-        temps = dx + tied_tmp
+        temps = dx + gathered + tied_tmp
         phases[f"backward: {name} block's MLP (c_proj grads)"] = phase(
             grads, acts, 0, temps + _mlp_transient(x))
         phases[f"backward: {name} block's attention"] = phase(
@@ -548,7 +551,7 @@ def _estimate_stage(cfg: GPTConfig, x: _Shape, dtype: str, optimizer: str, train
         emb_acts = sum(tm.nbytes for tm in outer if tm.name.startswith("token ids"))
         # wte's gradient = the head's (waiting in autograd's buffer) + the embedding's dense one,
         # summed out of place: three V·h buffers at once next to every other gradient
-        phases["backward: embeddings"] = phase(G - tied_tmp / gdiv, emb_acts, 0, dx + 3 * tied_tmp)
+        phases["backward: embeddings"] = phase(G - tied_tmp / gdiv, emb_acts, 0, dx + gathered + 3 * tied_tmp)
     if optimizer != "none":
         phases["optimizer step"] = {"params": P, "grads": G, "optimizer": O, "activations": 0.0,
                                     "logits": 0.0, "temporaries": _optimizer_temporaries(
@@ -565,7 +568,7 @@ def _estimate_stage(cfg: GPTConfig, x: _Shape, dtype: str, optimizer: str, train
             Term("grads", G, f"N_trainable·{w}" + (" / dp (ZeRO-2)" if zero >= 2 else "")),
             Term("optimizer", O, f"N_trainable·{o_bytes}" + (" / dp (ZeRO-1)" if zero >= 1 else "")
                  + (" + 4 B step counter per tensor" if steps else "")),
-        ], "per layer (x layers x in-flight micro-batches)": lt, "outside the blocks": outer,
+        ], "per layer": lt, "outside the blocks": outer,
             "logits and loss": lg},
     )
 
