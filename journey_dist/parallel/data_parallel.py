@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from journey_dist.comm import CommLedger, analytic, ddp_allreduce_hook
-from journey_dist.config import GPTConfig
+from journey_dist.config import GPTConfig, check_bucket_mb
 from journey_dist.data import TokenData, get_batch, microbatches, shard
 from journey_dist.parallel.reference import fresh_model, named_params
 from journey_dist.train import TrainConfig, make_optimizer, train, train_step
@@ -63,6 +63,12 @@ def bucket_layout(nbytes: Sequence[int], cap_bytes: int) -> list[list[int]]:
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
+
+
+def planned_buckets(model: nn.Module, bucket_mb: float) -> list[int]:
+    """Bytes per bucket for this model and bucket size: greedy over reverse parameter order."""
+    sizes = [grad_bytes(p) for p in _trainable(model)[::-1]]
+    return [sum(sizes[i] for i in b) for b in bucket_layout(sizes, int(check_bucket_mb(bucket_mb) * MB))]
 
 
 class NaiveDP:
@@ -124,7 +130,8 @@ class BucketedDP:
         params = _trainable(model)[::-1]  # backward produces the last layer's grads first
         self.buckets: list[Bucket] = []
         self._hooks = []
-        for indices in bucket_layout([grad_bytes(p) for p in params], int(bucket_mb * MB)):
+        cap = int(check_bucket_mb(bucket_mb) * MB)
+        for indices in bucket_layout([grad_bytes(p) for p in params], cap):
             ps = [params[i] for i in indices]
             offsets = [sum(p.numel() for p in ps[:k]) for k in range(len(ps))]
             flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
@@ -205,7 +212,7 @@ class DDP:
         device = next(model.parameters()).device
         self.ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=group, bucket_cap_mb=bucket_mb)
+            process_group=group, bucket_cap_mb=check_bucket_mb(bucket_mb))
         self.ddp.register_comm_hook(group, ddp_allreduce_hook)
         self.module = self.ddp  # forward through the wrapper: it arms the reducer
         self.bucket_mb = bucket_mb
@@ -214,11 +221,9 @@ class DDP:
         return {"no_sync": self.ddp.no_sync}
 
     def buffers(self) -> list[int]:
-        """Predicted steady-state buckets: greedy over reverse parameter order at the cap.
-        (DDP rebuilds by the order gradients arrived, which this approximates.)"""
-        params = _trainable(self.ddp.module)[::-1]
-        sizes = [grad_bytes(p) for p in params]
-        return [sum(sizes[i] for i in b) for b in bucket_layout(sizes, int(self.bucket_mb * MB))]
+        """Predicted steady-state buckets (DDP rebuilds them in the order grads arrived, which
+        reverse parameter order predicts; the ledger and DDP's own record check it)."""
+        return planned_buckets(self.ddp.module, self.bucket_mb)
 
     def bucket_sizes(self) -> dict[str, list[int]]:
         """DDP's own record: first-iteration buckets and the rebuilt ones (bytes)."""
@@ -291,14 +296,15 @@ def run_data_parallel(variant: str, config: GPTConfig, data: TokenData, cfg: Tra
     params = {k: v.clone() for k, v in named_params(model).items()}
 
     x, y = get_batch(data.train, cfg.batch_size, config.block_size, cfg.steps, cfg.seed)
-    x, y = shard(x, rank, world).to(model.lm_head.weight.device), shard(y, rank, world).to(x.device)
+    device = model.lm_head.weight.device
+    x, y = shard(x, rank, world).to(device), shard(y, rank, world).to(device)
     with CommLedger() as ledger:
         train_step(dp.module, optimizer, microbatches(x, y, cfg.grad_accum),
                    grad_clip=cfg.grad_clip, **dp.step_hooks())
     buffers = dp.buffers()
     return DPRun(
         variant, [row["loss"] for row in history.steps], params, first_grads, buffers,
-        measured={k: v for k, v in ledger.summary().get(("all_reduce", _ranks(group)), {}).items()},
+        measured=dict(ledger.summary().get(("all_reduce", _ranks(group)), {})),
         expected=analytic("all_reduce", buffers, world), ledger=ledger.to_dict(), seconds=seconds,
         ddp_buckets=dp.bucket_sizes() if isinstance(dp, DDP) else None,
     )
