@@ -6,16 +6,18 @@
 
 Each rank keeps a full GPT-mini and trains on its half of the same global batch; gradients are
 averaged with all-reduce, so every rank takes the step one process would take on the whole batch.
-What to look at: all three variants end with the parameters of the single-process run (max
-|diff| 1e-6..1e-5: float rounding of two half-batch sums vs one mean); how the bucket size sets
-the number of all-reduce calls; and the ledger: every step hands each gradient byte to
-all-reduce once (naive: one call per parameter; bucketed and DDP: one per bucket), and a rank
-sends 2(n-1)/n of it on a ring. Measured equals analytic.
+What to look at: all three variants end with the parameters of the single-process run up to
+float rounding (~1e-5 after 10 AdamW steps), and that is exactly what one process pays for cutting
+its batch into the same shards (diff 0 between the two on CPU with 2 ranks). How the bucket size
+sets the number of all-reduce calls. The ledger: every step hands each gradient byte to all-reduce
+once (naive: one call per parameter; bucketed and DDP: one per bucket), a rank sends 2(n-1)/n of
+it on a ring, and measured equals analytic.
 Results: runs/02_data_parallel/result.json
 """
 
 # %% Setup: arguments, model config, and every check that can fail, before any process starts
 import argparse
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -75,23 +77,29 @@ def rank_main(data) -> dict:
     # The reference: one process, fresh model from seed 0, the whole global batch every step.
     ref = reference_run(config, data, cfg, first_grads=True, device=device)
     print0(f"\nreference (1 process): loss {ref.losses[0]:.4f} -> {ref.losses[-1]:.4f}")
+    # The same process with the batch cut into the ranks' shards (gradient accumulation, no
+    # communication): how far float rounding alone moves the result when a batch is split.
+    split = reference_run(config, data, replace(cfg, grad_accum=cfg.grad_accum * n), device=device)
+    split_diff = max_abs_diff(split.params, ref.params)
+    print0(f"1 process, batch in {n * cfg.grad_accum} micro-batches: max|param-ref| {split_diff:.1e} "
+           "(the rounding floor any split of the batch pays)")
 
     # Each variant: same seed, same global batches, this rank's shard.
     rows, ledgers = {}, {}
     print0(f"\n{'variant':<9} {'loss first -> last':>18} {'max|loss-ref|':>14} {'max|grad-ref|':>14} "
-           f"{'max|param-ref|':>15} {'train s':>8}")
+           f"{'max|param-ref|':>15} {'vs 1-process split':>18} {'train s':>8}")
     for v in variants:
         run = run_data_parallel(v, config, data, cfg, bucket_mb=args.bucket_mb, device=device)
         diffs = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ref.losses)),
-                              max_abs_diff(run.grads, ref.grads), max_abs_diff(run.params, ref.params)],
-                             device=device)
+                              max_abs_diff(run.grads, ref.grads), max_abs_diff(run.params, ref.params),
+                              max_abs_diff(run.params, split.params)], device=device)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
         rows[v] = {"losses": run.losses, "loss_diff": diffs[0].item(), "grad_diff": diffs[1].item(),
-                   "param_diff": diffs[2].item(), "seconds": run.seconds, "buckets": run.buffers,
-                   "measured": run.measured, "analytic": run.expected, "ledger": run.ledger,
-                   "ddp_buckets": run.ddp_buckets}
+                   "param_diff": diffs[2].item(), "param_diff_vs_split": diffs[3].item(),
+                   "seconds": run.seconds, "buckets": run.buffers, "measured": run.measured,
+                   "analytic": run.expected, "ledger": run.ledger, "ddp_buckets": run.ddp_buckets}
         print0(f"{v:<9} {run.losses[0]:>8.4f} -> {run.losses[-1]:.4f} {diffs[0]:>14.1e} "
-               f"{diffs[1]:>14.1e} {diffs[2]:>15.1e} {run.seconds:>8.1f}")
+               f"{diffs[1]:>14.1e} {diffs[2]:>15.1e} {diffs[3]:>18.1e} {run.seconds:>8.1f}")
         ledgers[v] = (run.measured, run.expected)
     if "ddp" in rows:
         ddp = rows["ddp"]["ddp_buckets"]
@@ -111,7 +119,7 @@ def rank_main(data) -> dict:
 
     result = {"world_size": n, "preset": args.preset, "train": cfg.to_dict(), "bucket_mb": args.bucket_mb,
               "grad_bytes": grad_bytes, "buckets_by_mb": sweep, "buckets": chosen,
-              "reference_losses": ref.losses, "variants": rows}
+              "reference_losses": ref.losses, "split_param_diff": split_diff, "variants": rows}
     path = save_json(LAB, "result", result)
     print0(f"\nwrote {path}")
     return result
