@@ -6,10 +6,11 @@
 
 It is a TorchDispatchMode, so it sees every collective that goes through PyTorch's
 dispatcher: eager `torch.distributed.*` calls (c10d ops) and the functional
-collectives DTensor uses (_c10d_functional ops). DDP's C++ reducer bypasses the
-dispatcher on some paths (on gloo/CPU it was seen, on CUDA the reducer runs on autograd
-threads), so DDP buckets are recorded by `ddp_allreduce_hook`, a comm hook that records the
-bucket in every open ledger and hides its own all-reduce from the dispatcher (counted once).
+collectives DTensor uses (_c10d_functional ops). DDP's reducer launches its all-reduces
+from autograd hooks in C++: on gloo/CPU the dispatcher saw them (measured, torch 2.13), but
+that rests on thread-local state reaching autograd's threads (untested on CUDA). So DDP
+buckets are recorded by `ddp_allreduce_hook`, a comm hook that records the bucket in every
+open ledger and hides its own all-reduce from the dispatcher, so each is counted once.
 `analytic(op, buffers, n)` is the volume a scheme should hand to collectives, for comparison.
 
 "bytes" is the size of the full buffer handed to the collective (all-reduce: the
