@@ -34,18 +34,22 @@ DATASHEET_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
 
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    n = 8192 if device.type == "cuda" else 1024
+    """Best of several timed square matmuls: the practical peak this device reaches."""
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
-    reps = 20 if device.type == "cuda" else 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    best = 0.0
+    for _ in range(10):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(5 if device.type == "cuda" else 1):
+            a @ b
+        _sync(device)
+        reps = 5 if device.type == "cuda" else 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
 def _sync(device: torch.device) -> None:

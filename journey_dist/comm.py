@@ -6,8 +6,12 @@
 
 It is a TorchDispatchMode, so it sees every collective that goes through PyTorch's
 dispatcher: eager `torch.distributed.*` calls (c10d ops) and the functional
-collectives DTensor uses (_c10d_functional ops). DDP's C++ reducer bypasses the
-dispatcher; its buckets are recorded from a comm hook with `ledger.record`.
+collectives DTensor uses (_c10d_functional ops). DDP's reducer launches its all-reduces
+from autograd hooks in C++: on gloo/CPU the dispatcher saw them (measured, torch 2.13), but
+that rests on thread-local state reaching autograd's threads (untested on CUDA). So DDP
+buckets are recorded by `ddp_allreduce_hook`, a comm hook that records the bucket in every
+open ledger and hides its own all-reduce from the dispatcher, so each is counted once.
+`analytic(op, buffers, n)` is the volume a scheme should hand to collectives, for comparison.
 
 "bytes" is the size of the full buffer handed to the collective (all-reduce: the
 tensor; all-gather: the gathered output; reduce-scatter: the unsharded input).
@@ -18,7 +22,10 @@ broadcast / send 1x (the sender's copy).
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +48,11 @@ _OPS = {
     "barrier": "barrier",
 }
 _NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
+
+# Ledgers inside their `with` block, process-wide: DDP's comm hook may run on an autograd
+# thread where the thread-local dispatch-mode stack is not the one that entered the ledger.
+_OPEN: list[CommLedger] = []
+_HIDDEN = threading.local()  # .depth > 0: this thread's collectives were already recorded by hand
 
 
 def ring_factor(op: str, n: int) -> float:
@@ -115,9 +127,17 @@ class CommLedger(TorchDispatchMode):
         super().__init__()
         self.records: list[CommRecord] = []
 
+    def __enter__(self) -> CommLedger:
+        _OPEN.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        _OPEN.remove(self)
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace in _NAMESPACES:
+        if func.namespace in _NAMESPACES and not getattr(_HIDDEN, "depth", 0):
             name = func._schema.name.split("::")[-1]
             kind = _OPS.get(name)
             if kind is not None:
@@ -157,3 +177,43 @@ class CommLedger(TorchDispatchMode):
             lines.append(f"{op:<15} {str(list(group)):<14} {row['calls']:>6} "
                          f"{row['bytes']:>14,} {row['wire_bytes']:>17,.0f}")
         return "\n".join(lines)
+
+
+def analytic(op: str, buffers: Sequence[int], n: int) -> dict[str, float]:
+    """What handing these buffers (bytes each) to `op` on n ranks should cost one rank:
+    {"calls", "bytes", "wire_bytes"}, in the ledger's units."""
+    total = int(sum(buffers))
+    return {"calls": len(buffers), "bytes": total, "wire_bytes": ring_factor(op, n) * total}
+
+
+def record_in_open_ledgers(op: str, group: tuple[int, ...], nbytes: int) -> None:
+    """Add one collective to every ledger whose `with` block is open (any thread)."""
+    for ledger in _OPEN:
+        ledger.record(op, group, nbytes)
+
+
+@contextmanager
+def hidden_from_ledgers() -> Iterator[None]:
+    """Collectives dispatched in this block on this thread are not recorded (already recorded)."""
+    _HIDDEN.depth = getattr(_HIDDEN, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _HIDDEN.depth -= 1
+
+
+def ddp_allreduce_hook(process_group, bucket):  # no annotations: DDP compares them to real types
+    """DDP comm hook = DDP's default reduction, recorded in the open ledgers.
+
+    Backward (per bucket): all-reduce(SUM) of the flat bucket pre-divided by the group size,
+    i.e. the mean gradient; forward: nothing. Register with
+    `ddp_model.register_comm_hook(group, ddp_allreduce_hook)`.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    buf = bucket.buffer()
+    record_in_open_ledgers("all_reduce", tuple(dist.get_process_group_ranks(group)),
+                           buf.numel() * buf.element_size())
+    with hidden_from_ledgers():  # on CPU the dispatcher sees this all-reduce too
+        return allreduce_hook(process_group, bucket)

@@ -158,6 +158,16 @@ class ParallelConfig:
         return self
 
 
+def check_bucket_mb(bucket_mb: float) -> float:
+    """A data-parallel gradient bucket size in MiB (as DDP's bucket_cap_mb); return it if valid."""
+    if not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+        raise ConfigError(
+            f"bucket_mb={bucket_mb!r} must be a positive number of MiB per gradient bucket "
+            "(DDP's default is 25; smaller means more, earlier all-reduces)"
+        )
+    return float(bucket_mb)
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
 

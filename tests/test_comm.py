@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from journey_dist.comm import CommLedger, ring_factor
+from journey_dist.comm import CommLedger, analytic, ring_factor
 from tests.dist import run_ranks
 
 
@@ -41,3 +41,8 @@ def test_ring_factors():
     assert ring_factor("all_gather", 4) == 0.75
     assert ring_factor("reduce_scatter", 8) == 7 / 8
     assert ring_factor("all_reduce", 1) == 0.0
+
+
+def test_analytic_volume():
+    assert analytic("all_reduce", [64, 64, 32], 4) == {"calls": 3, "bytes": 160, "wire_bytes": 240.0}
+    assert analytic("all_gather", [], 2) == {"calls": 0, "bytes": 0, "wire_bytes": 0.0}
