@@ -21,9 +21,23 @@ def _cmd_presets(_args: argparse.Namespace) -> None:
               f"{cfg.block_size:>5} {n:>14,}")
 
 
+def _cmd_estimate(args: argparse.Namespace) -> None:
+    from journey_dist.memory.report import estimate_command
+
+    estimate_command(args)
+
+
+def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    from journey_dist.memory.report import add_estimate_arguments
+
+    add_estimate_arguments(parser)
+
+
 # name -> (function, help, add_arguments(parser) or None). New subcommands register here.
 COMMANDS: dict = {
     "presets": (_cmd_presets, "list model presets and their parameter counts", None),
+    "estimate": (_cmd_estimate, "memory per rank: estimated vs measured, per component (lab 07)",
+                 _estimate_arguments),
 }
 
 

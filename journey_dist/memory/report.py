@@ -1,0 +1,280 @@
+"""Measured next to estimated: one table row per component, the error in percent, a bar chart.
+
+Components are each category's own high-water mark (params, grads, optimizer state,
+activations, logits); "temporaries" is the scratch alive at the peak; "total" is the peak of
+the whole step, which is less than the sum of the rows because activations and gradients
+never peak together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from journey_dist.memory.estimate import MemoryEstimate, fmt_bytes
+from journey_dist.memory.measure import Measurement
+
+COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "temporaries", "total")
+
+
+def compare(est: MemoryEstimate, meas: Measurement | None = None) -> list[dict]:
+    """Rows {component, estimated, measured, error_pct, formula}; measured None where not measured."""
+    formulas = {name: formula for name, _, formula in est.rows()}
+    rows = []
+    for name in COMPONENTS:
+        e = est.total if name == "total" else getattr(est, name)
+        m = _measured(meas, name)
+        err = _error_pct(e, m)
+        rows.append({"component": name, "estimated": e, "measured": m, "error_pct": err,
+                     "formula": formulas.get(name, "")})
+    return rows
+
+
+def _error_pct(estimated: float, measured: float | None) -> float | None:
+    if measured is None or measured == 0:
+        return 0.0 if measured == 0 and estimated == 0 else None
+    return 100.0 * (estimated - measured) / measured
+
+
+def _measured(meas: Measurement | None, name: str) -> float | None:
+    if meas is None:
+        return None
+    if name == "total":
+        return meas.peak
+    if not meas.high_water:  # allocator only: no categories
+        return None
+    if name == "temporaries":
+        return meas.at_peak.get("temporaries")
+    return meas.high_water.get(name)
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    """A text (or Markdown) table of compare() rows."""
+    head = ["component", "estimated", "measured", "error"]
+    body = [[r["component"], fmt_bytes(r["estimated"]),
+             "-" if r["measured"] is None else fmt_bytes(r["measured"]),
+             "-" if r["error_pct"] is None else f"{r['error_pct']:+.2f}%"] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*head)] + [fmt.format(*row) for row in body])
+
+
+def plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Grouped bars (MiB): estimated next to measured for every component."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["component"] for r in rows]
+    est = [r["estimated"] / 2**20 for r in rows]
+    meas = [(r["measured"] or 0) / 2**20 for r in rows]
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar([i - 0.2 for i in xs], est, width=0.4, label="estimated")
+    ax.bar([i + 0.2 for i in xs], meas, width=0.4, label="measured")
+    for i, r in enumerate(rows):
+        if r["error_pct"] is not None:
+            err = r["error_pct"] if abs(r["error_pct"]) >= 0.05 else 0.0
+            ax.annotate(f"{err:+.1f}%", (i, max(est[i], meas[i])), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), names, rotation=20)
+    ax.set_ylabel("MiB")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def phases_table(est: MemoryEstimate) -> str:
+    """The modelled moments of the step and their totals; the peak is marked."""
+    lines = []
+    for name, cats in est.phases.items():
+        mark = "  <- peak" if name == est.peak_phase else ""
+        lines.append(f"  {fmt_bytes(sum(cats.values())):>12}  {name}{mark}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- `journey estimate`
+
+_FLOP_LIMIT = {"cpu": 2e11, "cuda": 1e16}  # auto-measure only what finishes in seconds
+
+
+def add_estimate_arguments(p) -> None:
+    from journey_dist.memory.estimate import DTYPES
+
+    p.add_argument("--preset", default="gpt-mini")
+    p.add_argument("--batch", type=int, default=8, help="global batch in sequences (split over dp)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES,
+                   help="bf16 = pure bf16; bf16-mixed = 16-bit model + fp32 master weights "
+                        "(DeepSpeed/Megatron); bf16-autocast = torch.autocast over fp32 weights")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"])
+    p.add_argument("--dp", type=int, default=None, help="data-parallel ranks (default 1; 2 with --zero)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
+    p.add_argument("--recompute", action="store_true", help="full activation recompute of every block")
+    p.add_argument("--attn", default=None, choices=["sdpa", "eager"], help="default: the preset's")
+    p.add_argument("--dropout", type=float, default=None, help="dropout probability (default: preset)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="estimate for this device and measure on it (default: cuda if available)")
+    p.add_argument("--measure", default="auto", choices=["auto", "yes", "no"],
+                   help="auto: measure single-device configs that fit in memory and run in seconds")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every term with its formula")
+
+
+def estimate_command(args) -> dict:
+    """Print estimated (and, for one device, measured) memory; write runs/estimate/<name>.{json,png}."""
+    import torch
+
+    from journey_dist.config import ConfigError, get_preset
+    from journey_dist.memory.estimate import estimate_memory, param_count
+    from journey_dist.memory.measure import MEASURABLE, measure_config
+    from journey_dist.runtime import runs_dir, save_json
+
+    overrides = {k: v for k, v in (("attn_impl", args.attn), ("dropout", args.dropout)) if v is not None}
+    cfg = get_preset(args.preset, **overrides)
+    if args.tp > 1 and cfg.vocab_size % args.tp and cfg.n_head % args.tp == 0:
+        padded = -(-cfg.vocab_size // (128 * args.tp)) * 128 * args.tp
+        print(f"note: tp={args.tp} splits the vocabulary; estimating with vocab_size {cfg.vocab_size} "
+              f"padded to {padded} (a multiple of 128*tp, as Megatron pads it)")
+        cfg = cfg.with_(vocab_size=padded)
+    seq = args.seq or cfg.block_size
+    dp = args.dp
+    if dp is None:
+        dp = 2 if args.zero else 1
+        if args.zero:
+            print(f"note: ZeRO-{args.zero} shards over data-parallel ranks; assuming --dp 2 (pass --dp N)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and args.measure == "yes" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda --measure yes needs a CUDA GPU; use --device cpu or --measure no")
+    est = estimate_memory(cfg, batch_size=args.batch, seq_len=seq, dtype=args.dtype,
+                          optimizer=args.optimizer, dp=dp, tp=args.tp, pp=args.pp,
+                          microbatches=args.microbatches, zero=args.zero, sequence_parallel=args.sp,
+                          recompute=args.recompute, device=device)
+    single = dp == 1 and args.tp == 1 and args.pp == 1
+    why_not = _why_not_measure(args, est, cfg, single, device, seq, param_count(cfg))
+    if args.measure == "yes" and why_not:
+        raise ConfigError(f"cannot measure this config here: {why_not}")
+    meas = None
+    if args.measure != "no" and not why_not and args.dtype in MEASURABLE:
+        meas = measure_config(cfg, batch_size=args.batch, seq_len=seq, dtype=args.dtype,
+                              optimizer=args.optimizer, device=device, microbatches=args.microbatches,
+                              recompute=args.recompute, ledger=True)
+    rows = compare(est, meas)
+    layout = f"dp={dp} tp={args.tp} pp={args.pp} zero={args.zero}" + (" sp" if args.sp else "")
+    title = (f"{args.preset}: batch {args.batch} x {seq} tokens, {args.dtype}, {args.optimizer}, "
+             f"{est.inputs['attn']}, {layout}, {device}")
+    print(title)
+    print(f"per rank (busiest): micro-batch {est.inputs['micro_batch']}; peak at: {est.peak_phase}")
+    print(table(rows))
+    if meas is None:
+        print(f"measured: not run ({why_not})")
+    else:
+        print(f"measured with: {meas.instrument}; process RSS {fmt_bytes(meas.rss['rss'])} "
+              "(OS view, includes the interpreter and libraries)")
+        if meas.cuda:
+            print(f"CUDA: max reserved {fmt_bytes(meas.cuda['max_reserved'])}; allocated outside "
+                  f"tensors (cuBLAS workspaces) {fmt_bytes(meas.cuda['workspace'])}, inside the "
+                  "measured total and not estimated")
+    print("modelled moments of the step:")
+    print(phases_table(est))
+    if args.verbose:
+        for group, terms in est.terms.items():
+            print(f"{group}:")
+            for t in terms:
+                print(f"  {fmt_bytes(t.nbytes):>12}  {t.name}  [{t.formula}]")
+    name = (f"{args.preset}_b{args.batch}_s{seq}_{args.dtype}_dp{dp}_tp{args.tp}_pp{args.pp}"
+            f"_z{args.zero}")
+    result = {"title": title, "rows": rows, "estimate": est, "measurement": meas,
+              "measured_skipped": why_not}
+    path = save_json("estimate", name, result)
+    png = plot(rows, runs_dir("estimate") / f"{name}.png", title)
+    print(f"wrote {path} and {png}")
+    return result
+
+
+def _why_not_measure(args, est, cfg, single: bool, device: str, seq: int, n_params: int) -> str:
+    """'' when this process can measure the config, else the reason (and the fix)."""
+    import psutil
+    import torch
+
+    if not single:
+        return ("dp/tp/pp > 1 needs one process per rank: the data/tensor/pipeline-parallel and "
+                "ZeRO labs measure per rank")
+    if args.dtype.endswith("-mixed"):
+        return f"{args.dtype} keeps fp32 master weights in the optimizer (DeepSpeed: the ZeRO lab)"
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+        limit = 0.9 * free
+    else:
+        limit = 0.25 * psutil.virtual_memory().available
+    if est.total > limit:
+        return f"estimated peak {fmt_bytes(est.total)} is more than {fmt_bytes(limit)} free to use"
+    flops = 6 * n_params * args.batch * seq * 2  # warm-up + measured step
+    if args.measure == "auto" and flops > _FLOP_LIMIT[device]:
+        return f"~{flops:.1e} FLOP would take long on {device}; pass --measure yes to run it anyway"
+    return ""
+
+
+# ---------------------------------------------------------------------- grids (benchmarks, lab)
+
+
+def grid_row(spec: dict, device: str = "cpu", ledger: bool | None = None) -> dict:
+    """Estimate and measure one config; spec keys: preset, batch, seq, dtype, attn, and optionally
+    dropout, optimizer, microbatches, recompute, overrides (GPTConfig fields)."""
+    from journey_dist.config import get_preset
+    from journey_dist.memory.estimate import estimate_memory
+    from journey_dist.memory.measure import measure_config
+
+    cfg = get_preset(spec["preset"], attn_impl=spec["attn"], dropout=spec.get("dropout", 0.0),
+                     **spec.get("overrides", {}))
+    kw = dict(batch_size=spec["batch"], seq_len=spec["seq"], dtype=spec["dtype"],
+              optimizer=spec.get("optimizer", "adamw"), microbatches=spec.get("microbatches", 1),
+              recompute=spec.get("recompute", False))
+    est = estimate_memory(cfg, device=device, **kw)
+    meas = measure_config(cfg, device=device, ledger=ledger, **kw)
+    extra = meas.cuda.get("workspace", 0)  # cuBLAS workspaces: allocated, but no tensor of ours
+    peak_est = est.total + extra
+    return {
+        "spec": spec, "label": spec_label(spec), "estimate": est, "measurement": meas,
+        "rows": compare(est, meas),
+        "peak_measured": meas.peak, "peak_estimated": peak_est, "workspace_added": extra,
+        "peak_error_pct": 100.0 * (peak_est - meas.peak) / meas.peak,
+        "states_exact": (all(meas.high_water[k] == getattr(est, k) for k in ("params", "grads", "optimizer"))
+                         if meas.high_water else None),
+        "peak_phase_estimated": est.peak_phase,
+    }
+
+
+def spec_label(spec: dict) -> str:
+    parts = [spec["preset"]] + [f"{k}={v}" for k, v in spec.get("overrides", {}).items()]
+    parts += [f"b{spec['batch']}", f"s{spec['seq']}", spec["dtype"], spec["attn"]]
+    if spec.get("dropout"):
+        parts.append(f"dropout {spec['dropout']}")
+    if spec.get("optimizer", "adamw") != "adamw":
+        parts.append(spec["optimizer"])
+    if spec.get("microbatches", 1) > 1:
+        parts.append(f"{spec['microbatches']} microbatches")
+    if spec.get("recompute"):
+        parts.append("recompute")
+    return " ".join(parts)
+
+
+def grid_markdown(results: list[dict]) -> str:
+    """One line per config: measured and estimated peak, error, model states exact, peak moment."""
+    lines = ["| config | measured peak | estimated peak | error | params/grads/optimizer exact | "
+             "estimated peak moment |", "|---|---|---|---|---|---|"]
+    for r in results:
+        exact = {True: "yes", False: "NO", None: "-"}[r["states_exact"]]
+        lines.append(f"| {r['label']} | {fmt_bytes(r['peak_measured'])} | {fmt_bytes(r['peak_estimated'])} | "
+                     f"{r['peak_error_pct']:+.2f}% | {exact} | {r['peak_phase_estimated']} |")
+    return "\n".join(lines)

@@ -1,0 +1,233 @@
+"""Memory: the estimator against DESIGN.md's reference points and against exact measurement."""
+
+import json
+
+import pytest
+import torch
+
+from journey_dist.cli import main
+from journey_dist.config import ConfigError, get_preset
+from journey_dist.memory.estimate import (
+    activation_bytes_per_layer,
+    estimate_memory,
+    kv_cache_bytes,
+    model_state_bytes,
+    param_count,
+)
+from journey_dist.memory.measure import TensorLedger, measure_config
+from journey_dist.memory.report import compare
+from journey_dist.model import GPT, KVCache
+
+# ---------------------------------------------------------------------- reference points
+
+
+def test_gpt2_small_has_124_439_808_parameters():
+    assert param_count(get_preset("gpt2-small")) == 124_439_808
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt-mini", "gpt2-medium"])
+@pytest.mark.parametrize("change", [{}, {"bias": False}, {"tie_embeddings": False}])
+def test_param_count_matches_the_model(preset, change):
+    cfg = get_preset(preset, **change)
+    with torch.device("meta"):
+        assert param_count(cfg) == GPT(cfg).num_params()
+
+
+def test_adamw_keeps_16_bytes_per_parameter_mixed_and_fp32():
+    n = 1_000_000
+    for dtype, split in (("bf16-mixed", (2, 2, 12)), ("fp32", (4, 4, 8)), ("bf16-autocast", (4, 4, 8))):
+        s = model_state_bytes(n, dtype, "adamw")
+        assert (s["params"], s["grads"], s["optimizer"]) == tuple(n * b for b in split)
+        assert sum(s.values()) == 16 * n
+
+
+def test_zero_stages_divide_what_they_shard():
+    n, dp = 1_200_000, 4
+    full = model_state_bytes(n, "bf16-mixed", "adamw")
+    shards = {1: {"optimizer"}, 2: {"optimizer", "grads"}, 3: {"optimizer", "grads", "params"}}
+    for stage, sharded in shards.items():
+        s = model_state_bytes(n, "bf16-mixed", "adamw", dp=dp, zero=stage)
+        for k in full:
+            assert s[k] == (full[k] / dp if k in sharded else full[k]), (stage, k)
+
+
+def test_lora_only_trainable_params_get_grads_and_optimizer_state():
+    s = model_state_bytes(1_000_000, "fp32", "adamw", trainable_params=10_000)
+    assert s == {"params": 4_000_000, "grads": 40_000, "optimizer": 80_000}
+
+
+# Korthikanti et al. 2022 on their GPT-3 175B row: s=2048, b=1, h=12288, a=96, t=8.
+S, B, H, A, T = 2048, 1, 12288, 96, 8
+SBH = S * B * H  # 25,165,824
+
+
+def test_korthikanti_formula_on_gpt3_175b():
+    assert activation_bytes_per_layer(S, B, H, A) == SBH * (34 + 5 * A * S / H)  # 2,868,903,936
+    assert activation_bytes_per_layer(S, B, H, A) == 2_868_903_936
+    assert activation_bytes_per_layer(S, B, H, A, tp=T) == SBH * (10 + 24 / T + 5 * A * S / (H * T))
+    assert activation_bytes_per_layer(S, B, H, A, tp=T) == 578_813_952  # sbh x 23
+    assert activation_bytes_per_layer(S, B, H, A, tp=T, sequence_parallel=True) == SBH * (34 / T + 10)
+    assert activation_bytes_per_layer(S, B, H, A, fused_attention=True) == SBH * 34
+    # fp32 without dropout: 16 values x 4 bytes and one fp32 score matrix
+    fp32 = activation_bytes_per_layer(S, B, H, A, bytes_per_value=4, dropout=False)
+    assert fp32 == SBH * 64 + 4 * A * S * S * B
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (8, False), (8, True)])
+def test_layer_terms_are_the_paper_plus_documented_extras(tp, sp):
+    """16-bit, dropout, unfused attention, CUDA: our per-layer terms = the paper + LN stats + causal mask."""
+    cfg = get_preset("gpt2-medium").with_(dropout=0.1, block_size=S, n_embd=H, n_head=A, vocab_size=51200)
+    est = estimate_memory(cfg, batch_size=B, seq_len=S, dtype="bf16-mixed", attn="eager", tp=tp,
+                          sequence_parallel=sp, device="cuda")
+    terms = {t.name: t.nbytes for t in est.terms["per layer"]}
+    extras = terms.pop("LayerNorm mean and rstd (ln_1, ln_2)")
+    extras += terms.pop("causal mask (bool, made per layer)")
+    assert extras < 0.02 * sum(terms.values())  # 0.15% (t=1) to 1.2% (t=8, SP): the s x s mask
+    paper = activation_bytes_per_layer(S, B, H, A, tp=tp, sequence_parallel=sp)
+    assert sum(terms.values()) == pytest.approx(paper)
+
+
+def test_kv_cache_bytes_match_the_model_cache():
+    cfg = get_preset("tiny")
+    assert kv_cache_bytes(cfg, 3, 20, "fp32") == KVCache(cfg, 3, 20).nbytes()
+    assert kv_cache_bytes(cfg, 3, 20, "bf16") == KVCache(cfg, 3, 20, dtype=torch.bfloat16).nbytes()
+    assert kv_cache_bytes(cfg, 3, 20, "bf16", kv_heads=1) * cfg.n_head == kv_cache_bytes(cfg, 3, 20, "bf16")
+
+
+def test_estimate_divides_by_tp_pp_and_recompute_shrinks_activations():
+    cfg = get_preset("gpt2-small")
+    one = estimate_memory(cfg, batch_size=8, seq_len=1024, dtype="bf16-mixed")
+    tp2 = estimate_memory(cfg.with_(vocab_size=50304), batch_size=8, seq_len=1024, dtype="bf16-mixed", tp=2)
+    sp2 = estimate_memory(cfg.with_(vocab_size=50304), batch_size=8, seq_len=1024, dtype="bf16-mixed", tp=2,
+                          sequence_parallel=True)
+    rc = estimate_memory(cfg, batch_size=8, seq_len=1024, dtype="bf16-mixed", recompute=True)
+    assert one.activations / 2 < tp2.activations < one.activations  # LayerNorm region stays replicated
+    assert sp2.activations == pytest.approx(one.activations / 2, rel=0.01)
+    assert rc.activations < one.activations / 10
+    assert one.total == max(sum(p.values()) for p in one.phases.values())
+    assert one.peak_phase.startswith("backward: log-softmax")  # 8 x 1024 x 50257 fp32 buffers dominate
+    stages = [param_count(cfg, pp=4, stage=s) for s in range(4)]
+    assert sum(stages) == param_count(cfg) + cfg.vocab_size * cfg.n_embd  # the last stage's head copy
+
+
+def test_bad_layouts_raise_config_errors():
+    cfg = get_preset("gpt2-small")
+    with pytest.raises(ConfigError, match="does not divide n_head"):
+        estimate_memory(cfg, batch_size=8, seq_len=128, tp=5)
+    with pytest.raises(ConfigError, match="needs dp > 1"):
+        estimate_memory(cfg, batch_size=8, seq_len=128, zero=2)
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        estimate_memory(cfg, batch_size=8, seq_len=128, dtype="int4")
+    with pytest.raises(ConfigError, match="seq_len"):
+        estimate_memory(cfg, batch_size=8, seq_len=4096)
+
+
+# ---------------------------------------------------------------------- tensor parallel shards
+
+
+def _megatron_rank_numel(model: GPT, tp: int, rank: int) -> int:
+    """Elements one TP rank holds if a plain GPT is split as Megatron does (checked to partition)."""
+    C, n = model.config.n_embd, 0
+    for name, p in model.named_parameters():
+        if name == "transformer.wte.weight":  # vocab-parallel embedding (lm_head is tied to it)
+            n += p.chunk(tp, dim=0)[rank].numel()
+        elif name.endswith("c_attn.weight") or name.endswith("c_attn.bias"):
+            q, k, v = p.split(C, dim=0)  # column-parallel, split by heads inside each of q, k, v
+            n += sum(t.chunk(tp, dim=0)[rank].numel() for t in (q, k, v))
+        elif name.endswith("c_fc.weight") or name.endswith("c_fc.bias"):
+            n += p.chunk(tp, dim=0)[rank].numel()  # column-parallel
+        elif name.endswith("c_proj.weight"):
+            n += p.chunk(tp, dim=1)[rank].numel()  # row-parallel: split the input dimension
+        else:  # LayerNorms, row-parallel biases, positions: replicated
+            n += p.numel()
+    return n
+
+
+def test_tp2_rank_param_bytes_match_megatron_slicing_of_plain_gpt():
+    """Stand-in until the TP model lands: per-rank parameter bytes = the estimate, for every rank.
+
+    Re-point at parallel/tensor_parallel.py's parallelized model at merge (sum of local shard bytes).
+    """
+    cfg = get_preset("tiny")
+    model = GPT(cfg)
+    for dtype, nbytes in (("fp32", 4), ("bf16-mixed", 2)):
+        est = estimate_memory(cfg, batch_size=2, seq_len=16, dtype=dtype, tp=2)
+        per_rank = [_megatron_rank_numel(model, 2, r) * nbytes for r in range(2)]
+        assert per_rank == [est.params, est.params]
+        assert per_rank[0] == param_count(cfg, tp=2) * nbytes
+    replicated = model.num_params() - cfg.vocab_size * cfg.n_embd - cfg.n_layer * 12 * cfg.n_embd**2 - (
+        cfg.n_layer * 7 * cfg.n_embd)
+    assert 2 * param_count(cfg, tp=2) - replicated == model.num_params()  # shards + replicas = the model
+
+
+# ---------------------------------------------------------------------- measurement
+
+
+def test_ledger_counts_storages_once_and_follows_frees():
+    with TensorLedger() as led:
+        a = torch.empty(1000)
+        view = a.view(10, 100)  # same storage: not counted again
+        b = torch.empty(500, dtype=torch.float64)
+        assert led.total == 8000
+        del b
+        assert led.total == 4000
+        c = view * 2  # a new storage
+        assert led.total == 8000
+        del c, a, view
+    assert led.peak == 8000 and led.total == 0
+
+
+@pytest.mark.parametrize("preset,batch,seq,dtype,attn,dropout", [
+    ("tiny", 4, 32, "fp32", "sdpa", 0.0),
+    ("gpt-mini", 2, 64, "bf16-autocast", "eager", 0.1),
+])
+def test_cpu_measured_matches_estimate(preset, batch, seq, dtype, attn, dropout):
+    cfg = get_preset(preset, attn_impl=attn, dropout=dropout)
+    meas = measure_config(cfg, batch_size=batch, seq_len=seq, dtype=dtype, device="cpu")
+    est = estimate_memory(cfg, batch_size=batch, seq_len=seq, dtype=dtype, device="cpu")
+    for k in ("params", "grads", "optimizer"):
+        assert meas.high_water[k] == getattr(est, k), k  # exact
+    rows = {r["component"]: r for r in compare(est, meas)}
+    assert abs(rows["total"]["error_pct"]) < 5, rows["total"]
+    assert abs(rows["activations"]["error_pct"]) < 5, rows["activations"]
+    assert meas.rss["rss"] > meas.peak  # the OS view includes the interpreter
+
+
+def test_cli_estimate_measures_one_device_and_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JOURNEY_RUNS_DIR", str(tmp_path))
+    assert main(["estimate", "--preset", "tiny", "--batch", "2", "--seq", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "measured with: tensor ledger" in out
+    data = json.loads(next((tmp_path / "estimate").glob("*.json")).read_text())
+    total = next(r for r in data["rows"] if r["component"] == "total")
+    assert total["measured"] > 0 and abs(total["error_pct"]) < 5
+    assert next((tmp_path / "estimate").glob("*.png")).stat().st_size > 0
+
+
+def test_cli_estimate_parallel_layout_is_estimate_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JOURNEY_RUNS_DIR", str(tmp_path))
+    argv = ["estimate", "--preset", "gpt2-small", "--batch", "8", "--seq", "1024", "--dtype", "bf16",
+            "--tp", "2", "--zero", "2", "--device", "cuda"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "assuming --dp 2" in out and "padded to 50432" in out and "not run" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "gpt2-small", "--tp", "5"], "tp=5 does not divide n_head=12"),
+])
+def test_cli_bad_arguments_give_the_config_error(argv, message, capsys):
+    assert main(["estimate", *argv, "--measure", "no"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,attn", [("fp32", "sdpa"), ("bf16-autocast", "eager")])
+def test_gpu_allocator_peak_matches_estimate(dtype, attn):
+    cfg = get_preset("gpt-mini", attn_impl=attn)
+    meas = measure_config(cfg, batch_size=16, seq_len=128, dtype=dtype, device="cuda")
+    est = estimate_memory(cfg, batch_size=16, seq_len=128, dtype=dtype, device="cuda")
+    expected = est.total + meas.cuda["workspace"]  # cuBLAS workspaces: measured, not modelled
+    assert abs(expected - meas.cuda["max_allocated"]) / meas.cuda["max_allocated"] < 0.05
