@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from journey_dist.config import ConfigError, get_preset
+from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens, microbatches
+from journey_dist.mesh import build_mesh
 from journey_dist.model import GPT
 from journey_dist.parallel.pipeline_parallel import (
     P2P,
@@ -158,6 +159,22 @@ def test_three_stages_match_single_process():
     for schedule in ("gpipe", "1f1b"):
         _check_parity(ranks, ("ours", schedule))
     assert [res["ours", "1f1b"][1] for res in ranks] == [3, 2, 1]  # p - stage, counted at runtime
+
+
+def _pp_dp_rank(config, cfg):
+    mesh = build_mesh(ParallelConfig(pp=2, dp=2, microbatches=cfg.grad_accum))
+    run, _ = pipeline_run(config, load_tokens("handbook"), cfg, group=mesh.pp_group, dp_group=mesh.dp_group)
+    ref = single_process_run(config, load_tokens("handbook"), cfg)
+    return mesh.coords, run, ref
+
+
+@pytest.mark.slow
+def test_pipeline_with_data_parallel_replicas_matches_single_process():
+    # 4 ranks: two pipelines of two stages; each replica takes half the batch, sync_dp_grads averages.
+    for coords, run, ref in run_ranks(_pp_dp_rank, 4, get_preset("tiny"), CFG):
+        assert max(abs(a - b) for a, b in zip(run.losses, ref.losses)) < TOL, coords
+        assert max_abs_diff(run.grads, ref.grads) < TOL, coords
+        assert max_abs_diff(run.params, ref.params) < TOL, coords
 
 
 # ----------------------------------------------------------------------------- bubble

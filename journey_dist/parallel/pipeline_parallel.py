@@ -503,11 +503,26 @@ def single_process_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, see
 
 def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedule: str = "1f1b",
                  engine: str = "ours", group: dist.ProcessGroup | None = None,
-                 seed: int = 0) -> tuple[RunResult, Pipeline]:
-    """The same training, this rank holding one stage; cfg.grad_accum is the microbatch count."""
+                 dp_group: dist.ProcessGroup | None = None, seed: int = 0) -> tuple[RunResult, Pipeline]:
+    """The same training, this rank holding one stage; cfg.grad_accum is the microbatch count.
+
+    With `dp_group`, each data-parallel replica of the pipeline takes its share of the global
+    batch and gradients are averaged over the replicas after the flush (pp x dp).
+    """
     stage = build_stage(fresh_gpt(config, seed), group)
     pipe = Pipeline(stage, group, schedule, engine)
-    return _run(stage, data, cfg, **pipe.hooks()), pipe
+    hooks = pipe.hooks()
+    if dp_group is not None:
+        n = dist.get_world_size(dp_group)
+
+        def mean_over_dp(loss: torch.Tensor) -> torch.Tensor:
+            loss = loss.clone()
+            dist.all_reduce(loss, group=dp_group)
+            return loss / n
+
+        hooks.update(sync_grads=lambda: sync_dp_grads(stage, dp_group), reduce_loss=mean_over_dp,
+                     dp_rank=dist.get_rank(dp_group), dp_size=n)
+    return _run(stage, data, cfg, **hooks), pipe
 
 
 def max_abs_diff(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
