@@ -176,12 +176,14 @@ def train(
     block_size: int | None = None,
     reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     verbose: bool = True,
+    step_fn: Callable[..., StepResult] | None = None,
     **step_hooks,
 ) -> History:
     """Train for cfg.steps on deterministic batches; log, evaluate, write runs/<lab>/train.json.
 
     Each data-parallel rank takes its slice of the same global batch. `step_hooks`
-    go to `train_step` (loss_fn, sync_grads, no_sync, clip_fn).
+    go to `train_step` (loss_fn, sync_grads, no_sync, clip_fn). `step_fn` replaces train_step
+    where a scheme owns forward/backward itself (a pipeline schedule); it gets the same arguments.
     """
     device = device or next(model.parameters()).device
     block_size = block_size or model.config.block_size
@@ -195,8 +197,8 @@ def train(
             group["lr"] = lr_at(step, cfg)
         x, y = get_batch(data.train, cfg.batch_size, block_size, step, cfg.seed)
         x, y = shard(x, dp_rank, dp_size).to(device), shard(y, dp_rank, dp_size).to(device)
-        result = train_step(model, optimizer, microbatches(x, y, cfg.grad_accum),
-                            grad_clip=cfg.grad_clip, autocast=cfg.autocast, **step_hooks)
+        result = (step_fn or train_step)(model, optimizer, microbatches(x, y, cfg.grad_accum),
+                                         grad_clip=cfg.grad_clip, autocast=cfg.autocast, **step_hooks)
         last = step == cfg.steps - 1
         if step % cfg.log_every == 0 or last:
             loss = reduce_loss(result.loss) if reduce_loss else result.loss

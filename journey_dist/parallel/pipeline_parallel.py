@@ -1,0 +1,534 @@
+"""Pipeline parallel: GPT-mini cut into p stages that pass activations forward, gradients back.
+
+Stage s of p holds a contiguous run of blocks; stage 0 also embeds the tokens, stage p-1 also
+runs ln_f, the head and the loss. A batch is split into m microbatches and a schedule orders each
+stage's forwards (F) and backwards (B):
+
+    GPipe (all-forward-all-backward): F0 F1 .. F(m-1), then B0 .. B(m-1); keeps m activations.
+    1F1B: p-s-1 warm-up forwards, then one F and one B in turn, then drain; keeps <= p-s.
+
+Both leave each rank idle for (p-1)/(m+p-1) of the step (the bubble) and both compute the exact
+gradient of the mean loss over the batch, so parameters match a single process.
+
+The schedule knows a stage only as an nn.Module with `boundary_shape(micro_shape)` (what it
+sends and receives) and `loss(output, target)` on the last stage: what a stage computes (plain
+blocks, tensor-parallel blocks, a sleep) is its own business, and a data-parallel group plugs in
+after the flush through `sync_dp_grads`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
+from journey_dist.data import TokenData
+from journey_dist.model import GPT
+from journey_dist.train import StepResult, TrainConfig, autocast_context, train
+
+SCHEDULES = ("gpipe", "1f1b")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- the split
+
+
+def stage_layers(n_layer: int, pp: int) -> list[range]:
+    """Contiguous, balanced layer ranges per stage.
+
+    The first stage also embeds and the last also runs the head and loss, so leftover layers
+    (n_layer % pp) go to the middle stages first.
+    """
+    ParallelConfig(pp=pp, schedule="gpipe").validate(GPTConfig(n_layer=n_layer, n_head=1, n_embd=8))
+    counts = [n_layer // pp] * pp
+    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
+    for s in order[: n_layer % pp]:
+        counts[s] += 1
+    starts = [sum(counts[:s]) for s in range(pp)]
+    return [range(a, a + c) for a, c in zip(starts, counts)]
+
+
+class GPTStage(nn.Module):
+    """Stage `stage_index` of a GPT split `num_stages` ways, made from a plain GPT's modules.
+
+    Names match the full model's (transformer.h.<global layer>...), so a stage's state dict is a
+    slice of GPT's. With tied embeddings and p > 1 the last stage keeps its own copy of wte as
+    lm_head.weight (as Megatron does); `Pipeline` adds the two copies' gradients after the flush,
+    so both stay equal to the single tied matrix.
+    """
+
+    def __init__(self, model: GPT, stage_index: int, num_stages: int):
+        super().__init__()
+        self.config, self.stage_index, self.num_stages = model.config, stage_index, num_stages
+        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
+        self.layers = stage_layers(model.config.n_layer, num_stages)[stage_index]
+        t = model.transformer
+        mods: dict[str, nn.Module] = {}
+        if self.is_first:
+            mods.update(wte=t.wte, wpe=t.wpe, drop=t.drop)
+        mods["h"] = nn.ModuleDict({str(i): t.h[i] for i in self.layers})
+        if self.is_last:
+            mods["ln_f"] = t.ln_f
+        self.transformer = nn.ModuleDict(mods)
+        self.tied = model.config.tie_embeddings and num_stages > 1 and (self.is_first or self.is_last)
+        if self.is_last:
+            self.lm_head = model.lm_head
+            if self.tied and not self.is_first:  # the last stage's own copy of the (V, C) matrix
+                self.lm_head = copy.deepcopy(model.lm_head)  # same module type (e.g. a TP wrapper)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """First stage: ids (B, T); others: (B, T, C). Last stage returns logits (B, T, V)."""
+        if self.is_first:
+            T = x.size(1)
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+            pos = torch.arange(T, device=x.device)
+            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h.values():
+            x = block(x)
+        if self.is_last:
+            return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return x
+
+    def boundary_shape(self, micro_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """Activations passed between stages for a (B, T) microbatch of ids: (B, T, C)."""
+        return (micro_shape[0], micro_shape[1], self.config.n_embd)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy, as GPT.forward computes it (targets == -1 ignored)."""
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def tied_weight(self) -> nn.Parameter | None:
+        """This stage's copy of the tied embedding matrix when the tie spans stages, else None."""
+        if not self.tied:
+            return None
+        return self.transformer.wte.weight if self.is_first else self.lm_head.weight
+
+    def unique_parameters(self) -> list[nn.Parameter]:
+        """Parameters counted once across the pipeline (the last stage's wte copy left out)."""
+        skip = self.lm_head.weight if self.tied and self.is_last else None
+        return [p for p in self.parameters() if p is not skip]
+
+
+def build_stage(model: GPT, group: dist.ProcessGroup | None = None) -> GPTStage:
+    """This rank's stage of `model` on the backend's device; index and count from the pp group."""
+    return GPTStage(model, dist.get_rank(group), dist.get_world_size(group)).to(comm_device(group))
+
+
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors a group sends must live: this rank's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- point to point
+
+
+class ShapeMismatchError(RuntimeError):
+    """Two stages disagree on what crosses a stage boundary (shape, microbatch, direction)."""
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class P2P:
+    """Links to the neighbouring stages: activations go to stage s+1, gradients to stage s-1.
+
+    Every message is a small header (microbatch, dtype, shape) then the tensor. A send posts
+    both with isend and moves on (the handles are waited at the end of the step), so a stage never
+    stalls on a busy neighbour. A receive is posted ahead (`post`: the next message from each
+    neighbour, so it lands while the stage computes) and checked when taken (`take`): a header
+    that disagrees with the agreed shape raises there instead of hanging. A sender never sends a
+    payload of another shape or dtype (it raises after the header instead): gloo aborts the
+    process when a message does not fit the posted buffer, with no Python traceback.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device):
+        self.group, self.device = group, device
+        self.ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        self.stage = dist.get_rank(group)
+        self.num_stages = len(self.ranks)
+        self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def peer(self, offset: int) -> int:
+        return self.ranks[self.stage + offset]
+
+    def send(self, tensor: torch.Tensor, kind: str, mb: int, expected: tuple[int, ...],
+             dtype: torch.dtype) -> None:
+        """kind "F": activations to stage s+1; "B": input gradients to stage s-1."""
+        dst = self.peer(1 if kind == "F" else -1)
+        header = torch.tensor([mb, _DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape,
+                               *[0] * (5 - tensor.dim())], device=self.device)
+        self.pending.append((dist.isend(header, dst, group=self.group), header))
+        if (tuple(tensor.shape), tensor.dtype) != (tuple(expected), dtype):
+            self.pending[-1][0].wait()  # let the header reach the peer, so it fails with a message too
+            what = "activations" if kind == "F" else "input gradients"
+            raise ShapeMismatchError(
+                f"stage {self.stage} produced {what} of shape {tuple(tensor.shape)} ({tensor.dtype}) for "
+                f"microbatch {mb}, but the stages agreed on {tuple(expected)} ({dtype}): the stage "
+                f"module's output does not match its boundary_shape() or parameter dtype")
+        tensor = tensor.contiguous()
+        self.pending.append((dist.isend(tensor, dst, group=self.group), tensor))
+
+    def post(self, kind: str, mb: int, expected: tuple[int, ...], dtype: torch.dtype) -> tuple:
+        """Post the receive of microbatch mb's activations ("F") or gradients ("B"); no waiting."""
+        src = self.peer(-1 if kind == "F" else 1)
+        header = torch.empty(8, dtype=torch.long, device=self.device)
+        buf = torch.empty(expected, dtype=dtype, device=self.device)
+        return (kind, mb, src, dist.irecv(header, src, group=self.group), header,
+                dist.irecv(buf, src, group=self.group), buf)
+
+    def take(self, posted: tuple) -> torch.Tensor:
+        """Wait for a posted receive; raise ShapeMismatchError if the header is not what we expect."""
+        kind, mb, src, header_work, header, work, buf = posted
+        header_work.wait()
+        h = header.tolist()
+        got = (h[0], _DTYPES[h[1]], tuple(h[3:3 + h[2]]))
+        if got != (mb, buf.dtype, tuple(buf.shape)):
+            what = "activations" if kind == "F" else "gradients"
+            raise ShapeMismatchError(
+                f"stage {self.stage} expected {what} of shape {tuple(buf.shape)} ({buf.dtype}) for "
+                f"microbatch {mb} from stage {self.ranks.index(src)}, but it sent shape {got[2]} "
+                f"({got[1]}) for microbatch {got[0]}: the stages disagree on the model width, the "
+                f"batch split or the schedule")
+        work.wait()
+        return buf
+
+    def wait_sends(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def check_schedule(schedule: str, microbatches: int, num_stages: int) -> None:
+    """ConfigError for a schedule that cannot run (e.g. 1F1B with fewer microbatches than stages)."""
+    ParallelConfig(pp=num_stages, microbatches=microbatches, schedule=schedule).validate()
+
+
+def schedule_order(schedule: str, microbatches: int, num_stages: int, stage: int) -> list[tuple[str, int]]:
+    """The (kind, microbatch) sequence one stage runs, e.g. 1F1B, p=2, m=3, stage 0:
+    F0 F1 B0 F2 B1 B2. Sends never block, receives do; these orders cannot deadlock."""
+    check_schedule(schedule, microbatches, num_stages)
+    m = microbatches
+    if schedule == "gpipe":
+        return [("F", j) for j in range(m)] + [("B", j) for j in range(m)]
+    warmup = min(num_stages - stage - 1, m)
+    order = [("F", j) for j in range(warmup)]
+    for k in range(m - warmup):
+        order += [("F", warmup + k), ("B", k)]
+    return order + [("B", k) for k in range(m - warmup, m)]
+
+
+@dataclass
+class Timeline:
+    """One rank's compute intervals in a step, in seconds from the step's common start."""
+
+    stage: int
+    intervals: list[tuple[float, float, str, int]] = field(default_factory=list)  # start, end, F|B, mb
+    t0: float = 0.0
+
+    @contextlib.contextmanager
+    def span(self, kind: str, mb: int) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.intervals.append((start - self.t0, time.perf_counter() - self.t0, kind, mb))
+
+    @property
+    def busy(self) -> float:
+        return sum(end - start for start, end, _, _ in self.intervals)
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "intervals": self.intervals}
+
+
+class Pipeline:
+    """Runs one stage's part of a pipeline schedule and the step that follows the flush.
+
+    engine="ours" runs `schedule_order` with `P2P`; engine="torch" runs the same stage module
+    with torch.distributed.pipelining (ScheduleGPipe / Schedule1F1B) for comparison.
+    """
+
+    def __init__(self, stage: nn.Module, group: dist.ProcessGroup | None = None, schedule: str = "1f1b",
+                 engine: str = "ours", device: torch.device | None = None):
+        if schedule not in SCHEDULES or engine not in ("ours", "torch"):
+            raise ConfigError(f"schedule={schedule!r}, engine={engine!r}; use {SCHEDULES} and 'ours'/'torch'")
+        self.stage, self.group, self.schedule, self.engine = stage, group, schedule, engine
+        self.device = device or next(stage.parameters()).device
+        self.p2p = P2P(group, self.device)
+        self.s, self.p = self.p2p.stage, self.p2p.num_stages
+        self.is_first, self.is_last = self.s == 0, self.s == self.p - 1
+        self.timeline = Timeline(self.s)
+        self.peak_inflight = 0  # most microbatch activations held for backward at once, last step
+        self._torch: tuple | None = None
+
+    # -------------------------------------------------------------- the schedule
+
+    def run(self, micro: list[Batch], autocast: str | None = None,
+            forward_only: bool = False) -> torch.Tensor:
+        """Forward (and backward) every microbatch; return the mean loss on every stage."""
+        m = len(micro)
+        if not forward_only:
+            check_schedule(self.schedule, m, self.p)  # e.g. 1F1B with m < p: ConfigError on every rank
+        if self.engine == "torch" and not forward_only:
+            return self._run_torch(micro)
+        schedule = "eval" if forward_only else self.schedule
+        shape = tuple(self.stage.boundary_shape(micro[0][0].shape))
+        dtype = next(self.stage.parameters()).dtype  # of activations and gradients between stages
+        self._check_plan(schedule, m, shape, dtype)
+        order = [("F", j) for j in range(m)] if forward_only else schedule_order(schedule, m, self.p, self.s)
+        timeline = Timeline(self.s, t0=time.perf_counter())
+        if not forward_only:  # evaluation passes leave the last training step's record alone
+            self.timeline, self.peak_inflight = timeline, 0
+        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        total = torch.zeros((), device=self.device)
+        receive = self._receiver(order, shape, dtype)
+        for kind, j in order:
+            if kind == "F":
+                x, y = micro[j]
+                inp = x if self.is_first else receive("F").requires_grad_(not forward_only)
+                with timeline.span("F", j), autocast_context(self.device, autocast):
+                    out = self.stage(inp)
+                    if self.is_last:
+                        out = self.stage.loss(out, y) / m  # gradient of the mean over microbatches
+                        total += out.detach()
+                if not self.is_last:
+                    self.p2p.send(out.detach(), "F", j, shape, dtype)
+                if not forward_only:
+                    saved[j] = (inp, out)
+                    self.peak_inflight = max(self.peak_inflight, len(saved))
+            else:
+                inp, out = saved.pop(j)
+                grad = None if self.is_last else receive("B")
+                with timeline.span("B", j):
+                    torch.autograd.backward(out, grad)
+                if not self.is_first:
+                    self.p2p.send(inp.grad, "B", j, shape, dtype)
+        self.p2p.wait_sends()
+        return self._broadcast_loss(total)
+
+    def _receiver(self, order: list[tuple[str, int]], shape: tuple[int, ...],
+                  dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
+        """receive(kind) -> the next message of that direction, keeping the one after it posted."""
+        todo = {"F": [] if self.is_first else [j for k, j in order if k == "F"],
+                "B": [] if self.is_last else [j for k, j in order if k == "B"]}
+        posted: dict[str, tuple] = {}
+
+        def prefetch() -> None:
+            for kind, queue in todo.items():
+                if queue and kind not in posted:
+                    posted[kind] = self.p2p.post(kind, queue.pop(0), shape, dtype)
+
+        def receive(kind: str) -> torch.Tensor:
+            prefetch()
+            buf = self.p2p.take(posted.pop(kind))
+            prefetch()
+            return buf
+
+        prefetch()
+        return receive
+
+    def _check_plan(self, schedule: str, m: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """All stages must agree on schedule, microbatch count, boundary shape and dtype (fails on all)."""
+        code = ("gpipe", "1f1b", "eval").index(schedule)
+        mine = torch.tensor([code, m, _DTYPES.index(dtype), len(shape), *shape, *[0] * (4 - len(shape))],
+                            device=self.device)
+        plans = [torch.empty_like(mine) for _ in range(self.p)]
+        dist.all_gather(plans, mine, group=self.group)  # also lines the stages up for the timeline
+        if any(not torch.equal(plan, mine) for plan in plans):
+            rows = enumerate(t.tolist() for t in plans)
+            desc = "; ".join(f"stage {s}: {('gpipe', '1f1b', 'eval')[q[0]]}, {q[1]} microbatches, "
+                             f"activations {tuple(q[4:4 + q[3]])} {_DTYPES[q[2]]}" for s, q in rows)
+            raise ShapeMismatchError(
+                f"pipeline stages disagree ({desc}); build every stage from the same GPTConfig and run "
+                f"the same schedule on the same batch split")
+
+    def _broadcast_loss(self, total: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(total, self.p2p.ranks[-1], group=self.group)  # for logging on every stage
+        return total
+
+    def _run_torch(self, micro: list[Batch]) -> torch.Tensor:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        m = len(micro)
+        if self._torch is None or self._torch[0] != m:
+            stage = PipelineStage(self.stage, self.s, self.p, self.device, group=self.group)
+            cls = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
+            self._torch = (m, cls(stage, n_microbatches=m, loss_fn=self.stage.loss))  # grads scaled 1/m
+        sched = self._torch[1]
+        x, y = torch.cat([b[0] for b in micro]), torch.cat([b[1] for b in micro])
+        losses: list[torch.Tensor] = []
+        if self.is_first:
+            sched.step(x)
+        elif self.is_last:
+            sched.step(target=y, losses=losses)
+        else:
+            sched.step()
+        total = torch.stack(losses).mean().detach() if self.is_last else torch.zeros((), device=self.device)
+        return self._broadcast_loss(total)
+
+    # -------------------------------------------------------------- after the flush
+
+    def sync_tied_grads(self) -> None:
+        """Add the first stage's wte grad and the last stage's head-copy grad, on both.
+
+        Forward: nothing. After the flush: first and last stage swap their (V, C) gradients (an
+        all-reduce of two); a + b == b + a bit for bit, so both copies take the same step.
+        """
+        weight = self.stage.tied_weight() if hasattr(self.stage, "tied_weight") else None
+        if weight is None:
+            return
+        peer = self.p2p.ranks[-1] if self.is_first else self.p2p.ranks[0]
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        other = torch.empty_like(grad)
+        ops = [dist.P2POp(dist.isend, grad, peer, self.group),
+               dist.P2POp(dist.irecv, other, peer, self.group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        weight.grad = grad + other
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm over the whole pipeline (tied matrix counted once), as one process would.
+
+        Forward: all-reduce (sum) of one scalar, the squared norm, over the pipeline group.
+        """
+        unique = (self.stage.unique_parameters() if hasattr(self.stage, "unique_parameters")
+                  else list(self.stage.parameters()))
+        sq = torch.zeros((), device=self.device)
+        for p in unique:
+            if p.grad is not None:
+                sq += p.grad.float().pow(2).sum()
+        dist.all_reduce(sq, group=self.group)
+        norm = sq.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+        for p in self.stage.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        return norm
+
+    # -------------------------------------------------------------- hooks for journey_dist.train.train
+
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch], *,
+                   grad_clip: float = 0.0, autocast: str | None = None,
+                   sync_grads: Callable[[], None] | None = None,
+                   clip_fn: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
+                   **_unused) -> StepResult:
+        """train_step's contract for a pipeline: schedule, tied-grad sync, `sync_grads` (e.g. a dp
+        all-reduce), clip, optimizer step, zero grads. The stage's own loss is used."""
+        loss = self.run(list(micro), autocast)
+        self.sync_tied_grads()
+        if sync_grads is not None:
+            sync_grads()
+        norm = None
+        if grad_clip > 0:
+            norm = clip_fn(list(model.parameters()), grad_clip) if clip_fn else self.clip_grad_norm(grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, norm)
+
+    def eval_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A forward-only pass through every stage; the loss on every stage (evaluate's loss_fn)."""
+        return self.run([(x, y)], forward_only=True)
+
+    def hooks(self) -> dict:
+        """Keyword arguments for journey_dist.train.train: step_fn and the evaluation loss_fn."""
+        return {"step_fn": self.train_step, "loss_fn": self.eval_loss}
+
+
+def sync_dp_grads(module: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Average gradients over a data-parallel group after the pipeline flush (3D parallelism).
+
+    Forward: nothing. After the flush: one all-reduce (sum, then / dp) per gradient.
+    """
+    n = dist.get_world_size(group)
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(n)
+
+
+# ----------------------------------------------------------------------------- reference and parity
+# (kept here so this branch does not collide with parallel/reference.py; unify at merge)
+
+
+def fresh_gpt(config: GPTConfig, seed: int = 0) -> GPT:
+    """A GPT whose initial weights depend only on `seed`, without disturbing the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT(config)
+
+
+@dataclass
+class RunResult:
+    losses: list[float]  # every step's mean loss over the global batch
+    params: dict[str, torch.Tensor]  # full-model names, after the last step
+    grads: dict[str, torch.Tensor]  # first step's complete gradients, before clipping
+    val_loss: float | None = None
+
+
+def _run(model: nn.Module, data: TokenData, cfg: TrainConfig, **hooks) -> RunResult:
+    grads: dict[str, torch.Tensor] = {}
+    sync = hooks.pop("sync_grads", None)
+
+    def capture() -> None:  # the sync_grads slot runs after backward, before clip and step
+        if sync is not None:
+            sync()
+        if not grads:
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                          if p.grad is not None})
+
+    history = train(model, data, replace(cfg, log_every=1), verbose=False, sync_grads=capture, **hooks)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return RunResult([row["loss"] for row in history.steps], params, grads, history.val_loss)
+
+
+def single_process_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, seed: int = 0) -> RunResult:
+    """The reference: fresh_gpt(config, seed) trained by the shared loop in one process."""
+    return _run(fresh_gpt(config, seed).to(comm_device()), data, cfg)
+
+
+def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedule: str = "1f1b",
+                 engine: str = "ours", group: dist.ProcessGroup | None = None,
+                 dp_group: dist.ProcessGroup | None = None, seed: int = 0) -> tuple[RunResult, Pipeline]:
+    """The same training, this rank holding one stage; cfg.grad_accum is the microbatch count.
+
+    With `dp_group`, each data-parallel replica of the pipeline takes its share of the global
+    batch and gradients are averaged over the replicas after the flush (pp x dp).
+    """
+    stage = build_stage(fresh_gpt(config, seed), group)
+    pipe = Pipeline(stage, group, schedule, engine)
+    hooks = pipe.hooks()
+    if dp_group is not None:
+        n = dist.get_world_size(dp_group)
+
+        def mean_over_dp(loss: torch.Tensor) -> torch.Tensor:
+            loss = loss.clone()
+            dist.all_reduce(loss, group=dp_group)
+            return loss / n
+
+        hooks.update(sync_grads=lambda: sync_dp_grads(stage, dp_group), reduce_loss=mean_over_dp,
+                     dp_rank=dist.get_rank(dp_group), dp_size=n)
+    return _run(stage, data, cfg, **hooks), pipe
+
+
+def max_abs_diff(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """Largest |ours - ref| over a stage's tensors; lm_head.weight (a tied copy) vs wte."""
+    worst = 0.0
+    for name, t in ours.items():
+        key = name if name in ref else "transformer.wte.weight" if name == "lm_head.weight" else name
+        worst = max(worst, (t.float() - ref[key].float()).abs().max().item())
+    return worst
