@@ -83,6 +83,20 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def default_backend() -> str:
+    """nccl when every local rank can have its own GPU, else gloo on CPU.
+
+    NCCL refuses two ranks on one GPU, so e.g. 2 ranks on a 1-GPU Colab run on gloo/CPU.
+    """
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
+        return "nccl"
+    if torch.cuda.is_available() and os.environ.get("RANK", "0") == "0":
+        print(f"note: {local_world} local ranks but {torch.cuda.device_count()} GPU(s); "
+              "NCCL needs one GPU per rank, so this run uses gloo on CPU", flush=True)
+    return "gloo"
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join (or create) the default process group from torchrun-style env variables.
 
@@ -93,7 +107,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = default_backend()
     device = pick_device(local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -200,6 +214,7 @@ def spawn(
             grace = time.monotonic() + 3
             while time.monotonic() < grace and any(p.is_alive() for p in procs):
                 time.sleep(0.05)
+            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():
