@@ -20,9 +20,8 @@ micro-step communicates: the others run under `no_sync` and just accumulate into
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -33,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from journey_dist.comm import CommLedger, analytic, ddp_allreduce_hook
 from journey_dist.config import GPTConfig, check_bucket_mb
 from journey_dist.data import TokenData, get_batch, microbatches, shard
-from journey_dist.parallel.reference import fresh_model, named_params
-from journey_dist.train import TrainConfig, make_optimizer, train, train_step
+from journey_dist.parallel.reference import fresh_model, run_and_capture
+from journey_dist.train import TrainConfig, make_optimizer, train_step
 
 VARIANTS = ("naive", "bucketed", "ddp")
 MB = 2**20  # bucket sizes are MiB, as DDP's bucket_cap_mb
@@ -278,22 +277,8 @@ def run_data_parallel(variant: str, config: GPTConfig, data: TokenData, cfg: Tra
     model = fresh_model(config, seed, device)
     dp = make_data_parallel(variant, model, bucket_mb, group)
     optimizer = make_optimizer(model, cfg)
-    hooks, first_grads = dp.step_hooks(), {}
-    sync = hooks.get("sync_grads")
-
-    def sync_and_capture() -> None:  # after backward (DDP has synced by then), before clipping
-        if sync is not None:
-            sync()
-        if not first_grads:  # AdamW ignores a constant grad scale: parity needs the grads too
-            first_grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-
-    hooks["sync_grads"] = sync_and_capture
-    t0 = time.perf_counter()
-    history = train(dp.module, data, _every_step(cfg), optimizer=optimizer, dp_rank=rank,
-                    dp_size=world, block_size=config.block_size, reduce_loss=mean_over(group),
-                    verbose=False, **hooks)
-    seconds = time.perf_counter() - t0
-    params = {k: v.clone() for k, v in named_params(model).items()}
+    run = run_and_capture(dp.module, data, cfg, optimizer=optimizer, dp_rank=rank, dp_size=world,
+                          block_size=config.block_size, reduce_loss=mean_over(group), **dp.step_hooks())
 
     x, y = get_batch(data.train, cfg.batch_size, config.block_size, cfg.steps, cfg.seed)
     device = model.lm_head.weight.device
@@ -303,15 +288,11 @@ def run_data_parallel(variant: str, config: GPTConfig, data: TokenData, cfg: Tra
                    grad_clip=cfg.grad_clip, **dp.step_hooks())
     buffers = dp.buffers()
     return DPRun(
-        variant, [row["loss"] for row in history.steps], params, first_grads, buffers,
+        variant, run.losses, run.params, run.grads, buffers,
         measured=dict(ledger.summary().get(("all_reduce", _ranks(group)), {})),
-        expected=analytic("all_reduce", buffers, world), ledger=ledger.to_dict(), seconds=seconds,
+        expected=analytic("all_reduce", buffers, world), ledger=ledger.to_dict(), seconds=run.seconds,
         ddp_buckets=dp.bucket_sizes() if isinstance(dp, DDP) else None,
     )
-
-
-def _every_step(cfg: TrainConfig) -> TrainConfig:
-    return replace(cfg, log_every=1)  # one logged (global) loss per step
 
 
 def _ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:

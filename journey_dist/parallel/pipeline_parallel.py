@@ -22,7 +22,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
 from journey_dist.model import GPT
-from journey_dist.train import StepResult, TrainConfig, autocast_context, train
+from journey_dist.parallel.reference import RunResult, fresh_model, run_and_capture
+from journey_dist.train import StepResult, TrainConfig, autocast_context
 
 SCHEDULES = ("gpipe", "1f1b")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -461,44 +462,12 @@ def sync_dp_grads(module: nn.Module, group: dist.ProcessGroup | None) -> None:
             p.grad.div_(n)
 
 
-# ----------------------------------------------------------------------------- reference and parity
-# (kept here so this branch does not collide with parallel/reference.py; unify at merge)
-
-
-def fresh_gpt(config: GPTConfig, seed: int = 0) -> GPT:
-    """A GPT whose initial weights depend only on `seed`, without disturbing the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return GPT(config)
-
-
-@dataclass
-class RunResult:
-    losses: list[float]  # every step's mean loss over the global batch
-    params: dict[str, torch.Tensor]  # full-model names, after the last step
-    grads: dict[str, torch.Tensor]  # first step's complete gradients, before clipping
-    val_loss: float | None = None
-
-
-def _run(model: nn.Module, data: TokenData, cfg: TrainConfig, **hooks) -> RunResult:
-    grads: dict[str, torch.Tensor] = {}
-    sync = hooks.pop("sync_grads", None)
-
-    def capture() -> None:  # the sync_grads slot runs after backward, before clip and step
-        if sync is not None:
-            sync()
-        if not grads:
-            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()
-                          if p.grad is not None})
-
-    history = train(model, data, replace(cfg, log_every=1), verbose=False, sync_grads=capture, **hooks)
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return RunResult([row["loss"] for row in history.steps], params, grads, history.val_loss)
+# ----------------------------------------------------------------------------- parity runs
 
 
 def single_process_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, seed: int = 0) -> RunResult:
-    """The reference: fresh_gpt(config, seed) trained by the shared loop in one process."""
-    return _run(fresh_gpt(config, seed).to(comm_device()), data, cfg)
+    """The reference: fresh_model(config, seed) trained by the shared loop in one process."""
+    return run_and_capture(fresh_model(config, seed, comm_device()), data, cfg)
 
 
 def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedule: str = "1f1b",
@@ -509,7 +478,7 @@ def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedu
     With `dp_group`, each data-parallel replica of the pipeline takes its share of the global
     batch and gradients are averaged over the replicas after the flush (pp x dp).
     """
-    stage = build_stage(fresh_gpt(config, seed), group)
+    stage = build_stage(fresh_model(config, seed), group)
     pipe = Pipeline(stage, group, schedule, engine)
     hooks = pipe.hooks()
     if dp_group is not None:
@@ -522,13 +491,4 @@ def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedu
 
         hooks.update(sync_grads=lambda: sync_dp_grads(stage, dp_group), reduce_loss=mean_over_dp,
                      dp_rank=dist.get_rank(dp_group), dp_size=n)
-    return _run(stage, data, cfg, **hooks), pipe
-
-
-def max_abs_diff(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
-    """Largest |ours - ref| over a stage's tensors; lm_head.weight (a tied copy) vs wte."""
-    worst = 0.0
-    for name, t in ours.items():
-        key = name if name in ref else "transformer.wte.weight" if name == "lm_head.weight" else name
-        worst = max(worst, (t.float() - ref[key].float()).abs().max().item())
-    return worst
+    return run_and_capture(stage, data, cfg, **hooks), pipe
