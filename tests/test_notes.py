@@ -53,7 +53,7 @@ UNITS = {
 _UNIT_RE = "|".join(sorted((re.escape(u) for u in UNITS if u), key=len, reverse=True))
 CHECK = re.compile(
     r"(?<![\w.])(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?)\s?(" + _UNIT_RE + r")?"
-    r"\s*<!--\s*=\s*(.+?)\s*-->", re.S)
+    r"(?:\*\*)?\s*<!--\s*=\s*(.+?)\s*-->", re.S)  # a number may be **bold**
 ANY_CHECK = re.compile(r"(?<!`)<!--\s*=")  # a check quoted in `code` is an example, not a check
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
