@@ -3,7 +3,7 @@
 A checked number is a number followed directly by an HTML comment holding an expression:
 
     GPT-2 small has 124,439,808 <!-- = param_count(P("gpt2-small")) --> parameters.
-    its KV cache is 36.00 GiB <!-- = kv_cache_bytes(P("gpt2-small"), 32, 8192, "bf16") -->
+    its KV cache is 36.00 GiB <!-- = kv_cache_bytes(P("gpt2-small"), 32, 32768, "bf16") -->
 
 Formatting rules (what the shown number must equal):
 * commas are thousands separators; the shown decimals are the rounding: the expression's value,
