@@ -105,7 +105,8 @@ def shown_matches(shown: str, unit: str, value: float) -> tuple[bool, float]:
     """Is `shown` (in `unit`) the value rounded to the shown decimals? Returns (ok, expected)."""
     decimals = len(shown.split(".")[1]) if "." in shown else 0
     expected = round(float(value) / UNITS[unit], decimals)
-    return math.isclose(float(shown.replace(",", "")), expected, rel_tol=0, abs_tol=10 ** -decimals / 1e3), expected
+    ok = math.isclose(float(shown.replace(",", "")), expected, rel_tol=0, abs_tol=10 ** -decimals / 1e3)
+    return ok, expected
 
 
 @pytest.mark.parametrize("note,line,shown,unit,expr", CHECKS, ids=[f"{c[0]}:{c[1]}" for c in CHECKS])
