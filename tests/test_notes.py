@@ -101,6 +101,14 @@ def test_every_check_comment_follows_a_number():
             assert inside, f"{path.name}:{line}: `<!-- =` comment does not follow a number"
 
 
+def test_no_line_starts_with_a_comment():
+    # CommonMark: a line starting with `<!--` opens an HTML block, which breaks the paragraph and
+    # shows the text after `-->` raw; keep each check on its number's line
+    for path in NOTES:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            assert not line.lstrip().startswith("<!--"), f"{path.name}:{i}: join it to the line above"
+
+
 def shown_matches(shown: str, unit: str, value: float) -> tuple[bool, float]:
     """Is `shown` (in `unit`) the value rounded to the shown decimals? Returns (ok, expected)."""
     decimals = len(shown.split(".")[1]) if "." in shown else 0
