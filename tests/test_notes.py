@@ -23,10 +23,13 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import journey_dist.config as config
 import journey_dist.memory.estimate as estimate
 from journey_dist.comm import analytic, ring_factor
+from journey_dist.model import GPT
+from journey_dist.parallel.data_parallel import bucket_layout, planned_buckets
 from journey_dist.parallel.pipeline_timeline import bubble_formula
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +61,21 @@ ANY_CHECK = re.compile(r"(?<!`)<!--\s*=")  # a check quoted in `code` is an exam
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def meta_gpt(cfg: config.GPTConfig) -> GPT:
+    """The real model with no storage (parameter shapes only), for checks on gpt2-sized models."""
+    with torch.device("meta"):
+        return GPT(cfg)
+
+
 def namespace() -> dict:
-    """What a check may call: config and memory-estimate functions, comm and pipeline formulas."""
+    """What a check may call: config and memory-estimate functions, comm and pipeline formulas,
+DP bucket planning, the model on the meta device; P = get_preset."""
     ns = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")}
     ns.update({k: v for k, v in vars(config).items() if not k.startswith("_")})
     ns.update({k: v for k, v in vars(estimate).items() if not k.startswith("_")})
     ns.update(math=math, ring_factor=ring_factor, analytic=analytic, bubble_formula=bubble_formula,
-              P=config.get_preset)
+              P=config.get_preset, planned_buckets=planned_buckets, bucket_layout=bucket_layout,
+              meta_gpt=meta_gpt)
     return ns
 
 
