@@ -14,10 +14,12 @@ Formatting rules (what the shown number must equal):
 * `%`: the expression is a fraction, shown times 100 (`18.75% <!-- = bubble_formula(4, 13) -->`);
 * `x` (or `×`) after a number: a plain ratio.
 Every `<!-- =` comment must sit right after a number, so a broken check fails instead of vanishing.
+A note may name a value for its later checks, on a line of its own: `<!-- let N7B = param_count(...) -->`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -57,10 +59,12 @@ _UNIT_RE = "|".join(sorted((re.escape(u) for u in UNITS if u), key=len, reverse=
 CHECK = re.compile(
     r"(?<![\w.])(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?)\s?(" + _UNIT_RE + r")?"
     r"(?:\*\*)?\s*<!--\s*=\s*(.+?)\s*-->", re.S)  # a number may be **bold**
+LET = re.compile(r"<!--\s*let\s+([A-Za-z_]\w*)\s*=\s*(.+?)\s*-->", re.S)
 ANY_CHECK = re.compile(r"(?<!`)<!--\s*=")  # a check quoted in `code` is an example, not a check
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+@functools.cache
 def meta_gpt(cfg: config.GPTConfig) -> GPT:
     """The real model with no storage (parameter shapes only), for checks on gpt2-sized models."""
     with torch.device("meta"):
@@ -76,6 +80,15 @@ DP bucket planning, the model on the meta device; P = get_preset."""
     ns.update(math=math, ring_factor=ring_factor, analytic=analytic, bubble_formula=bubble_formula,
               P=config.get_preset, planned_buckets=planned_buckets, bucket_layout=bucket_layout,
               meta_gpt=meta_gpt)
+    return ns
+
+
+@functools.cache
+def note_namespace(note: str) -> dict:
+    """namespace() plus the note's own `<!-- let name = expression -->` definitions, in order."""
+    ns = namespace()
+    for m in LET.finditer((ROOT / "notes" / note).read_text()):
+        ns[m.group(1)] = eval(m.group(2), ns)  # noqa: S307 - written in this repository's notes
     return ns
 
 
@@ -117,6 +130,8 @@ def test_no_line_starts_with_a_comment():
     # shows the text after `-->` raw; keep each check on its number's line
     for path in NOTES:
         for i, line in enumerate(path.read_text().splitlines(), 1):
+            if LET.fullmatch(line.strip()):
+                continue  # a definition on its own line is a hidden HTML block: fine
             assert not line.lstrip().startswith("<!--"), f"{path.name}:{i}: join it to the line above"
 
 
@@ -130,7 +145,7 @@ def shown_matches(shown: str, unit: str, value: float) -> tuple[bool, float]:
 
 @pytest.mark.parametrize("note,line,shown,unit,expr", CHECKS, ids=[f"{c[0]}:{c[1]}" for c in CHECKS])
 def test_checked_number(note, line, shown, unit, expr):
-    value = eval(expr, namespace())  # noqa: S307 - expressions written in this repository's notes
+    value = eval(expr, note_namespace(note))  # noqa: S307 - expressions written in this repository's notes
     ok, expected = shown_matches(shown, unit, value)
     assert ok, f"notes/{note}:{line}: shows {shown}{unit} but `{expr}` gives {value!r} ({expected}{unit})"
 
