@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from journey_dist.comm import CommLedger
+from journey_dist.comm import CommLedger, analytic
 from journey_dist.data import get_batch, microbatches, shard
 from journey_dist.parallel.data_parallel import mean_over
 from journey_dist.parallel.reference import fresh_model, run_and_capture
@@ -57,11 +57,22 @@ def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dic
             "optimizer": storage_bytes(moments)}
 
 
+def unit_bytes(model: nn.Module, world: int) -> list[int]:
+    """Bytes FSDP2 all-gathers per unit (root first, then each block): every parameter padded on
+    dim 0 to a multiple of the group size, as fully_shard lays it out."""
+    def padded(p: torch.Tensor) -> int:
+        return -(-p.shape[0] // world) * world * (p.numel() // max(p.shape[0], 1)) * p.element_size()
+
+    blocks = [sum(padded(p) for p in b.parameters()) for b in model.transformer.h]
+    return [sum(padded(p) for p in model.parameters()) - sum(blocks), *blocks]
+
+
 def run_fsdp2(config, data, cfg: TrainConfig, *, seed: int = 0,
               device: torch.device | None = None) -> ShardedRun:
     """Train a fresh GPT under fully_shard for cfg.steps (this rank's shard of each global
     batch), then one more step under a CommLedger; bytes measured after its backward."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    units = unit_bytes(fresh_model(config, seed), world)
     model = shard_model(fresh_model(config, seed, device))
     optimizer = make_optimizer(model, cfg)  # torch AdamW on DTensors: updates the local shards
     grads: dict[str, torch.Tensor] = {}
@@ -81,4 +92,8 @@ def run_fsdp2(config, data, cfg: TrainConfig, *, seed: int = 0,
     with CommLedger() as ledger:
         train_step(model, optimizer, microbatches(x, y, cfg.grad_accum), grad_clip=cfg.grad_clip,
                    sync_grads=lambda: state.update(local_state_bytes(model, optimizer)))
-    return ShardedRun("fsdp2", run.losses, params, grads, state, ledger_by_op(ledger), {}, run.seconds)
+    # each unit: all-gather before forward and again before backward, reduce-scatter its grads
+    expected = {"all_gather": analytic("all_gather", units * 2, world),
+                "reduce_scatter": analytic("reduce_scatter", units, world)}
+    return ShardedRun("fsdp2", run.losses, params, grads, state, ledger_by_op(ledger), expected,
+                      run.seconds)
