@@ -67,6 +67,7 @@ def rank_main(data) -> dict:
     # gloo works on CPU tensors, NCCL on this rank's GPU (init_distributed picked the backend)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     dtype = "bf16" if device is not None else "fp32"  # DeepSpeed: bf16 on GPUs, fp32 on CPU
+    ds = None if ds_file is None else {**ds_file, "bf16": {"enabled": dtype == "bf16"}}
     N = fresh_model(config).num_params()
     print0(f"{n} ranks ({dist.get_backend()}) | {args.preset}: {N:,} parameters | global batch "
            f"{cfg.batch_size} x {config.block_size} tokens | {cfg.steps} AdamW steps | fp32 AdamW keeps "
@@ -77,7 +78,7 @@ def rank_main(data) -> dict:
     runs = {"ddp": ddp, "zero1 (ours)": run_zero1(config, data, cfg, device=device)}
     for stage in stages:
         runs[f"deepspeed zero-{stage}"] = run_deepspeed(stage, config, data, cfg, device=device,
-                                                        ds_config=ds_file, dtype=dtype)
+                                                        ds_config=ds, dtype=dtype)
     runs["fsdp2 (zero-3)"] = run_fsdp2(config, data, cfg, device=device)
     accel_procs = None
     if under_accelerate():
@@ -140,8 +141,8 @@ def rank_main(data) -> dict:
             a = row["analytic"].get(op)
             print0(f"{name:<20} {op:<15} {m['calls']:>6} {m['bytes']:>12,} "
                    f"{'-' if a is None else format(a['bytes'], ','):>12} {m['wire_bytes']:>12,.0f}")
-    print0("(DeepSpeed's stages 1 and 2 reduce gradients with all-reduce on this backend; "
-           "'-': no analytic figure derived)")
+    print0("(DeepSpeed 0.19's stages 1 and 2 all-reduce gradient buckets and keep their slice; its "
+           "stage 3 gathers the tied wte for both the embedding and the head; '-': not derived)")
 
     result = {"world_size": n, "preset": args.preset, "params": N, "dtype": dtype, "train": cfg.to_dict(),
               "reference_losses": ref.losses, "schemes": rows, "memory": table, "tolerance": tol,

@@ -5,10 +5,12 @@
 
 What each stage shards over the N data-parallel ranks (Rajbhandari et al. 2020):
     stage 1  optimizer state (fp32 master partition + AdamW moments)
-    stage 2  + gradients: reduced in buckets during backward (reduce-scatter semantics), each rank
-             keeps only its partition's gradient
+    stage 2  + gradients: each rank keeps only its partition of the reduced gradient
+             (DeepSpeed 0.19 all-reduces each gradient bucket, use_multi_rank_bucket_allreduce,
+             and keeps its slice; its stage 1 takes the same path, so it partitions them too)
     stage 3  + parameters: each rank keeps a partition; a module's weights are all-gathered
-             before its forward and again before its backward, then freed
+             before its forward and again before its backward, then freed. The tied wte is
+             used by two modules (embedding, head), so it is gathered twice each way.
 
 Equal to DDP: DeepSpeed averages gradients over the dp ranks (postscale_gradients with
 gradient_predivide_factor 1: sum, then x 1/N), scales the loss by 1/gradient_accumulation_steps
@@ -49,7 +51,8 @@ def deepspeed_config(stage: int, *, micro_batch: int = 4, grad_accum: int = 1, g
 
     dtype "fp32" (CPU; no loss scaling) or "bf16" (GPU: bf16 weights and grads, fp32 master
     and moments in the optimizer). Stage 3 partitions every parameter (persistence threshold
-    0), so even GPT-mini's small tensors are sharded and the bytes match the formula.
+    0), so even GPT-mini's small tensors are sharded and the bytes match the formula, and frees
+    gathered weights after use (max reuse distance 0): the textbook ZeRO-3, re-gathering in backward.
     """
     if stage not in STAGES:
         raise ConfigError(f"ZeRO stage {stage!r} is not one of 1, 2, 3")
@@ -59,6 +62,7 @@ def deepspeed_config(stage: int, *, micro_batch: int = 4, grad_accum: int = 1, g
                   "reduce_bucket_size": bucket_elements, "allgather_bucket_size": bucket_elements}
     if stage == 3:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0,
+                     "stage3_max_reuse_distance": 0,
                      "stage3_max_live_parameters": bucket_elements,
                      "stage3_gather_16bit_weights_on_model_save": True})
     return {
