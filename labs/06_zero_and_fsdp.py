@@ -93,8 +93,8 @@ def rank_main(data) -> dict:
     rows = {}
     for name, run in runs.items():
         diffs = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ddp.losses)),
-                              max_abs_diff(run.params, ddp.params)])
-        dist.all_reduce(diffs.to(device) if device else diffs, op=dist.ReduceOp.MAX)
+                              max_abs_diff(run.params, ddp.params)], device=device)
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
         comm, expected = ((({"all_reduce": run.measured}, {"all_reduce": run.expected})) if run is ddp
                           else (run.comm, run.analytic))
         rows[name] = {"losses": run.losses, "loss_diff": diffs[0].item(), "param_diff": diffs[1].item(),

@@ -2,9 +2,11 @@
 
 One spawn runs everything (module-scoped). Tolerances:
   OPT_TOL 1e-6: ZeroAdamW vs torch.optim.AdamW fed the same mean gradients (naive DP on the same
-    ranks), no clipping, 5 steps. Same elementwise math, so measured 0.0.
-  CLIP_TOL 1e-5: with clip_grad_norm 1.0. ZeRO sums the global norm² over slices in fp64; torch
-    takes fp32 per-tensor norms: the norms differ by ~1 ulp, parameters by ~1e-6 after 5 steps.
+    ranks), no clipping, 5 steps (3 for the padded model and for 2 accumulated micro-steps).
+    Same elementwise math, so measured 0.0.
+  CLIP_TOL 1e-5: with clip_grad_norm 1.0, against one process (unsharded torch AdamW, the whole
+    batch). ZeRO sums the global norm² over slices in fp64, torch takes fp32 per-tensor norms: the
+    norms differ by ~1 ulp, the parameters by ~1e-6 after 5 steps.
   FSDP2 vs one process: 1e-5 (parameters), GRAD_TOL 1e-6 (first gradient; largest entries ~1e-1).
 """
 
@@ -58,15 +60,17 @@ def _everything() -> dict:
     data = load_tokens("handbook")
     no_clip = replace(CFG, grad_clip=0.0)
     out = {"rank": dist.get_rank()}
-    for name, config in (("tiny", TINY), ("odd", ODD)):
-        zero = run_zero1(config, data, no_clip)
-        naive = run_data_parallel("naive", config, data, no_clip)  # torch AdamW, same mean grads
+    short = replace(no_clip, steps=3)  # padding and accumulation: 3 steps are enough to differ
+    for name, config, cfg in (("tiny", TINY, no_clip), ("odd", ODD, short)):
+        zero = run_zero1(config, data, cfg)
+        naive = run_data_parallel("naive", config, data, cfg)  # torch AdamW, same mean grads
         out[f"{name}_no_clip"] = {**_diffs(zero, naive), "state": zero.state_bytes}
+    accum = replace(short, grad_accum=2)  # two micro-steps accumulate into the flat buffer
+    zero, naive = run_zero1(TINY, data, accum), run_data_parallel("naive", TINY, data, accum)
+    out["tiny_accum"] = _diffs(zero, naive)
     ref = reference_run(TINY, data, CFG, first_grads=True)
-    zero = run_zero1(TINY, data, CFG)
-    naive = run_data_parallel("naive", TINY, data, CFG)
-    out["tiny_clip"] = {**_diffs(zero, naive), "vs_ref": _diffs(zero, ref), "comm": zero.comm,
-                        "analytic": zero.analytic}
+    zero = run_zero1(TINY, data, CFG)  # ref is torch AdamW with clipping, unsharded, one process
+    out["tiny_clip"] = {**_diffs(zero, ref), "comm": zero.comm, "analytic": zero.analytic}
     fsdp = run_fsdp2(TINY, data, CFG)
     out["fsdp2"] = {**_diffs(fsdp, ref), "state": fsdp.state_bytes, "comm": fsdp.comm,
                     "analytic": fsdp.analytic}
@@ -90,19 +94,18 @@ def results() -> list[dict]:
     return run_ranks(_everything, 2, timeout_s=240)
 
 
-@pytest.mark.parametrize("name", ["tiny_no_clip", "odd_no_clip"])
+@pytest.mark.parametrize("name", ["tiny_no_clip", "odd_no_clip", "tiny_accum"])
 def test_zero1_adamw_equals_torch_adamw_after_5_steps(results, name):
     for rank in results:
         r = rank[name]
         assert r["params"] <= OPT_TOL and r["grads"] <= OPT_TOL and r["loss"] <= OPT_TOL, r
 
 
-def test_zero1_with_clipping_equals_adamw_and_one_process(results):
+def test_zero1_with_clipping_equals_one_process_adamw(results):
     assert results[0]["ref_grad_max"] > 1e3 * GRAD_TOL  # the gradient check is not vacuous
     for rank in results:
         r = rank["tiny_clip"]
         assert r["params"] <= CLIP_TOL and r["loss"] <= CLIP_TOL and r["grads"] <= GRAD_TOL, r
-        assert r["vs_ref"]["params"] <= TOL and r["vs_ref"]["grads"] <= GRAD_TOL, r["vs_ref"]
 
 
 def test_odd_model_is_padded_and_each_rank_owns_half():

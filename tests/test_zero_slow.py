@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,10 @@ def _stages_vs_ddp() -> dict:
         out[stage] = {"loss": max(abs(a - b) for a, b in zip(run.losses, ddp.losses)),
                       "params": max_abs_diff(run.params, ddp.params), "state": run.state_bytes,
                       "steps": len(run.losses)}
+    accum = replace(CFG, grad_accum=2)  # engine.backward scales by 1/2 itself: pass the raw loss
+    ddp2, ds2 = run_data_parallel("ddp", config, data, accum), run_deepspeed(2, config, data, accum)
+    out["accum"] = {"loss": max(abs(a - b) for a, b in zip(ds2.losses, ddp2.losses)),
+                    "params": max_abs_diff(ds2.params, ddp2.params), "steps": len(ds2.losses)}
     out["n"] = sum(p.numel() for p in ddp.params.values())  # named_parameters: the tied matrix once
     return out
 
@@ -52,6 +57,12 @@ def stages() -> list[dict]:
 def test_deepspeed_stage_loss_equals_ddp_after_3_steps(stages, stage):
     for rank in stages:
         r = rank[stage]
+        assert r["steps"] == 3 and r["loss"] <= LOSS_TOL and r["params"] <= PARAM_TOL, r
+
+
+def test_deepspeed_gradient_accumulation_equals_ddp(stages):
+    for rank in stages:
+        r = rank["accum"]
         assert r["steps"] == 3 and r["loss"] <= LOSS_TOL and r["params"] <= PARAM_TOL, r
 
 

@@ -25,6 +25,7 @@ deleted and the ranks must meet at a barrier before the process group is destroy
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -202,7 +203,8 @@ def run_deepspeed(stage: int, config: GPTConfig, data: TokenData, cfg: TrainConf
              "grads_full": grads["full"], "grads_partition": grads["partition"]}
     result = ShardedRun(f"deepspeed zero-{stage}", losses, params, None, state, ledger_by_op(ledger),
                         {}, seconds)
-    engine.destroy() if hasattr(engine, "destroy") else None
+    engine.destroy()  # DeepSpeed's hooks and buffers go now, not at interpreter exit
     del engine
+    gc.collect()
     dist.barrier()  # every rank done with DeepSpeed before the group goes away
     return result
