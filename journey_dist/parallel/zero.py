@@ -111,12 +111,14 @@ class ZeroAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter appears twice in the parameter groups")
+        if not params or any(p.dtype != torch.float32 for p in params):
+            raise ValueError("ZeroAdamW keeps fp32 weights in one flat fp32 buffer: pass fp32 "
+                             "parameters (for bf16 training use DeepSpeed, deepspeed_zero.py)")
         first = params[0]
         self.numel = sum(p.numel() for p in params)
         self.padded = padded_numel(self.numel, self.world)
         self.shard_numel = self.padded // self.world
         lo, hi = shard_range(self.numel, self.world, self.rank)
-        self.shard_start = lo
         kw = dict(dtype=torch.float32, device=first.device)
         self.flat_params = torch.zeros(self.padded, **kw)
         self.flat_grads = torch.zeros(self.padded, **kw)
