@@ -122,15 +122,18 @@ def rank_main(data) -> dict:
     mib = 2**20
     table = {}
     for name, (measured, stage) in mem.items():
-        est = model_state_bytes(N, est_dtype if name.startswith("deepspeed") else "fp32", dp=n, zero=stage)
-        cells = [f"{measured[k] / mib:6.3f} / {est[k] / mib:6.3f}" for k in ("params", "grads", "optimizer")]
+        mixed = name.startswith("deepspeed") and est_dtype == "bf16-mixed"
+        est = model_state_bytes(N, "bf16-mixed" if mixed else "fp32", dp=n, zero=stage)
         master = measured.get("master")
+        shown = {**measured, "optimizer": measured["optimizer"] + (master if mixed else 0)}  # 12 = 4 + 8
+        cells = [f"{shown[k] / mib:6.3f} / {est[k] / mib:6.3f}" for k in ("params", "grads", "optimizer")]
         print0(f"{name:<20} {stage:>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
                f"{'' if master is None else f'{master / mib:.3f}':>13}")
         table[name] = {"stage": stage, "measured": measured, "estimate": est}
     print0(f"unsharded AdamW moments: {unsharded_adamw_state_bytes(model) / mib:.3f} MiB; ZeRO-1 keeps 1/{n} "
            "(+ padding to a multiple of dp). DeepSpeed's stage 1 (0.19) also partitions the reduced "
-           "gradients, and keeps an fp32 master partition next to the moments.")
+           "gradients, and keeps an fp32 master partition next to the moments (counted in 'optimizer' "
+           "under bf16, where the formula's 12 bytes include it; shown apart in fp32).")
 
     # %% Communication of one step, per rank (ledger vs analytic where derived)
     print0(f"\ncommunication of one step, per rank ({n} ranks; ring: all-reduce 2(n-1)/n, "
