@@ -1,0 +1,48 @@
+"""GPT-mini through Hugging Face accelerate: `Accelerator.prepare` wraps it in DDP.
+
+    accelerate launch --config_file launch/accelerate/zero_cpu_2proc.yaml labs/06_zero_and_fsdp.py
+
+Under `accelerate launch` the ranks come from the launcher (torchrun-style env variables); the
+process group is already up (runtime.init_distributed), and Accelerator joins it. On CPU it must
+be told so (`cpu=True`, or ACCELERATE_USE_CPU=1): otherwise it sees no accelerator and runs
+as one process. Communication is DDP's: all-reduce (mean) of the gradient buckets in backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from journey_dist.data import TokenData
+from journey_dist.parallel.data_parallel import mean_over
+from journey_dist.parallel.reference import fresh_model, run_and_capture
+from journey_dist.parallel.zero import ShardedRun, replicated_state_bytes
+from journey_dist.train import TrainConfig, make_optimizer
+
+
+def under_accelerate() -> bool:
+    """True when started by `accelerate launch` (it exports ACCELERATE_* settings)."""
+    return any(key.startswith("ACCELERATE_") for key in os.environ)
+
+
+def run_accelerate(config, data: TokenData, cfg: TrainConfig, *, seed: int = 0,
+                   device: torch.device | None = None) -> tuple[ShardedRun, int]:
+    """Train a fresh GPT prepared by accelerate for cfg.steps; return the run and the number of
+    processes Accelerator saw (the check that the launcher really made a multi-rank job)."""
+    from accelerate import Accelerator
+
+    cpu = device is None or device.type == "cpu"
+    accelerator = Accelerator(cpu=cpu)
+    model = fresh_model(config, seed, device)
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
+    n = accelerator.num_processes
+    run = run_and_capture(model, data, cfg, first_grads=False, optimizer=optimizer,
+                          dp_rank=accelerator.process_index, dp_size=n, block_size=config.block_size,
+                          reduce_loss=mean_over(), device=accelerator.device)
+    inner = accelerator.unwrap_model(model)
+    state = replicated_state_bytes(inner, getattr(optimizer, "optimizer", optimizer))
+    if n != dist.get_world_size():
+        raise RuntimeError(f"Accelerator sees {n} processes but the job has {dist.get_world_size()}")
+    return ShardedRun("accelerate (DDP)", run.losses, run.params, None, state, {}, {}, run.seconds), n

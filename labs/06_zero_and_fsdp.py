@@ -1,0 +1,161 @@
+"""Lab 06: ZeRO and sharding -- one GPT-mini trained with DDP, our ZeRO-1, DeepSpeed ZeRO-1/2/3, FSDP2.
+
+    python labs/06_zero_and_fsdp.py                       # spawns 2 ranks (gloo on CPU)
+    python labs/06_zero_and_fsdp.py --skip-deepspeed      # faster: DDP, ZeRO-1 (ours), FSDP2
+    torchrun --nproc_per_node=2 labs/06_zero_and_fsdp.py
+    deepspeed --num_gpus 2 labs/06_zero_and_fsdp.py --ds-config launch/deepspeed/zero2.json
+    accelerate launch --config_file launch/accelerate/zero_cpu_2proc.yaml labs/06_zero_and_fsdp.py
+
+Every scheme trains the same fresh model on the same global batches, so they must log the same
+losses and end with the same weights as DDP (fp32 on CPU: ~1e-6). What differs is what a rank
+keeps: DDP every weight, gradient and AdamW moment; ZeRO-1 a 1/N slice of the moments; ZeRO-2
+also of the gradients; ZeRO-3 / FSDP2 also of the weights. What to look at: the memory table,
+measured bytes of this rank's tensors next to memory.estimate.model_state_bytes(zero=stage);
+DeepSpeed's extra fp32 master partition (a copy it keeps even in fp32); and the communication of
+one step: ZeRO-1 hands reduce-scatter + all-gather the same bytes DDP hands all-reduce.
+Results: runs/06_zero_and_fsdp/result.json
+"""
+
+# %% Setup: arguments, model config, and every check that can fail, before any process starts
+import argparse
+
+import torch
+import torch.distributed as dist
+
+from journey_dist.config import ConfigError, ParallelConfig, get_preset
+from journey_dist.data import load_tokens
+from journey_dist.memory.estimate import model_state_bytes
+from journey_dist.parallel.accelerate_run import run_accelerate, under_accelerate
+from journey_dist.parallel.data_parallel import run_data_parallel
+from journey_dist.parallel.deepspeed_zero import STAGES, load_config, run_deepspeed
+from journey_dist.parallel.fsdp import run_fsdp2
+from journey_dist.parallel.reference import fresh_model, max_abs_diff, reference_run
+from journey_dist.parallel.zero import replicated_state_bytes, run_zero1, unsharded_adamw_state_bytes
+from journey_dist.runtime import launch, print0, requested_world_size, save_json
+from journey_dist.train import TrainConfig, make_optimizer
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--preset", default="gpt-mini")
+parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
+parser.add_argument("--ranks", type=int, default=2, help="ranks to spawn under plain python")
+parser.add_argument("--steps", type=int, default=5)
+parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--skip-deepspeed", action="store_true", help="leave out the DeepSpeed stages")
+parser.add_argument("--stages", default="1,2,3", help="DeepSpeed ZeRO stages to run")
+parser.add_argument("--ds-config", default=None, help="a DeepSpeed JSON (its stage replaces --stages)")
+parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+args, _ = parser.parse_known_args()  # tolerate notebook kernels' and launchers' own argv
+
+LAB = "06_zero_and_fsdp"
+world = requested_world_size(args.ranks)
+config = get_preset(args.preset)
+ParallelConfig(dp=world, zero=1).validate(config, world, args.batch_size)
+stages = [] if args.skip_deepspeed else [int(s) for s in args.stages.split(",") if s]
+if set(stages) - set(STAGES):
+    raise ConfigError(f"--stages {args.stages}: ZeRO stages are 1, 2, 3")
+cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=1)
+ds_file = None
+if args.ds_config and not args.skip_deepspeed:
+    ds_file = load_config(args.ds_config, cfg, world)  # validated here, before any rank starts
+    stages = [ds_file["zero_optimization"]["stage"]]
+
+
+# %% What every rank runs
+def rank_main(data) -> dict:
+    n = dist.get_world_size()
+    # gloo works on CPU tensors, NCCL on this rank's GPU (init_distributed picked the backend)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    dtype = "bf16" if device is not None else "fp32"  # DeepSpeed: bf16 on GPUs, fp32 on CPU
+    ds = None if ds_file is None else {**ds_file, "bf16": {"enabled": dtype == "bf16"}}
+    N = fresh_model(config).num_params()
+    print0(f"{n} ranks ({dist.get_backend()}) | {args.preset}: {N:,} parameters | global batch "
+           f"{cfg.batch_size} x {config.block_size} tokens | {cfg.steps} AdamW steps | fp32 AdamW keeps "
+           f"4 + 4 + 8 = 16 bytes per parameter = {16 * N / 2**20:.2f} MiB per rank under DDP")
+
+    ref = reference_run(config, data, cfg, device=device)
+    ddp = run_data_parallel("ddp", config, data, cfg, device=device)
+    runs = {"ddp": ddp, "zero1 (ours)": run_zero1(config, data, cfg, device=device)}
+    for stage in stages:
+        runs[f"deepspeed zero-{stage}"] = run_deepspeed(stage, config, data, cfg, device=device,
+                                                        ds_config=ds, dtype=dtype)
+    runs["fsdp2 (zero-3)"] = run_fsdp2(config, data, cfg, device=device)
+    accel_procs = None
+    if under_accelerate():
+        runs["accelerate (ddp)"], accel_procs = run_accelerate(config, data, cfg, device=device)
+        print0(f"accelerate launch: Accelerator sees {accel_procs} processes")
+
+    # %% Parity: every scheme against DDP (and DDP against one process)
+    tol = 1e-5 if dtype == "fp32" else 5e-2  # bf16 DeepSpeed on GPUs rounds every weight
+    print0(f"\nreference (1 process): loss {ref.losses[0]:.4f} -> {ref.losses[-1]:.4f}")
+    print0(f"{'scheme':<20} {'loss first -> last':>18} {'max|loss-DDP|':>14} {'max|param-DDP|':>15} "
+           f"{'train s':>8}")
+    rows = {}
+    for name, run in runs.items():
+        diffs = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ddp.losses)),
+                              max_abs_diff(run.params, ddp.params)], device=device)
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
+        comm, expected = ((({"all_reduce": run.measured}, {"all_reduce": run.expected})) if run is ddp
+                          else (run.comm, run.analytic))
+        rows[name] = {"losses": run.losses, "loss_diff": diffs[0].item(), "param_diff": diffs[1].item(),
+                      "seconds": run.seconds, "comm": comm, "analytic": expected}
+        print0(f"{name:<20} {run.losses[0]:>8.4f} -> {run.losses[-1]:.4f} {diffs[0]:>14.1e} "
+               f"{diffs[1]:>15.1e} {run.seconds:>8.1f}")
+    print0(f"DDP vs one process: max|param| {max_abs_diff(ddp.params, ref.params):.1e}; "
+           f"tolerance for every row: {tol:g} ({dtype})")
+
+    # %% Memory: this rank's tensors, measured, next to the formula for its ZeRO stage
+    model = fresh_model(config, device=device)
+    opt = make_optimizer(model, cfg)
+    x = torch.randint(0, config.vocab_size, (1, config.block_size), device=device)
+    model(x, x)[1].backward()
+    opt.step()
+    mem = {"ddp": (replicated_state_bytes(model, opt), 0)}
+    mem["zero1 (ours)"] = (runs["zero1 (ours)"].state_bytes, 1)
+    for stage in stages:
+        mem[f"deepspeed zero-{stage}"] = (runs[f"deepspeed zero-{stage}"].state_bytes, stage)
+    mem["fsdp2 (zero-3)"] = (runs["fsdp2 (zero-3)"].state_bytes, 3)
+    est_dtype = "fp32" if dtype == "fp32" else "bf16-mixed"
+    print0(f"\nper-rank model states, MiB: measured (estimate = model_state_bytes(N, {est_dtype!r}, "
+           f"dp={n}, zero=stage))")
+    print0(f"{'scheme':<20} {'stage':>5} {'params':>15} {'grads':>15} {'optimizer':>15} {'+fp32 master':>13}")
+    mib = 2**20
+    table = {}
+    for name, (measured, stage) in mem.items():
+        mixed = name.startswith("deepspeed") and est_dtype == "bf16-mixed"
+        est = model_state_bytes(N, "bf16-mixed" if mixed else "fp32", dp=n, zero=stage)
+        master = measured.get("master")
+        shown = {**measured, "optimizer": measured["optimizer"] + (master if mixed else 0)}  # 12 = 4 + 8
+        cells = [f"{shown[k] / mib:6.3f} / {est[k] / mib:6.3f}" for k in ("params", "grads", "optimizer")]
+        print0(f"{name:<20} {stage:>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
+               f"{'' if master is None else f'{master / mib:.3f}':>13}")
+        table[name] = {"stage": stage, "measured": measured, "estimate": est}
+    print0(f"unsharded AdamW moments: {unsharded_adamw_state_bytes(model) / mib:.3f} MiB; ZeRO-1 keeps 1/{n} "
+           "(+ padding to a multiple of dp). DeepSpeed's stage 1 (0.19) also partitions the reduced "
+           "gradients, and keeps an fp32 master partition next to the moments (counted in 'optimizer' "
+           "under bf16, where the formula's 12 bytes include it; shown apart in fp32).")
+
+    # %% Communication of one step, per rank (ledger vs analytic where derived)
+    print0(f"\ncommunication of one step, per rank ({n} ranks; ring: all-reduce 2(n-1)/n, "
+           "reduce-scatter and all-gather (n-1)/n of the buffer)")
+    print0(f"{'scheme':<20} {'collective':<15} {'calls':>6} {'bytes':>12} {'analytic':>12} {'sent':>12}")
+    for name, row in rows.items():
+        for op, m in row["comm"].items():
+            a = row["analytic"].get(op)
+            print0(f"{name:<20} {op:<15} {m['calls']:>6} {m['bytes']:>12,} "
+                   f"{'-' if a is None else format(a['bytes'], ','):>12} {m['wire_bytes']:>12,.0f}")
+    print0("(DeepSpeed 0.19's stages 1 and 2 all-reduce gradient buckets and keep their slice; its "
+           "stage 3 gathers the tied wte for both the embedding and the head; '-': not derived)")
+
+    result = {"world_size": n, "preset": args.preset, "params": N, "dtype": dtype, "train": cfg.to_dict(),
+              "reference_losses": ref.losses, "schemes": rows, "memory": table, "tolerance": tol,
+              "accelerate_processes": accel_procs}
+    path = save_json(LAB, "result", result)
+    print0(f"\nwrote {path}")
+    return result
+
+
+# %% Launch: under torchrun (or deepspeed / accelerate launch) this process is one rank; under
+# python it spawns --ranks ranks
+if __name__ == "__main__":
+    launch(rank_main, world, load_tokens(args.data))
