@@ -29,7 +29,13 @@ from journey_dist.parallel.tensor_parallel import (
     run_tensor_parallel,
     tp_clip_fn,
 )
-from journey_dist.parallel.tp_dtensor import run_dtensor_tp
+from journey_dist.parallel.tp_dtensor import (
+    dtensor_analytic_collectives,
+    dtensor_clip_fn,
+    dtensor_loss,
+    dtensor_step,
+    run_dtensor_tp,
+)
 from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from journey_dist.parallel.tp_mappings import gather_from_sequence, scatter_to_sequence
 from journey_dist.train import TrainConfig, make_optimizer, train_step
@@ -155,6 +161,15 @@ def _everything() -> dict:
         out[name] = {"params": max_abs_diff(run.params, ref.params),
                      "grads": max_abs_diff(run.grads, ref.grads),
                      "loss": max(abs(a - b) for a, b in zip(run.losses, ref.losses))}
+    model = runs["dtensor"].model  # one more step, its collectives counted by the ledger
+    idx = torch.randint(0, 256, (CFG.batch_size, TRAIN_CFG.block_size))
+    with CommLedger() as ledger:
+        dtensor_step(model, make_optimizer(model, CFG), [(idx, idx)], grad_clip=1.0,
+                     loss_fn=dtensor_loss, clip_fn=dtensor_clip_fn())
+    out["ledger_dtensor"] = {"measured": {op: {"calls": ledger.calls(op), "bytes": ledger.total_bytes(op)}
+                                          for op in ("all_reduce", "all_gather", "reduce_scatter")
+                                          if ledger.calls(op)},
+                             "analytic": dtensor_analytic_collectives(model, idx.numel())}
     out["ref_losses"] = ref.losses
     out["ref_grad_max"] = max(g.abs().max().item() for g in ref.grads.values())
     return out
@@ -210,6 +225,11 @@ def test_ledger_counts_equal_analytic(results, sp):
         assert r["measured"]["all_gather"]["calls"] == 4 * TINY.n_layer + 2
     else:
         assert r["measured"]["all_reduce"]["calls"] == 4 * TINY.n_layer + 2 + 3 + 1
+
+
+def test_ledger_counts_dtensor_collectives_including_loss_parallel(results):
+    r = results[0]["ledger_dtensor"]
+    assert r["measured"] == r["analytic"]  # incl. loss_parallel's all-reduces inside DTensor dispatch
 
 
 def test_building_blocks(results):

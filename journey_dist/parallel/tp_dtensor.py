@@ -164,3 +164,17 @@ def run_dtensor_tp(config, data, cfg, mesh: DeviceMesh, *, sequence_parallel: bo
     run.grads = gather_dtensor_tensors(model, run.grads)
     run.model = model
     return run
+
+
+def dtensor_analytic_collectives(model: GPT, tokens: int, *, grad_clip: bool = True) -> dict:
+    """Collectives one DTensor TP step (no SP) should issue: ours (same activations, same 3 loss
+    all-reduces) except the clip, which reduces one scalar per sharded (DTensor) parameter."""
+    from journey_dist.parallel.tensor_parallel import analytic_collectives
+
+    out = analytic_collectives(model.config, model.tp_size, tokens, grad_clip=False)
+    if grad_clip:
+        sharded = sum(isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
+                      for p in model.parameters())  # Replicate DTensors (row biases) need none
+        out["all_reduce"]["calls"] += sharded
+        out["all_reduce"]["bytes"] += 4 * sharded
+    return out
