@@ -27,6 +27,7 @@ from journey_dist.parallel.tensor_parallel import (
     parallelize,
     parallelize_block,
     run_tensor_parallel,
+    sync_sequence_parallel_grads,
     tp_clip_fn,
 )
 from journey_dist.parallel.tp_dtensor import (
@@ -134,7 +135,15 @@ def _pieces() -> dict:
     h = torch.randn(2, 16, 32)
     tp_block = parallelize_block(block, None, sequence_parallel=True)
     local = tp_block(h.chunk(2, dim=1)[dist.get_rank()])
-    out["block_sp"] = (local - block(h).chunk(2, dim=1)[dist.get_rank()]).abs().max().item()
+    full = block(h)
+    out["block_sp"] = (local - full.chunk(2, dim=1)[dist.get_rank()]).abs().max().item()
+    w = torch.randn(full.shape, generator=torch.Generator().manual_seed(5))
+    (full * w).sum().backward()  # the loss summed over every position ...
+    (local * w.chunk(2, dim=1)[dist.get_rank()]).sum().backward()  # ... = the sum of each shard's
+    sync_sequence_parallel_grads(tp_block, dist.group.WORLD)
+    out["block_sp_grads"] = max_abs_diff(gather_grads(tp_block, dist.group.WORLD),
+                                         {n: p.grad for n, p in block.named_parameters()})
+    out["block_grad_max"] = max(p.grad.abs().max().item() for p in block.parameters())
     errors = []
     for bad in (TINY.with_(n_head=1, n_embd=32), TINY.with_(vocab_size=63)):
         try:
@@ -238,6 +247,8 @@ def test_building_blocks(results):
         assert p["seq_round_trip"] == 0.0 and p["seq_grad"] == 0.0
         assert p["embedding"] == 0.0
         assert p["block_sp"] < FWD_TOL
+        # incl. LayerNorm grads all-reduced over tp; relative: these grads reach ~10
+        assert p["block_sp_grads"] < FWD_TOL * p["block_grad_max"], p
 
 
 def test_config_errors_name_the_fix(results):
