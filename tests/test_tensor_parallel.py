@@ -38,7 +38,14 @@ from journey_dist.parallel.tp_dtensor import (
     run_dtensor_tp,
 )
 from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from journey_dist.parallel.tp_mappings import gather_from_sequence, scatter_to_sequence
+from journey_dist.parallel.tp_mappings import (
+    copy_to_region,
+    gather_from_region,
+    gather_from_sequence,
+    reduce_from_region,
+    scatter_to_region,
+    scatter_to_sequence,
+)
 from journey_dist.train import TrainConfig, make_optimizer, train_step
 from tests.dist import run_ranks
 
@@ -126,6 +133,15 @@ def _pieces() -> dict:
     y.sum().backward()
     out["seq_round_trip"] = (y - x).abs().max().item()
     out["seq_grad"] = (x.grad - dist.get_world_size()).abs().max().item()  # each rank's ones summed
+    n = dist.get_world_size()
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    y = gather_from_region(scatter_to_region(z))  # split then gather the last dim: identity
+    (y * torch.arange(8.0)).sum().backward()  # backward: split then all-gather the gradient
+    out["last_round_trip"] = (y - z).abs().max().item()
+    out["last_grad"] = (z.grad - torch.arange(8.0)).abs().max().item()
+    z.grad = None
+    reduce_from_region(copy_to_region(z)).sum().backward()  # f then g: n*z, grad all-reduced: n
+    out["fg_grad"] = (z.grad - n).abs().max().item()
     torch.manual_seed(4)  # the same table and ids on every rank
     wte = torch.nn.Embedding(64, 8)
     emb = VocabParallelEmbedding.from_dense(wte, None)
@@ -245,6 +261,7 @@ def test_building_blocks(results):
     for rank in results:
         p = rank["pieces"]
         assert p["seq_round_trip"] == 0.0 and p["seq_grad"] == 0.0
+        assert p["last_round_trip"] == 0.0 and p["last_grad"] == 0.0 and p["fg_grad"] == 0.0
         assert p["embedding"] == 0.0
         assert p["block_sp"] < FWD_TOL
         # incl. LayerNorm grads all-reduced over tp; relative: these grads reach ~10
