@@ -1,0 +1,196 @@
+"""3D parallelism: data x tensor x pipeline parallel on one mesh (journey_dist.mesh).
+
+Every rank holds one pipeline stage (mesh pp coordinate), split `tp` ways inside its tensor
+parallel group, and is one of `dp` replicas of that slice. A step is:
+
+    1. each dp replica takes its 1/dp of the global batch, cut into m microbatches;
+    2. the pipeline schedule (GPipe or 1F1B, pipeline_parallel.Pipeline) runs over the pp group:
+       activations go to the same (dp, tp) slot on the next stage; inside a stage, the tensor
+       parallel ops all-reduce over the tp group in forward and backward;
+    3. after the flush: the tied embedding's two copies (first and last stage, one tp shard each)
+       add their gradients over the pp group, then every gradient is averaged over the dp group;
+    4. a clip by the global norm (tp shards summed, replicated tensors counted once, pp summed)
+       and the optimizer step, identical on all dp replicas.
+
+So the step equals one process training the whole model on the whole batch, up to float rounding
+(tests: 1e-5 on loss, gradients and parameters, fp32, tiny configs).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from journey_dist.comm import CommLedger
+from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
+from journey_dist.data import TokenData
+from journey_dist.mesh import DIMS, Mesh, group_ranks
+from journey_dist.model import GPT
+from journey_dist.parallel.pipeline_parallel import GPTStage, Pipeline, comm_device, sync_dp_grads
+from journey_dist.parallel.reference import RunResult, fresh_model, named_params, run_and_capture
+from journey_dist.train import TrainConfig
+
+
+def check_3d(pcfg: ParallelConfig, model: GPTConfig | None = None, world_size: int | None = None,
+             global_batch: int | None = None) -> ParallelConfig:
+    """ParallelConfig.validate plus what this 3D composition does not do; ConfigError before any spawn."""
+    pcfg.validate(model, world_size, global_batch)
+    if pcfg.zero:
+        raise ConfigError(
+            f"zero={pcfg.zero}: the 3D run keeps full optimizer states on every dp replica; "
+            f"ZeRO is the data-parallel lab's (zero.py). Use zero=0 here")
+    if pcfg.sequence_parallel and pcfg.pp > 1:
+        raise ConfigError(
+            "sequence_parallel with pp > 1 is not supported by the 3D run (stages would pass "
+            "sequence shards); use sequence_parallel=False, or pp=1")
+    return pcfg
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def build_3d_stage(model: GPT, mesh: Mesh) -> GPTStage:
+    """This rank's slice of `model`: stage mesh.pp_rank of pp, split over the tp group if tp > 1.
+
+    With tp = 1 it is pipeline_parallel's GPTStage. `stage.tp_sharded` names the parameters
+    that are split over tp (their squared norms add over tp; the rest are replicated).
+    """
+    pcfg = mesh.pcfg
+    if pcfg.tp == 1:
+        stage = GPTStage(model, mesh.pp_rank, pcfg.pp)
+        stage.tp_sharded = frozenset()
+        return stage
+    return _tp_stage(model, mesh)
+
+
+def _tp_stage(model: GPT, mesh: Mesh) -> GPTStage:
+    raise ConfigError(
+        f"tp={mesh.pcfg.tp}: the tensor-parallel stage is not available in this build "
+        f"(journey_dist.parallel.tensor_parallel is missing); use tp=1")
+
+
+# ----------------------------------------------------------------------------- after the flush
+
+
+def clip_grad_norm_3d(stage: GPTStage, mesh: Mesh, max_norm: float) -> torch.Tensor:
+    """Clip by the norm of the whole model's gradient, as one process would.
+
+    Forward: nothing. After the flush: all-reduce (sum) of one scalar over tp (squared norms of
+    the tp shards), then of one scalar over pp (stages). dp replicas hold equal gradients already.
+    The last stage's copy of the tied embedding is left out (counted on the first stage).
+    """
+    skip = stage.tied_weight() if stage.is_last and not stage.is_first else None
+    device = next(stage.parameters()).device
+    sharded, replicated = torch.zeros((), device=device), torch.zeros((), device=device)
+    for name, p in stage.named_parameters():
+        if p.grad is None or p is skip:
+            continue
+        sq = p.grad.float().pow(2).sum()
+        if name in stage.tp_sharded:
+            sharded += sq
+        else:
+            replicated += sq
+    if mesh.pcfg.tp > 1:
+        dist.all_reduce(sharded, group=mesh.tp_group)
+    total = sharded + replicated
+    if mesh.pcfg.pp > 1:
+        dist.all_reduce(total, group=mesh.pp_group)
+    norm = total.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
+    for p in stage.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef)
+    return norm
+
+
+# ----------------------------------------------------------------------------- a training run
+
+
+def three_d_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: Mesh, *,
+                seed: int = 0) -> tuple[RunResult, Pipeline]:
+    """Train fresh_model(config, seed) on the mesh; cfg.grad_accum is the microbatch count.
+
+    Returns this rank's RunResult (losses: dp-mean per step, the same on every rank; params and
+    first-step grads: this rank's slice, after the tied and dp syncs) and its Pipeline.
+    """
+    pcfg = mesh.pcfg
+    check_3d(replace(pcfg, microbatches=cfg.grad_accum), config, dist.get_world_size(), cfg.batch_size)
+    stage = build_3d_stage(fresh_model(config, seed), mesh).to(comm_device(mesh.pp_group))
+    pipe = Pipeline(stage, mesh.pp_group, pcfg.schedule)
+    dp = pcfg.dp
+
+    def mean_over_dp(loss: torch.Tensor) -> torch.Tensor:
+        loss = loss.clone()
+        dist.all_reduce(loss, group=mesh.dp_group)
+        return loss / dp
+
+    hooks = pipe.hooks()
+    hooks.update(sync_grads=lambda: sync_dp_grads(stage, mesh.dp_group), reduce_loss=mean_over_dp,
+                 dp_rank=mesh.dp_rank, dp_size=dp,
+                 clip_fn=lambda _params, max_norm: clip_grad_norm_3d(stage, mesh, max_norm))
+    return run_and_capture(stage, data, cfg, **hooks), pipe
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def reference_slice(full: dict[str, torch.Tensor], config: GPTConfig, mesh: Mesh) -> dict[str, torch.Tensor]:
+    """The single-process tensors `full` (GPT names) cut exactly as this rank holds them.
+
+    Loads them into a GPT and builds this rank's stage from it, so the comparison uses the same
+    split (layers, tied copy, tp shards) as the run; works for parameters and for gradients.
+    """
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(full[name].to(p.device))
+    return {k: v.clone() for k, v in named_params(build_3d_stage(model, mesh)).items()}
+
+
+def parity(run: RunResult, ref: RunResult, config: GPTConfig, mesh: Mesh) -> dict[str, float]:
+    """Worst |3D - one process| over all ranks: per-step loss, first-step grads, final params.
+
+    Collective (all-reduce MAX over the world), so every rank gets the same numbers.
+    """
+    def worst(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
+        if ours.keys() != theirs.keys():
+            raise KeyError(f"different tensors: {sorted(ours.keys() ^ theirs.keys())}")
+        return max((ours[k].float().cpu() - theirs[k].float().cpu()).abs().max().item() for k in ours)
+
+    d = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ref.losses)),
+                      worst(run.grads, reference_slice(ref.grads, config, mesh)),
+                      worst(run.params, reference_slice(ref.params, config, mesh))],
+                     device=comm_device(mesh.dp_group))
+    dist.all_reduce(d, op=dist.ReduceOp.MAX)
+    return dict(zip(("loss", "grad", "param"), d.cpu().tolist()))
+
+
+# ----------------------------------------------------------------------------- communication
+
+
+def comm_by_dim(ledger: CommLedger, mesh: Mesh) -> dict[str, dict[str, dict[str, float]]]:
+    """This rank's ledger grouped by mesh dimension: {dim: {op: {calls, bytes, wire_bytes}}}.
+
+    A group is named by the dimension whose ranks it holds ("world" for the whole world). A
+    group of one rank (a dimension of size 1) carries no traffic and is skipped.
+    """
+    dims = {tuple(group_ranks(mesh.rank, d, mesh.pcfg)): d for d in DIMS if getattr(mesh.pcfg, d) > 1}
+    world = tuple(range(mesh.pcfg.world_size))
+    out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for (op, group), row in ledger.summary().items():
+        if len(group) == 1:
+            continue
+        kind = dims.get(group, "world" if group == world else str(list(group)))
+        cell = out[kind].setdefault(op, {"calls": 0, "bytes": 0, "wire_bytes": 0.0})
+        for key in cell:
+            cell[key] += row[key]
+    return dict(out)
+
+
+def grad_bytes(stage: nn.Module) -> int:
+    """Bytes of this rank's gradients (= its parameters): what one dp all-reduce step hands over."""
+    return sum(p.numel() * p.element_size() for p in stage.parameters() if p.requires_grad)
