@@ -69,9 +69,8 @@ def check_parity(pcfg, results, cfg=CFG):
         assert len(r["losses"]) == cfg.steps
         assert r["losses"][-1] < r["losses"][0]  # it trains
         comm = r["comm"]
-        if pcfg.dp > 1:  # one all-reduce per gradient tensor per step after the flush
-            dp = comm["dp"]["all_reduce"]
-            assert dp["bytes"] >= cfg.steps * r["grad_bytes"]
+        if pcfg.dp > 1:  # per step: every gradient byte of this rank's slice once, plus the logged loss
+            assert comm["dp"]["all_reduce"]["bytes"] == cfg.steps * (r["grad_bytes"] + 4)
         if pcfg.pp > 1:
             assert comm["pp"]["send"]["calls"] > 0
         if pcfg.tp > 1:
