@@ -40,7 +40,7 @@ def test_layout_names_every_group():
     (ParallelConfig(dp=2, pp=2, microbatches=2, zero=2), r"zero=2 with pp=2 is not supported"),
     (ParallelConfig(dp=2, pp=2, microbatches=2, zero=1), r"zero=1: the 3D run keeps full optimizer"),
     (ParallelConfig(tp=2, pp=2, microbatches=2, sequence_parallel=True),
-     r"sequence_parallel with pp > 1 is not supported"),
+     r"sequence_parallel is not supported by the 3D run"),
     (ParallelConfig(dp=2, tp=2, pp=2, microbatches=2), r"dp\*tp\*pp = 2\*2\*2 = 8 but the world has 4"),
     (ParallelConfig(dp=2, pp=3, microbatches=3), r"pp=3 is larger than n_layer=2"),
 ])
@@ -52,12 +52,10 @@ def test_3d_config_errors(pcfg, message):
 # ----------------------------------------------------------------------------- on ranks
 
 
-def _three_d_rank(pcfg, config, cfg):
+def _three_d_rank(pcfg, config, cfg, ref):
     mesh = build_mesh(pcfg)
-    data = load_tokens("handbook")
     with CommLedger() as ledger:
-        run, pipe = three_d_run(config, data, cfg, mesh)
-    ref = single_process_run(config, data, cfg)
+        run, pipe = three_d_run(config, load_tokens("handbook"), cfg, mesh)
     return {"coords": mesh.coords, "parity": parity(run, ref, config, mesh), "losses": run.losses,
             "ref_losses": ref.losses, "comm": comm_by_dim(ledger, mesh), "grad_bytes": grad_bytes(pipe.stage),
             "world": dist.get_world_size()}
@@ -77,6 +75,24 @@ def check_parity(pcfg, results, cfg=CFG):
             assert comm["tp"]["all_reduce"]["calls"] > 0
 
 
-def test_dp2_pp2_matches_single_process():
-    pcfg = ParallelConfig(dp=2, tp=1, pp=2, microbatches=CFG.grad_accum)
-    check_parity(pcfg, run_ranks(_three_d_rank, 4, pcfg, TINY, CFG))
+def _meshes_rank(pcfgs, config, cfg, ref):
+    return [_three_d_rank(pcfg, config, cfg, ref) for pcfg in pcfgs]  # one spawn: start-up dominates
+
+
+def reference(config=TINY, cfg=CFG):
+    """The single-process run, once, in the test process (every rank gets a copy)."""
+    return single_process_run(config, load_tokens("handbook"), cfg)
+
+
+def test_3d_on_4_ranks_matches_single_process():
+    pcfgs = [ParallelConfig(dp=2, tp=1, pp=2, microbatches=CFG.grad_accum),
+             ParallelConfig(dp=1, tp=2, pp=2, microbatches=CFG.grad_accum)]
+    per_rank = run_ranks(_meshes_rank, 4, pcfgs, TINY, CFG, reference())
+    for i, pcfg in enumerate(pcfgs):
+        check_parity(pcfg, [results[i] for results in per_rank])
+
+
+@pytest.mark.slow
+def test_3d_2x2x2_on_8_ranks_matches_single_process():
+    pcfg = ParallelConfig(dp=2, tp=2, pp=2, microbatches=CFG.grad_accum)
+    check_parity(pcfg, run_ranks(_three_d_rank, 8, pcfg, TINY, CFG, reference(), timeout_s=300))

@@ -32,6 +32,9 @@ from journey_dist.mesh import DIMS, Mesh, group_ranks
 from journey_dist.model import GPT
 from journey_dist.parallel.pipeline_parallel import GPTStage, Pipeline, comm_device, sync_dp_grads
 from journey_dist.parallel.reference import RunResult, fresh_model, named_params, run_and_capture
+from journey_dist.parallel.tensor_parallel import parallelize_block
+from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from journey_dist.parallel.tp_mappings import copy_to_region
 from journey_dist.train import TrainConfig
 
 
@@ -43,34 +46,66 @@ def check_3d(pcfg: ParallelConfig, model: GPTConfig | None = None, world_size: i
         raise ConfigError(
             f"zero={pcfg.zero}: the 3D run keeps full optimizer states on every dp replica; "
             f"ZeRO is the data-parallel lab's (zero.py). Use zero=0 here")
-    if pcfg.sequence_parallel and pcfg.pp > 1:
+    if pcfg.sequence_parallel:
         raise ConfigError(
-            "sequence_parallel with pp > 1 is not supported by the 3D run (stages would pass "
-            "sequence shards); use sequence_parallel=False, or pp=1")
+            "sequence_parallel is not supported by the 3D run (its stages pass whole (B, T, C) "
+            "activations); use sequence_parallel=False here (lab 03 shows it with tensor parallel)")
     return pcfg
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def build_3d_stage(model: GPT, mesh: Mesh) -> GPTStage:
-    """This rank's slice of `model`: stage mesh.pp_rank of pp, split over the tp group if tp > 1.
+class VocabParallelHead(nn.Module):
+    """The output head on rows [r*V/t, (r+1)*V/t) of the (V, C) matrix: local logits (B, T, V/t).
 
-    With tp = 1 it is pipeline_parallel's GPTStage. `stage.tp_sharded` names the parameters
-    that are split over tp (their squared norms add over tp; the rest are replicated).
+    Forward: f (identity) then x @ W_r^T. Backward: all-reduce (sum) of the input gradient over
+    the tp group (f's backward: each rank's vocabulary slice contributes part of dL/dx).
     """
-    pcfg = mesh.pcfg
-    if pcfg.tp == 1:
-        stage = GPTStage(model, mesh.pp_rank, pcfg.pp)
-        stage.tp_sharded = frozenset()
-        return stage
-    return _tp_stage(model, mesh)
+
+    def __init__(self, weight: nn.Parameter, group: dist.ProcessGroup):
+        super().__init__()
+        self.weight, self.group = weight, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return copy_to_region(x, self.group) @ self.weight.t()
 
 
-def _tp_stage(model: GPT, mesh: Mesh) -> GPTStage:
-    raise ConfigError(
-        f"tp={mesh.pcfg.tp}: the tensor-parallel stage is not available in this build "
-        f"(journey_dist.parallel.tensor_parallel is missing); use tp=1")
+class TensorParallelStage(GPTStage):
+    """A GPTStage whose modules are split over a tp group: Megatron blocks, a vocab-parallel
+    embedding on the first stage, a vocab-parallel head and cross-entropy on the last.
+
+    Names stay GPTStage's (so the plain GPT's). The tied matrix is split by the same vocabulary
+    rows on the first stage (wte) and the last (its copy, lm_head), so tp rank r of both holds the
+    same rows and `Pipeline.sync_tied_grads` (over the pp group) adds matching shards.
+    """
+
+    def __init__(self, model: GPT, stage_index: int, num_stages: int, group: dist.ProcessGroup):
+        super().__init__(model, stage_index, num_stages)  # plain modules; the last stage's copy of wte
+        self.group = group
+        for i in self.layers:
+            self.transformer.h[str(i)] = parallelize_block(self.transformer.h[str(i)], group)
+        if self.is_first:
+            self.transformer["wte"] = VocabParallelEmbedding.from_dense(self.transformer.wte, group)
+        if self.is_last:
+            if self.is_first and model.config.tie_embeddings:  # one stage: one shared shard
+                weight = self.transformer.wte.weight
+            else:
+                dense = nn.Embedding.from_pretrained(self.lm_head.weight.detach())  # (V, C), rows split
+                weight = VocabParallelEmbedding.from_dense(dense, group).weight
+            self.lm_head = VocabParallelHead(weight, group)
+
+    def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy from (B, T, V/t) logit shards (three all-reduces over tp, forward)."""
+        return vocab_parallel_cross_entropy(local_logits, targets, self.group,
+                                            vocab_size=self.config.vocab_size)
+
+
+def build_3d_stage(model: GPT, mesh: Mesh) -> GPTStage:
+    """This rank's slice of `model`: stage mesh.pp_rank of pp, split over its tp group if tp > 1."""
+    if mesh.pcfg.tp == 1:
+        return GPTStage(model, mesh.pp_rank, mesh.pcfg.pp)
+    return TensorParallelStage(model, mesh.pp_rank, mesh.pcfg.pp, mesh.tp_group)
 
 
 # ----------------------------------------------------------------------------- after the flush
@@ -86,11 +121,11 @@ def clip_grad_norm_3d(stage: GPTStage, mesh: Mesh, max_norm: float) -> torch.Ten
     skip = stage.tied_weight() if stage.is_last and not stage.is_first else None
     device = next(stage.parameters()).device
     sharded, replicated = torch.zeros((), device=device), torch.zeros((), device=device)
-    for name, p in stage.named_parameters():
+    for p in stage.parameters():
         if p.grad is None or p is skip:
             continue
         sq = p.grad.float().pow(2).sum()
-        if name in stage.tp_sharded:
+        if hasattr(p, "tp_split"):  # tagged by tp_layers: a shard, its square adds over tp
             sharded += sq
         else:
             replicated += sq
