@@ -90,6 +90,7 @@ class ParallelConfig:
     zero: int = 0
     sequence_parallel: bool = False
     schedule: str = "1f1b"  # pipeline schedule: "gpipe" or "1f1b"
+    pad_vocab: bool = False  # tp: pad the vocabulary to a multiple of tp (padded logits masked)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -138,11 +139,12 @@ class ParallelConfig:
                     f"tp={self.tp} does not divide n_head={model.n_head}; "
                     f"use a tp in {_divisors(model.n_head)}"
                 )
-            if model.vocab_size % self.tp:
+            if model.vocab_size % self.tp and not self.pad_vocab:
                 raise ConfigError(
                     f"tp={self.tp} does not divide vocab_size={model.vocab_size}; pad the "
                     f"vocabulary to {_round_up(model.vocab_size, self.tp)} (a multiple of tp, as "
-                    f"Megatron does) or pick a tp in {_divisors(model.vocab_size)}"
+                    f"Megatron does: pad_vocab=True, padded logits are masked out of the loss) "
+                    f"or pick a tp in {_divisors(model.vocab_size)}"
                 )
             if self.pp > model.n_layer:
                 raise ConfigError(

@@ -1,0 +1,317 @@
+"""Tensor parallel (Megatron-LM, Shoeybi et al. 2019) on a plain GPT, from scratch.
+
+    tp_model = parallelize(GPT(config), group, sequence_parallel=False)
+    local_logits, loss = tp_model(idx, targets)   # logits (B, T, V/t); loss = full mean CE
+
+Each block: attention split by heads (c_attn column-parallel, q, k and v each sharded by heads;
+c_proj row-parallel), MLP column-then-row, so a block costs one all-reduce in forward (g) and one
+in backward (f) per sublayer. The embedding is vocab-parallel and the (tied) output head reuses
+its shard, so logits stay split by vocabulary and the loss is vocab-parallel cross-entropy.
+Sequence parallel (Korthikanti et al. 2022) keeps LayerNorm/dropout/residual activations split
+along the sequence: each all-reduce becomes a reduce-scatter + all-gather pair (same bytes), and
+the replicated parameters used there (LayerNorms, row biases, wpe) get partial grads that
+`sync_sequence_parallel_grads` all-reduces (the model's `.sync_grads()`; call it after backward).
+
+Parameter names are the plain GPT's, so `gather_params` / `gather_grads` rebuild full tensors
+comparable with reference.max_abs_diff.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from journey_dist.config import GPTConfig, ParallelConfig
+from journey_dist.model import GPT, Block, CausalSelfAttention, attention
+from journey_dist.parallel.tp_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from journey_dist.parallel.tp_mappings import (
+    Group,
+    copy_to_region,
+    gather_from_sequence,
+    tp_rank,
+    tp_size,
+)
+
+__all__ = [
+    "TensorParallelGPT", "parallelize", "parallelize_block", "gather_params", "gather_grads",
+    "gather_tensors", "sync_sequence_parallel_grads", "tp_clip_grad_norm_", "tp_clip_fn",
+    "padded_vocab_size", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
+]
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of tp (Megatron pads the same way)."""
+    return -(-vocab_size // tp) * tp
+
+
+def _mark_sequence_parallel(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.sequence_parallel = True
+
+
+class TensorParallelAttention(nn.Module):
+    """Causal self-attention on this rank's H/t heads (same math as model.CausalSelfAttention).
+
+    Sequence lengths are read from c_attn's output: with sequence parallel the input is a
+    (B, S/t, C) shard but c_attn gathers it, so attention always sees the whole sequence.
+    """
+
+    def __init__(self, attn: CausalSelfAttention, group: Group, sequence_parallel: bool):
+        super().__init__()
+        t = tp_size(group)
+        # c_attn is one fused (3C, C) Linear: q, k, v each sharded by heads (parts=3), so rank r
+        # keeps [q_r; k_r; v_r], not rows r*3C/t.. of the fused weight (that would mix q with k).
+        self.c_attn = ColumnParallelLinear.from_dense(attn.c_attn, group, parts=3,
+                                                      sequence_parallel=sequence_parallel)
+        self.c_proj = RowParallelLinear.from_dense(attn.c_proj, group, sequence_parallel=sequence_parallel)
+        self.n_head, self.head_dim = attn.n_head // t, attn.head_dim
+        self.attn_dropout = copy.deepcopy(attn.attn_dropout)
+        self.resid_dropout = copy.deepcopy(attn.resid_dropout)
+        self.dropout, self.attn_impl = attn.dropout, attn.attn_impl
+
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        if cache is not None:
+            raise NotImplementedError("KV cache is not supported by the tensor-parallel attention")
+        qkv = self.c_attn(x)  # (B, T, 3 * H/t * D), T the full sequence
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.n_head * self.head_dim, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        y = attention(q, k, v, 0, self.attn_impl, self.dropout if self.training else 0.0, self.attn_dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C), or (B, T/t, C) with SP
+
+
+def parallelize_block(block: Block, group: Group = None, *, sequence_parallel: bool = False) -> nn.Module:
+    """A tensor-parallel copy of a GPT Block holding this rank's shards; same forward(x).
+
+    With sequence_parallel, x in and out is (B, S/t, C) and LayerNorm weights (replicated) are
+    tagged `sequence_parallel` (their grads need an all-reduce over tp after backward).
+    """
+    t = tp_size(group)
+    if block.attn.n_head % t:
+        raise ValueError(f"tp={t} does not divide n_head={block.attn.n_head}")
+    tp_block = copy.deepcopy(block)
+    tp_block.attn = TensorParallelAttention(block.attn, group, sequence_parallel)
+    mlp = tp_block.mlp
+    mlp.c_fc = ColumnParallelLinear.from_dense(block.mlp.c_fc, group, sequence_parallel=sequence_parallel)
+    mlp.c_proj = RowParallelLinear.from_dense(block.mlp.c_proj, group, sequence_parallel=sequence_parallel)
+    if sequence_parallel:
+        _mark_sequence_parallel(tp_block.ln_1)
+        _mark_sequence_parallel(tp_block.ln_2)
+    return tp_block
+
+
+class TensorParallelGPT(nn.Module):
+    """A GPT whose blocks, embedding and head are split over a tp group (built by `parallelize`)."""
+
+    def __init__(self, model: GPT, group: Group = None, *, sequence_parallel: bool = False,
+                 pad_vocab: bool = False):
+        super().__init__()
+        cfg = model.config
+        t = tp_size(group)
+        ParallelConfig(tp=t, sequence_parallel=sequence_parallel and t > 1, pad_vocab=pad_vocab).validate(cfg)
+        self.config: GPTConfig = cfg
+        self.group, self.sequence_parallel = group, sequence_parallel and t > 1
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, t) if pad_vocab else cfg.vocab_size
+        sp = self.sequence_parallel
+        wte = VocabParallelEmbedding.from_dense(model.transformer.wte, group,
+                                                padded_vocab=self.padded_vocab, sequence_parallel=sp)
+        wpe, ln_f = copy.deepcopy(model.transformer.wpe), copy.deepcopy(model.transformer.ln_f)
+        if sp:
+            _mark_sequence_parallel(wpe)
+            _mark_sequence_parallel(ln_f)
+        self.transformer = nn.ModuleDict(dict(
+            wte=wte, wpe=wpe, drop=copy.deepcopy(model.transformer.drop),
+            h=nn.ModuleList([parallelize_block(b, group, sequence_parallel=sp) for b in model.transformer.h]),
+            ln_f=ln_f,
+        ))
+        if not cfg.tie_embeddings:  # an untied head is split by vocabulary like wte
+            head = VocabParallelEmbedding.from_dense(nn.Embedding.from_pretrained(model.lm_head.weight),
+                                                     group, padded_vocab=self.padded_vocab)
+            self.lm_head = nn.Module()
+            self.lm_head.weight = head.weight
+
+    def head_weight(self) -> torch.Tensor:
+        return self.transformer.wte.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """(B, T) ids -> (local logits (B, T, V/t), full mean CE identical on every tp rank)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+        tr = self.transformer
+        x = tr.wte(idx)  # (B, T, C), or (B, T/t, C) with sequence parallel
+        if self.sequence_parallel:
+            n = tp_size(self.group)
+            if T % n:
+                raise ValueError(f"sequence parallel: T={T} tokens is not divisible by tp={n}")
+            start = tp_rank(self.group) * (T // n)
+            pos = torch.arange(start, start + T // n, device=idx.device)
+        else:
+            pos = torch.arange(T, device=idx.device)
+        x = tr.drop(x + tr.wpe(pos))
+        for block in tr.h:
+            x = block(x)
+        x = tr.ln_f(x)
+        x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_region(x, self.group)
+        logits = x @ self.head_weight().t()  # (B, T, V/t): this rank's vocabulary columns
+        loss = None
+        if targets is not None:
+            loss = vocab_parallel_cross_entropy(logits, targets, self.group,
+                                                vocab_size=self.config.vocab_size)
+        return logits, loss
+
+    def sync_grads(self) -> None:
+        """After backward: all-reduce the partial grads of sequence-parallel params (no-op without SP)."""
+        sync_sequence_parallel_grads(self, self.group)
+
+
+def parallelize(model: GPT, group: Group = None, *, sequence_parallel: bool = False,
+                pad_vocab: bool = False) -> TensorParallelGPT:
+    """The tensor-parallel version of `model` on `group` (default: the world), this rank's shards.
+
+    Raises ConfigError (config.py) when tp does not divide n_head, or vocab_size (unless
+    pad_vocab: the vocabulary is padded to a multiple of tp, padded logits masked out of the loss).
+    """
+    return TensorParallelGPT(model, group, sequence_parallel=sequence_parallel, pad_vocab=pad_vocab)
+
+
+# ---------------------------------------------------------------- grads, clipping, gathering
+
+
+def sync_sequence_parallel_grads(module: nn.Module, group: Group = None) -> None:
+    """All-reduce (sum, one flat call) the grads of params tagged `sequence_parallel`.
+
+    Forward: nothing. Backward-side: one all-reduce of every such grad, flattened.
+    """
+    grads = [p.grad for p in module.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads or tp_size(group) == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def tp_clip_grad_norm_(params: list[torch.Tensor], max_norm: float, group: Group = None) -> torch.Tensor:
+    """clip_grad_norm_ with the norm of the full model: sharded grads' squares are summed over
+    tp (one all-reduce of a scalar), replicated grads are counted once."""
+    params = [p for p in params if p.grad is not None]
+    device = params[0].grad.device
+    sharded = torch.zeros((), device=device)
+    replicated = torch.zeros((), device=device)
+    for p in params:
+        sq = p.grad.detach().float().pow(2).sum()
+        if hasattr(p, "tp_split"):
+            sharded += sq
+        else:
+            replicated += sq
+    dist.all_reduce(sharded, group=group)
+    total = (sharded + replicated).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.detach().mul_(coef.to(p.grad.dtype))
+    return total
+
+
+def tp_clip_fn(group: Group = None):
+    """A train_step `clip_fn` using the global grad norm over the tp group."""
+    return lambda params, max_norm: tp_clip_grad_norm_(params, max_norm, group)
+
+
+def _unshard(local: torch.Tensor, ref: nn.Parameter, group: Group) -> torch.Tensor:
+    split = getattr(ref, "tp_split", None)
+    if split is None:
+        return local.detach().clone()
+    dim, parts = split
+    shards = [torch.empty_like(local) for _ in range(tp_size(group))]
+    dist.all_gather(shards, local.detach().contiguous(), group=group)
+    pieces = [s.chunk(parts, dim=dim) for s in shards]
+    full = torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(parts)], dim=dim)
+    rows = getattr(ref, "tp_rows", None)
+    return full.narrow(dim, 0, rows) if rows is not None else full
+
+
+def gather_tensors(tp_model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors under the plain GPT's names from this rank's shards (collective on the group).
+
+    `tensors` is keyed by tp_model's parameter names (e.g. a RunResult's params or grads).
+    """
+    group = getattr(tp_model, "group", None)
+    params = dict(tp_model.named_parameters())
+    return {name: _unshard(t, params[name], group) for name, t in tensors.items()}
+
+
+def gather_params(tp_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, full, under the plain GPT's names (collective on the tp group)."""
+    return gather_tensors(tp_model, {n: p.detach() for n, p in tp_model.named_parameters()})
+
+
+def gather_grads(tp_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every gradient, full, under the plain GPT's names (collective; params without grad skipped)."""
+    return gather_tensors(tp_model, {n: p.grad for n, p in tp_model.named_parameters() if p.grad is not None})
+
+
+# ---------------------------------------------------------------- analytic comm, parity runs
+
+
+def analytic_collectives(config: GPTConfig, tp: int, tokens: int, *, sequence_parallel: bool = False,
+                         grad_clip: bool = True, micro_steps: int = 1,
+                         bytes_per_value: int = 4) -> dict[str, dict[str, float]]:
+    """Collectives one rank hands over per optimizer step: {op: {"calls", "bytes"}}.
+
+    `tokens` = B*T of one micro-step. Per layer: 2 all-reduces (g) forward + 2 (f) backward of
+    (tokens, C); with SP each becomes an all-gather + reduce-scatter pair (the same buffer). Plus
+    the embedding (g fwd | RS fwd, AG bwd), the head input (f bwd | AG fwd, RS bwd), the loss
+    (3 all-reduces of (tokens,) fp32), the SP grad sync and the clip norm (once per step).
+    """
+    act = tokens * config.n_embd * bytes_per_value
+    L, C = config.n_layer, config.n_embd
+    out: dict[str, dict[str, float]] = {}
+
+    def add(op: str, calls: int, nbytes: int) -> None:
+        row = out.setdefault(op, {"calls": 0, "bytes": 0})
+        row["calls"] += calls
+        row["bytes"] += nbytes
+
+    m = micro_steps
+    if sequence_parallel:
+        add("all_gather", m * (4 * L + 2), m * (4 * L + 2) * act)
+        add("reduce_scatter", m * (4 * L + 2), m * (4 * L + 2) * act)
+    else:
+        add("all_reduce", m * (4 * L + 2), m * (4 * L + 2) * act)
+    add("all_reduce", 3 * m, 3 * m * tokens * 4)  # vocab-parallel CE, fp32
+    if sequence_parallel:  # ln_1, ln_2 (weight+bias), both c_proj biases, ln_f, wpe
+        per_layer = (4 * C if config.bias else 2 * C) + (2 * C if config.bias else 0)
+        n = L * per_layer + (2 * C if config.bias else C) + config.block_size * C
+        add("all_reduce", 1, n * 4)
+    if grad_clip:
+        add("all_reduce", 1, 4)
+    return out
+
+
+def run_tensor_parallel(config: GPTConfig, data, cfg, *, group: Group = None, sequence_parallel: bool = False,
+                        pad_vocab: bool = False, seed: int = 0, device: torch.device | None = None):
+    """Train parallelize(fresh_model(config, seed)) with the shared loop; a RunResult with full
+    (gathered) params and first-step grads under the plain GPT's names, plus `.model`."""
+    from journey_dist.parallel.reference import fresh_model, run_and_capture
+
+    model = parallelize(fresh_model(config, seed), group, sequence_parallel=sequence_parallel,
+                        pad_vocab=pad_vocab)
+    model = model.to(device) if device is not None else model
+    run = run_and_capture(model, data, cfg, sync_grads=model.sync_grads, clip_fn=tp_clip_fn(group))
+    run.params = gather_tensors(model, run.params)
+    run.grads = gather_tensors(model, run.grads)
+    run.model = model
+    return run
