@@ -32,7 +32,7 @@ from journey_dist.mesh import DIMS, Mesh, group_ranks
 from journey_dist.model import GPT
 from journey_dist.parallel.pipeline_parallel import GPTStage, Pipeline, comm_device, sync_dp_grads
 from journey_dist.parallel.reference import RunResult, fresh_model, named_params, run_and_capture
-from journey_dist.parallel.tensor_parallel import parallelize_block
+from journey_dist.parallel.tensor_parallel import padded_vocab_size, parallelize_block
 from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from journey_dist.parallel.tp_mappings import copy_to_region
 from journey_dist.train import TrainConfig
@@ -80,23 +80,28 @@ class TensorParallelStage(GPTStage):
     same rows and `Pipeline.sync_tied_grads` (over the pp group) adds matching shards.
     """
 
-    def __init__(self, model: GPT, stage_index: int, num_stages: int, group: dist.ProcessGroup):
+    def __init__(self, model: GPT, stage_index: int, num_stages: int, group: dist.ProcessGroup, *,
+                 pad_vocab: bool = False):
         super().__init__(model, stage_index, num_stages)  # plain modules; the last stage's copy of wte
         self.group = group
+        vocab = model.config.vocab_size  # padded to a multiple of tp with zero rows if asked
+        padded = padded_vocab_size(vocab, dist.get_world_size(group)) if pad_vocab else vocab
         for i in self.layers:
             self.transformer.h[str(i)] = parallelize_block(self.transformer.h[str(i)], group)
         if self.is_first:
-            self.transformer["wte"] = VocabParallelEmbedding.from_dense(self.transformer.wte, group)
+            self.transformer["wte"] = VocabParallelEmbedding.from_dense(self.transformer.wte, group,
+                                                                        padded_vocab=padded)
         if self.is_last:
             if self.is_first and model.config.tie_embeddings:  # one stage: one shared shard
                 weight = self.transformer.wte.weight
             else:
                 dense = nn.Embedding.from_pretrained(self.lm_head.weight.detach())  # (V, C), rows split
-                weight = VocabParallelEmbedding.from_dense(dense, group).weight
+                weight = VocabParallelEmbedding.from_dense(dense, group, padded_vocab=padded).weight
             self.lm_head = VocabParallelHead(weight, group)
 
     def loss(self, local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy from (B, T, V/t) logit shards (three all-reduces over tp, forward)."""
+        """Mean cross-entropy from (B, T, V/t) logit shards (three all-reduces over tp, forward;
+        padded vocabulary columns masked out)."""
         return vocab_parallel_cross_entropy(local_logits, targets, self.group,
                                             vocab_size=self.config.vocab_size)
 
@@ -105,7 +110,8 @@ def build_3d_stage(model: GPT, mesh: Mesh) -> GPTStage:
     """This rank's slice of `model`: stage mesh.pp_rank of pp, split over its tp group if tp > 1."""
     if mesh.pcfg.tp == 1:
         return GPTStage(model, mesh.pp_rank, mesh.pcfg.pp)
-    return TensorParallelStage(model, mesh.pp_rank, mesh.pcfg.pp, mesh.tp_group)
+    return TensorParallelStage(model, mesh.pp_rank, mesh.pcfg.pp, mesh.tp_group,
+                               pad_vocab=mesh.pcfg.pad_vocab)
 
 
 # ----------------------------------------------------------------------------- after the flush
