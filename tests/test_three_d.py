@@ -75,8 +75,9 @@ def check_parity(pcfg, results, cfg=CFG):
             assert comm["tp"]["all_reduce"]["calls"] > 0
 
 
-def _meshes_rank(pcfgs, config, cfg, ref):
-    return [_three_d_rank(pcfg, config, cfg, ref) for pcfg in pcfgs]  # one spawn: start-up dominates
+def _cases_rank(cases, cfg):
+    """Several (pcfg, config, ref) runs in one spawn: process start-up dominates on a small box."""
+    return [_three_d_rank(pcfg, config, cfg, ref) for pcfg, config, ref in cases]
 
 
 def reference(config=TINY, cfg=CFG):
@@ -84,15 +85,22 @@ def reference(config=TINY, cfg=CFG):
     return single_process_run(config, load_tokens("handbook"), cfg)
 
 
-def test_3d_on_4_ranks_matches_single_process():
-    pcfgs = [ParallelConfig(dp=2, tp=1, pp=2, microbatches=CFG.grad_accum),
-             ParallelConfig(dp=1, tp=2, pp=2, microbatches=CFG.grad_accum)]
-    per_rank = run_ranks(_meshes_rank, 4, pcfgs, TINY, CFG, reference())
-    for i, pcfg in enumerate(pcfgs):
+def run_cases(world, cases, timeout_s=120.0):
+    per_rank = run_ranks(_cases_rank, world, cases, CFG, timeout_s=timeout_s)
+    for i, (pcfg, _, _) in enumerate(cases):
         check_parity(pcfg, [results[i] for results in per_rank])
+
+
+def test_3d_on_4_ranks_matches_single_process():
+    ref = reference()
+    run_cases(4, [(ParallelConfig(dp=2, tp=1, pp=2, microbatches=2), TINY, ref),
+                  (ParallelConfig(dp=1, tp=2, pp=2, microbatches=2), TINY, ref)])
 
 
 @pytest.mark.slow
 def test_3d_2x2x2_on_8_ranks_matches_single_process():
-    pcfg = ParallelConfig(dp=2, tp=2, pp=2, microbatches=CFG.grad_accum)
-    check_parity(pcfg, run_ranks(_three_d_rank, 8, pcfg, TINY, CFG, reference(), timeout_s=300))
+    # also: GPipe, and a vocabulary of 255 padded to 256 over tp=2 (padded logits masked)
+    odd = TINY.with_(vocab_size=255)
+    run_cases(8, [(ParallelConfig(dp=2, tp=2, pp=2, microbatches=2), TINY, reference()),
+                  (ParallelConfig(dp=2, tp=2, pp=2, microbatches=2, schedule="gpipe", pad_vocab=True),
+                   odd, reference(odd))], timeout_s=400)
