@@ -40,7 +40,7 @@ parser.add_argument("--steps", type=int, default=10)
 parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
 parser.add_argument("--microbatches", type=int, default=4, help="per dp replica and step")
 parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
-parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--lr", type=float, default=1e-3)
 args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
 
 LAB = "05_3d_parallel"
