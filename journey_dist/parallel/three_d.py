@@ -30,7 +30,13 @@ from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
 from journey_dist.mesh import DIMS, Mesh, group_ranks
 from journey_dist.model import GPT
-from journey_dist.parallel.pipeline_parallel import GPTStage, Pipeline, comm_device, sync_dp_grads
+from journey_dist.parallel.pipeline_parallel import (
+    GPTStage,
+    Pipeline,
+    comm_device,
+    stage_layers,
+    sync_dp_grads,
+)
 from journey_dist.parallel.reference import RunResult, fresh_model, named_params, run_and_capture
 from journey_dist.parallel.tensor_parallel import padded_vocab_size, parallelize_block
 from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -151,12 +157,13 @@ def clip_grad_norm_3d(stage: GPTStage, mesh: Mesh, max_norm: float) -> torch.Ten
 # ----------------------------------------------------------------------------- a training run
 
 
-def three_d_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: Mesh, *,
-                seed: int = 0) -> tuple[RunResult, Pipeline]:
+def three_d_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: Mesh, *, seed: int = 0,
+                ledger: CommLedger | None = None) -> tuple[RunResult, Pipeline]:
     """Train fresh_model(config, seed) on the mesh; cfg.grad_accum is the microbatch count.
 
     Returns this rank's RunResult (losses: dp-mean per step, the same on every rank; params and
-    first-step grads: this rank's slice, after the tied and dp syncs) and its Pipeline.
+    first-step grads: this rank's slice, after the tied and dp syncs) and its Pipeline. A `ledger`
+    records the collectives of the training steps only (not logging or evaluation).
     """
     pcfg = mesh.pcfg
     check_3d(replace(pcfg, microbatches=cfg.grad_accum), config, dist.get_world_size(), cfg.batch_size)
@@ -173,6 +180,14 @@ def three_d_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: Mesh
     hooks.update(sync_grads=lambda: sync_dp_grads(stage, mesh.dp_group), reduce_loss=mean_over_dp,
                  dp_rank=mesh.dp_rank, dp_size=dp,
                  clip_fn=lambda _params, max_norm: clip_grad_norm_3d(stage, mesh, max_norm))
+    if ledger is not None:
+        step_fn = hooks["step_fn"]
+
+        def step_in_ledger(*args, **kwargs):
+            with ledger:
+                return step_fn(*args, **kwargs)
+
+        hooks["step_fn"] = step_in_ledger
     return run_and_capture(stage, data, cfg, **hooks), pipe
 
 
@@ -230,6 +245,63 @@ def comm_by_dim(ledger: CommLedger, mesh: Mesh) -> dict[str, dict[str, dict[str,
         for key in cell:
             cell[key] += row[key]
     return dict(out)
+
+
+def expected_comm_per_step(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainConfig,
+                           coords: dict[str, int], bytes_per_value: int = 4) -> dict[str, dict[str, int]]:
+    """Bytes one rank should hand over per training step, {dim: {op: bytes}} (fp32, no autocast).
+
+    With a = one microbatch's activations, (B/(dp*m), T, C), per microbatch:
+      tp all-reduce: 4a per layer of the stage (g after attention and MLP forward, f before them
+        backward), + a on the first stage (vocab-parallel embedding), + a and 3 x (B/(dp*m))*T
+        fp32 on the last (head input backward, the cross-entropy's max, target logit, sum exp);
+      pp send: a forward (not from the last stage), a backward (not from the first), each after a
+        64-byte header;
+    per step: tp and pp all-reduce 4 bytes each (the clip norm), pp send the tied (V/t, C) grad
+    on the first and last stage, dp all-reduce every gradient of the rank's slice.
+    """
+    m, tp, pp = cfg.grad_accum, pcfg.tp, pcfg.pp
+    s, last = coords["pp"], pcfg.pp - 1
+    tokens = cfg.batch_size // (pcfg.dp * m) * config.block_size
+    a = tokens * config.n_embd * bytes_per_value
+    layers = len(stage_layers(config.n_layer, pp)[s])
+    clip = bytes_per_value if cfg.grad_clip > 0 else 0
+    out: dict[str, dict[str, int]] = {"tp": {}, "pp": {}, "dp": {}}
+    if tp > 1:
+        per_micro = 4 * layers * a + (a if s == 0 else 0) + (a + 3 * tokens * 4 if s == last else 0)
+        out["tp"]["all_reduce"] = m * per_micro + clip
+    if pp > 1:
+        boundary = (a + 64) * ((s != last) + (s != 0))
+        tied = config.tie_embeddings and s in (0, last)
+        out["pp"]["send"] = m * boundary + tied * _vocab_rows(config, pcfg) * config.n_embd * bytes_per_value
+        out["pp"]["all_reduce"] = clip
+    if pcfg.dp > 1:
+        out["dp"]["all_reduce"] = _slice_param_bytes(config, pcfg, s, bytes_per_value)
+    return {dim: ops for dim, ops in out.items() if ops}
+
+
+def _slice_param_bytes(config: GPTConfig, pcfg: ParallelConfig, s: int, bytes_per_value: int) -> int:
+    """Parameters held by a rank of stage s (tp shards; the last stage's tied copy included)."""
+    C, tp, L = config.n_embd, pcfg.tp, len(stage_layers(config.n_layer, pcfg.pp)[s])
+    b = 1 if config.bias else 0
+    ln = (1 + b) * C
+    # per layer: two LayerNorms; c_attn (3C/t, C) + bias; c_proj (C, C/t) + full bias; MLP the same at 4C
+    attn = (3 * C * C + b * 3 * C) // tp + C * C // tp + b * C
+    mlp = (8 * C * C + b * 4 * C) // tp + b * C
+    n = L * (2 * ln + attn + mlp)
+    if s == 0:
+        n += _vocab_rows(config, pcfg) * C + config.block_size * C  # wte shard, wpe
+    if s == pcfg.pp - 1:
+        n += ln  # ln_f
+        if pcfg.pp > 1 or not config.tie_embeddings:
+            n += _vocab_rows(config, pcfg) * C  # the head (its own copy of the tied matrix when pp > 1)
+    return n * bytes_per_value
+
+
+def _vocab_rows(config: GPTConfig, pcfg: ParallelConfig) -> int:
+    """Rows of the (V, C) matrix on one tp rank (V padded to a multiple of tp if pad_vocab)."""
+    vocab = config.vocab_size + (-config.vocab_size % pcfg.tp if pcfg.pad_vocab else 0)
+    return vocab // pcfg.tp
 
 
 def grad_bytes(stage: nn.Module) -> int:
