@@ -109,3 +109,39 @@ def test_3d_2x2x2_on_8_ranks_matches_single_process():
     run_cases(8, [(ParallelConfig(dp=2, tp=2, pp=2, microbatches=2), TINY, reference()),
                   (ParallelConfig(dp=2, tp=2, pp=2, microbatches=2, schedule="gpipe", pad_vocab=True),
                    odd, reference(odd))], timeout_s=400)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_lab_runs_both_ways(tmp_path, launcher):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lab = [str(root / "labs" / "05_3d_parallel.py"), "--dp", "1", "--tp", "2", "--pp", "2",
+           "--preset", "tiny", "--steps", "3", "--batch-size", "8", "--microbatches", "2"]
+    cmd = ([sys.executable, *lab] if launcher == "python" else
+           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", *lab])
+    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tp groups (" in out.stdout and "[[0, 1], [2, 3]]" in out.stdout
+    result = json.loads((tmp_path / "05_3d_parallel" / "result.json").read_text())
+    assert max(result["parity"].values()) < TOL and result["comm_matches_expected"]
+    assert len(result["comm_per_step"]) == 4
+
+
+def test_lab_rejects_a_bad_mesh_before_spawning():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "labs" / "05_3d_parallel.py"), "--tp", "3"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode != 0 and "ConfigError: tp=3 does not divide n_head=4" in out.stderr
