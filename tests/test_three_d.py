@@ -11,7 +11,8 @@ from journey_dist.comm import CommLedger
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.mesh import all_groups, build_mesh, layout_text
-from journey_dist.parallel.pipeline_parallel import single_process_run
+from journey_dist.model import GPT
+from journey_dist.parallel.pipeline_parallel import GPTStage, single_process_run
 from journey_dist.parallel.three_d import (
     check_3d,
     comm_by_dim,
@@ -53,6 +54,19 @@ def test_layout_names_every_group():
 def test_3d_config_errors(pcfg, message):
     with pytest.raises(ConfigError, match=message):
         check_3d(pcfg, TINY, world_size=pcfg.world_size if "world" not in message else 4, global_batch=12)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, {"bias": False}, {"n_layer": 5}])
+@pytest.mark.parametrize("pp", [1, 2, 3])
+def test_expected_dp_bytes_are_the_stage_parameters(overrides, pp):
+    # The dp all-reduce of a step hands over each stage's parameters (the tied copy on the last).
+    config = TINY.with_(**{"n_layer": 3, **overrides})
+    model = GPT(config)
+    pcfg = ParallelConfig(dp=2, pp=pp, microbatches=pp)
+    for s in range(pp):
+        stage = GPTStage(model, s, pp)
+        expected = expected_comm_per_step(config, pcfg, CFG, {"pp": s, "dp": 0, "tp": 0})
+        assert expected["dp"]["all_reduce"] == grad_bytes(stage), (s, overrides)
 
 
 # ----------------------------------------------------------------------------- on ranks
