@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # dispatcher op name -> ledger op kind
@@ -136,6 +137,12 @@ class CommLedger(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            # DTensor: let it run its op first (it returns here with local tensors), mode active,
+            # so the collectives it issues inside (loss_parallel's all-reduces, Partial grads'
+            # reductions) reach us as plain-tensor ops. Handling it here would run it with the
+            # mode popped and they would go unseen.
+            return NotImplemented
         kwargs = kwargs or {}
         if func.namespace in _NAMESPACES and not getattr(_HIDDEN, "depth", 0):
             name = func._schema.name.split("::")[-1]

@@ -25,10 +25,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from journey_dist.config import GPTConfig, ParallelConfig
-from journey_dist.model import GPT, Block, CausalSelfAttention, attention
+from journey_dist.model import GPT, Block
 from journey_dist.parallel.tp_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    TensorParallelAttention,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
@@ -55,38 +56,6 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 def _mark_sequence_parallel(module: nn.Module) -> None:
     for p in module.parameters():
         p.sequence_parallel = True
-
-
-class TensorParallelAttention(nn.Module):
-    """Causal self-attention on this rank's H/t heads (same math as model.CausalSelfAttention).
-
-    Sequence lengths are read from c_attn's output: with sequence parallel the input is a
-    (B, S/t, C) shard but c_attn gathers it, so attention always sees the whole sequence.
-    """
-
-    def __init__(self, attn: CausalSelfAttention, group: Group, sequence_parallel: bool):
-        super().__init__()
-        t = tp_size(group)
-        # c_attn is one fused (3C, C) Linear: q, k, v each sharded by heads (parts=3), so rank r
-        # keeps [q_r; k_r; v_r], not rows r*3C/t.. of the fused weight (that would mix q with k).
-        self.c_attn = ColumnParallelLinear.from_dense(attn.c_attn, group, parts=3,
-                                                      sequence_parallel=sequence_parallel)
-        self.c_proj = RowParallelLinear.from_dense(attn.c_proj, group, sequence_parallel=sequence_parallel)
-        self.n_head, self.head_dim = attn.n_head // t, attn.head_dim
-        self.attn_dropout = copy.deepcopy(attn.attn_dropout)
-        self.resid_dropout = copy.deepcopy(attn.resid_dropout)
-        self.dropout, self.attn_impl = attn.dropout, attn.attn_impl
-
-    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
-        if cache is not None:
-            raise NotImplementedError("KV cache is not supported by the tensor-parallel attention")
-        qkv = self.c_attn(x)  # (B, T, 3 * H/t * D), T the full sequence
-        B, T, _ = qkv.shape
-        q, k, v = qkv.split(self.n_head * self.head_dim, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        y = attention(q, k, v, 0, self.attn_impl, self.dropout if self.training else 0.0, self.attn_dropout)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(self.c_proj(y))  # (B, T, C), or (B, T/t, C) with SP
 
 
 def parallelize_block(block: Block, group: Group = None, *, sequence_parallel: bool = False) -> nn.Module:
@@ -243,24 +212,27 @@ def _unshard(local: torch.Tensor, ref: nn.Parameter, group: Group) -> torch.Tens
     return full.narrow(dim, 0, rows) if rows is not None else full
 
 
-def gather_tensors(tp_model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gather_tensors(tp_model: nn.Module, tensors: dict[str, torch.Tensor],
+                   group: Group = None) -> dict[str, torch.Tensor]:
     """Full tensors under the plain GPT's names from this rank's shards (collective on the group).
 
-    `tensors` is keyed by tp_model's parameter names (e.g. a RunResult's params or grads).
+    `tensors` is keyed by tp_model's parameter names (e.g. a RunResult's params or grads). The
+    group defaults to tp_model.group (a parallelize_block module has none: pass it).
     """
-    group = getattr(tp_model, "group", None)
+    group = group if group is not None else getattr(tp_model, "group", None)
     params = dict(tp_model.named_parameters())
     return {name: _unshard(t, params[name], group) for name, t in tensors.items()}
 
 
-def gather_params(tp_model: nn.Module) -> dict[str, torch.Tensor]:
+def gather_params(tp_model: nn.Module, group: Group = None) -> dict[str, torch.Tensor]:
     """Every parameter, full, under the plain GPT's names (collective on the tp group)."""
-    return gather_tensors(tp_model, {n: p.detach() for n, p in tp_model.named_parameters()})
+    return gather_tensors(tp_model, {n: p.detach() for n, p in tp_model.named_parameters()}, group)
 
 
-def gather_grads(tp_model: nn.Module) -> dict[str, torch.Tensor]:
+def gather_grads(tp_model: nn.Module, group: Group = None) -> dict[str, torch.Tensor]:
     """Every gradient, full, under the plain GPT's names (collective; params without grad skipped)."""
-    return gather_tensors(tp_model, {n: p.grad for n, p in tp_model.named_parameters() if p.grad is not None})
+    grads = {n: p.grad for n, p in tp_model.named_parameters() if p.grad is not None}
+    return gather_tensors(tp_model, grads, group)
 
 
 # ---------------------------------------------------------------- analytic comm, parity runs

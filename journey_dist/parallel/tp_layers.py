@@ -11,11 +11,14 @@ only this rank's shard, and tags its parameters so gather/clip helpers know how 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from journey_dist.model import CausalSelfAttention, attention
 from journey_dist.parallel.tp_mappings import (
     Group,
     copy_to_region,
@@ -101,6 +104,38 @@ class RowParallelLinear(nn.Module):
         y = reduce_scatter_to_sequence(y, self.group) if self.sequence_parallel \
             else reduce_from_region(y, self.group)
         return y if self.bias is None else y + self.bias
+
+
+class TensorParallelAttention(nn.Module):
+    """Causal self-attention on this rank's H/t heads (same math as model.CausalSelfAttention).
+
+    Sequence lengths are read from c_attn's output: with sequence parallel the input is a
+    (B, S/t, C) shard but c_attn gathers it, so attention always sees the whole sequence.
+    """
+
+    def __init__(self, attn: CausalSelfAttention, group: Group, sequence_parallel: bool):
+        super().__init__()
+        t = tp_size(group)
+        # c_attn is one fused (3C, C) Linear: q, k, v each sharded by heads (parts=3), so rank r
+        # keeps [q_r; k_r; v_r], not rows r*3C/t.. of the fused weight (that would mix q with k).
+        self.c_attn = ColumnParallelLinear.from_dense(attn.c_attn, group, parts=3,
+                                                      sequence_parallel=sequence_parallel)
+        self.c_proj = RowParallelLinear.from_dense(attn.c_proj, group, sequence_parallel=sequence_parallel)
+        self.n_head, self.head_dim = attn.n_head // t, attn.head_dim
+        self.attn_dropout = copy.deepcopy(attn.attn_dropout)
+        self.resid_dropout = copy.deepcopy(attn.resid_dropout)
+        self.dropout, self.attn_impl = attn.dropout, attn.attn_impl
+
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        if cache is not None:
+            raise NotImplementedError("KV cache is not supported by the tensor-parallel attention")
+        qkv = self.c_attn(x)  # (B, T, 3 * H/t * D), T the full sequence
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.n_head * self.head_dim, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        y = attention(q, k, v, 0, self.attn_impl, self.dropout if self.training else 0.0, self.attn_dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C), or (B, T/t, C) with SP
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,0 +1,180 @@
+"""The same tensor parallel with PyTorch's library: DTensor + torch.distributed.tensor.parallel.
+
+A declarative plan (module name -> ParallelStyle, as torchtitan writes it) handed to
+`parallelize_module`; the loss is `loss_parallel()` cross-entropy on vocab-sharded logits.
+Two things the plan alone cannot say, done by hand as torchtitan does:
+- c_attn is a fused (3C, C) q|k|v weight. ColwiseParallel shards rows contiguously, which would
+  give rank 0 all of q; so rows are first permuted to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] and the
+  attention modules told they hold n_head/t heads. `gather_dtensor_params` undoes the permutation.
+- lm_head is tied to wte: parallelize_module makes a new Parameter per module, so the tie is
+  restored afterwards (both are Shard(0) over the vocabulary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from journey_dist.config import ParallelConfig
+from journey_dist.model import GPT
+from journey_dist.train import StepResult, train_step
+
+
+def tp_plan(n_layer: int, *, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
+    """The GPT's tensor-parallel plan, torchtitan style."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    plan: dict[str, ParallelStyle] = {
+        # vocab-sharded table: partial sums, all-reduced (or reduce-scattered along the sequence)
+        "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "transformer.ln_f": SequenceParallel() if sequence_parallel else None,
+        # logits stay sharded by vocabulary for loss_parallel
+        "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
+    }
+    if sequence_parallel:  # positions: this rank's slice of the sequence (backward: all-gather)
+        plan["transformer.wpe"] = PrepareModuleOutput(output_layouts=Replicate(),
+                                                      desired_output_layouts=Shard(0))
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        plan |= {
+            p + "attn.c_attn": ColwiseParallel(),
+            p + "attn.c_proj": RowwiseParallel(output_layouts=seq),
+            p + "mlp.c_fc": ColwiseParallel(),
+            p + "mlp.c_proj": RowwiseParallel(output_layouts=seq),
+        }
+        if sequence_parallel:
+            plan |= {
+                p + "ln_1": SequenceParallel(), p + "ln_2": SequenceParallel(),
+                p + "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None),  # (x, cache, layer)
+                                               desired_input_layouts=(Replicate(), None, None)),
+                p + "mlp": PrepareModuleInput(input_layouts=(Shard(1),),
+                                              desired_input_layouts=(Replicate(),)),
+            }
+    return {k: v for k, v in plan.items() if v is not None}
+
+
+def _qkv_by_rank(n_embd: int, t: int) -> torch.Tensor:
+    """Row order putting rank r's q, k, v head rows next to each other: [q_0 k_0 v_0 | q_1 ...]."""
+    rows = torch.arange(3 * n_embd).view(3, t, n_embd // t)  # (q|k|v, rank, rows)
+    return rows.transpose(0, 1).reshape(-1)
+
+
+def parallelize_with_dtensor(model: GPT, mesh: DeviceMesh, *, sequence_parallel: bool = False) -> GPT:
+    """Shard `model` in place over the 1-D `mesh` with the plan; returns it (a GPT of DTensors)."""
+    cfg, t = model.config, mesh.size()
+    ParallelConfig(tp=t, sequence_parallel=sequence_parallel and t > 1).validate(cfg)
+    if not cfg.tie_embeddings:
+        raise NotImplementedError("the DTensor comparison covers the tied GPT-2 head only")
+    order = _qkv_by_rank(cfg.n_embd, t)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            c = block.attn.c_attn
+            c.weight.copy_(c.weight[order])
+            if c.bias is not None:
+                c.bias.copy_(c.bias[order])
+            block.attn.n_head //= t  # local heads: c_attn's output is a local (B, T, 3C/t) tensor
+    parallelize_module(model, mesh, tp_plan(cfg.n_layer, sequence_parallel=sequence_parallel))
+    model.lm_head.weight = model.transformer.wte.weight  # restore the tie (one Shard(0) DTensor)
+    model.tp_size = t
+    return model
+
+
+_LOSS_PARALLEL = [0]  # open loss_parallel contexts (it cannot nest: the inner exit disables it)
+
+
+@contextlib.contextmanager
+def _loss_parallel_once():
+    if _LOSS_PARALLEL[0]:
+        yield
+        return
+    _LOSS_PARALLEL[0] += 1
+    try:
+        with loss_parallel():
+            yield
+    finally:
+        _LOSS_PARALLEL[0] -= 1
+
+
+def dtensor_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """train's loss_fn: the model's F.cross_entropy on vocab-sharded logits under loss_parallel."""
+    with _loss_parallel_once():
+        return model(x, y)[1].full_tensor()
+
+
+def dtensor_step(*args, **kwargs) -> StepResult:
+    """train's step_fn: train_step with forward and backward inside loss_parallel."""
+    with _loss_parallel_once():
+        return train_step(*args, **kwargs)
+
+
+def dtensor_clip_fn() -> Callable[[list[torch.Tensor], float], torch.Tensor]:
+    """Grad clipping over a mix of DTensor (sharded) and plain (replicated) grads: DTensor's
+    norm of a sharded grad is the full norm (it all-reduces); replicated ones count once."""
+    def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        grads = [p.grad for p in params if p.grad is not None]
+        sq = [g.norm() ** 2 for g in grads]
+        total = torch.stack([s.full_tensor() if isinstance(s, DTensor) else s for s in sq]).sum().sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.item())
+        return total
+    return clip
+
+
+def gather_dtensor_tensors(model: GPT, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full plain tensors from DTensors (collective), with c_attn's rows back in q|k|v order."""
+    inverse = torch.argsort(_qkv_by_rank(model.config.n_embd, model.tp_size))
+    out = {}
+    for name, v in tensors.items():
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        full = full.detach().clone()
+        out[name] = full[inverse] if name.endswith(("c_attn.weight", "c_attn.bias")) else full
+    return out
+
+
+def gather_dtensor_params(model: GPT) -> dict[str, torch.Tensor]:
+    return gather_dtensor_tensors(model, {n: p for n, p in model.named_parameters()})
+
+
+def run_dtensor_tp(config, data, cfg, mesh: DeviceMesh, *, sequence_parallel: bool = False, seed: int = 0):
+    """Train the DTensor-parallel fresh model with the shared loop; RunResult with full tensors."""
+    from journey_dist.parallel.reference import fresh_model, run_and_capture
+
+    cuda = mesh.device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+    model = parallelize_with_dtensor(fresh_model(config, seed, device), mesh,
+                                     sequence_parallel=sequence_parallel)
+    run = run_and_capture(model, data, cfg, loss_fn=dtensor_loss, step_fn=dtensor_step,
+                          clip_fn=dtensor_clip_fn())
+    run.params = gather_dtensor_tensors(model, run.params)
+    run.grads = gather_dtensor_tensors(model, run.grads)
+    run.model = model
+    return run
+
+
+def dtensor_analytic_collectives(model: GPT, tokens: int, *, grad_clip: bool = True) -> dict:
+    """Collectives one DTensor TP step (no SP) should issue: ours (same activations, same 3 loss
+    all-reduces) except the clip, which reduces one scalar per sharded (DTensor) parameter."""
+    from journey_dist.parallel.tensor_parallel import analytic_collectives
+
+    out = analytic_collectives(model.config, model.tp_size, tokens, grad_clip=False)
+    if grad_clip:
+        sharded = sum(isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
+                      for p in model.parameters())  # Replicate DTensors (row biases) need none
+        out["all_reduce"]["calls"] += sharded
+        out["all_reduce"]["bytes"] += 4 * sharded
+    return out
