@@ -148,6 +148,7 @@ def test_lab_runs_both_ways(tmp_path, launcher):
     assert len(result["comm_per_step"]) == 4
 
 
+@pytest.mark.slow
 def test_lab_rejects_a_bad_mesh_before_spawning():
     import os
     import subprocess
