@@ -113,7 +113,9 @@ def rank_main(data) -> dict:
            "\n  tp: 4a per layer (attention and MLP: g forward, f backward), + a for the embedding "
            "(first stage), + a and the cross-entropy's 3 per-token floats (last stage);"
            "\n  pp: a forward and a backward across each stage boundary (+ a 64-byte header each), "
-           "and once per step the tied (V/tp, C) gradient swap between first and last stage;"
+           "and once per step the tied (V/tp, C) gradient swap between first and last stage"
+           "\n      (each tp rank sends the whole activation: tp copies cross a boundary; Megatron sends "
+           "1/tp each and all-gathers);"
            "\n  dp: every gradient byte of the rank's slice, once per step, after the pipeline flush."
            "\nA rank sends 2(n-1)/n of an all-reduce's bytes on a ring (n = group size).")
 

@@ -14,6 +14,10 @@ parallel group, and is one of `dp` replicas of that slice. A step is:
 
 So the step equals one process training the whole model on the whole batch, up to float rounding
 (tests: 1e-5 on loss, gradients and parameters, fp32, tiny configs).
+
+Kept simple on purpose: every tp rank of a stage sends the whole (B, T, C) activation to its
+peer on the next stage, so t copies cross each boundary (Megatron sends 1/t each and all-gathers
+on arrival); no interleaved stages, no sequence parallel, no ZeRO.
 """
 
 from __future__ import annotations
