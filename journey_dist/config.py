@@ -122,6 +122,12 @@ class ParallelConfig:
             raise ConfigError("sequence_parallel needs tp > 1 (it splits the sequence over tp)")
         if self.zero and self.dp == 1:
             raise ConfigError(f"zero={self.zero} shards over data-parallel ranks and needs dp > 1")
+        if self.zero >= 2 and self.pp > 1:
+            raise ConfigError(
+                f"zero={self.zero} with pp={self.pp} is not supported: ZeRO-2/3 reduce-scatter "
+                f"gradients every backward, but a pipeline accumulates them over {self.microbatches} "
+                f"microbatches before its step (DeepSpeed refuses this too); use zero=1 or pp=1"
+            )
         if self.pp > 1 and self.schedule == "1f1b" and self.microbatches < self.pp:
             raise ConfigError(
                 f"microbatches={self.microbatches} < pp={self.pp}: 1F1B needs at least one "

@@ -39,6 +39,29 @@ def group_ranks(rank: int, dim: str, pcfg: ParallelConfig) -> list[int]:
     return [coords_rank(**{**c, dim: i}, pcfg=pcfg) for i in range(size)]
 
 
+def all_groups(dim: str, pcfg: ParallelConfig) -> list[list[int]]:
+    """Every group along `dim`, each as its global ranks, ordered by their smallest rank."""
+    groups = {tuple(group_ranks(r, dim, pcfg)) for r in range(pcfg.world_size)}
+    return [list(g) for g in sorted(groups)]
+
+
+def layout_text(pcfg: ParallelConfig) -> str:
+    """Which global ranks form each tp, dp and pp group, and each rank's (pp, dp, tp) coordinates
+    (pure: what a learner reads before any process starts)."""
+    lines = [f"mesh pp={pcfg.pp} x dp={pcfg.dp} x tp={pcfg.tp} = {pcfg.world_size} ranks "
+             f"(rank = (pp_rank*dp + dp_rank)*tp + tp_rank: a tp group is adjacent ranks)"]
+    for s in range(pcfg.pp):
+        rows = "   ".join(f"dp{d}: {[coords_rank(s, d, t, pcfg) for t in range(pcfg.tp)]}"
+                         for d in range(pcfg.dp))
+        lines.append(f"  pp stage {s}: {rows}")
+    what = {"tp": "split each layer's weights; all-reduce activations every block",
+            "dp": "same stage, other data; all-reduce gradients after the flush",
+            "pp": "same (dp, tp) slot, consecutive stages; send activations/gradients"}
+    for dim in ("tp", "dp", "pp"):
+        lines.append(f"  {dim} groups ({what[dim]}): {all_groups(dim, pcfg)}")
+    return "\n".join(lines)
+
+
 @dataclass
 class Mesh:
     """This rank's view of the mesh: its coordinates and process groups per dimension."""
