@@ -216,9 +216,13 @@ class BPETokenizer:
         """Concatenate token bytes and decode UTF-8 (invalid sequences become U+FFFD)."""
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
 
+    def token_str(self, token: int) -> str:
+        """A token as text (a piece of a multi-byte character shows as U+FFFD)."""
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
     def tokens(self, text: str) -> list[str]:
         """The pieces a text is cut into, as readable strings (for showing splits)."""
-        return [self.token_bytes(t).decode("utf-8", errors="replace") for t in self.encode(text)]
+        return [self.token_str(t) for t in self.encode(text)]
 
     def truncated(self, num_merges: int) -> BPETokenizer:
         """The tokenizer after only the first `num_merges` merges (same special tokens)."""
