@@ -24,6 +24,10 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 Context = tuple[int, ...]
 
@@ -105,7 +109,8 @@ def per_byte_perplexity(total_nll: float, n_bytes: int) -> float:
     return math.exp(total_nll / n_bytes)
 
 
-def model_stream_nll(model, ids, block_size: int | None = None) -> float:
+def model_stream_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor,
+                     block_size: int | None = None) -> float:
     """Total NLL (nats) a GPT assigns to every token after the first of a 1-D id stream.
 
     The stream is cut into windows of block_size + 1 that overlap by one token, so each
