@@ -39,24 +39,29 @@ class GenerationComparison:
     prompt_len: int
     new_tokens: int
     identical: bool  # greedy tokens with and without the cache
-    seconds_no_cache: float  # median over repeats
+    seconds_no_cache: float  # wall clock, median over repeats
     seconds_cache: float
     speedup: float
     tokens_per_s_no_cache: float
     tokens_per_s_cache: float
+    # CPU time of this process (time.process_time), median over repeats: on a shared CPU it
+    # counts the work done rather than the wait for a core (meaningless for CUDA work)
+    cpu_seconds_no_cache: float
+    cpu_seconds_cache: float
+    cpu_speedup: float
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def time_generation(model: GPT, prompt: torch.Tensor, new_tokens: int,
-                    use_cache: bool) -> tuple[torch.Tensor, float]:
-    """One greedy generation; returns (tokens (B, T + new), seconds)."""
+                    use_cache: bool) -> tuple[torch.Tensor, float, float]:
+    """One greedy generation; returns (tokens (B, T + new), wall seconds, CPU seconds)."""
     _sync(prompt.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = model.generate(prompt, new_tokens, greedy=True, use_cache=use_cache)
     _sync(prompt.device)
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def compare_generation(model: GPT, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
@@ -74,16 +79,20 @@ def compare_generation(model: GPT, batch: int, prompt_len: int, new_tokens: int,
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
     for use_cache in (False, True):  # warm-up: first-call allocations out of the timing
         model.generate(prompt, 2, greedy=True, use_cache=use_cache)
-    times: dict[bool, list[float]] = {False: [], True: []}
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     outs = {}
     for _ in range(repeats):
         for use_cache in (False, True):
-            outs[use_cache], seconds = time_generation(model, prompt, new_tokens, use_cache)
-            times[use_cache].append(seconds)
-    t_slow, t_fast = statistics.median(times[False]), statistics.median(times[True])
+            outs[use_cache], seconds, cpu_seconds = time_generation(model, prompt, new_tokens, use_cache)
+            wall[use_cache].append(seconds)
+            cpu[use_cache].append(cpu_seconds)
+    t_slow, t_fast = statistics.median(wall[False]), statistics.median(wall[True])
+    c_slow, c_fast = statistics.median(cpu[False]), statistics.median(cpu[True])
     made = batch * new_tokens
     return GenerationComparison(batch, prompt_len, new_tokens, torch.equal(outs[False], outs[True]),
-                                t_slow, t_fast, t_slow / t_fast, made / t_slow, made / t_fast)
+                                t_slow, t_fast, t_slow / t_fast, made / t_slow, made / t_fast,
+                                c_slow, c_fast, c_slow / max(c_fast, 1e-9))
 
 
 @torch.no_grad()

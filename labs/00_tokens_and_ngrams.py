@@ -67,12 +67,13 @@ MORPHEMES = {"unbelievably": "un|believ|abl|y", "tokenization": "token|iz|ation"
              "parallelism": "parallel|ism", "recomputation": "re|comput|ation",
              "misunderstanding": "mis|under|stand|ing"}
 counts = [m for m in (0, 100, 500, 2000) if m <= len(bpe.merges)]
-print("\nword (mid-sentence, so with its leading space) | morphemes | BPE pieces at "
+print("\nword (mid-sentence, so with its leading space, shown as ▁) | morphemes | BPE pieces at "
       + ", ".join(f"{m} merges" for m in counts))
 splits = {}
 for word, morphemes in MORPHEMES.items():
     splits[word] = {m: bpe.truncated(m).tokens(" " + word) for m in counts}
-    print(f"  {word:<18} {morphemes:<22} " + "  ".join("|".join(splits[word][m]) for m in counts))
+    shown = ("|".join(splits[word][m]).replace(" ", "▁") for m in counts)
+    print(f"  {word:<18} {morphemes:<22} " + "  ".join(shown))
 
 # %% Compression: bytes per token as merges grow (held-out text compresses a little less)
 grid = sorted({m for m in (0, 25, 50, 100, 200, 500, 1000, 1500, 2000, args.merges) if m <= args.merges})
