@@ -106,7 +106,7 @@ for r in scale:
 
 # %% Paged vs pre-allocated: a realistic mix of request lengths
 lengths = sample_lengths(args.requests, args.max_len)
-budget = 40e9
+budget = 40 * 2**30  # 40 GiB of an 80 GB GPU left for the cache
 paged = paged_vs_preallocated(gpt2, lengths, args.max_len, block_size=args.block, dtype="bf16",
                               budget_bytes=budget)
 print(f"\n{args.requests} requests, log-normal lengths (median {args.max_len // 8}, mean "
