@@ -73,11 +73,12 @@ lines = [
     f"# Generation with vs without KV cache ({device.type})", "",
     f"Command: `{command}`", "",
     f"{args.preset}, untrained, greedy, prompt {P} + {N} new tokens, torch {torch.__version__}, "
-    f"{torch.get_num_threads()} threads, load average at the end {os.getloadavg()[0]:.1f}. "
+    f"threads: {torch.get_num_threads()}, {os.cpu_count()} cores, load average at the end "
+    f"{os.getloadavg()[0]:.1f}. "
     f"Positions fed through the model: {sum(P + t for t in range(N)):,} without a cache vs "
     f"{P + N - 1} with one (work ratio {work_ratio:.1f}x).", "",
     "Wall-clock times depend on what else the machine runs; CPU time (this process, "
-    f"{torch.get_num_threads()} thread(s)) counts the work done and is the steadier figure "
+    f"threads: {torch.get_num_threads()}) counts the work done and is the steadier figure "
     "on a shared CPU.", "",
     "| batch | no cache (s) | cache (s) | speedup | CPU s no cache | CPU s cache | CPU-time speedup "
     "| tokens/s cache | same tokens | cache bytes measured | formula |",

@@ -122,3 +122,16 @@ def test_merges_equal_hugging_face_trainer(corpus, num_merges):
 
 def bytes_to_unicode_inverse() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def test_tie_breaking_equals_hugging_face_on_tie_heavy_texts():
+    # tiny alphabets make many pairs equally frequent: every tie must resolve as HF resolves it
+    import random
+
+    for seed in range(30):
+        rng = random.Random(seed)
+        alphabet = rng.choice(["ab", "abc", "ab \n", "aé😀 ", "xy.,!  ", "AaBb1 2_"])
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 300)))
+        num_merges = rng.randint(1, 40)
+        _, hf_merges = _hf_bpe(text, num_merges, [])
+        assert BPETokenizer.train(text, num_merges).hf_merges() == hf_merges, (seed, text)
