@@ -65,7 +65,7 @@ class NGramLM:
 
     def prob(self, token: int, context: Sequence[int] = ()) -> float:
         """P(token | context); only the last n-1 tokens of the context matter."""
-        h = tuple(context[len(context) - self.n + 1:]) if self.n > 1 else ()
+        h = tuple(context[max(0, len(context) - self.n + 1):]) if self.n > 1 else ()
         if self.smoothing == "addk":
             c = self.counts[len(h) + 1].get(h)
             seen, total = (c[token], self._totals[len(h) + 1][h]) if c else (0, 0)

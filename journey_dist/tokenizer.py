@@ -156,6 +156,7 @@ class BPETokenizer:
         for a, b in self.merges:
             self.vocab.append(self.vocab[a] + self.vocab[b])
         self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(special_tokens or [])}
+        self._special_bytes = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
         self._special_re = (re.compile("(" + "|".join(map(re.escape, sorted(
             self.special_tokens, key=len, reverse=True))) + ")") if self.special_tokens else None)
         self._cache: dict[str, list[int]] = {}
@@ -177,10 +178,7 @@ class BPETokenizer:
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token stands for (a special token's UTF-8 text)."""
-        if token < len(self.vocab):
-            return self.vocab[token]
-        inverse = {i: s for s, i in self.special_tokens.items()}
-        return inverse[token].encode("utf-8")
+        return self.vocab[token] if token < len(self.vocab) else self._special_bytes[token]
 
     def _encode_chunk(self, chunk: str) -> list[int]:
         if chunk in self._cache:
