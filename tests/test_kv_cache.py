@@ -96,3 +96,23 @@ def test_paging_wastes_under_one_block_per_request():
     wasted_slots = (r["paged_bytes"] - r["needed_bytes"]) / r["bytes_per_token"]
     assert wasted_slots < 16 * len(lengths)
     assert r["preallocated_waste"] > 0.6 and r["paged_waste"] < 0.1 and r["saving"] > 0.6
+
+
+@pytest.mark.slow
+def test_lab_09_runs(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "labs" / "09_kv_cache.py"), "--preset", "tiny", "--batches", "1", "2",
+           "--prompt", "4", "--new", "12", "--repeats", "1", "--requests", "50", "--max-len", "256"]
+    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "09_kv_cache" / "result.json").read_text())
+    assert all(r["identical"] for r in result["speed"]) and result["logit_max_diff"] < 1e-4
+    assert all(m["measured_bytes"] == m["formula_bytes"] for m in result["cache_bytes"])
+    assert result["paged"]["paged_bytes"] < result["paged"]["preallocated_bytes"]
