@@ -1,0 +1,165 @@
+"""Lab 00: tokens and n-grams, the baseline every later lab beats.
+
+    python labs/00_tokens_and_ngrams.py                    # ~1 minute on a 2-core CPU
+    python labs/00_tokens_and_ngrams.py --gpt-steps 0      # skip gpt-mini (unless lab 01 saved one)
+
+What to look at:
+* a byte-level BPE learned from scratch: its first merges (' t', 'th', ' the', ...), how words
+  split at 0, 100, 500, 2000 merges next to their morphemes (BPE knows frequency, not meaning);
+* compression: bytes per token rising with the merge count, a little less on held-out text;
+* n-gram perplexity vs n: add-k collapses as n grows (unseen n-grams take the mass),
+  interpolated Kneser-Ney keeps improving;
+* one table of held-out perplexity *per byte* (so byte and BPE models compare) with gpt-mini:
+  lab 01's checkpoint if present, else a brief training run with the shared train loop.
+Results: runs/00_tokens_and_ngrams/result.json and compression.png.
+"""
+
+# %% Setup
+import argparse
+import math
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from journey_dist.config import ConfigError, GPTConfig, get_preset
+from journey_dist.data import load_tokens
+from journey_dist.model import GPT
+from journey_dist.ngram import NGramLM, model_stream_nll, per_byte_perplexity
+from journey_dist.runtime import runs_dir, save_json, seed_everything
+from journey_dist.tokenizer import BPETokenizer
+from journey_dist.train import TrainConfig, train
+
+LAB = "00_tokens_and_ngrams"
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
+parser.add_argument("--merges", type=int, default=2000, help="BPE merges to learn")
+parser.add_argument("--ngram-merges", type=int, default=500, help="BPE size for the n-gram models")
+parser.add_argument("--max-n", type=int, default=5)
+parser.add_argument("--gpt-steps", type=int, default=150, help="steps if lab 01's checkpoint is absent")
+args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+for name in ("merges", "ngram_merges", "max_n"):
+    if getattr(args, name) < (1 if name == "max_n" else 0):
+        raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+if args.ngram_merges > args.merges:
+    raise ConfigError(f"--ngram-merges={args.ngram_merges} exceeds --merges={args.merges}; lower it")
+
+seed_everything(0)
+data = load_tokens(args.data, level="byte")  # the same 90/10 split lab 01 trains on
+train_text = bytes(data.train.tolist()).decode("utf-8", errors="replace")
+val_text = bytes(data.val.tolist()).decode("utf-8", errors="replace")
+val_bytes = len(val_text.encode("utf-8"))
+print(f"corpus {args.data}: {len(data.train):,} train / {len(data.val):,} held-out bytes")
+
+# %% Train a byte-level BPE from scratch (GPT-2 pre-split, 256 byte tokens + merges)
+t0 = time.perf_counter()
+bpe = BPETokenizer.train(train_text, args.merges, special_tokens=["<|endoftext|>"])
+train_s = time.perf_counter() - t0
+print(f"\nlearned {len(bpe.merges)} merges in {train_s:.2f} s; vocabulary {bpe.vocab_size} "
+      f"(256 bytes + merges + <|endoftext|>)")
+print("first 12 merges:", ", ".join(repr(bpe.token_str(256 + i)) for i in range(min(12, len(bpe.merges)))))
+
+# %% Morphemes vs BPE tokens: BPE splits by frequency in this corpus, not by meaning
+MORPHEMES = {"unbelievably": "un|believ|abl|y", "tokenization": "token|iz|ation",
+             "parallelism": "parallel|ism", "recomputation": "re|comput|ation",
+             "misunderstanding": "mis|under|stand|ing"}
+counts = [m for m in (0, 100, 500, 2000) if m <= len(bpe.merges)]
+print("\nword (mid-sentence, so with its leading space, shown as ▁) | morphemes | BPE pieces at "
+      + ", ".join(f"{m} merges" for m in counts))
+splits = {}
+for word, morphemes in MORPHEMES.items():
+    splits[word] = {m: bpe.truncated(m).tokens(" " + word) for m in counts}
+    shown = ("|".join(splits[word][m]).replace(" ", "▁") for m in counts)
+    print(f"  {word:<18} {morphemes:<22} " + "  ".join(shown))
+
+# %% Compression: bytes per token as merges grow (held-out text compresses a little less)
+grid = sorted({m for m in (0, 25, 50, 100, 200, 500, 1000, 1500, 2000, args.merges) if m <= args.merges})
+compression = []
+for m in grid:
+    tok = bpe.truncated(m)
+    compression.append({"merges": m, "vocab": 256 + m,
+                        "train_bytes_per_token": len(data.train) / len(tok.encode(train_text)),
+                        "val_bytes_per_token": val_bytes / len(tok.encode(val_text))})
+print("\nmerges | vocab | bytes/token train | held-out")
+for r in compression:
+    print(f"  {r['merges']:5d} | {r['vocab']:5d} | {r['train_bytes_per_token']:.2f} | "
+          f"{r['val_bytes_per_token']:.2f}")
+fig, ax = plt.subplots(figsize=(6, 4))
+ax.plot(grid, [r["train_bytes_per_token"] for r in compression], "o-", label="train text")
+ax.plot(grid, [r["val_bytes_per_token"] for r in compression], "s--", label="held-out text")
+ax.set(xlabel="BPE merges (vocabulary = 256 + merges)", ylabel="bytes per token",
+       title=f"BPE compression on {args.data}")
+ax.grid(alpha=0.3)
+ax.legend()
+png = runs_dir(LAB) / "compression.png"
+png.parent.mkdir(parents=True, exist_ok=True)
+fig.savefig(png, dpi=120, bbox_inches="tight")
+print(f"plot: {png}")
+
+# %% n-gram perplexity vs n, over bytes and over BPE tokens
+ngram_tok = bpe.truncated(args.ngram_merges)
+streams = {"bytes": (data.train.tolist(), data.val.tolist(), 256),
+           f"bpe-{args.ngram_merges}": (ngram_tok.encode(train_text), ngram_tok.encode(val_text),
+                                       ngram_tok.vocab_size)}
+ngram_rows = []
+print("\ntokens | smoothing | n | train ppl/token | held-out ppl/token | held-out ppl/byte")
+for tokens, (tr, va, vocab) in streams.items():
+    for smoothing, k in (("addk", 1.0), ("addk", 0.01), ("kn", 0.0)):
+        for n in range(1, args.max_n + 1):
+            lm = NGramLM(n, vocab, smoothing, k).fit(tr)
+            val_nll = lm.nll(va)
+            row = {"tokens": tokens, "smoothing": "kn" if smoothing == "kn" else f"add-{k:g}", "n": n,
+                   "train_ppl_token": lm.perplexity(tr[:20000]), "val_ppl_token": math.exp(val_nll / len(va)),
+                   "val_ppl_byte": per_byte_perplexity(val_nll, val_bytes)}
+            ngram_rows.append(row)
+            print(f"  {tokens:<9} {row['smoothing']:<9} {n} | {row['train_ppl_token']:9.2f} | "
+                  f"{row['val_ppl_token']:9.2f} | {row['val_ppl_byte']:6.3f}")
+
+# %% gpt-mini on the same held-out bytes: lab 01's checkpoint, or a brief run of the shared loop
+ckpt = runs_dir("01_single_device") / "model.pt"
+gpt_source = None
+if ckpt.is_file():
+    saved = torch.load(ckpt, map_location="cpu")
+    model = GPT(GPTConfig(**saved["config"]))
+    model.load_state_dict(saved["model"])
+    gpt_source = f"lab 01 checkpoint {ckpt}"
+elif args.gpt_steps > 0:
+    model = GPT(get_preset("gpt-mini"))
+    cfg = TrainConfig(steps=args.gpt_steps, batch_size=16, log_every=max(1, args.gpt_steps // 5))
+    train(model, data, cfg, lab=LAB)
+    gpt_source = f"trained here for {args.gpt_steps} steps (run lab 01 for a better model)"
+gpt_row = None
+if gpt_source:
+    nll = model_stream_nll(model, data.val)  # every held-out byte after the first, predicted once
+    gpt_row = {"model": "gpt-mini (bytes)", "source": gpt_source,
+               "val_ppl_byte": per_byte_perplexity(nll, len(data.val) - 1)}
+
+# %% One table: held-out perplexity per byte (bits/byte = log2 of it)
+table = []
+for tokens in streams:  # per tokenization: the unigram, the best add-k and the best Kneser-Ney
+    rows = [r for r in ngram_rows if r["tokens"] == tokens]
+    for label, pick in (("unigram", [r for r in rows if r["n"] == 1 and r["smoothing"] == "kn"]),
+                        ("best add-k", [r for r in rows if r["smoothing"] != "kn"]),
+                        ("best Kneser-Ney", [r for r in rows if r["smoothing"] == "kn"])):
+        r = min(pick, key=lambda r: r["val_ppl_byte"])
+        table.append({"model": f"{r['n']}-gram {r['smoothing']} ({tokens}, {label})",
+                      "val_ppl_byte": r["val_ppl_byte"]})
+if gpt_row:
+    table.append(gpt_row)
+print(f"\nheld-out perplexity per byte ({val_bytes:,} bytes; uniform over bytes would be 256):")
+for r in sorted(table, key=lambda r: -r["val_ppl_byte"]):
+    print(f"  {r['model']:<40} {r['val_ppl_byte']:8.3f}   ({math.log2(r['val_ppl_byte']):.2f} bits/byte)")
+if gpt_row:
+    print(f"gpt-mini: {gpt_source}")
+
+# %% Save
+path = save_json(LAB, "result", {
+    "data": args.data, "merges": len(bpe.merges), "bpe_train_seconds": train_s,
+    "first_merges": [bpe.token_str(256 + i) for i in range(min(50, len(bpe.merges)))],
+    "splits": splits, "morphemes": MORPHEMES, "compression": compression, "ngram": ngram_rows,
+    "per_byte_table": table, "plot": str(png),
+})
+print(f"wrote {path}")

@@ -1,0 +1,109 @@
+"""n-gram LMs: distributions sum to 1, train perplexity falls with n, Kneser-Ney beats add-k."""
+
+import math
+
+import pytest
+import torch
+
+from journey_dist.config import get_preset
+from journey_dist.data import load_text
+from journey_dist.model import GPT
+from journey_dist.ngram import NGramLM, model_stream_nll, per_byte_perplexity
+from journey_dist.tokenizer import BPETokenizer
+
+
+@pytest.fixture(scope="module")
+def split() -> tuple[list[int], list[int]]:
+    text = load_text("handbook")
+    return list(text[:20000].encode()), list(text[20000:25000].encode())
+
+
+@pytest.mark.parametrize("smoothing,k", [("addk", 1.0), ("addk", 0.01), ("kn", 0.0)])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_every_distribution_sums_to_one(split, smoothing, k, n):
+    train, val = split
+    lm = NGramLM(n, 256, smoothing, k).fit(train)
+    for context in ([], train[:3], train[500:503], val[7:10], [0, 1, 2]):  # seen, unseen, empty
+        probs = lm.distribution(context)
+        assert math.isclose(sum(probs), 1.0, abs_tol=1e-9)
+        assert min(probs) > 0.0
+
+
+def test_kneser_ney_train_perplexity_falls_with_n(split):
+    train, _ = split
+    ppl = [NGramLM(n, 256, "kn").fit(train).perplexity(train[:4000]) for n in (1, 2, 3, 4, 5)]
+    assert all(a > b for a, b in zip(ppl, ppl[1:])), ppl
+
+
+def test_add_one_train_perplexity_does_not_keep_falling(split):
+    # what is true: add-1 spreads so much mass over unseen n-grams that beyond n=2 even the
+    # training text gets *less* likely (with 256 byte types, 256^(n-1) contexts dilute it)
+    train, _ = split
+    ppl = [NGramLM(n, 256, "addk", 1.0).fit(train).perplexity(train[:4000]) for n in (1, 2, 3, 4)]
+    assert ppl[1] < ppl[0] and ppl[3] > ppl[2] > ppl[1], ppl
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_kneser_ney_beats_add_k_on_held_out(split, n):
+    train, val = split
+    kn = NGramLM(n, 256, "kn").fit(train).perplexity(val)
+    best_addk = min(NGramLM(n, 256, "addk", k).fit(train).perplexity(val) for k in (1.0, 0.1, 0.01))
+    assert kn < best_addk, (kn, best_addk)
+
+
+def test_unigram_kn_is_close_to_add_k():
+    # with n = 1 there is nothing to back off to: both are (smoothed) relative frequencies
+    ids = list(load_text("handbook")[:5000].encode())
+    kn = NGramLM(1, 256, "kn").fit(ids).perplexity(ids)
+    addk = NGramLM(1, 256, "addk", 0.01).fit(ids).perplexity(ids)
+    assert abs(kn - addk) / addk < 0.01
+
+
+def test_per_byte_perplexity_compares_tokenizers(split):
+    # the same text under bytes and BPE: per-token perplexities differ a lot, per-byte ones
+    # are comparable (and a unigram over BPE tokens beats a unigram over bytes)
+    train, val = (bytes(x).decode() for x in split)
+    tok = BPETokenizer.train(train, 200)
+    results = {}
+    for name, enc in (("bytes", lambda s: list(s.encode())), ("bpe", tok.encode)):
+        lm = NGramLM(1, 256 if name == "bytes" else tok.vocab_size, "kn").fit(enc(train))
+        results[name] = (lm.perplexity(enc(val)), per_byte_perplexity(lm.nll(enc(val)), len(val.encode())))
+    assert results["bpe"][0] > 5 * results["bytes"][0]  # per token: not comparable
+    assert results["bpe"][1] < results["bytes"][1]  # per byte: BPE's unigram knows whole words
+
+
+def test_model_stream_nll_scores_every_token_once():
+    torch.manual_seed(0)
+    model = GPT(get_preset("tiny"))
+    ids = torch.randint(0, 256, (70,))
+    total = model_stream_nll(model, ids, block_size=32)
+    # untrained: each of the 69 predicted tokens costs about ln(256)
+    assert abs(total / 69 - math.log(256)) < 0.2
+    # the same sum by hand: windows [0:33], [32:65], [64:70]
+    by_hand = 0.0
+    for s in (0, 32, 64):
+        w = ids[s:s + 33]
+        _, loss = model(w[None, :-1], w[None, 1:])
+        by_hand += loss.item() * (len(w) - 1)
+    assert math.isclose(total, by_hand, rel_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_lab_00_runs(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "labs" / "00_tokens_and_ngrams.py"), "--merges", "300",
+           "--ngram-merges", "100", "--max-n", "3", "--gpt-steps", "3"]
+    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "00_tokens_and_ngrams" / "result.json").read_text())
+    assert result["merges"] == 300 and (tmp_path / "00_tokens_and_ngrams" / "compression.png").is_file()
+    ratios = [r["val_bytes_per_token"] for r in result["compression"]]
+    assert ratios == sorted(ratios)
+    assert any(r["model"].startswith("gpt-mini") for r in result["per_byte_table"])
