@@ -37,9 +37,10 @@ class SimulatedCrash(Exception):
     pass
 
 
-def _train(ckpt_dir=None, crash_after=None, every=3, start=True, dp=None, sharded=False):
-    """Train CONFIG for CFG.steps; optionally checkpoint every `every` steps and crash after the
-    checkpoint of step `crash_after`, or resume from ckpt_dir first. Returns (params, losses)."""
+def _train(ckpt_dir=None, crash_after=None, every=3, start=True, dp=None, dcp_dir=None):
+    """Train CONFIG for CFG.steps; optionally checkpoint every `every` steps (one file in ckpt_dir,
+    DCP shards in dcp_dir) and crash after the checkpoint of step `crash_after`; or first resume
+    from ckpt_dir (a .dcp one if it holds DCP). Returns (params, losses of the steps run)."""
     torch.manual_seed(1234)  # the RNG stream dropout draws from
     model = fresh_model(CONFIG, seed=0)
     wrapper = make_data_parallel("ddp", model) if dp else None
@@ -52,8 +53,14 @@ def _train(ckpt_dir=None, crash_after=None, every=3, start=True, dp=None, sharde
                 os._exit(1)
             raise SimulatedCrash(done)
 
-    on_step = (Checkpointer(ckpt_dir, every, CFG.steps, sharded=sharded, after_save=crash)
-               if ckpt_dir else None)
+    savers = [Checkpointer(d, every, CFG.steps, sharded=d == dcp_dir) for d in (ckpt_dir, dcp_dir) if d]
+
+    def on_step(step, model, optimizer):
+        for saver in savers:
+            saver(step, model, optimizer)
+        if savers and savers[0].saved and savers[0].saved[-1] == step + 1:
+            crash(step + 1)
+
     kwargs = {}
     if wrapper is not None:
         kwargs = dict(dp_rank=dist.get_rank(), dp_size=dist.get_world_size(), block_size=CONFIG.block_size,
@@ -69,8 +76,13 @@ def _assert_bitwise(a: dict, b: dict) -> None:
     assert not bad, f"parameters differ after resume: {bad}"
 
 
-def test_resume_single_process_is_bitwise_equal(tmp_path):
-    full, full_losses = _train()
+@pytest.fixture(scope="module")
+def uninterrupted():
+    return _train()
+
+
+def test_resume_single_process_is_bitwise_equal(tmp_path, uninterrupted):
+    full, full_losses = uninterrupted
     with pytest.raises(SimulatedCrash):
         _train(tmp_path, crash_after=6)
     assert [c.step for c in list_checkpoints(tmp_path)] == [3, 6]
@@ -80,7 +92,6 @@ def test_resume_single_process_is_bitwise_equal(tmp_path):
 
 
 def test_corrupt_checkpoints_are_named_and_skipped(tmp_path, capsys):
-    full, _ = _train()
     with pytest.raises(SimulatedCrash):
         _train(tmp_path, crash_after=6, every=2)
     ckpts = {c.step: c.path for c in list_checkpoints(tmp_path)}
@@ -105,8 +116,8 @@ def test_corrupt_checkpoints_are_named_and_skipped(tmp_path, capsys):
     assert latest_valid(tmp_path, warn=False) is None
 
 
-def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path):
-    full, _ = _train()
+def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, uninterrupted):
+    full, _ = uninterrupted
     with pytest.raises(SimulatedCrash):
         _train(tmp_path, crash_after=6)
     newest = list_checkpoints(tmp_path)[-1].path
@@ -148,25 +159,24 @@ def test_load_refuses_pickled_code(tmp_path):
 # --------------------------------------------------------------------- 2-rank data parallel
 
 
-def _dp_rank(ckpt_dir: str, crash_after: int | None, sharded: bool):
+def _dp_crash(file_dir: str, dcp_dir: str):
     torch.set_num_threads(1)
-    return _train(ckpt_dir, crash_after=crash_after, dp=True, sharded=sharded, start=crash_after is None)
+    return _train(file_dir, crash_after=6, dp=True, dcp_dir=dcp_dir, start=False)
 
 
 def _dp_resume_and_reference(dirs: list[str]):
     torch.set_num_threads(1)
     full = _train(dp=True)
-    return full, [_train(d, dp=True, sharded=d.endswith("dcp")) for d in dirs]
+    return full, [_train(d, dp=True) for d in dirs]
 
 
 def test_resume_two_rank_dp_is_bitwise_equal(tmp_path):
-    """Killed (os._exit on both ranks) after the step-6 checkpoint, resumed in fresh processes:
-    the same parameters as an uninterrupted 2-rank run, with one file (rank 0 writes) and with
+    """Killed (os._exit on both ranks) after the step-6 checkpoints, resumed in fresh processes:
+    the same parameters as an uninterrupted 2-rank run, from one file (rank 0 writes) and from
     DCP shards (every rank writes)."""
     dirs = [str(tmp_path / "file"), str(tmp_path / "dcp")]
-    for d in dirs:
-        with pytest.raises(RankFailure, match="exit code 1"):
-            run_ranks(_dp_rank, 2, d, 6, d.endswith("dcp"), timeout_s=120, collective_timeout_s=30)
+    with pytest.raises(RankFailure, match="exit code 1"):
+        run_ranks(_dp_crash, 2, *dirs, timeout_s=120, collective_timeout_s=30)
     assert [c.step for c in list_checkpoints(dirs[1])] == [3, 6]
     assert all(c.kind == "dcp" and c.valid for c in list_checkpoints(dirs[1]))
     results = run_ranks(_dp_resume_and_reference, 2, dirs, timeout_s=120)
