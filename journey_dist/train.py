@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from journey_dist.data import TokenData, get_batch, microbatches, shard
+from journey_dist.data import TokenData, check_fits, get_batch, microbatches, shard
 from journey_dist.runtime import print0, save_json
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -192,6 +192,7 @@ def train(
     """
     device = device or next(model.parameters()).device
     block_size = block_size or model.config.block_size
+    check_fits(data, cfg.batch_size, block_size)  # fail before the first step, not at eval
     optimizer = optimizer or make_optimizer(model, cfg)
     history = History()
     tokens_per_step = cfg.batch_size * block_size

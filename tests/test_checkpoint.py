@@ -7,6 +7,7 @@ RNG state has to be restored for the match to hold.
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -184,3 +185,17 @@ def test_resume_two_rank_dp_is_bitwise_equal(tmp_path):
         for params, losses in resumed_runs:
             _assert_bitwise(params, full)
             assert losses == full_losses[6:]
+
+
+def test_cli_lists_checkpoints_with_validity(tmp_path, capsys):
+    from journey_dist.cli import main as journey
+
+    model = fresh_model(get_preset("tiny"))
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, model)
+    newest = tmp_path / "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:-10])
+    assert journey(["checkpoints", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"step_00000002.pt\s+2\s+pt\s+[\d.]+\s+ok\s+<- resume point", out), out
+    assert re.search(r"step_00000004.pt\s+4\s+pt.*INVALID: .*truncated", out), out
