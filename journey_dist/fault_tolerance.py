@@ -70,7 +70,10 @@ class Heartbeat:
         self.interval_s, self.stale_s, self.abort, self.prefix = interval_s, stale_s, abort, prefix
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         store = dist.distributed_c10d._get_default_store()
-        self.store = store.clone() if hasattr(store, "clone") else store  # own connection
+        # Own connections: one for the thread, one for beat() on the main thread.
+        self.store = store.clone() if hasattr(store, "clone") else store
+        self._main_store = store.clone() if hasattr(store, "clone") else store
+        self._lock = threading.Lock()
         self.step = -1
         self.failure: PeerFailure | None = None
         self.detected_at: float | None = None  # time.time() when the failure was seen
@@ -88,8 +91,10 @@ class Heartbeat:
         return self
 
     def beat(self, step: int) -> None:
-        """Record progress (call from the training loop); the thread publishes it."""
+        """Record progress (call from the training loop after each step); published at once,
+        so a failure report names the last step a dead rank finished (one store round trip)."""
         self.step = step
+        self._publish(self._main_store)
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,10 +106,11 @@ class Heartbeat:
         if self.failure is not None:
             raise self.failure
 
-    def _publish(self) -> None:
-        self._beats += 1
-        value = f"{self._beats}:{self.step}:{socket.gethostname()}:{os.getpid()}"
-        self.store.set(f"{self.prefix}/{self.rank}", value)
+    def _publish(self, store=None) -> None:
+        with self._lock:
+            self._beats += 1
+            value = f"{self._beats}:{self.step}:{socket.gethostname()}:{os.getpid()}"
+            (store or self.store).set(f"{self.prefix}/{self.rank}", value)
 
     def _poll(self) -> list[PeerState]:
         now = time.monotonic()

@@ -11,69 +11,38 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from journey_dist.checkpoint import (
-    Checkpointer,
     CheckpointError,
     atomic_write_bytes,
     latest_valid,
     list_checkpoints,
     load_checkpoint,
-    resume,
     save_checkpoint,
 )
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
-from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
-from journey_dist.parallel.reference import fresh_model, named_params
-from journey_dist.train import TrainConfig, make_optimizer, train
+from journey_dist.parallel.reference import fresh_model
+from journey_dist.parallel.resumable import SimulatedCrash, bitwise_equal, run_resumable
+from journey_dist.train import TrainConfig
 from tests.dist import RankFailure, run_ranks
 
 CONFIG = get_preset("tiny").with_(dropout=0.1)  # dropout: resume must restore the RNG too
 CFG = TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup_steps=2, log_every=1)
 
 
-class SimulatedCrash(Exception):
-    pass
-
-
 def _train(ckpt_dir=None, crash_after=None, every=3, start=True, dp=None, dcp_dir=None):
-    """Train CONFIG for CFG.steps; optionally checkpoint every `every` steps (one file in ckpt_dir,
-    DCP shards in dcp_dir) and crash after the checkpoint of step `crash_after`; or first resume
-    from ckpt_dir (a .dcp one if it holds DCP). Returns (params, losses of the steps run)."""
-    torch.manual_seed(1234)  # the RNG stream dropout draws from
-    model = fresh_model(CONFIG, seed=0)
-    wrapper = make_data_parallel("ddp", model) if dp else None
-    optimizer = make_optimizer(model, CFG)
-    start_step = resume(ckpt_dir, model, optimizer) if (ckpt_dir and start) else 0
-
-    def crash(done: int) -> None:
-        if crash_after is not None and done == crash_after:
-            if dp:  # a real kill: the process ends with no cleanup
-                os._exit(1)
-            raise SimulatedCrash(done)
-
-    savers = [Checkpointer(d, every, CFG.steps, sharded=d == dcp_dir) for d in (ckpt_dir, dcp_dir) if d]
-
-    def on_step(step, model, optimizer):
-        for saver in savers:
-            saver(step, model, optimizer)
-        if savers and savers[0].saved and savers[0].saved[-1] == step + 1:
-            crash(step + 1)
-
-    kwargs = {}
-    if wrapper is not None:
-        kwargs = dict(dp_rank=dist.get_rank(), dp_size=dist.get_world_size(), block_size=CONFIG.block_size,
-                      reduce_loss=mean_over(), **wrapper.step_hooks())
-    history = train(wrapper.module if wrapper else model, load_tokens("handbook"), CFG,
-                    optimizer=optimizer, verbose=False, start_step=start_step, on_step=on_step, **kwargs)
-    return {k: v.clone() for k, v in named_params(model).items()}, [r["loss"] for r in history.steps]
+    """CONFIG for CFG.steps through run_resumable (the function lab 10 uses): checkpoints every
+    `every` steps, a crash after step `crash_after` (os._exit under DP, else SimulatedCrash),
+    or a resume from ckpt_dir first. Returns (params, losses of the steps run)."""
+    run = run_resumable(CONFIG, load_tokens("handbook"), CFG, file_dir=ckpt_dir, dcp_dir=dcp_dir,
+                        resume_from=ckpt_dir if start else None, every=every, crash_after=crash_after,
+                        crash="exit" if dp else "raise", dp=dp)
+    return run.params, run.losses
 
 
 def _assert_bitwise(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    bad = bitwise_equal(a, b)
     assert not bad, f"parameters differ after resume: {bad}"
 
 
