@@ -71,3 +71,18 @@ def test_dead_rank_ends_the_torchrun_job_naming_it(tmp_path):
     root_cause = report.split("Root Cause (first observed failure)")[1]
     assert "rank      : 1 (local_rank: 1)" in root_cause and "exitcode  : 1" in root_cause, root_cause
     assert elapsed < 60 + 30, elapsed  # 60 s to notice + start-up of two ranks on a loaded box
+
+
+def test_lab10_under_plain_python(tmp_path):
+    """The notebook path: spawned ranks crash, resume from a file (after skipping a truncated one)
+    and from DCP, bitwise equal; the dead rank is named within seconds."""
+    proc = subprocess.run([sys.executable, "labs/10_reliability.py", "--preset", "tiny", "--steps", "8",
+                           "--every", "3", "--crash-at", "6"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "runs/10_reliability/result.json").read_text())
+    assert result["truncated"] == "step_00000006.pt" and result["fallback"] == "step_00000003.pt"
+    assert result["resume"]["file"]["start_step"] == 3 and result["resume"]["dcp"]["start_step"] == 6
+    assert all(r["bitwise_equal"] and r["max_abs_diff"] == 0 for r in result["resume"].values())
+    dead = result["dead_rank"]
+    assert "stopped responding: rank 1 (" in dead["message"] and dead["detection_s"] < 10, dead
