@@ -13,7 +13,9 @@ Three layers, cheapest first:
    loader, a half-open TCP connection after a node vanished, NCCL without async error handling).
 
 Counters, not timestamps: each rank measures silence on its own clock, so host clock skew
-does not matter.
+does not matter. Every rank polls every other rank's key, O(world^2) store reads per interval:
+right for labs and small jobs; at scale torchrun's agent and NCCL's watchdog do this job.
+Call `stop()` before the process group is destroyed, or the end of the job looks like a failure.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ class Heartbeat:
                     message = (f"rank {self.rank}: peer(s) stopped responding: "
                                + "; ".join(p.describe(now) for p in dead))
             except Exception as e:  # the store itself is gone: its host died
+                if self._stop.is_set():
+                    return  # stopping anyway (the job is ending)
                 message = (f"rank {self.rank}: the job's key-value store is unreachable ({e}); "
                            "the rank or agent hosting it (rank 0 / MASTER_ADDR) has died")
             if message:

@@ -72,19 +72,22 @@ def test_accelerate_two_cpu_processes_need_accelerate_use_cpu(tmp_path):
     alone; with it, 2 processes on MULTI_CPU."""
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     probe = tmp_path / "probe.py"
-    probe.write_text("from accelerate import Accelerator\na = Accelerator()\n"
-                     "print('PROBE', a.process_index, a.num_processes, a.distributed_type, flush=True)\n")
+    probe.write_text("import os, sys\nfrom accelerate import Accelerator\na = Accelerator()\n"
+                     "open(os.path.join(sys.argv[1], f'probe{os.getpid()}'), 'w').write("
+                     "f'PROBE {a.process_index} {a.num_processes} {a.distributed_type}')\n")
     seen = {}
     for use_cpu in ("", "1"):
+        out = tmp_path / f"out{use_cpu}"
+        out.mkdir()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("ACCELERATE_USE_CPU", None)
         if use_cpu:
             env["ACCELERATE_USE_CPU"] = use_cpu
         config = str(LAUNCH / "accelerate/cpu_2proc.yaml")
         proc = subprocess.run([accelerate, "launch", "--config_file", config,
-                               "--main_process_port", str(find_free_port()), str(probe)],
+                               "--main_process_port", str(find_free_port()), str(probe), str(out)],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        seen[use_cpu] = sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE"))
+        seen[use_cpu] = sorted(f.read_text() for f in out.iterdir())
     assert seen[""] == ["PROBE 0 1 DistributedType.NO"] * 2, seen
     assert seen["1"] == ["PROBE 0 2 DistributedType.MULTI_CPU", "PROBE 1 2 DistributedType.MULTI_CPU"], seen
