@@ -99,6 +99,7 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, uninterrupt
 
 def test_keep_last_k_and_atomic_write(tmp_path):
     model = fresh_model(get_preset("tiny"))
+    (tmp_path / ".step_00000001.pt.tmp.99999").write_bytes(b"half a file from a crashed save")
     for step in range(1, 6):
         save_checkpoint(tmp_path, step, model, keep=2)
     assert [c.step for c in list_checkpoints(tmp_path)] == [4, 5]
