@@ -40,7 +40,7 @@ def _cmd_checkpoints(args: argparse.Namespace) -> None:
 
     if not Path(args.dir).is_dir():
         raise ConfigError(f"checkpoint directory {args.dir!r} does not exist; pass the directory "
-                          "a run saved into (e.g. runs/10_reliability/checkpoints)")
+                          "a run saved into (e.g. runs/10_reliability/ckpt/file)")
     found = list_checkpoints(args.dir)
     if not found:
         print(f"no checkpoints in {args.dir}")

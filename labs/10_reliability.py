@@ -11,8 +11,8 @@ checkpoint of --crash-at; (3) truncate the newest checkpoint, as a crash mid-cop
 resume in fresh processes: the broken checkpoint is named and skipped, the run continues from
 the previous good one, and ends with *bitwise* the parameters of run (1) -- from the file and
 from the DCP shards; (5) kill rank 1 in the middle of a step and time how long rank 0 takes to
-name it. Under torchrun with --crash-once: rank 1 dies once after --crash-at (a marker file
-says it already did), torchrun restarts both ranks, they resume from the checkpoint and check
+name it. Under torchrun with --crash-once: the last rank dies once after --crash-at (a marker file
+says it already did), torchrun restarts every rank, they resume from the checkpoint and check
 the result against an uninterrupted run computed in the same process.
 What to look at: 'bitwise equal: yes' for both checkpoint kinds; which checkpoint the resume
 used and why; the detection time, far below the collective timeout.
