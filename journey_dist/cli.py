@@ -33,11 +33,39 @@ def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
     add_estimate_arguments(parser)
 
 
+def _cmd_checkpoints(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from journey_dist.checkpoint import latest_valid, list_checkpoints
+
+    if not Path(args.dir).is_dir():
+        raise ConfigError(f"checkpoint directory {args.dir!r} does not exist; pass the directory "
+                          "a run saved into (e.g. runs/10_reliability/ckpt/file)")
+    found = list_checkpoints(args.dir)
+    if not found:
+        print(f"no checkpoints in {args.dir}")
+        return
+    best = latest_valid(args.dir, warn=False)
+    print(f"{'checkpoint':<22} {'step':>6} {'kind':>4} {'MiB':>8}  status")
+    for c in found:
+        status = "ok" if c.valid else f"INVALID: {c.reason}"
+        mark = "  <- resume point" if best is not None and c.path == best.path else ""
+        print(f"{c.path.name:<22} {c.step:>6} {c.kind:>4} {c.nbytes / 2**20:>8.2f}  {status}{mark}")
+    if best is None:
+        print("no valid checkpoint: a resume would start from step 0")
+
+
+def _checkpoints_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="a directory a run saved checkpoints into")
+
+
 # name -> (function, help, add_arguments(parser) or None). New subcommands register here.
 COMMANDS: dict = {
     "presets": (_cmd_presets, "list model presets and their parameter counts", None),
     "estimate": (_cmd_estimate, "memory per rank: estimated vs measured, per component (lab 07)",
                  _estimate_arguments),
+    "checkpoints": (_cmd_checkpoints, "list checkpoints in a directory, each validated, and the "
+                    "one a resume would use", _checkpoints_arguments),
 }
 
 

@@ -98,6 +98,31 @@ def load_tokens(source: str = "handbook", level: str = "byte", val_fraction: flo
     return TokenData(ids[: len(ids) - n_val], ids[len(ids) - n_val:], tok)
 
 
+def check_fits(data: TokenData, batch_size: int, block_size: int) -> None:
+    """Raise ConfigError before training when the text cannot feed this batch shape.
+
+    A sample needs block_size+1 tokens; validation needs the same from the held-out tail; and a
+    batch asking for more tokens than the training text holds would repeat the text every step
+    (batches sample start positions with replacement, so nothing else would complain).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+    for split, tokens in (("training", data.train), ("validation", data.val)):
+        if len(tokens) <= block_size + 1:
+            raise ConfigError(
+                f"the {split} text has {len(tokens)} tokens but a sample needs block_size+1 = "
+                f"{block_size + 1}; use a longer text (the last 10% is validation) or a smaller "
+                f"block_size (at most {max(1, len(tokens) - 2)})"
+            )
+    if batch_size * block_size > len(data.train):
+        raise ConfigError(
+            f"one batch of {batch_size} x {block_size} = {batch_size * block_size:,} tokens is "
+            f"larger than the training text ({len(data.train):,} tokens): every step would see "
+            f"the same text several times; use batch_size <= {max(1, len(data.train) // block_size)}"
+            " or a longer text"
+        )
+
+
 def get_batch(tokens: torch.Tensor, batch_size: int, block_size: int, step: int,
               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch for `step`: (x, y) each (batch_size, block_size), y = x shifted by one.

@@ -178,12 +178,14 @@ def spawn(
     *,
     timeout_s: float = 300.0,
     collective_timeout_s: float | None = None,
+    failure_grace_s: float = 3.0,
 ) -> list[Any]:
     """Run `fn(*args)` on `world_size` fresh gloo ranks; return each rank's return value.
 
     The process group is initialised before `fn` runs and destroyed after. If a
-    rank raises or dies, the others are stopped and RankFailure carries that
-    rank's traceback; a rank still running at `timeout_s` is named and killed.
+    rank raises or dies, the others get `failure_grace_s` to report their own errors, then
+    are stopped, and RankFailure carries the tracebacks; a rank still running at `timeout_s`
+    is named and killed.
     """
     ctx = mp.get_context(_start_method(fn))
     port = find_free_port()
@@ -211,7 +213,7 @@ def spawn(
         failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
         if failed:
             # Give peers a moment to report their own errors, then stop them.
-            grace = time.monotonic() + 3
+            grace = time.monotonic() + failure_grace_s
             while time.monotonic() < grace and any(p.is_alive() for p in procs):
                 time.sleep(0.05)
             failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from journey_dist.data import TokenData, get_batch, microbatches, shard
+from journey_dist.data import TokenData, check_fits, get_batch, microbatches, shard
 from journey_dist.runtime import print0, save_json
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -177,6 +177,8 @@ def train(
     reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     verbose: bool = True,
     step_fn: Callable[..., StepResult] | None = None,
+    start_step: int = 0,
+    on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
     **step_hooks,
 ) -> History:
     """Train for cfg.steps on deterministic batches; log, evaluate, write runs/<lab>/train.json.
@@ -184,15 +186,19 @@ def train(
     Each data-parallel rank takes its slice of the same global batch. `step_hooks`
     go to `train_step` (loss_fn, sync_grads, no_sync, clip_fn). `step_fn` replaces train_step
     where a scheme owns forward/backward itself (a pipeline schedule); it gets the same arguments.
+    Resume: `start_step` skips the steps already taken (batches and lr are functions of the step,
+    so nothing else needs replaying); `on_step(step, model, optimizer)` runs after each step
+    (e.g. to save a checkpoint).
     """
     device = device or next(model.parameters()).device
     block_size = block_size or model.config.block_size
+    check_fits(data, cfg.batch_size, block_size)  # fail before the first step, not at eval
     optimizer = optimizer or make_optimizer(model, cfg)
     history = History()
     tokens_per_step = cfg.batch_size * block_size
     model.train()
     t0 = t_log = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(start_step, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = get_batch(data.train, cfg.batch_size, block_size, step, cfg.seed)
@@ -203,7 +209,7 @@ def train(
         if step % cfg.log_every == 0 or last:
             loss = reduce_loss(result.loss) if reduce_loss else result.loss
             now = time.perf_counter()
-            steps_since = (step % cfg.log_every or cfg.log_every) if step else 1
+            steps_since = (step % cfg.log_every or cfg.log_every) if step > start_step else 1
             tps = tokens_per_step * steps_since / max(now - t_log, 1e-9)
             t_log = now
             row = {"step": step, "loss": loss.item(), "lr": lr_at(step, cfg), "tokens_per_s": tps}
@@ -220,7 +226,9 @@ def train(
             history.steps[-1]["val_loss"] = evaluate(model, data.val, cfg.batch_size // dp_size,
                                                      block_size, cfg.eval_batches,
                                                      step_hooks.get("loss_fn", default_loss))
-    history.tokens_per_s = tokens_per_step * cfg.steps / (time.perf_counter() - t0)
+        if on_step is not None:
+            on_step(step, model, optimizer)
+    history.tokens_per_s = tokens_per_step * (cfg.steps - start_step) / (time.perf_counter() - t0)
     history.val_loss = evaluate(model, data.val, max(1, cfg.batch_size // dp_size), block_size,
                                 cfg.eval_batches, step_hooks.get("loss_fn", default_loss),
                                 device, cfg.autocast)
