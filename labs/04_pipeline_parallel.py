@@ -54,6 +54,9 @@ args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
 LAB = "04_pipeline_parallel"
 world = requested_world_size(args.ranks)
 config = get_preset(args.preset)
+if world < 2:
+    parser.error(f"a pipeline needs at least 2 stages, got {world} rank(s); use --ranks 2 "
+                 "(or torchrun --nproc_per_node=2)")
 for schedule in SCHEDULES:
     ParallelConfig(pp=world, microbatches=args.microbatches, schedule=schedule).validate(
         config, world, args.batch_size)
