@@ -127,7 +127,7 @@ def test_notes_exist_and_carry_many_checks():
                  "parameters.md", "parallelism.md", "zero.md", "memory.md", "kv_cache.md", "lora.md",
                  "serving.md"):
         assert name in names, f"notes/{name} is missing"
-    assert len(CHECKS) >= 40, f"only {len(CHECKS)} checked numbers in notes/"
+    assert len(CHECKS) >= 250, f"only {len(CHECKS)} checked numbers in notes/ (316 on branch notes2)"
 
 
 def test_every_check_comment_follows_a_number():
