@@ -273,6 +273,13 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout_s: float = 1800.0)
     return spawn(fn, world_size, args, timeout_s=timeout_s)
 
 
+def gather_objects(value: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's `value` (any picklable object), in group-rank order, on every rank (collective)."""
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
 def requested_world_size(default: int) -> int:
     """WORLD_SIZE under torchrun, else the lab's default (what plain `python` spawns)."""
     return int(os.environ["WORLD_SIZE"]) if under_torchrun() else default

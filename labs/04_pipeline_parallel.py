@@ -36,7 +36,7 @@ from journey_dist.parallel.pipeline_timeline import (
     render_text,
 )
 from journey_dist.parallel.reference import max_abs_diff
-from journey_dist.runtime import launch, print0, requested_world_size, runs_dir, save_json
+from journey_dist.runtime import gather_objects, launch, print0, requested_world_size, runs_dir, save_json
 from journey_dist.train import TrainConfig
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,12 +63,6 @@ for schedule in SCHEDULES:
 sweep = [int(m) for m in args.sweep.split(",") if m]
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.microbatches, lr=args.lr,
                   warmup_steps=max(1, args.steps // 5), eval_batches=2)
-
-
-def gather(value):
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 # %% What every rank runs
@@ -112,7 +106,7 @@ def rank_main(data) -> dict:
 
     # %% Timelines of the last training step: compute (F, B) and idle (.) per stage
     real = {s: gather_timelines(pipes[s].timeline) for s in SCHEDULES}
-    real_peaks = {s: gather(pipes[s].peak_inflight) for s in SCHEDULES}
+    real_peaks = {s: gather_objects(pipes[s].peak_inflight) for s in SCHEDULES}
     for s in SCHEDULES:
         print0(f"\n{s}, GPT-mini, m={cfg.grad_accum} (last step; digits mark where microbatch j starts):")
         print0(render_text(real[s]))

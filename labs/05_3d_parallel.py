@@ -33,7 +33,7 @@ from journey_dist.parallel.three_d import (
     parity,
     three_d_run,
 )
-from journey_dist.runtime import launch, print0, requested_world_size, save_json
+from journey_dist.runtime import gather_objects, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,12 +58,6 @@ config = get_preset(args.preset)
 check_3d(pcfg, config, world, args.batch_size)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.microbatches, lr=args.lr,
                   warmup_steps=max(1, args.steps // 5), eval_batches=2)
-
-
-def gather(value):
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 # %% What every rank runs
@@ -95,7 +89,7 @@ def rank_main(data) -> dict:
     # %% The ledger per group kind, every rank: bytes handed to collectives per training step
     comm = comm_by_dim(ledger, mesh)
     expected = expected_comm_per_step(config, pcfg, cfg, mesh.coords)
-    rows = gather({"rank": mesh.rank, "coords": mesh.coords, "comm": comm, "expected": expected})
+    rows = gather_objects({"rank": mesh.rank, "coords": mesh.coords, "comm": comm, "expected": expected})
     cols = [("tp", "all_reduce"), ("dp", "all_reduce"), ("pp", "send")]
     print0("\nbytes per training step each rank hands to collectives: measured (ledger) / expected (formula)")
     print0(f"{'rank':>4} {'pp,dp,tp':>8} " + " ".join(f"{d + ' ' + op:>25}" for d, op in cols))

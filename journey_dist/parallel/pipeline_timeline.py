@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from journey_dist.parallel.pipeline_parallel import Pipeline, Timeline, comm_device
+from journey_dist.runtime import gather_objects
 
 
 def bubble_formula(p: int, m: int) -> float:
@@ -27,9 +28,8 @@ def bubble_formula(p: int, m: int) -> float:
 
 def gather_timelines(timeline: Timeline, group: dist.ProcessGroup | None = None) -> list[Timeline]:
     """Every stage's timeline of the last step, in stage order, on every rank (collective)."""
-    out: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, timeline.to_dict(), group=group)
-    return [Timeline(d["stage"], [tuple(iv) for iv in d["intervals"]]) for d in out]
+    return [Timeline(d["stage"], [tuple(iv) for iv in d["intervals"]])
+            for d in gather_objects(timeline.to_dict(), group)]
 
 
 def bubble(timelines: list[Timeline]) -> dict:
@@ -144,7 +144,6 @@ def measure_bubble(schedule: str, m: int, group: dist.ProcessGroup | None = None
     for _ in range(2):
         pipe.run(micro)
     timelines = gather_timelines(pipe.timeline, group)
-    peaks: list = [None] * pipe.p
-    dist.all_gather_object(peaks, pipe.peak_inflight, group=group)
+    peaks = gather_objects(pipe.peak_inflight, group)
     return {"schedule": schedule, "p": pipe.p, "m": m, "f_s": f, "b_s": b, "timelines": timelines,
             "bubble": bubble(timelines), "formula": bubble_formula(pipe.p, m), "peak_inflight": peaks}
