@@ -116,12 +116,12 @@ def rank_main(handbook, dialogues) -> dict:
     b = args.batch_size // n
     x, y = get_batch(dialogues.train, b, config.block_size, step=0, seed=0)
     memory = {}
-    for name, m, n_train in (("full fine-tuning", copy.deepcopy(base), None),
-                             ("LoRA", apply_peft_lora(copy.deepcopy(base), spec), trainable)):
+    for name, m, lora in (("full fine-tuning", copy.deepcopy(base), None),
+                          ("LoRA", apply_peft_lora(copy.deepcopy(base), spec), spec)):
         opt = make_optimizer(m, ft_cfg)
         meas = measure_step(m, opt, x, y)
         est = estimate_memory(config, batch_size=args.batch_size, seq_len=config.block_size, dp=n,
-                              device="cpu", trainable_params=n_train)
+                              device="cpu", lora=lora)  # lora: adapters in, frozen-base savings out
         memory[name] = {"measured": meas.to_dict(), "estimated": est.to_dict(),
                         "optimizer_measured": meas.high_water["optimizer"],
                         "optimizer_estimated": est.optimizer,
