@@ -203,7 +203,7 @@ def rank_main(handbook, dialogues) -> dict:
     ids = torch.tensor([dialogues.tokenizer.encode(prompt)])
     out = model.generate(ids, 100, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
     sample = dialogues.tokenizer.decode(out[0].tolist())
-    print0(f"\nsample:\n{sample}\n")
+    print0(f"\nsample (more --pretrain-steps, or lab 01's checkpoint, give more readable text):\n{sample}\n")
 
     result = {"world_size": n, "preset": args.preset, "lora": spec, "trainable_params": trainable,
               "total_params": total, "pretrain": pre_cfg.to_dict(), "finetune": ft_cfg.to_dict(),
