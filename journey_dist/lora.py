@@ -211,8 +211,10 @@ def save_lora(model: nn.Module, spec: LoRAConfig, directory: str | Path) -> dict
     paths = {"config": d / CONFIG_FILE, "base": d / BASE_FILE, "adapter": d / ADAPTER_FILE}
     meta = {"gpt": gpt.config.to_dict(), "lora": asdict(spec)}
     paths["config"].write_text(json.dumps(meta, indent=2) + "\n")
-    torch.save(base_state_dict(gpt), paths["base"])  # tied wte/lm_head stay one tensor
-    save_file({k: v.contiguous() for k, v in adapter_state_dict(gpt).items()}, str(paths["adapter"]),
+    moved: dict[int, torch.Tensor] = {}  # by storage: tied wte/lm_head stay one tensor in the file
+    torch.save({k: moved.setdefault(v.untyped_storage().data_ptr(), v.detach().cpu())
+                for k, v in base_state_dict(gpt).items()}, paths["base"])
+    save_file({k: v.cpu().contiguous() for k, v in adapter_state_dict(gpt).items()}, str(paths["adapter"]),
               metadata={"lora": json.dumps(asdict(spec))})
     return paths
 

@@ -85,9 +85,12 @@ def val_loss(model, tokens) -> float:
 # %% What every rank runs
 def rank_main(handbook, dialogues) -> dict:
     n = dist.get_world_size()
+    # gloo works on CPU tensors, NCCL on this rank's GPU (init_distributed picked the backend)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+        torch.device("cpu")
 
     # 1. A pretrained base: lab 01's checkpoint when it matches, else pretrain here (DDP if n > 1)
-    base = fresh_model(config)
+    base = fresh_model(config, device=device)
     ckpt = Path(args.base)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.exists() else None
     if saved is not None and saved.get("config") == config.to_dict():
@@ -114,20 +117,21 @@ def rank_main(handbook, dialogues) -> dict:
     # 3. Memory of one step per rank: full fine-tuning vs LoRA, measured (exact tensor ledger on
     #    CPU) next to the analytic estimate. Copies, so the runs below start untouched.
     b = args.batch_size // n
-    x, y = get_batch(dialogues.train, b, config.block_size, step=0, seed=0)
+    x, y = (t.to(device) for t in get_batch(dialogues.train, b, config.block_size, step=0, seed=0))
     memory = {}
     for name, m, lora in (("full fine-tuning", copy.deepcopy(base), None),
                           ("LoRA", apply_peft_lora(copy.deepcopy(base), spec), spec)):
         opt = make_optimizer(m, ft_cfg)
         meas = measure_step(m, opt, x, y)
         est = estimate_memory(config, batch_size=args.batch_size, seq_len=config.block_size, dp=n,
-                              device="cpu", lora=lora)  # lora: adapters in, frozen-base savings out
+                              device=device.type, lora=lora)  # lora: adapters in, frozen-base savings out
         memory[name] = {"measured": meas.to_dict(), "estimated": est.to_dict(),
                         "optimizer_measured": meas.high_water["optimizer"],
                         "optimizer_estimated": est.optimizer,
                         "grads_measured": meas.high_water["grads"], "grads_estimated": est.grads,
                         "peak_measured": meas.peak, "peak_estimated": est.total}
-    print0(f"\nmemory of one training step per rank ({b} x {config.block_size} tokens, fp32 AdamW):")
+    print0(f"\nmemory of one training step per rank ({b} x {config.block_size} tokens, fp32 AdamW, "
+           f"{meas.instrument} on {device.type}):")
     print0(f"{'':<17} {'grads meas/est':>22} {'optimizer meas/est':>22} {'peak measured':>14} "
            f"{'peak estimated':>15} {'error':>7}")
     for name, r in memory.items():
@@ -164,11 +168,11 @@ def rank_main(handbook, dialogues) -> dict:
 
     # 6. Save the adapters (and the base, trained here) and load them back
     files = {}
-    xv, _ = get_batch(dialogues.val, 4, config.block_size, step=0, seed=1)
+    xv = get_batch(dialogues.val, 4, config.block_size, step=0, seed=1)[0].to(device)
     if is_rank0():
         paths = save_lora(model, spec, runs_dir(LAB) / "adapter")
         files = {k: p.stat().st_size for k, p in paths.items()}
-        loaded, _ = load_lora(paths["adapter"].parent)
+        loaded = load_lora(paths["adapter"].parent)[0].to(device)
         with torch.no_grad():
             files["round_trip_diff"] = (loaded.eval()(xv)[0] - model.eval()(xv)[0]).abs().max().item()
         print0(f"\nadapter file {fmt_bytes(files['adapter'])} ({paths['adapter']}) vs base "
@@ -200,8 +204,9 @@ def rank_main(handbook, dialogues) -> dict:
 
     # 8. A sample: the fine-tuned model continues a dialogue
     prompt = "STUDENT: Why is my all-reduce so slow?\nMENTOR:"
-    ids = torch.tensor([dialogues.tokenizer.encode(prompt)])
-    out = model.generate(ids, 100, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([dialogues.tokenizer.encode(prompt)], device=device)
+    out = model.generate(ids, 100, temperature=0.8, top_k=40,
+                         generator=torch.Generator(device=device).manual_seed(0))
     sample = dialogues.tokenizer.decode(out[0].tolist())
     print0(f"\nsample (more --pretrain-steps, or lab 01's checkpoint, give more readable text):\n{sample}\n")
 
