@@ -194,3 +194,32 @@ def test_lora_memory_estimate_matches_the_tensor_ledger(spec, data):
     assert abs(est.total - meas.peak) / meas.peak < 1e-3
     with pytest.raises(ConfigError, match="tp=1"):
         estimate_memory(TINY, batch_size=8, seq_len=32, tp=2, lora=spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_lab_runs_both_ways(tmp_path, launcher):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lab = [str(root / "labs" / "08_lora_finetune.py"), "--preset", "tiny", "--pretrain-steps", "3",
+           "--steps", "3", "--batch-size", "8", "--base", str(tmp_path / "none.pt")]
+    cmd = ([sys.executable, *lab] if launcher == "python" else
+           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *lab])
+    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "08_lora_finetune" / "result.json").read_text())
+    assert r["world_size"] == (1 if launcher == "python" else 2)
+    assert r["base_unchanged"] and r["scratch_vs_peft_diff"] == r["scratch_vs_peft_merged_diff"] == 0.0
+    assert r["merge_diff"] < 1e-5 and r["files"]["round_trip_diff"] == 0.0
+    assert r["trainable_params"] == lora_param_count(TINY, LoRAConfig(rank=8))
+    lora = r["memory"]["LoRA"]
+    assert abs(lora["peak_estimated"] - lora["peak_measured"]) / lora["peak_measured"] < 1e-3
+    if launcher == "torchrun":
+        assert r["parity"]["adapter_diff_across_ranks"] == 0.0
+        assert r["parity"]["adapter_diff_vs_one_process"] < 1e-5
