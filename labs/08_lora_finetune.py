@@ -122,7 +122,7 @@ def rank_main(handbook, dialogues) -> dict:
     for name, m, lora in (("full fine-tuning", copy.deepcopy(base), None),
                           ("LoRA", apply_peft_lora(copy.deepcopy(base), spec), spec)):
         opt = make_optimizer(m, ft_cfg)
-        meas = measure_step(m, opt, x, y)
+        meas = measure_step(m, opt, x, y, ledger=True)  # the ledger on CUDA too: grads, optimizer
         est = estimate_memory(config, batch_size=args.batch_size, seq_len=config.block_size, dp=n,
                               device=device.type, lora=lora)  # lora: adapters in, frozen-base savings out
         memory[name] = {"measured": meas.to_dict(), "estimated": est.to_dict(),
