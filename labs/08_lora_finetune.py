@@ -138,7 +138,7 @@ def rank_main(handbook, dialogues) -> dict:
         err = 100 * (r["peak_estimated"] - r["peak_measured"]) / r["peak_measured"]
         print0(f"{name:<17} {fmt_bytes(r['grads_measured']):>10} / {fmt_bytes(r['grads_estimated']):<10} "
                f"{fmt_bytes(r['optimizer_measured']):>10} / {fmt_bytes(r['optimizer_estimated']):<10} "
-               f"{fmt_bytes(r['peak_measured']):>14} {fmt_bytes(r['peak_estimated']):>15} {err:+6.1f}%")
+               f"{fmt_bytes(r['peak_measured']):>14} {fmt_bytes(r['peak_estimated']):>15} {err:+6.2f}%")
     print0("(activations barely shrink: backward still runs through every frozen layer; the "
            "saving is gradients and optimizer state)")
 
