@@ -521,6 +521,8 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     `lora` (a LoRAConfig; tp = 1): the base is frozen and adapters are added: their weights,
     gradients and AdamW state (trainable_params defaults to their count), what they keep for
     backward, and what a frozen base no longer keeps (`lora_layer_terms`, `lora_outer_terms`).
+    Exact vs the CPU tensor ledger when the first block's c_attn is adapted and LoRA dropout is 0;
+    otherwise an upper bound (a first block whose attention needs no gradient keeps less).
     Raises ConfigError (config.py's checks) for a layout that cannot work.
     """
     if dtype not in PRECISIONS:
