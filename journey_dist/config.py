@@ -166,6 +166,76 @@ class ParallelConfig:
         return self
 
 
+# The linear layers of every GPT-mini block (model.py), the names LoRA can target.
+LORA_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def lora_linear_names(model: GPTConfig) -> list[str]:
+    """Full names of the linear layers LoRA may adapt: transformer.h.<i>.<one of LORA_LINEARS>.
+
+    lm_head is left out on purpose: it is the embedding matrix (tied weights), so an adapter
+    merged into it would change the input embeddings too.
+    """
+    return [f"transformer.h.{i}.{s}" for i in range(model.n_layer) for s in LORA_LINEARS]
+
+
+def lora_target_matches(target: str, name: str) -> bool:
+    """PEFT's rule for a list of target names: the full name or any dotted suffix of it."""
+    return name == target or name.endswith("." + target)
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters: W x + (alpha / rank) B A x, A (rank x in), B (out x rank), W frozen.
+
+    `targets` are module names as PEFT matches them: a full name or any dotted suffix
+    ("c_proj" means both attn.c_proj and mlp.c_proj in every block).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_LINEARS
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def matched(self, model: GPTConfig) -> list[str]:
+        """The full names of the layers these targets select (in model order)."""
+        return [n for n in lora_linear_names(model) if any(lora_target_matches(t, n) for t in self.targets)]
+
+    def validate(self, model: GPTConfig) -> LoRAConfig:
+        """Raise ConfigError naming the problem and the fix; return self when valid."""
+        if isinstance(self.targets, str) or not self.targets:
+            raise ConfigError(f"targets={self.targets!r} must be a non-empty tuple of module names, "
+                              f"e.g. {LORA_LINEARS}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"LoRA rank={self.rank!r} must be a positive integer (typical: 4 to 64)")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA alpha={self.alpha!r} must be > 0 (the update is scaled by alpha/rank; "
+                              "alpha = 2 x rank is a common choice)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+        names = lora_linear_names(model)
+        for t in self.targets:
+            if any(lora_target_matches(t, n) for n in names):
+                continue
+            why = (" (lm_head is tied to the embedding wte: an adapter merged into it would change the "
+                   "embeddings too)") if t.split(".")[-1] in ("lm_head", "wte") else ""
+            raise ConfigError(
+                f"LoRA target {t!r} matches no linear layer of this GPT{why}. Valid targets (a full "
+                f"name or any dotted suffix of one, as PEFT matches): {', '.join(LORA_LINEARS)} (in "
+                f"every block), c_attn, c_proj (both), c_fc, or one block's, e.g. {names[0]} .. {names[-1]}"
+            )
+        if self.rank >= model.n_embd:  # every adapted linear has n_embd on one side
+            raise ConfigError(
+                f"LoRA rank={self.rank} >= n_embd={model.n_embd}: B A would be no cheaper than training "
+                f"the full matrix; use rank < {model.n_embd}"
+            )
+        return self
+
+
 def check_bucket_mb(bucket_mb: float) -> float:
     """A data-parallel gradient bucket size in MiB (as DDP's bucket_cap_mb); return it if valid."""
     if not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:

@@ -46,13 +46,6 @@ from journey_dist.train import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = sorted((ROOT / "notes").glob("*.md"))
 
-# Modules and labs other branches are writing now; links to them may dangle until they merge.
-# The lead deletes this set (and its use below) once they are on main.
-PENDING = {
-    "journey_dist/lora.py", "journey_dist/checkpoint.py",
-    "labs/08_lora_finetune.py", "labs/10_reliability.py",
-}
-
 UNITS = {
     "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
     "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
@@ -194,7 +187,5 @@ def test_relative_links_resolve(path):
     for line, target in _links(path):
         resolved = (path.parent / target).resolve()
         rel = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else target
-        if rel in PENDING:
-            continue
         assert resolved.exists(), f"notes/{path.name}:{line}: link {target} -> {rel} does not exist"
 

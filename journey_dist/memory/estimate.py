@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
+from journey_dist.config import LORA_LINEARS, ConfigError, GPTConfig, LoRAConfig, ParallelConfig
 
 # bytes per parameter: (weights, gradients, optimizer state) before any sharding
 _BYTES = {
@@ -389,6 +389,74 @@ def _optimizer_temporaries(cfg: GPTConfig, optimizer: str, device: str, w: int, 
     return worst * w
 
 
+# ---------------------------------------------------------------------- LoRA (frozen base)
+
+
+def _lora_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each adaptable linear of a block (config.LORA_LINEARS)."""
+    h = cfg.n_embd
+    return dict(zip(LORA_LINEARS, ((h, 3 * h), (h, h), (h, 4 * h), (4 * h, h))))
+
+
+def _lora_fractions(cfg: GPTConfig, lora: LoRAConfig) -> dict[str, float]:
+    """For each linear of a block, the fraction of blocks where LoRA adapts it."""
+    matched = lora.matched(cfg)
+    return {kind: sum(name.endswith("." + kind) for name in matched) / cfg.n_layer for kind in LORA_LINEARS}
+
+
+def lora_param_count(cfg: GPTConfig, lora: LoRAConfig) -> int:
+    """Adapter parameters: rank x (in + out) for every adapted linear (A: r x in, B: out x r)."""
+    shapes = _lora_shapes(cfg)
+    return sum(lora.rank * sum(shapes[kind]) for name in lora.matched(cfg)
+               for kind in LORA_LINEARS if name.endswith("." + kind))
+
+
+def lora_layer_terms(x: _Shape, cfg: GPTConfig, lora: LoRAConfig) -> list[Term]:
+    """What LoRA changes in one block's kept activations (mean over blocks when only some are
+    adapted). Adds A's output (kept by B) and, with LoRA dropout, the dropout output and mask
+    (kept by A). Removes a linear's input when nothing reads it in backward any more: a frozen
+    weight needs no input for its gradient, so only an adapter without dropout still keeps it
+    (attention's c_proj input stays: fused SDPA keeps its output anyway)."""
+    n, v, r = x.b * x.s, x.prec.values, lora.rank
+    terms = []
+    for kind, f in _lora_fractions(cfg, lora).items():
+        fan_in = _lora_shapes(cfg)[kind][0]
+        if f:
+            terms.append(Term(f"LoRA {kind}: A's output (kept by B)", f * v * n * r, "v·bs·r"))
+            if lora.dropout:
+                terms.append(Term(f"LoRA {kind}: dropout output and mask (kept by A)",
+                                  f * (v + x.mask) * n * fan_in, "(v + m)·bs·in"))
+        kept = f * (0.0 if lora.dropout else 1.0)  # blocks where the linear's input is still read
+        if kept < 1 and not (kind == "attn.c_proj" and x.fused):
+            terms.append(Term(f"{kind} input no longer kept (frozen weight)", -(1 - kept) * v * n * fan_in,
+                              "-v·bs·in"))
+    return terms
+
+
+def lora_outer_terms(x: _Shape, cfg: GPTConfig, first: bool, last: bool) -> list[Term]:
+    """Frozen embeddings and head: the positions, the first block's ln_1 input and statistics
+    (nothing before them needs a gradient) and the head's input (frozen lm_head) are not kept.
+    The token ids stay: the caller's batch holds them."""
+    n, h, v, r = x.b * x.s, x.h, x.prec.values, x.prec.residual
+    terms = []
+    if first:
+        dropped = 8 * x.s + (r * n * h + 2 * n * x.stat) * x.rep
+        if x.dropout:
+            dropped += (r if x.device == "cpu" else 1) * n * h * x.rep
+        terms.append(Term("frozen embeddings: positions, first ln_1 input and stats not kept", -dropped,
+                          "-(8·s + r·bsh + 2·bs·4)"))
+    if last and not x.prec.autocast:
+        terms.append(Term("ln_f output no longer kept (frozen lm_head)", -v * n * h * x.rep, "-v·bsh"))
+    return terms
+
+
+def _lora_mlp_transient(x: _Shape, cfg: GPTConfig, lora: LoRAConfig) -> float:
+    """The MLP c_proj's backward with a frozen weight: no weight gradient; with an adapter the
+    input gradient arrives twice (through W and through B A) and is summed: 3 x v·bs·4h."""
+    f = _lora_fractions(cfg, lora)["mlp.c_proj"]
+    return (1 + 2 * f) * 4 * x.prec.values * x.b * x.s * x.h
+
+
 # ---------------------------------------------------------------------- the estimate
 
 
@@ -439,7 +507,7 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
                     zero: int = 0, tp: int = 1, pp: int = 1, microbatches: int = 1,
                     sequence_parallel: bool = False, recompute: bool = False, attn: str | None = None,
                     dropout: bool | None = None, device: str = "cuda",
-                    schedule: str = "1f1b") -> MemoryEstimate:
+                    schedule: str = "1f1b", lora: LoRAConfig | None = None) -> MemoryEstimate:
     """Estimate one training step's memory on the busiest rank (bytes).
 
     batch_size is the global batch (sequences per optimizer step, as in TrainConfig); each
@@ -450,6 +518,11 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     checkpointing of every block (keeps only each block's input). `optimizer="none"`: forward
     and backward only. `trainable_params` (LoRA): only those get gradients and optimizer state;
     activations are still counted as if every weight were trained (an upper bound).
+    `lora` (a LoRAConfig; tp = 1): the base is frozen and adapters are added: their weights,
+    gradients and AdamW state (trainable_params defaults to their count), what they keep for
+    backward, and what a frozen base no longer keeps (`lora_layer_terms`, `lora_outer_terms`).
+    Exact vs the CPU tensor ledger when the first block's c_attn is adapted and LoRA dropout is 0;
+    otherwise an upper bound (a first block whose attention needs no gradient keeps less).
     Raises ConfigError (config.py's checks) for a layout that cannot work.
     """
     if dtype not in PRECISIONS:
@@ -466,6 +539,12 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=microbatches, zero=zero,
                    sequence_parallel=sequence_parallel, schedule=schedule).validate(
                        cfg, global_batch=batch_size)
+    if lora is not None:
+        lora.validate(cfg)
+        if tp > 1:
+            raise ConfigError("the LoRA estimate models tp=1 only (adapters on tensor-parallel shards "
+                              "are not modelled); use tp=1")
+        trainable_params = lora_param_count(cfg, lora) if trainable_params is None else trainable_params
     prec = PRECISIONS[dtype]
     dropout = cfg.dropout > 0 if dropout is None else dropout
     x = _Shape(b=batch_size // (dp * microbatches), s=seq_len, h=cfg.n_embd, a=cfg.n_head,
@@ -473,39 +552,47 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
                device=device)
     stages = [0] if pp == 1 else [0, pp - 1]
     results = [_estimate_stage(cfg, x, dtype, optimizer, trainable_params, dp, zero, pp, stage,
-                               microbatches, recompute, schedule) for stage in stages]
+                               microbatches, recompute, schedule, lora) for stage in stages]
     est = max(results, key=lambda e: e.total)
     est.inputs = dict(config=cfg.to_dict(), batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                       optimizer=optimizer, trainable_params=trainable_params, dp=dp, zero=zero, tp=tp,
                       pp=pp, microbatches=microbatches, sequence_parallel=sequence_parallel,
                       recompute=recompute, attn=attn, dropout=dropout, device=device, schedule=schedule,
-                      micro_batch=x.b)
+                      micro_batch=x.b, lora=None if lora is None else asdict(lora))
     return est
 
 
 def _estimate_stage(cfg: GPTConfig, x: _Shape, dtype: str, optimizer: str, trainable: int | None,
                     dp: int, zero: int, pp: int, stage: int, m: int, recompute: bool,
-                    schedule: str) -> MemoryEstimate:
+                    schedule: str, lora: LoRAConfig | None = None) -> MemoryEstimate:
     first, last = stage == 0, stage == pp - 1
     n_params = param_count(cfg, x.t, pp, stage)
     frac = 1.0 if trainable is None else trainable / param_count(cfg)
     states = model_state_bytes(n_params, dtype, optimizer, dp, zero,
                                None if trainable is None else round(n_params * frac))
+    n_adapters = 0
+    if lora is not None:  # adapter weights on this stage (their share of the layers)
+        n_adapters = lora_param_count(cfg, lora) * stage_layers(cfg.n_layer, pp, stage) / cfg.n_layer
+        states["params"] += n_adapters * PRECISIONS[dtype].weights / (dp if zero >= 3 else 1)
     w = PRECISIONS[dtype].weights
     # AdamW's per-tensor step counters: 4 bytes each (a 512-byte block each on CUDA)
     steps = 0
     if optimizer == "adamw" and zero == 0 and pp == 1:
         steps = (512 if x.device == "cuda" else 4) * param_tensor_count(cfg)
-    P, G, O = states["params"], states["grads"], states["optimizer"] + (steps if trainable is None else 0)
+    if lora is not None and optimizer == "adamw" and zero == 0 and pp == 1:  # A and B: 2 per linear
+        steps = (512 if x.device == "cuda" else 4) * 2 * len(lora.matched(cfg))
+    P, G, O = states["params"], states["grads"], states["optimizer"] + (
+        steps if (trainable is None or lora is not None) else 0)
     gdiv = dp if zero >= 2 else 1
 
     # activations kept per block; in-flight micro-batches on this stage (1F1B: pp - stage)
     n_layers = stage_layers(cfg.n_layer, pp, stage)
-    lt = layer_terms(x)
+    lt = layer_terms(x) + (lora_layer_terms(x, cfg, lora) if lora is not None else [])
     a_layer = sum(tm.nbytes for tm in lt)
     a_stored = lt[0].nbytes if recompute else a_layer  # full recompute keeps the block input only
     in_flight = 1 if pp == 1 else (min(pp - stage, m) if schedule == "1f1b" else m)
-    outer = _outer_terms(x, cfg, first, last)
+    outer = _outer_terms(x, cfg, first, last) + (
+        lora_outer_terms(x, cfg, first, last) if lora is not None else [])
     a_outer = sum(tm.nbytes for tm in outer)
     A = in_flight * (n_layers * a_stored + a_outer)
     lg = logits_terms(x) if last else []
@@ -543,8 +630,12 @@ def _estimate_stage(cfg: GPTConfig, x: _Shape, dtype: str, optimizer: str, train
         grads = g_head + k * g_layer
         acts = a_top - k * a_stored
         temps = dx + gathered + tied_tmp
-        phases[f"backward: {name} block's MLP (c_proj grads)"] = phase(
-            grads, acts, 0, temps + _mlp_transient(x))
+        mlp_acts, mlp_temps = acts, _mlp_transient(x)
+        if lora is not None:  # the two input gradients are summed once A's backward freed its input
+            f = _lora_fractions(cfg, lora)["mlp.c_proj"] * (0.0 if lora.dropout else 1.0)
+            mlp_acts -= f * x.prec.values * x.b * x.s * (4 * h + lora.rank)
+            mlp_temps = _lora_mlp_transient(x, cfg, lora)
+        phases[f"backward: {name} block's MLP (c_proj grads)"] = phase(grads, mlp_acts, 0, temps + mlp_temps)
         phases[f"backward: {name} block's attention"] = phase(
             grads + g_mlp + g_proj, acts - _mlp_saved(x) - _attn_freed(x), 0, temps + _attn_transient(x))
     if first:
