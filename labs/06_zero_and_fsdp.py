@@ -4,7 +4,8 @@
     python labs/06_zero_and_fsdp.py --skip-deepspeed      # faster: DDP, ZeRO-1 (ours), FSDP2
     torchrun --nproc_per_node=2 labs/06_zero_and_fsdp.py
     deepspeed --num_gpus 2 labs/06_zero_and_fsdp.py --ds-config launch/deepspeed/zero2.json
-    accelerate launch --config_file launch/accelerate/zero_cpu_2proc.yaml labs/06_zero_and_fsdp.py
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/accelerate/cpu_2proc.yaml \
+        labs/06_zero_and_fsdp.py
 
 Every scheme trains the same fresh model on the same global batches, so they must log the same
 losses and end with the same weights as DDP (fp32 on CPU: ~1e-6). What differs is what a rank
@@ -18,6 +19,7 @@ Results: runs/06_zero_and_fsdp/result.json
 
 # %% Setup: arguments, model config, and every check that can fail, before any process starts
 import argparse
+import os
 
 import torch
 import torch.distributed as dist
@@ -149,7 +151,9 @@ def rank_main(data) -> dict:
 
     result = {"world_size": n, "preset": args.preset, "params": N, "dtype": dtype, "train": cfg.to_dict(),
               "reference_losses": ref.losses, "schemes": rows, "memory": table, "tolerance": tol,
-              "accelerate_processes": accel_procs}
+              "accelerate_processes": accel_procs,
+              # who started the ranks: a launcher (torchrun, accelerate, deepspeed) or this lab's spawn
+              "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "lab spawn"}
     path = save_json(LAB, "result", result)
     print0(f"\nwrote {path}")
     return result

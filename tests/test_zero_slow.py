@@ -76,8 +76,8 @@ def test_deepspeed_shards_what_its_stage_says(stages, stage):
     assert state["grads_partition"] < 4 * n  # reduced gradients kept as this rank's partition
 
 
-def _run(cmd: list[str], tmp_path: Path) -> dict:
-    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+def _run(cmd: list[str], tmp_path: Path, **extra_env: str) -> dict:
+    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), **extra_env}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return json.loads((tmp_path / "06_zero_and_fsdp" / "result.json").read_text())
@@ -88,10 +88,11 @@ LAB = [str(ROOT / "labs" / "06_zero_and_fsdp.py"), "--preset", "tiny", "--steps"
 
 def test_accelerate_launch_runs_two_cpu_ranks(tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file",
-           str(ROOT / "launch" / "accelerate" / "zero_cpu_2proc.yaml"),
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "launch" / "accelerate" / "cpu_2proc.yaml"),
            "--main_process_port", str(find_free_port()), *LAB, "--skip-deepspeed"]
-    result = _run(cmd, tmp_path)
+    result = _run(cmd, tmp_path, ACCELERATE_USE_CPU="1")
+    # the launcher started both ranks (a one-process launch would fall back to the lab's own spawn)
+    assert result["launcher"] == "torchrun"
     assert result["world_size"] == 2 and result["accelerate_processes"] == 2
     assert set(result["schemes"]) == {"ddp", "zero1 (ours)", "fsdp2 (zero-3)", "accelerate (ddp)"}
     for row in result["schemes"].values():

@@ -1,6 +1,10 @@
 """GPT-mini through Hugging Face accelerate: `Accelerator.prepare` wraps it in DDP.
 
-    accelerate launch --config_file launch/accelerate/zero_cpu_2proc.yaml labs/06_zero_and_fsdp.py
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/accelerate/cpu_2proc.yaml \
+        labs/06_zero_and_fsdp.py
+
+(accelerate 1.15, measured: a MULTI_CPU config starts ONE process, so cpu_2proc.yaml asks for the
+torchrun launcher; launch/accelerate/cpu_2proc.yaml says why.)
 
 Under `accelerate launch` the ranks come from the launcher (torchrun-style env variables); the
 process group is already up (runtime.init_distributed), and Accelerator joins it. On CPU it must
