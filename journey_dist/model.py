@@ -28,8 +28,10 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (batch_size, config.n_head, max_len, config.head_dim)
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 n_head: int | None = None):
+        # n_head: heads cached here (default all; a tensor-parallel rank caches only its own)
+        shape = (batch_size, config.n_head if n_head is None else n_head, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
@@ -198,15 +200,7 @@ class GPT(nn.Module):
             if cache is None:
                 step_input = idx[:, -self.config.block_size:]
             logits, _ = self(step_input, cache=cache)
-            logits = logits[:, -1, :].float()  # (B, V)
-            if greedy:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / max(temperature, 1e-8)
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            nxt = next_token(logits[:, -1, :], temperature, top_k, greedy, generator)
             idx = torch.cat([idx, nxt], dim=1)
             step_input = nxt
         self.train(was_training)
@@ -240,6 +234,19 @@ class GPT(nn.Module):
         model = cls(config_from_hf(hf_model.config))
         model.load_hf_state_dict(hf_model.state_dict())
         return model
+
+
+def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+               greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) last-position logits -> (B, 1) next token ids: argmax, or a temperature/top-k sample."""
+    logits = logits.float()
+    if greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / max(temperature, 1e-8)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def _is_conv1d(key: str) -> bool:

@@ -11,6 +11,9 @@ Sequence parallel (Korthikanti et al. 2022) keeps LayerNorm/dropout/residual act
 along the sequence: each all-reduce becomes a reduce-scatter + all-gather pair (same bytes), and
 the replicated parameters used there (LayerNorms, row biases, wpe) get partial grads that
 `sync_sequence_parallel_grads` all-reduces (the model's `.sync_grads()`; call it after backward).
+Dropout: call tp_rng.model_parallel_seed(seed, tp_rank) first; replicated regions then draw the
+same masks on every rank, per-rank regions (own heads, SP shards) independent ones (tp_rng.py).
+`tp_model.generate(idx, n)` is GPT.generate with a KV cache of this rank's heads (tp_generate.py).
 
 Parameter names are the plain GPT's, so `gather_params` / `gather_grads` rebuild full tensors
 comparable with reference.max_abs_diff.
@@ -25,7 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from journey_dist.config import GPTConfig, ParallelConfig
-from journey_dist.model import GPT, Block
+from journey_dist.model import GPT, Block, KVCache
+from journey_dist.parallel.tp_generate import tp_generate
 from journey_dist.parallel.tp_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -40,6 +44,7 @@ from journey_dist.parallel.tp_mappings import (
     tp_rank,
     tp_size,
 )
+from journey_dist.parallel.tp_rng import ShardedDropout, model_parallel_seed
 
 __all__ = [
     "TensorParallelGPT", "parallelize", "parallelize_block", "gather_params", "gather_grads",
@@ -72,7 +77,8 @@ def parallelize_block(block: Block, group: Group = None, *, sequence_parallel: b
     mlp = tp_block.mlp
     mlp.c_fc = ColumnParallelLinear.from_dense(block.mlp.c_fc, group, sequence_parallel=sequence_parallel)
     mlp.c_proj = RowParallelLinear.from_dense(block.mlp.c_proj, group, sequence_parallel=sequence_parallel)
-    if sequence_parallel:
+    if sequence_parallel:  # the MLP's output is a sequence shard: per-rank dropout masks
+        mlp.dropout = ShardedDropout(block.mlp.dropout.p)
         _mark_sequence_parallel(tp_block.ln_1)
         _mark_sequence_parallel(tp_block.ln_2)
     return tp_block
@@ -97,8 +103,10 @@ class TensorParallelGPT(nn.Module):
         if sp:
             _mark_sequence_parallel(wpe)
             _mark_sequence_parallel(ln_f)
+        # embedding dropout: replicated without SP (same mask on every rank), a shard with SP
+        drop = ShardedDropout(model.transformer.drop.p) if sp else copy.deepcopy(model.transformer.drop)
         self.transformer = nn.ModuleDict(dict(
-            wte=wte, wpe=wpe, drop=copy.deepcopy(model.transformer.drop),
+            wte=wte, wpe=wpe, drop=drop,
             h=nn.ModuleList([parallelize_block(b, group, sequence_parallel=sp) for b in model.transformer.h]),
             ln_f=ln_f,
         ))
@@ -111,11 +119,19 @@ class TensorParallelGPT(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.transformer.wte.weight if self.config.tie_embeddings else self.lm_head.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """(B, T) ids -> (local logits (B, T, V/t), full mean CE identical on every tp rank)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """(B, T) ids -> (local logits (B, T, V/t), full mean CE identical on every tp rank).
+
+        With a cache (`kv_cache`: this rank's heads only) the T tokens continue the cache.pos
+        cached ones, as in GPT.forward; generation runs without sequence parallel (`generate`).
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than "
+                             f"block_size={self.config.block_size}")
+        if cache is not None and self.sequence_parallel:
+            raise ValueError("a KV cache needs sequence parallel off: use generate(), which turns it off")
         tr = self.transformer
         x = tr.wte(idx)  # (B, T, C), or (B, T/t, C) with sequence parallel
         if self.sequence_parallel:
@@ -125,10 +141,12 @@ class TensorParallelGPT(nn.Module):
             start = tp_rank(self.group) * (T // n)
             pos = torch.arange(start, start + T // n, device=idx.device)
         else:
-            pos = torch.arange(T, device=idx.device)
+            pos = torch.arange(start, start + T, device=idx.device)
         x = tr.drop(x + tr.wpe(pos))
-        for block in tr.h:
-            x = block(x)
+        for i, block in enumerate(tr.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
         x = tr.ln_f(x)
         x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_region(x, self.group)
         logits = x @ self.head_weight().t()  # (B, T, V/t): this rank's vocabulary columns
@@ -137,6 +155,18 @@ class TensorParallelGPT(nn.Module):
             loss = vocab_parallel_cross_entropy(logits, targets, self.group,
                                                 vocab_size=self.config.vocab_size)
         return logits, loss
+
+    def kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A KVCache for this rank's H/t heads: 1/t of the single-process cache's bytes."""
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype,
+                       n_head=self.transformer.h[0].attn.n_head)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, greedy: bool = False, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """GPT.generate on the tp group: the same tokens on every tp rank (see tp_generate)."""
+        return tp_generate(self, idx, max_new_tokens, temperature, top_k, greedy, use_cache, generator)
 
     def sync_grads(self) -> None:
         """After backward: all-reduce the partial grads of sequence-parallel params (no-op without SP)."""
@@ -281,6 +311,7 @@ def run_tensor_parallel(config: GPTConfig, data, cfg, *, group: Group = None, se
 
     model = parallelize(fresh_model(config, seed), group, sequence_parallel=sequence_parallel,
                         pad_vocab=pad_vocab)
+    model_parallel_seed(cfg.seed, tp_rank(group))  # dropout: same default stream on every tp rank
     model = model.to(device) if device is not None else model
     run = run_and_capture(model, data, cfg, sync_grads=model.sync_grads, clip_fn=tp_clip_fn(group))
     run.params = gather_tensors(model, run.params)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from journey_dist.model import CausalSelfAttention, attention
+from journey_dist.model import CausalSelfAttention, KVCache, attention
 from journey_dist.parallel.tp_mappings import (
     Group,
     copy_to_region,
@@ -29,6 +29,7 @@ from journey_dist.parallel.tp_mappings import (
     tp_rank,
     tp_size,
 )
+from journey_dist.parallel.tp_rng import ShardedDropout, fork_if
 
 
 def shard_tensor(full: torch.Tensor, dim: int, group: Group, parts: int = 1) -> torch.Tensor:
@@ -123,17 +124,28 @@ class TensorParallelAttention(nn.Module):
         self.c_proj = RowParallelLinear.from_dense(attn.c_proj, group, sequence_parallel=sequence_parallel)
         self.n_head, self.head_dim = attn.n_head // t, attn.head_dim
         self.attn_dropout = copy.deepcopy(attn.attn_dropout)
-        self.resid_dropout = copy.deepcopy(attn.resid_dropout)
+        # after c_proj: replicated without SP (default stream, the same mask on every rank),
+        # a sequence shard with SP (the per-rank "tp" stream); see tp_rng.py
+        self.resid_dropout = ShardedDropout(attn.resid_dropout.p) if sequence_parallel \
+            else copy.deepcopy(attn.resid_dropout)
         self.dropout, self.attn_impl = attn.dropout, attn.attn_impl
 
-    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
-        if cache is not None:
-            raise NotImplementedError("KV cache is not supported by the tensor-parallel attention")
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C) (or (B, T/t, C) with SP) -> same shape. With a cache (model.KVCache holding
+        this rank's H/t heads), the T new tokens attend to the cache.pos cached ones too."""
         qkv = self.c_attn(x)  # (B, T, 3 * H/t * D), T the full sequence
         B, T, _ = qkv.shape
         q, k, v = qkv.split(self.n_head * self.head_dim, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        y = attention(q, k, v, 0, self.attn_impl, self.dropout if self.training else 0.0, self.attn_dropout)
+        start = 0
+        if cache is not None:  # same bookkeeping as model.CausalSelfAttention, on local heads
+            start = cache.pos
+            cache.k[layer][:B, :, start:start + T] = k
+            cache.v[layer][:B, :, start:start + T] = v
+            k, v = cache.k[layer][:B, :, :start + T], cache.v[layer][:B, :, :start + T]
+        p = self.dropout if self.training else 0.0
+        with fork_if(p > 0, "tp", x.device):  # this rank's heads: its own masks
+            y = attention(q, k, v, start, self.attn_impl, p, self.attn_dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))  # (B, T, C), or (B, T/t, C) with SP
 
