@@ -14,12 +14,14 @@ the collectives of one step measured by the CommLedger against the analytic coun
 sequence parallel off (all-reduces: 4 per layer + embedding + head + 3 loss + 1 clip norm) and on
 (each activation all-reduce becomes an all-gather + reduce-scatter pair of the same bytes, plus
 one all-reduce of the LayerNorm/bias/wpe grads). PyTorch's DTensor TP (a torchtitan-style plan
-of ColwiseParallel/RowwiseParallel) runs the same model for comparison.
+of ColwiseParallel/RowwiseParallel) runs the same model for comparison. Last, generate(): each
+rank caches only its H/t heads (1/t of the cache), greedy tokens identical to one process.
 Results: runs/03_tensor_parallel/result.json
 """
 
 # %% Setup: arguments, model config, and every check that can fail, before any process starts
 import argparse
+import time
 from dataclasses import replace
 
 import torch
@@ -30,8 +32,13 @@ from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
 from journey_dist.memory.estimate import param_count
-from journey_dist.parallel.reference import max_abs_diff, reference_run
-from journey_dist.parallel.tensor_parallel import analytic_collectives, run_tensor_parallel, tp_clip_fn
+from journey_dist.parallel.reference import fresh_model, max_abs_diff, reference_run
+from journey_dist.parallel.tensor_parallel import (
+    analytic_collectives,
+    parallelize,
+    run_tensor_parallel,
+    tp_clip_fn,
+)
 from journey_dist.parallel.tp_dtensor import (
     dtensor_analytic_collectives,
     dtensor_clip_fn,
@@ -39,6 +46,7 @@ from journey_dist.parallel.tp_dtensor import (
     dtensor_step,
     run_dtensor_tp,
 )
+from journey_dist.parallel.tp_generate import compare_tp_generation
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig, train_step
 
@@ -49,6 +57,7 @@ parser.add_argument("--ranks", type=int, default=2, help="tp ranks to spawn unde
 parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--batch-size", type=int, default=8, help="global batch (sequences)")
 parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate in the TP generate check")
 parser.add_argument("--no-dtensor", action="store_true", help="skip the PyTorch DTensor comparison")
 args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
 
@@ -57,6 +66,10 @@ world = requested_world_size(args.ranks)
 config = get_preset(args.preset)
 for sp in (False, True):  # tp must divide heads and vocab; with SP also the sequence
     ParallelConfig(tp=world, sequence_parallel=sp and world > 1).validate(config, world, args.batch_size)
+PROMPT_LEN = 16
+if not 1 <= args.new_tokens <= config.block_size - PROMPT_LEN:
+    parser.error(f"--new-tokens {args.new_tokens}: prompt ({PROMPT_LEN}) + new tokens must fit "
+                 f"block_size={config.block_size}; use 1..{config.block_size - PROMPT_LEN}")
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                   warmup_steps=max(1, args.steps // 5), eval_batches=1)
 
@@ -154,9 +167,24 @@ def rank_main(data) -> dict:
         print0("dtensor: the same activation and loss all-reduces as ours; its grad-norm (DTensor .norm() "
                "per parameter) adds one scalar all-reduce per sharded parameter where ours takes one in all")
 
+    # Generation: the tp model's generate(), each rank caching only its own heads.
+    t0 = time.perf_counter()
+    prompt = get_batch(data.val, 2, PROMPT_LEN, 0, cfg.seed)[0].to(device or "cpu")  # 2 prompts
+    gen = compare_tp_generation(fresh_model(config, device=device),
+                                parallelize(fresh_model(config, device=device)), prompt, args.new_tokens)
+    print0(f"\ngenerate ({args.new_tokens} new tokens, batch 2, KV cache; fresh seed-0 weights): "
+           f"greedy tokens identical to one process: {'yes' if gen['greedy_identical'] else 'NO'} | "
+           f"max|logit diff| {gen['max_logit_diff']:.1e} (tol 1e-5) | sampled with a different generator "
+           f"per rank, same tokens on every rank: {'yes' if gen['sampled_same_on_ranks'] else 'NO'}")
+    print0(f"KV cache per rank: {gen['cache_bytes_per_rank']:,} B = kv_cache_bytes(cfg, 2, "
+           f"{prompt.size(1) + args.new_tokens}, kv_heads={gen['heads_per_rank']}) = "
+           f"{gen['cache_bytes_formula']:,} B; one process {gen['cache_bytes_one_process']:,} B "
+           f"({gen['cache_bytes_per_rank'] / gen['cache_bytes_one_process']:.2f}x = 1/tp) | "
+           f"check took {time.perf_counter() - t0:.1f} s")
+
     result = {"tp": n, "preset": args.preset, "config": config.to_dict(), "train": cfg.to_dict(),
               "reference_losses": ref.losses, "rounding_floor_param_diff": floor,
-              "param_bytes_estimate": est, "variants": result_rows}
+              "param_bytes_estimate": est, "variants": result_rows, "generate": gen}
     path = save_json(LAB, "result", result)
     print0(f"\nwrote {path}")
     return {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in result_rows.items()}

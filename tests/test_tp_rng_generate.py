@@ -19,6 +19,7 @@ from journey_dist.memory.estimate import kv_cache_bytes
 from journey_dist.model import KVCache
 from journey_dist.parallel.reference import fresh_model
 from journey_dist.parallel.tensor_parallel import parallelize, run_tensor_parallel
+from journey_dist.parallel.tp_generate import compare_tp_generation
 from journey_dist.parallel.tp_mappings import gather_from_region
 from journey_dist.parallel.tp_rng import get_tracker, model_parallel_seed
 from journey_dist.train import TrainConfig
@@ -135,6 +136,7 @@ def _generation() -> dict:
         return ref.generate(prompt, 11, temperature=1.0, top_k=20, generator=gen)
 
     out["sampled_equals_rank0_one_process"] = torch.equal(sampled, one_process(100))
+    out["compare"] = compare_tp_generation(fresh_model(TINY), parallelize(fresh_model(TINY)), prompt, 9)
     out["seeds_differ"] = not torch.equal(sampled, one_process(101))  # rank 1 alone would disagree
     return out
 
@@ -211,3 +213,11 @@ def test_sampling_draws_the_same_tokens_on_every_rank(results):
         g = rank["generation"]
         assert g["seeds_differ"]  # the ranks' generators would disagree on their own
         assert g["sampled_same_on_ranks"] and g["sampled_equals_rank0_one_process"]
+
+
+def test_compare_tp_generation_helper_used_by_lab_03(results):
+    for rank in results:
+        c = rank["generation"]["compare"]
+        assert c["greedy_identical"] and c["sampled_same_on_ranks"] and c["heads_per_rank"] == 2
+        assert c["max_logit_diff"] < LOGIT_TOL
+        assert c["cache_bytes_per_rank"] == c["cache_bytes_formula"] == c["cache_bytes_one_process"] // 2

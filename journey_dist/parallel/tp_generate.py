@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from journey_dist.model import next_token
+from journey_dist.memory.estimate import kv_cache_bytes
+from journey_dist.model import GPT, KVCache, next_token
 from journey_dist.parallel.tp_mappings import gather_from_region
 
-__all__ = ["full_last_logits", "sequence_parallel_off", "tp_generate"]
+__all__ = ["compare_tp_generation", "full_last_logits", "sequence_parallel_off", "tp_generate"]
 
 
 @contextlib.contextmanager
@@ -78,3 +79,41 @@ def tp_generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temper
             step_input = nxt
     model.train(was_training)
     return idx
+
+
+@torch.no_grad()
+def compare_tp_generation(model: GPT, tp_model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                          seed: int = 0) -> dict:
+    """Check tp_model.generate against model.generate (the same weights, one process).
+
+    Collective (every tp rank, same prompt). Returns: greedy tokens identical; the max |logit
+    diff| over the prompt and every decode step with the KV cache; this rank's cache bytes vs
+    kv_cache_bytes(..., kv_heads=H/t) and one process's; and whether sampling with a generator
+    seeded differently on every rank still gives every rank the same tokens.
+    """
+    cfg, group = model.config, tp_model.group
+    B, total = prompt.size(0), prompt.size(1) + new_tokens
+    want = model.generate(prompt, new_tokens, greedy=True)
+    got = tp_model.generate(prompt, new_tokens, greedy=True)
+    model.eval()
+    tp_model.eval()
+    ref_cache, cache = KVCache(cfg, B, total, prompt.device, next(model.parameters()).dtype), \
+        tp_model.kv_cache(B, total)
+    diff, start = 0.0, 0
+    for end in [prompt.size(1)] + list(range(prompt.size(1) + 1, total)):  # prefill, then 1 by 1
+        step = want[:, start:end]
+        full, _ = model(step, cache=ref_cache)
+        local, _ = tp_model(step, cache=cache)
+        local = gather_from_region(local.contiguous(), group)[..., :cfg.vocab_size]
+        diff = max(diff, (local.float() - full.float()).abs().max().item())
+        start = end
+    gen = torch.Generator(device=prompt.device).manual_seed(seed + dist.get_rank())  # differs per rank
+    sampled = tp_model.generate(prompt, new_tokens, top_k=50, generator=gen)
+    everyone = [torch.empty_like(sampled) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, sampled, group=group)
+    heads = tp_model.transformer.h[0].attn.n_head
+    return {"greedy_identical": bool(torch.equal(want, got)), "max_logit_diff": diff,
+            "cache_bytes_per_rank": cache.nbytes(),
+            "cache_bytes_formula": kv_cache_bytes(cfg, B, total, kv_heads=heads),
+            "cache_bytes_one_process": ref_cache.nbytes(), "heads_per_rank": heads,
+            "sampled_same_on_ranks": all(torch.equal(t, everyone[0]) for t in everyone)}
