@@ -21,7 +21,7 @@ from journey_dist.parallel.reference import fresh_model
 from journey_dist.parallel.tensor_parallel import parallelize, run_tensor_parallel
 from journey_dist.parallel.tp_generate import compare_tp_generation
 from journey_dist.parallel.tp_mappings import gather_from_region
-from journey_dist.parallel.tp_rng import get_tracker, model_parallel_seed
+from journey_dist.parallel.tp_rng import fork, get_tracker, model_parallel_seed
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
 
@@ -221,3 +221,43 @@ def test_compare_tp_generation_helper_used_by_lab_03(results):
         assert c["greedy_identical"] and c["sampled_same_on_ranks"] and c["heads_per_rank"] == 2
         assert c["max_logit_diff"] < LOGIT_TOL
         assert c["cache_bytes_per_rank"] == c["cache_bytes_formula"] == c["cache_bytes_one_process"] // 2
+
+
+def _stream_checks(device: str) -> None:
+    """fork("tp") leaves the default stream exactly where it was, continues its own stream across
+    forks, and gives different tp ranks different streams."""
+    model_parallel_seed(3, 0)
+    plain = [torch.rand(5, device=device) for _ in range(2)]
+    model_parallel_seed(3, 0)
+    first = torch.rand(5, device=device)
+    with fork("tp", device):
+        tp_a = torch.rand(5, device=device)
+    with fork("tp", device):
+        tp_b = torch.rand(5, device=device)
+    second = torch.rand(5, device=device)
+    assert torch.equal(first, plain[0]) and torch.equal(second, plain[1])  # default: untouched
+    assert not torch.equal(tp_a, tp_b)  # the tp stream advanced, not restarted
+    assert not torch.equal(tp_a, first)
+    model_parallel_seed(3, 1)
+    with fork("tp", device):
+        other_rank = torch.rand(5, device=device)
+    assert not torch.equal(other_rank, tp_a)
+    model_parallel_seed(3, 0)
+    with fork("tp", device):
+        assert torch.equal(torch.rand(5, device=device), tp_a)  # reseeding restarts the stream
+    get_tracker().reset()
+    with pytest.raises(RuntimeError, match="model_parallel_seed"):
+        with fork("tp", device):
+            pass
+
+
+def test_fork_swaps_the_cpu_stream_in_and_out():
+    with torch.random.fork_rng(devices=[]):  # leave pytest's own RNG state as it was
+        _stream_checks("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fork_swaps_the_cuda_stream_in_and_out():
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+        _stream_checks("cuda")
