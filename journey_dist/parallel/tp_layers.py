@@ -7,6 +7,9 @@ only this rank's shard, and tags its parameters so gather/clip helpers know how 
     p.tp_rows = n               the first n rows along the split dim are real (vocab padding)
     p.sequence_parallel = True  replicated, but under sequence parallel each rank sees only its
                                 sequence shard, so its grad is partial: all-reduce over tp
+
+Dropout on per-rank data (the attention probabilities of this rank's heads; with sequence
+parallel the residual dropout on its shard) draws from the "tp" stream of tp_rng.py.
 """
 
 from __future__ import annotations
