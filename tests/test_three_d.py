@@ -5,7 +5,10 @@ parameter after 3 AdamW steps, each rank's slice compared with the single-proces
 same way. What remains is float rounding of per-microbatch and per-shard sums.
 """
 
+from dataclasses import replace
+
 import pytest
+import torch
 
 from journey_dist.comm import CommLedger
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
@@ -114,6 +117,28 @@ def test_3d_on_4_ranks_matches_single_process():
     ref = reference()
     run_cases(4, [(ParallelConfig(dp=2, tp=1, pp=2, microbatches=2), TINY, ref),
                   (ParallelConfig(dp=1, tp=2, pp=2, microbatches=2), TINY, ref)])
+
+
+def _dropout_rank(pcfg, config, cfg):
+    mesh = build_mesh(pcfg)
+    run, _ = three_d_run(config, load_tokens("handbook"), cfg, mesh)
+    return {"coords": mesh.coords, "losses": run.losses,
+            "params": {k: v for k, v in run.params.items() if "ln_" in k}}  # replicated over tp
+
+
+def test_3d_with_dropout_keeps_tp_replicas_in_step():
+    """Dropout under tp: replicated regions draw the same masks on every tp rank (else the
+    LayerNorm weights, which each tp rank holds whole, would drift apart)."""
+    pcfg = ParallelConfig(dp=1, tp=2, pp=2, microbatches=2)
+    config = TINY.with_(dropout=0.1)
+    cfg = replace(CFG, steps=2)
+    results = run_ranks(_dropout_rank, 4, pcfg, config, cfg, timeout_s=120.0)
+    for stage in (0, 1):
+        a, b = [r for r in results if r["coords"]["pp"] == stage]
+        assert a["params"] and a["params"].keys() == b["params"].keys()
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), (stage, name)
+    assert results[0]["losses"] == results[-1]["losses"]
 
 
 @pytest.mark.slow

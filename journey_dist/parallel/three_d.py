@@ -45,6 +45,7 @@ from journey_dist.parallel.reference import RunResult, fresh_model, named_params
 from journey_dist.parallel.tensor_parallel import padded_vocab_size, parallelize_block
 from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from journey_dist.parallel.tp_mappings import copy_to_region
+from journey_dist.parallel.tp_rng import model_parallel_seed
 from journey_dist.train import TrainConfig
 
 
@@ -172,6 +173,9 @@ def three_d_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: Mesh
     pcfg = mesh.pcfg
     check_3d(replace(pcfg, microbatches=cfg.grad_accum), config, dist.get_world_size(), cfg.batch_size)
     stage = build_3d_stage(fresh_model(config, seed), mesh).to(comm_device(mesh.pp_group))
+    # dropout streams (as Megatron): one default seed per stage (same across its tp group:
+    # replicated regions draw the same masks), and a per-tp-rank stream for sharded regions
+    model_parallel_seed(cfg.seed + 100 * mesh.pp_rank, mesh.tp_rank)
     pipe = Pipeline(stage, mesh.pp_group, pcfg.schedule)
     dp = pcfg.dp
 
