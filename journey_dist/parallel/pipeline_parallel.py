@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
 from journey_dist.model import GPT
+from journey_dist.parallel.pipeline_p2p import P2P, WIRE_DTYPES, ShapeMismatchError
 from journey_dist.parallel.reference import RunResult, fresh_model, run_and_capture
 from journey_dist.train import StepResult, TrainConfig, autocast_context
 
@@ -130,85 +131,6 @@ def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
     if dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- point to point
-
-
-class ShapeMismatchError(RuntimeError):
-    """Two stages disagree on what crosses a stage boundary (shape, microbatch, direction)."""
-
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-class P2P:
-    """Links to the neighbouring stages: activations go to stage s+1, gradients to stage s-1.
-
-    Every message is a small header (microbatch, dtype, shape) then the tensor. A send posts
-    both with isend and moves on (the handles are waited at the end of the step), so a stage never
-    stalls on a busy neighbour. A receive is posted ahead (`post`: the next message from each
-    neighbour, so it lands while the stage computes) and checked when taken (`take`): a header
-    that disagrees with the agreed shape raises there instead of hanging. A sender never sends a
-    payload of another shape or dtype (it raises after the header instead): gloo aborts the
-    process when a message does not fit the posted buffer, with no Python traceback.
-    """
-
-    def __init__(self, group: dist.ProcessGroup | None, device: torch.device):
-        self.group, self.device = group, device
-        self.ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-        self.stage = dist.get_rank(group)
-        self.num_stages = len(self.ranks)
-        self.pending: list[tuple[dist.Work, torch.Tensor]] = []
-
-    def peer(self, offset: int) -> int:
-        return self.ranks[self.stage + offset]
-
-    def send(self, tensor: torch.Tensor, kind: str, mb: int, expected: tuple[int, ...],
-             dtype: torch.dtype) -> None:
-        """kind "F": activations to stage s+1; "B": input gradients to stage s-1."""
-        dst = self.peer(1 if kind == "F" else -1)
-        header = torch.tensor([mb, _DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape,
-                               *[0] * (5 - tensor.dim())], device=self.device)
-        self.pending.append((dist.isend(header, dst, group=self.group), header))
-        if (tuple(tensor.shape), tensor.dtype) != (tuple(expected), dtype):
-            self.pending[-1][0].wait()  # let the header reach the peer, so it fails with a message too
-            what = "activations" if kind == "F" else "input gradients"
-            raise ShapeMismatchError(
-                f"stage {self.stage} produced {what} of shape {tuple(tensor.shape)} ({tensor.dtype}) for "
-                f"microbatch {mb}, but the stages agreed on {tuple(expected)} ({dtype}): the stage "
-                f"module's output does not match its boundary_shape() or parameter dtype")
-        tensor = tensor.contiguous()
-        self.pending.append((dist.isend(tensor, dst, group=self.group), tensor))
-
-    def post(self, kind: str, mb: int, expected: tuple[int, ...], dtype: torch.dtype) -> tuple:
-        """Post the receive of microbatch mb's activations ("F") or gradients ("B"); no waiting."""
-        src = self.peer(-1 if kind == "F" else 1)
-        header = torch.empty(8, dtype=torch.long, device=self.device)
-        buf = torch.empty(expected, dtype=dtype, device=self.device)
-        return (kind, mb, src, dist.irecv(header, src, group=self.group), header,
-                dist.irecv(buf, src, group=self.group), buf)
-
-    def take(self, posted: tuple) -> torch.Tensor:
-        """Wait for a posted receive; raise ShapeMismatchError if the header is not what we expect."""
-        kind, mb, src, header_work, header, work, buf = posted
-        header_work.wait()
-        h = header.tolist()
-        got = (h[0], _DTYPES[h[1]], tuple(h[3:3 + h[2]]))
-        if got != (mb, buf.dtype, tuple(buf.shape)):
-            what = "activations" if kind == "F" else "gradients"
-            raise ShapeMismatchError(
-                f"stage {self.stage} expected {what} of shape {tuple(buf.shape)} ({buf.dtype}) for "
-                f"microbatch {mb} from stage {self.ranks.index(src)}, but it sent shape {got[2]} "
-                f"({got[1]}) for microbatch {got[0]}: the stages disagree on the model width, the "
-                f"batch split or the schedule")
-        work.wait()
-        return buf
-
-    def wait_sends(self) -> None:
-        for work, _ in self.pending:
-            work.wait()
-        self.pending.clear()
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -346,14 +268,14 @@ class Pipeline:
     def _check_plan(self, schedule: str, m: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """All stages must agree on schedule, microbatch count, boundary shape and dtype (fails on all)."""
         code = ("gpipe", "1f1b", "eval").index(schedule)
-        mine = torch.tensor([code, m, _DTYPES.index(dtype), len(shape), *shape, *[0] * (4 - len(shape))],
+        mine = torch.tensor([code, m, WIRE_DTYPES.index(dtype), len(shape), *shape, *[0] * (4 - len(shape))],
                             device=self.device)
         plans = [torch.empty_like(mine) for _ in range(self.p)]
         dist.all_gather(plans, mine, group=self.group)  # also lines the stages up for the timeline
         if any(not torch.equal(plan, mine) for plan in plans):
             rows = enumerate(t.tolist() for t in plans)
             desc = "; ".join(f"stage {s}: {('gpipe', '1f1b', 'eval')[q[0]]}, {q[1]} microbatches, "
-                             f"activations {tuple(q[4:4 + q[3]])} {_DTYPES[q[2]]}" for s, q in rows)
+                             f"activations {tuple(q[4:4 + q[3]])} {WIRE_DTYPES[q[2]]}" for s, q in rows)
             raise ShapeMismatchError(
                 f"pipeline stages disagree ({desc}); build every stage from the same GPTConfig and run "
                 f"the same schedule on the same batch split")
