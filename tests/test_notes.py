@@ -142,7 +142,7 @@ def test_notes_exist_and_carry_many_checks():
     names = {p.name for p in NOTES}
     for name in ("README.md", "tokens.md", "bpe.md", "ngrams.md", "attention.md", "transformer_block.md",
                  "parameters.md", "parallelism.md", "zero.md", "memory.md", "kv_cache.md", "lora.md",
-                 "serving.md"):
+                 "serving.md", "reliability.md"):
         assert name in names, f"notes/{name} is missing"
     assert len(CHECKS) >= 250, f"only {len(CHECKS)} checked numbers in notes/ (316 on branch notes2)"
 
