@@ -30,7 +30,9 @@ import torch
 import journey_dist.config as config
 import journey_dist.memory.estimate as estimate
 from journey_dist.comm import analytic, ring_factor
+from journey_dist.data import load_text
 from journey_dist.kv_cache import kv_memory_table, paged_vs_preallocated, sample_lengths
+from journey_dist.lora import apply_scratch_lora, param_counts
 from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, per_byte_perplexity
 from journey_dist.parallel.data_parallel import bucket_layout, planned_buckets
@@ -62,6 +64,26 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
 @functools.cache
+def lora_counts(cfg: config.GPTConfig, spec: config.LoRAConfig) -> tuple[int, int]:
+    """(trainable, total) parameters of a real model wrapped by the from-scratch LoRA (lab 08's
+    count, without PEFT's import time); small configs only: it allocates the weights."""
+    torch.manual_seed(0)
+    return param_counts(apply_scratch_lora(GPT(cfg), spec))
+
+
+@functools.cache
+def text(source: str) -> str:
+    """An embedded corpus (data.load_text), read once per session."""
+    return load_text(source)
+
+
+@functools.cache
+def bpe(source: str, num_merges: int) -> BPETokenizer:
+    """A BPE tokenizer trained on an embedded corpus, once per session (well under a second)."""
+    return BPETokenizer.train(text(source), num_merges, special_tokens=["<|endoftext|>"])
+
+
+@functools.cache
 def meta_gpt(cfg: config.GPTConfig) -> GPT:
     """The real model with no storage (parameter shapes only), for checks on gpt2-sized models."""
     with torch.device("meta"):
@@ -71,7 +93,8 @@ def meta_gpt(cfg: config.GPTConfig) -> GPT:
 def namespace() -> dict:
     """What a check may call: config and memory-estimate functions, comm and pipeline formulas,
 DP bucket planning, the model on the meta device (P = get_preset), and the labs' pure functions:
-the BPE tokenizer and n-gram model (tiny texts only: a note's `let` runs once per test session),
+the BPE tokenizer (`bpe(corpus, merges)`: trained once per session) and n-gram model (tiny texts
+only: a note's `let` runs once per test session), LoRA parameter counts on a real gpt-mini,
 the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
 accounting and DeepSpeed's config builder. None of them needs a process group."""
     ns = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")}
@@ -81,7 +104,8 @@ accounting and DeepSpeed's config builder. None of them needs a process group.""
               P=config.get_preset, planned_buckets=planned_buckets, bucket_layout=bucket_layout,
               meta_gpt=meta_gpt, TrainConfig=TrainConfig)
     ns.update(BPETokenizer=BPETokenizer, split_chunks=split_chunks, train_merges=train_merges,
-              NGramLM=NGramLM, per_byte_perplexity=per_byte_perplexity)
+              NGramLM=NGramLM, per_byte_perplexity=per_byte_perplexity, text=text, bpe=bpe)
+    ns.update(lora_counts=lora_counts)
     ns.update(paged_vs_preallocated=paged_vs_preallocated, sample_lengths=sample_lengths,
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
@@ -118,7 +142,7 @@ def test_notes_exist_and_carry_many_checks():
     names = {p.name for p in NOTES}
     for name in ("README.md", "tokens.md", "bpe.md", "ngrams.md", "attention.md", "transformer_block.md",
                  "parameters.md", "parallelism.md", "zero.md", "memory.md", "kv_cache.md", "lora.md",
-                 "serving.md"):
+                 "serving.md", "reliability.md"):
         assert name in names, f"notes/{name} is missing"
     assert len(CHECKS) >= 250, f"only {len(CHECKS)} checked numbers in notes/ (316 on branch notes2)"
 
