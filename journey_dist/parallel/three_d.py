@@ -277,7 +277,7 @@ def expected_comm_per_step(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainCo
     tokens = cfg.batch_size // (pcfg.dp * m) * (config.block_size if seq_len is None else seq_len)
     a = tokens * config.n_embd * bytes_per_value
     layers = len(stage_layers(config.n_layer, pp)[s])
-    clip = bytes_per_value if cfg.grad_clip > 0 else 0
+    clip = 4 if cfg.grad_clip > 0 else 0  # the norm is summed in fp32 (clip_grad_norm_3d)
     out: dict[str, dict[str, int]] = {"tp": {}, "pp": {}, "dp": {}}
     if tp > 1:
         per_micro = 4 * layers * a + (a if s == 0 else 0) + (a + 3 * tokens * 4 if s == last else 0)
