@@ -115,3 +115,23 @@ def test_cli_text_and_json(capsys):
     assert main([*args, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["world_size"] == 8 and len(plan["stages"]) == 2 and plan["fits"] is True
+
+
+def _zero1_ledger(config, cfg):
+    from journey_dist.data import load_tokens
+    from journey_dist.parallel.zero import run_zero1
+
+    return run_zero1(config, load_tokens("handbook"), cfg).comm
+
+
+def test_zero1_plan_equals_the_ledger_of_a_2_rank_run():
+    """The one plan path no other test measures: ZeRO-1's dp reduce-scatter + all-gather + clip
+    all-reduce, against the CommLedger of zero.py's run (2 gloo ranks, tiny, fp32, one step)."""
+    from tests.dist import run_ranks
+
+    tiny = get_preset("tiny")
+    cfg = TrainConfig(steps=1, batch_size=8, warmup_steps=1, eval_batches=1, grad_clip=1.0)
+    plan = make_plan(tiny, ParallelConfig(dp=2, zero=1), batch=8, dtype="fp32")
+    expected = plan["stages"][0]["comm"]["dp"]
+    for measured in run_ranks(_zero1_ledger, 2, tiny, cfg, timeout_s=120.0):
+        assert {op: {k: row[k] for k in ("bytes", "wire_bytes")} for op, row in measured.items()} == expected
