@@ -33,6 +33,41 @@ def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
     add_estimate_arguments(parser)
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from journey_dist.config import ParallelConfig, get_preset
+    from journey_dist.plan import make_plan, parse_bytes, plan_text
+
+    pcfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, microbatches=args.microbatches,
+                          zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule)
+    plan = make_plan(get_preset(args.preset), pcfg, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                     optimizer=args.optimizer, world=args.world, device=args.device,
+                     gpu_mem=None if args.gpu_mem is None else parse_bytes(args.gpu_mem))
+    print(json.dumps(plan, indent=1) if args.json else plan_text(plan))
+
+
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from journey_dist.memory.estimate import DTYPES
+
+    parser.add_argument("--preset", default="gpt-mini")
+    for name in ("dp", "tp", "pp", "microbatches"):
+        parser.add_argument(f"--{name}", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8, help="global batch in sequences per step")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES,
+                        help="as `journey estimate`: bf16 = pure bf16; bf16-mixed = + fp32 master weights")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"])
+    parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--sequence-parallel", "--sp", action="store_true", help="needs tp > 1")
+    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
+    parser.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB or 80GiB: say what fits")
+    parser.add_argument("--world", type=int, default=None, help="ranks you will launch (checked = dp*tp*pp)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="memory terms for this device")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
 def _cmd_checkpoints(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -64,6 +99,8 @@ COMMANDS: dict = {
     "presets": (_cmd_presets, "list model presets and their parameter counts", None),
     "estimate": (_cmd_estimate, "memory per rank: estimated vs measured, per component (lab 07)",
                  _estimate_arguments),
+    "plan": (_cmd_plan, "size a dp x tp x pp run before launching it: validation, mesh, memory per "
+             "stage, communication per step, bubble", _plan_arguments),
     "checkpoints": (_cmd_checkpoints, "list checkpoints in a directory, each validated, and the "
                     "one a resume would use", _checkpoints_arguments),
 }

@@ -45,20 +45,34 @@ def all_groups(dim: str, pcfg: ParallelConfig) -> list[list[int]]:
     return [list(g) for g in sorted(groups)]
 
 
-def layout_text(pcfg: ParallelConfig) -> str:
+def layout_text(pcfg: ParallelConfig, limit: int | None = None) -> str:
     """Which global ranks form each tp, dp and pp group, and each rank's (pp, dp, tp) coordinates
-    (pure: what a learner reads before any process starts)."""
+    (pure: what a learner reads before any process starts). `limit`: show at most that many
+    stages, dp rows, groups and ranks per list, and say how many more (for big worlds)."""
+    def show(items: list, fmt=str) -> str:
+        if limit is None or len(items) <= limit:
+            return ", ".join(fmt(i) for i in items)
+        return ", ".join(fmt(i) for i in items[:limit]) + f", ... (+{len(items) - limit} more)"
+
+    def ranks(rs: list[int]) -> str:
+        return f"[{show(rs)}]"
+
     lines = [f"mesh pp={pcfg.pp} x dp={pcfg.dp} x tp={pcfg.tp} = {pcfg.world_size} ranks "
              f"(rank = (pp_rank*dp + dp_rank)*tp + tp_rank: a tp group is adjacent ranks)"]
-    for s in range(pcfg.pp):
-        rows = "   ".join(f"dp{d}: {[coords_rank(s, d, t, pcfg) for t in range(pcfg.tp)]}"
-                         for d in range(pcfg.dp))
-        lines.append(f"  pp stage {s}: {rows}")
+    stages = range(pcfg.pp) if limit is None else range(min(pcfg.pp, limit))
+    dps = range(pcfg.dp) if limit is None else range(min(pcfg.dp, limit))
+    for s in stages:
+        rows = "   ".join(f"dp{d}: {ranks([coords_rank(s, d, t, pcfg) for t in range(pcfg.tp)])}"
+                         for d in dps)
+        more = f"   ... (+{pcfg.dp - len(dps)} more dp rows)" if len(dps) < pcfg.dp else ""
+        lines.append(f"  pp stage {s}: {rows}{more}")
+    if len(stages) < pcfg.pp:
+        lines.append(f"  ... (+{pcfg.pp - len(stages)} more pp stages)")
     what = {"tp": "split each layer's weights; all-reduce activations every block",
             "dp": "same stage, other data; all-reduce gradients after the flush",
             "pp": "same (dp, tp) slot, consecutive stages; send activations/gradients"}
     for dim in ("tp", "dp", "pp"):
-        lines.append(f"  {dim} groups ({what[dim]}): {all_groups(dim, pcfg)}")
+        lines.append(f"  {dim} groups ({what[dim]}): [{show(all_groups(dim, pcfg), ranks)}]")
     return "\n".join(lines)
 
 

@@ -507,8 +507,9 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
                     zero: int = 0, tp: int = 1, pp: int = 1, microbatches: int = 1,
                     sequence_parallel: bool = False, recompute: bool = False, attn: str | None = None,
                     dropout: bool | None = None, device: str = "cuda",
-                    schedule: str = "1f1b", lora: LoRAConfig | None = None) -> MemoryEstimate:
-    """Estimate one training step's memory on the busiest rank (bytes).
+                    schedule: str = "1f1b", lora: LoRAConfig | None = None,
+                    stage: int | None = None) -> MemoryEstimate:
+    """Estimate one training step's memory on the busiest rank (bytes), or on pipeline `stage`.
 
     batch_size is the global batch (sequences per optimizer step, as in TrainConfig); each
     data-parallel rank runs batch_size/dp of it in `microbatches` micro-batches. `attn`
@@ -523,8 +524,11 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     backward, and what a frozen base no longer keeps (`lora_layer_terms`, `lora_outer_terms`).
     Exact vs the CPU tensor ledger when the first block's c_attn is adapted and LoRA dropout is 0;
     otherwise an upper bound (a first block whose attention needs no gradient keeps less).
+    `stage` (0..pp-1): that stage's ranks instead of the busiest (the first or the last stage).
     Raises ConfigError (config.py's checks) for a layout that cannot work.
     """
+    if stage is not None and not 0 <= stage < pp:
+        raise ConfigError(f"stage={stage} is not a pipeline stage of pp={pp}; use 0..{pp - 1}")
     if dtype not in PRECISIONS:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if optimizer not in ("adamw", "sgd", "none"):
@@ -550,7 +554,7 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     x = _Shape(b=batch_size // (dp * microbatches), s=seq_len, h=cfg.n_embd, a=cfg.n_head,
                V=cfg.vocab_size, t=tp, sp=sequence_parallel, prec=prec, attn=attn, dropout=dropout,
                device=device)
-    stages = [0] if pp == 1 else [0, pp - 1]
+    stages = [stage] if stage is not None else ([0] if pp == 1 else [0, pp - 1])
     results = [_estimate_stage(cfg, x, dtype, optimizer, trainable_params, dp, zero, pp, stage,
                                microbatches, recompute, schedule, lora) for stage in stages]
     est = max(results, key=lambda e: e.total)

@@ -256,8 +256,12 @@ def comm_by_dim(ledger: CommLedger, mesh: Mesh) -> dict[str, dict[str, dict[str,
 
 
 def expected_comm_per_step(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainConfig,
-                           coords: dict[str, int], bytes_per_value: int = 4) -> dict[str, dict[str, int]]:
+                           coords: dict[str, int], bytes_per_value: int = 4,
+                           seq_len: int | None = None) -> dict[str, dict[str, int]]:
     """Bytes one rank should hand over per training step, {dim: {op: bytes}} (fp32, no autocast).
+
+    Sequences are config.block_size tokens long unless `seq_len` says otherwise (pure: no process
+    group, so `journey plan` sizes a run with it before launching one).
 
     With a = one microbatch's activations, (B/(dp*m), T, C), per microbatch:
       tp all-reduce: 4a per layer of the stage (g after attention and MLP forward, f before them
@@ -270,10 +274,10 @@ def expected_comm_per_step(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainCo
     """
     m, tp, pp = cfg.grad_accum, pcfg.tp, pcfg.pp
     s, last = coords["pp"], pcfg.pp - 1
-    tokens = cfg.batch_size // (pcfg.dp * m) * config.block_size
+    tokens = cfg.batch_size // (pcfg.dp * m) * (config.block_size if seq_len is None else seq_len)
     a = tokens * config.n_embd * bytes_per_value
     layers = len(stage_layers(config.n_layer, pp)[s])
-    clip = bytes_per_value if cfg.grad_clip > 0 else 0
+    clip = 4 if cfg.grad_clip > 0 else 0  # the norm is summed in fp32 (clip_grad_norm_3d)
     out: dict[str, dict[str, int]] = {"tp": {}, "pp": {}, "dp": {}}
     if tp > 1:
         per_micro = 4 * layers * a + (a if s == 0 else 0) + (a + 3 * tokens * 4 if s == last else 0)
