@@ -142,7 +142,7 @@ class ParallelConfig:
             if model.vocab_size % self.tp and not self.pad_vocab:
                 raise ConfigError(
                     f"tp={self.tp} does not divide vocab_size={model.vocab_size}; pad the "
-                    f"vocabulary to {_round_up(model.vocab_size, self.tp)} (a multiple of tp, as "
+                    f"vocabulary to {padded_vocab_size(model.vocab_size, self.tp)} (a multiple of tp, as "
                     f"Megatron does: pad_vocab=True, padded logits are masked out of the loss) "
                     f"or pick a tp in {_divisors(model.vocab_size)}"
                 )
@@ -244,6 +244,12 @@ def check_bucket_mb(bucket_mb: float) -> float:
             "(DDP's default is 25; smaller means more, earlier all-reduces)"
         )
     return float(bucket_mb)
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of tp, so each rank holds V/tp rows (padded logits
+    are masked out of the loss). Megatron also rounds to 128 per rank for GPU efficiency."""
+    return _round_up(vocab_size, tp)
 
 
 def _divisors(n: int) -> list[int]:

@@ -210,7 +210,7 @@ def test_cli_estimate_parallel_layout_is_estimate_only(tmp_path, monkeypatch, ca
             "--tp", "2", "--zero", "2", "--device", "cuda"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "assuming --dp 2" in out and "padded to 50432" in out and "not run" in out
+    assert "assuming --dp 2" in out and "padded to 50258" in out and "not run" in out
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -135,7 +135,7 @@ def estimate_command(args) -> dict:
     """Print estimated (and, for one device, measured) memory; write runs/estimate/<name>.{json,png}."""
     import torch
 
-    from journey_dist.config import ConfigError, get_preset
+    from journey_dist.config import ConfigError, get_preset, padded_vocab_size
     from journey_dist.memory.estimate import estimate_memory, param_count
     from journey_dist.memory.measure import MEASURABLE, measure_config
     from journey_dist.runtime import runs_dir, save_json
@@ -143,9 +143,9 @@ def estimate_command(args) -> dict:
     overrides = {k: v for k, v in (("attn_impl", args.attn), ("dropout", args.dropout)) if v is not None}
     cfg = get_preset(args.preset, **overrides)
     if args.tp > 1 and cfg.vocab_size % args.tp and cfg.n_head % args.tp == 0:
-        padded = -(-cfg.vocab_size // (128 * args.tp)) * 128 * args.tp
+        padded = padded_vocab_size(cfg.vocab_size, args.tp)
         print(f"note: tp={args.tp} splits the vocabulary; estimating with vocab_size {cfg.vocab_size} "
-              f"padded to {padded} (a multiple of 128*tp, as Megatron pads it)")
+              f"padded to {padded} (a multiple of tp, as ParallelConfig.pad_vocab does)")
         cfg = cfg.with_(vocab_size=padded)
     seq = args.seq or cfg.block_size
     dp = args.dp

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from journey_dist.config import GPTConfig, ParallelConfig
+from journey_dist.config import GPTConfig, ParallelConfig, padded_vocab_size
 from journey_dist.model import GPT, Block, KVCache
 from journey_dist.parallel.tp_generate import tp_generate
 from journey_dist.parallel.tp_layers import (
@@ -51,11 +51,6 @@ __all__ = [
     "gather_tensors", "sync_sequence_parallel_grads", "tp_clip_grad_norm_", "tp_clip_fn",
     "padded_vocab_size", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
 ]
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """The vocabulary rounded up to a multiple of tp (Megatron pads the same way)."""
-    return -(-vocab_size // tp) * tp
 
 
 def _mark_sequence_parallel(module: nn.Module) -> None:
