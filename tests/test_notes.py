@@ -20,6 +20,7 @@ A note may name a value for its later checks, on a line of its own: `<!-- let N7
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from pathlib import Path
@@ -84,6 +85,13 @@ def bpe(source: str, num_merges: int) -> BPETokenizer:
 
 
 @functools.cache
+def bench(name: str) -> dict:
+    """A committed benchmark result (benchmarks/results/<name>.json): notes quote measurements
+    from there, so rerunning a benchmark flags every sentence that now misquotes it."""
+    return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+
+
+@functools.cache
 def meta_gpt(cfg: config.GPTConfig) -> GPT:
     """The real model with no storage (parameter shapes only), for checks on gpt2-sized models."""
     with torch.device("meta"):
@@ -105,7 +113,7 @@ accounting and DeepSpeed's config builder. None of them needs a process group.""
               meta_gpt=meta_gpt, TrainConfig=TrainConfig)
     ns.update(BPETokenizer=BPETokenizer, split_chunks=split_chunks, train_merges=train_merges,
               NGramLM=NGramLM, per_byte_perplexity=per_byte_perplexity, text=text, bpe=bpe)
-    ns.update(lora_counts=lora_counts)
+    ns.update(lora_counts=lora_counts, bench=bench)
     ns.update(paged_vs_preallocated=paged_vs_preallocated, sample_lengths=sample_lengths,
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
