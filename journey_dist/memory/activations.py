@@ -1,0 +1,306 @@
+"""Activation terms of the memory estimate: what autograd keeps per layer, around the blocks and
+for the logits, and what a frozen base with LoRA adapters keeps instead (see estimate.py's
+docstring for the notation and the sources)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from journey_dist.config import LORA_LINEARS, GPTConfig, LoRAConfig
+from journey_dist.memory.sizes import Precision
+
+# ---------------------------------------------------------------------- activations
+
+
+def activation_bytes_per_layer(seq_len: int, batch_size: int, hidden: int, heads: int, *, tp: int = 1,
+                               sequence_parallel: bool = False, fused_attention: bool = False,
+                               dropout: bool = True, bytes_per_value: int = 2, mask_bytes: int = 1) -> float:
+    """Korthikanti et al. 2022 ("Reducing Activation Recomputation"), one layer, no recompute.
+
+    16-bit with dropout: sbh(34 + 5as/h); tensor parallel: sbh(10 + 24/t + 5as/(ht)); with
+    sequence parallel everything is divided by t: sbh(34/t + 5as/(ht)). Fused (flash) attention
+    keeps no s x s matrix, which drops the 5as/h term.
+
+    Where the numbers come from, in values per token and channel (v = bytes_per_value):
+    4 replicated values (two LayerNorm inputs, the QKV and MLP inputs) and 12 split over t
+    (Q, K, V, attention-projection input, 4h GELU input, 4h GELU output): 34 = 16·2 + 2 dropout
+    masks of 1 byte. Per attention score: softmax output (v), dropout mask (1), dropout output (v):
+    5 = 2 + 1 + 2. Scaling: fp32 is bytes_per_value=4 (64 + 2 masks); without dropout the masks
+    and the dropout output go (sbh·16v + as²b·v); `mask_bytes` is the mask's size (1 on GPUs,
+    bool; PyTorch's CPU dropout keeps a full-precision noise tensor, so v there).
+    """
+    s, b, h, a, t, v = seq_len, batch_size, hidden, heads, tp, bytes_per_value
+    masks = 2 * mask_bytes if dropout else 0
+    replicated = 4 * v + masks
+    split = 12 * v
+    per_token = (replicated + split) / t if sequence_parallel else replicated + split / t
+    scores = 0.0 if fused_attention else (v + (mask_bytes + v if dropout else 0)) * a * s / (h * t)
+    return s * b * h * (per_token + scores)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One line of the estimate: what it is, its bytes, and the formula that gave them."""
+
+    name: str
+    nbytes: float
+    formula: str
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything a term formula needs, per micro-batch and per rank."""
+
+    b: int  # micro-batch size
+    s: int
+    h: int
+    a: int
+    V: int
+    t: int
+    sp: bool
+    prec: Precision
+    attn: str  # "sdpa" or "eager"
+    dropout: bool
+    device: str  # "cpu" or "cuda"
+
+    @property
+    def rep(self) -> float:  # LayerNorm-region tensors: split over t only with sequence parallel
+        return 1 / self.t if self.sp else 1.0
+
+    @property
+    def fused(self) -> bool:  # PyTorch's CPU SDPA falls back to the unfused math kernel for dropout
+        return self.attn == "sdpa" and not (self.dropout and self.device == "cpu")
+
+    @property
+    def mask(self) -> int:  # bytes per dropout-mask element: bool on CUDA, a noise tensor on CPU
+        return 1 if self.device == "cuda" else self.prec.values
+
+    @property
+    def cpu_math(self) -> bool:  # CPU's math SDPA (used for dropout) computes 16-bit inputs in fp32
+        return self.attn == "sdpa" and not self.fused
+
+    @property
+    def score_bytes(self) -> int:  # softmax / dropout output per score
+        if self.cpu_math or (self.prec.autocast and self.device == "cuda"):  # CUDA autocast: fp32 softmax
+            return 4
+        return self.prec.values
+
+    @property
+    def attn_mask(self) -> int:  # attention-dropout mask per score
+        return 1 if self.device == "cuda" else self.score_bytes
+
+    @property
+    def stat(self) -> int:  # LayerNorm mean/rstd: fp32, except pure 16-bit on CPU
+        return 2 if (self.device == "cpu" and self.prec.residual == 2) else 4
+
+
+def layer_terms(x: Shape) -> list[Term]:
+    """Bytes one transformer block keeps for backward (one micro-batch, one rank)."""
+    b, s, h, a, t, v, r = x.b, x.s, x.h, x.a, x.t, x.prec.values, x.prec.residual
+    n = b * s
+    terms = [
+        Term("ln_1 input (residual stream)", r * n * h * x.rep, "r·bsh [/t with SP]"),
+        Term("ln_1 output (c_attn input)", v * n * h * x.rep, "v·bsh [/t with SP]"),
+    ]
+    if x.fused:
+        terms += [
+            Term("q, k, v (c_attn output, kept by SDPA)", 3 * v * n * h / t, "3v·bsh/t"),
+            Term("attention output (SDPA output = c_proj input)", v * n * h / t, "v·bsh/t"),
+            Term("SDPA log-sum-exp (fp32)", 4 * b * a * s / t, "4·bas/t"),
+        ]
+    else:
+        sv, qv = x.score_bytes, (4 if x.cpu_math else v)
+        scores = b * a * s * s / t
+        terms += [
+            Term("q, k^T, v copies for the two batched matmuls", 3 * qv * n * h / t,
+                 "3v·bsh/t" + (" (fp32: CPU math SDPA)" if qv != v else "")),
+            Term("attention output copy (c_proj input)", v * n * h / t, "v·bsh/t"),
+            Term("softmax output (b·a·s·s scores)", sv * scores, f"{sv}·as²b/t"),
+        ]
+        if x.dropout:
+            terms.append(Term("attention dropout mask", x.attn_mask * scores, f"{x.attn_mask}·as²b/t"))
+        if sv != v and x.device == "cuda":  # attn @ v keeps its 16-bit copy, not the fp32 input
+            terms.append(Term("16-bit copy of the probabilities for attn @ v", v * scores, "2·as²b/t"))
+        elif x.dropout:
+            terms.append(Term("attention dropout output", sv * scores, f"{sv}·as²b/t"))
+        if x.attn == "eager":
+            terms.append(Term("causal mask (bool, made per layer)", s * s, "s²"))
+    terms += [
+        Term("ln_2 input (residual stream)", r * n * h * x.rep, "r·bsh [/t with SP]"),
+        Term("ln_2 output (c_fc input)", v * n * h * x.rep, "v·bsh [/t with SP]"),
+        Term("LayerNorm mean and rstd (ln_1, ln_2)", 2 * 2 * n * x.stat * x.rep, "2·2·bs·4 bytes"),
+        Term("c_fc output (GELU input)", 4 * v * n * h / t, "4v·bsh/t"),
+        Term("GELU output (c_proj input)", 4 * v * n * h / t, "4v·bsh/t"),
+    ]
+    if x.dropout:
+        terms.append(Term("residual dropout masks (attention, MLP)", 2 * x.mask * n * h * x.rep,
+                          "2m·bsh [/t with SP]"))
+    if x.prec.autocast:
+        terms.append(Term("autocast 16-bit weight copies (kept by each Linear)", 2 * 12 * h * h / t,
+                          "2·12h²/t"))
+    return terms
+
+
+def mlp_saved(x: Shape) -> float:
+    """What a block's MLP half keeps (freed once the MLP's backward is done)."""
+    n, h, t, v, r = x.b * x.s, x.h, x.t, x.prec.values, x.prec.residual
+    saved = (r + v) * n * h * x.rep + 2 * n * x.stat * x.rep + 8 * v * n * h / t
+    saved += (x.mask * n * h * x.rep) if x.dropout else 0
+    return saved + (2 * 8 * h * h / t if x.prec.autocast else 0)
+
+
+def mlp_transient(x: Shape) -> float:
+    """c_proj's backward: the gradient of the GELU output (4v·bsh/t) and the weight gradient in the
+    compute dtype (4h²·v/t), next to everything the block still keeps; under autocast also the
+    16-bit copy of the fp32 residual gradient that c_proj's backward consumes (v·bsh)."""
+    v, n = x.prec.values, x.b * x.s
+    cast = v * n * x.h * x.rep if x.prec.residual != v else 0
+    return 4 * v * n * x.h / x.t + 4 * x.h * x.h * v / x.t + cast
+
+
+def attn_freed(x: Shape) -> float:
+    """Unfused attention: by the softmax's backward, c_proj's input copy and the v copy are freed.
+    Fused: SDPA still holds its output (c_proj's input), nothing is freed yet."""
+    if x.fused:
+        return 0.0
+    n, v = x.b * x.s, x.prec.values
+    return (v + (4 if x.cpu_math else v)) * n * x.h / x.t
+
+
+def attn_transient(x: Shape) -> float:
+    """Attention's backward. Fused: the output's gradient and dq, dk, dv (4v·bsh/t; on CUDA flash
+    attention's fp32 dq accumulator, 4·bsh/t, assumed from its implementation). Unfused: the
+    softmax's input and output gradients (2 score matrices) and dv; with dropout one score
+    gradient next to the still-kept dropout output, dv and the output gradient's copy."""
+    n, h, t, v = x.b * x.s, x.h, x.t, x.prec.values
+    if x.fused:  # CUDA flash backward (16-bit) also accumulates dq in fp32
+        return 4 * v * n * h / t + (4 * n * h / t if (x.device == "cuda" and v == 2) else 0)
+    sv, scores, qv = x.score_bytes, x.b * x.a * x.s * x.s / t, (4 if x.cpu_math else v)
+    extra = 2 * scores if (sv != v and x.device == "cuda") else 0  # CUDA autocast: 16-bit score grad
+    if x.dropout:  # the dropout output's gradient appears while that output is still kept
+        return sv * scores + 2 * qv * n * h / t + extra
+    return 2 * sv * scores + qv * n * h / t + extra
+
+
+def outer_terms(x: Shape, cfg: GPTConfig, first: bool, last: bool) -> list[Term]:
+    """Kept outside the blocks: token ids, embedding dropout, ln_f."""
+    n, h, v, r = x.b * x.s, x.h, x.prec.values, x.prec.residual
+    terms = []
+    if first:
+        terms += [Term("token ids and positions (int64, kept by the embeddings)", 8 * n + 8 * x.s,
+                       "8·bs + 8·s")]
+        if x.dropout:
+            terms.append(Term("embedding dropout mask", (r if x.device == "cpu" else 1) * n * h * x.rep,
+                              "m·bsh"))
+    if last:
+        terms += [Term("ln_f input", r * n * h * x.rep, "r·bsh"),
+                  Term("ln_f mean and rstd", 2 * n * x.stat * x.rep, "2·bs·4 bytes")]
+        if not x.prec.autocast:
+            terms.append(Term("ln_f output (lm_head input)", v * n * h * x.rep, "v·bsh"))
+    return terms
+
+
+def logits_terms(x: Shape) -> list[Term]:
+    """The output head and the loss in forward (model.py: F.cross_entropy(logits.float(), ...))."""
+    n, h, V, t, v = x.b * x.s, x.h, x.V, x.t, x.prec.values
+    terms = [Term("logits (b·s·V)", v * n * V / t, "v·bsV/t")]
+    if v != 4:
+        terms.append(Term("fp32 copy of the logits for the loss", 4 * n * V / t, "4·bsV/t"))
+    terms += [Term("log-softmax (fp32, kept for backward)", 4 * n * V / t, "4·bsV/t"),
+              Term("targets (int64)", 8 * n, "8·bs")]
+    if x.prec.autocast:
+        terms.append(Term("autocast 16-bit copies of the head's input and tied weight",
+                          2 * n * h * x.rep + 2 * V * h / t, "2·bsh + 2·Vh/t"))
+    return terms
+
+
+def logits_saved(x: Shape) -> float:
+    """Of the head's forward tensors, what survives into backward: log-softmax, targets, copies."""
+    keep = ("log-softmax", "targets", "autocast")
+    return sum(tm.nbytes for tm in logits_terms(x) if tm.name.startswith(keep))
+
+
+def optimizer_temporaries(cfg: GPTConfig, optimizer: str, device: str, w: int, tp: int) -> float:
+    """Scratch of optimizer.step(). CUDA: fused AdamW (as train.make_optimizer picks) needs none.
+    CPU: single-tensor AdamW computes denom = sqrt(v)/c + eps per parameter while the previous
+    parameter's denom is still referenced: max over neighbours (n_prev + 2·n_i)·w, parameters in
+    make_optimizer's order (matrices first, then vectors). SGD with momentum works in place."""
+    if optimizer != "adamw" or device == "cuda":
+        return 0.0
+    h, t = cfg.n_embd, tp
+    matrices = [cfg.vocab_size * h // t, cfg.block_size * h] + [3 * h * h // t, h * h // t, 4 * h * h // t,
+                                                                 4 * h * h // t] * cfg.n_layer
+    if not cfg.tie_embeddings:
+        matrices.append(cfg.vocab_size * h // t)
+    worst = max(prev + 2 * cur for prev, cur in zip([0] + matrices, matrices))
+    return worst * w
+
+
+# ---------------------------------------------------------------------- LoRA (frozen base)
+
+
+def lora_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each adaptable linear of a block (config.LORA_LINEARS)."""
+    h = cfg.n_embd
+    return dict(zip(LORA_LINEARS, ((h, 3 * h), (h, h), (h, 4 * h), (4 * h, h))))
+
+
+def lora_fractions(cfg: GPTConfig, lora: LoRAConfig) -> dict[str, float]:
+    """For each linear of a block, the fraction of blocks where LoRA adapts it."""
+    matched = lora.matched(cfg)
+    return {kind: sum(name.endswith("." + kind) for name in matched) / cfg.n_layer for kind in LORA_LINEARS}
+
+
+def lora_param_count(cfg: GPTConfig, lora: LoRAConfig) -> int:
+    """Adapter parameters: rank x (in + out) for every adapted linear (A: r x in, B: out x r)."""
+    shapes = lora_shapes(cfg)
+    return sum(lora.rank * sum(shapes[kind]) for name in lora.matched(cfg)
+               for kind in LORA_LINEARS if name.endswith("." + kind))
+
+
+def lora_layer_terms(x: Shape, cfg: GPTConfig, lora: LoRAConfig) -> list[Term]:
+    """What LoRA changes in one block's kept activations (mean over blocks when only some are
+    adapted). Adds A's output (kept by B) and, with LoRA dropout, the dropout output and mask
+    (kept by A). Removes a linear's input when nothing reads it in backward any more: a frozen
+    weight needs no input for its gradient, so only an adapter without dropout still keeps it
+    (attention's c_proj input stays: fused SDPA keeps its output anyway)."""
+    n, v, r = x.b * x.s, x.prec.values, lora.rank
+    terms = []
+    for kind, f in lora_fractions(cfg, lora).items():
+        fan_in = lora_shapes(cfg)[kind][0]
+        if f:
+            terms.append(Term(f"LoRA {kind}: A's output (kept by B)", f * v * n * r, "v·bs·r"))
+            if lora.dropout:
+                terms.append(Term(f"LoRA {kind}: dropout output and mask (kept by A)",
+                                  f * (v + x.mask) * n * fan_in, "(v + m)·bs·in"))
+        kept = f * (0.0 if lora.dropout else 1.0)  # blocks where the linear's input is still read
+        if kept < 1 and not (kind == "attn.c_proj" and x.fused):
+            terms.append(Term(f"{kind} input no longer kept (frozen weight)", -(1 - kept) * v * n * fan_in,
+                              "-v·bs·in"))
+    return terms
+
+
+def lora_outer_terms(x: Shape, cfg: GPTConfig, first: bool, last: bool) -> list[Term]:
+    """Frozen embeddings and head: the positions, the first block's ln_1 input and statistics
+    (nothing before them needs a gradient) and the head's input (frozen lm_head) are not kept.
+    The token ids stay: the caller's batch holds them."""
+    n, h, v, r = x.b * x.s, x.h, x.prec.values, x.prec.residual
+    terms = []
+    if first:
+        dropped = 8 * x.s + (r * n * h + 2 * n * x.stat) * x.rep
+        if x.dropout:
+            dropped += (r if x.device == "cpu" else 1) * n * h * x.rep
+        terms.append(Term("frozen embeddings: positions, first ln_1 input and stats not kept", -dropped,
+                          "-(8·s + r·bsh + 2·bs·4)"))
+    if last and not x.prec.autocast:
+        terms.append(Term("ln_f output no longer kept (frozen lm_head)", -v * n * h * x.rep, "-v·bsh"))
+    return terms
+
+
+def lora_mlp_transient(x: Shape, cfg: GPTConfig, lora: LoRAConfig) -> float:
+    """The MLP c_proj's backward with a frozen weight: no weight gradient; with an adapter the
+    input gradient arrives twice (through W and through B A) and is summed: 3 x v·bs·4h."""
+    f = lora_fractions(cfg, lora)["mlp.c_proj"]
+    return (1 + 2 * f) * 4 * x.prec.values * x.b * x.s * x.h
+
+

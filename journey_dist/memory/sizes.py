@@ -1,0 +1,140 @@
+"""Sizes the memory estimate builds on: bytes per parameter by precision and optimizer, model
+states per rank under ZeRO, parameter counts (per tp rank and pipeline stage), KV-cache bytes.
+
+Pure arithmetic on a GPTConfig; `estimate.py` combines it with the activation terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from journey_dist.config import ConfigError, GPTConfig
+
+BYTES_PER_PARAM = {
+    # fp32 training: fp32 weights and grads; AdamW keeps two fp32 moments
+    ("fp32", "adamw"): (4, 4, 8),
+    ("fp32", "sgd"): (4, 4, 4),  # one momentum buffer
+    # mixed precision: 16-bit weights and grads; fp32 master copy + two fp32 moments
+    ("bf16-mixed", "adamw"): (2, 2, 12),
+    ("fp16-mixed", "adamw"): (2, 2, 12),
+    ("bf16-mixed", "sgd"): (2, 2, 8),
+    ("fp16-mixed", "sgd"): (2, 2, 8),
+    # pure bf16: everything in bf16, moments too
+    ("bf16", "adamw"): (2, 2, 4),
+    ("bf16", "sgd"): (2, 2, 2),
+    ("fp16", "adamw"): (2, 2, 4),
+    ("fp16", "sgd"): (2, 2, 2),
+    # torch.autocast: fp32 weights, grads and moments; 16-bit copies live with the activations
+    ("bf16-autocast", "adamw"): (4, 4, 8),
+    ("fp16-autocast", "adamw"): (4, 4, 8),
+    ("bf16-autocast", "sgd"): (4, 4, 4),
+    ("fp16-autocast", "sgd"): (4, 4, 4),
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per weight, per activation value and per residual-stream value; autocast or not."""
+
+    weights: int
+    values: int
+    residual: int
+    autocast: bool = False
+
+
+PRECISIONS = {
+    "fp32": Precision(4, 4, 4),
+    "bf16-mixed": Precision(2, 2, 2),  # Megatron/DeepSpeed: 16-bit model, fp32 master in the optimizer
+    "fp16-mixed": Precision(2, 2, 2),
+    "bf16": Precision(2, 2, 2),  # model.to(bfloat16), optimizer state in bf16 too
+    "fp16": Precision(2, 2, 2),
+    "bf16-autocast": Precision(4, 2, 4, autocast=True),  # torch.autocast over fp32 weights
+    "fp16-autocast": Precision(4, 2, 4, autocast=True),
+}
+DTYPES = tuple(PRECISIONS)
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1,
+               "int8": 1}
+
+
+def model_state_bytes(n_params: int, dtype: str = "fp32", optimizer: str = "adamw", dp: int = 1,
+                      zero: int = 0, trainable_params: int | None = None) -> dict[str, float]:
+    """Per-rank bytes of weights, gradients and optimizer state.
+
+    params = N·w / (dp if ZeRO-3); grads = N_trainable·w / (dp if ZeRO >= 2);
+    optimizer = N_trainable·o / (dp if ZeRO >= 1), with (w, o) from the dtype and optimizer
+    (AdamW mixed precision: w = 2, o = 12, so 2 + 2 + 12 = 16 bytes per parameter).
+    Only `trainable_params` (default: all; LoRA: the adapters) get gradients and optimizer state.
+    """
+    opt = "adamw" if optimizer == "none" else optimizer
+    if (dtype, opt) not in BYTES_PER_PARAM:
+        raise ConfigError(f"unknown dtype/optimizer {dtype!r}/{optimizer!r}; dtype in "
+                          f"{sorted({d for d, _ in BYTES_PER_PARAM})}, optimizer in adamw, sgd, none")
+    w, g, o = BYTES_PER_PARAM[(dtype, opt)]
+    trainable = n_params if trainable_params is None else trainable_params
+    if optimizer == "none":
+        o = 0
+    return {
+        "params": n_params * w / (dp if zero >= 3 else 1),
+        "grads": trainable * g / (dp if zero >= 2 else 1),
+        "optimizer": trainable * o / (dp if zero >= 1 else 1),
+    }
+
+
+# ---------------------------------------------------------------------- parameters
+
+
+def layer_param_count(cfg: GPTConfig, tp: int = 1) -> int:
+    """Parameters of one block on one tensor-parallel rank (Megatron split).
+
+    c_attn and c_fc are column-parallel (weight and bias split by t), the two c_proj are
+    row-parallel (weight split, bias replicated), LayerNorms are replicated:
+    12h²/t + (3h + 4h)/t + 2h (c_proj biases) + 4h (two LayerNorms) with biases.
+    """
+    h, t = cfg.n_embd, tp
+    if cfg.bias:
+        return 12 * h * h // t + 7 * h // t + 2 * h + 4 * h
+    return 12 * h * h // t + 2 * h
+
+
+def param_count(cfg: GPTConfig, tp: int = 1, pp: int = 1, stage: int | None = None) -> int:
+    """Exact parameter count (tied embeddings counted once); per tensor-parallel rank for tp > 1.
+
+    N = Vh (wte, vocab-parallel: Vh/t) + (block_size)h (wpe) + L·layer + 2h (ln_f) [+ Vh/t lm_head
+    if untied]. With pp > 1 pass `stage`: stage 0 holds the embeddings, the last stage ln_f and
+    the output head (a copy of wte when tied, as Megatron does), each stage its share of layers.
+    """
+    h, t = cfg.n_embd, tp
+    ln = 2 * h if cfg.bias else h
+    emb = cfg.vocab_size * h // t + cfg.block_size * h
+    head = ln + (0 if cfg.tie_embeddings else cfg.vocab_size * h // t)
+    if pp == 1 or stage is None:
+        return emb + cfg.n_layer * layer_param_count(cfg, t) + head
+    n = stage_layers(cfg.n_layer, pp, stage) * layer_param_count(cfg, t)
+    if stage == 0:
+        n += emb
+    if stage == pp - 1:
+        n += head + (cfg.vocab_size * h // t if cfg.tie_embeddings else 0)
+    return n
+
+
+def param_tensor_count(cfg: GPTConfig) -> int:
+    """Number of parameter tensors (AdamW keeps one fp32 step counter per tensor)."""
+    per_layer = 12 if cfg.bias else 6
+    return 2 + cfg.n_layer * per_layer + (2 if cfg.bias else 1) + (0 if cfg.tie_embeddings else 1)
+
+
+def stage_layers(n_layer: int, pp: int, stage: int) -> int:
+    """Layers on a pipeline stage: as even as possible, earlier stages take the remainder."""
+    return n_layer // pp + (1 if stage < n_layer % pp else 0)
+
+
+def kv_cache_bytes(cfg: GPTConfig, batch: int, tokens: int, dtype: str | int = "fp32",
+                   kv_heads: int | None = None) -> int:
+    """KV cache = 2 (K, V) x layers x batch x tokens x kv_heads x head_dim x bytes per value."""
+    nbytes = dtype if isinstance(dtype, int) else DTYPE_BYTES[_base_dtype(dtype)]
+    heads = cfg.n_head if kv_heads is None else kv_heads
+    return 2 * cfg.n_layer * batch * tokens * heads * cfg.head_dim * nbytes
+
+
+def _base_dtype(dtype: str) -> str:
+    return dtype.split("-")[0] if dtype.split("-")[0] in DTYPE_BYTES else dtype
+
