@@ -26,6 +26,7 @@ from journey_dist.parallel.three_d import (
 )
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
+from tests.labs import run_lab
 
 TOL = 1e-5
 TINY = get_preset("tiny", block_size=16)
@@ -153,22 +154,11 @@ def test_3d_2x2x2_on_8_ranks_matches_single_process():
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_lab_runs_both_ways(tmp_path, launcher):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    lab = [str(root / "labs" / "05_3d_parallel.py"), "--dp", "1", "--tp", "2", "--pp", "2",
-           "--preset", "tiny", "--steps", "3", "--batch-size", "8", "--microbatches", "2"]
-    cmd = ([sys.executable, *lab] if launcher == "python" else
-           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", *lab])
-    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "tp groups (" in out.stdout and "[[0, 1], [2, 3]]" in out.stdout
-    result = json.loads((tmp_path / "05_3d_parallel" / "result.json").read_text())
+    lab_args = ("--dp", "1", "--tp", "2", "--pp", "2", "--preset", "tiny", "--steps", "3",
+                "--batch-size", "8", "--microbatches", "2")
+    out, result = run_lab("05_3d_parallel", *lab_args, runs_dir=tmp_path,
+                          torchrun=4 if launcher == "torchrun" else 0, timeout_s=300)
+    assert "tp groups (" in out and "[[0, 1], [2, 3]]" in out
     assert max(result["parity"].values()) < TOL and result["comm_matches_expected"]
     assert len(result["comm_per_step"]) == 4
 
