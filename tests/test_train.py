@@ -27,13 +27,24 @@ def test_short_run_loss_falls_and_writes_json(tmp_path, monkeypatch):
 def test_gradient_accumulation_equals_full_batch():
     data = load_tokens("handbook")
     x, y = get_batch(data.train, 8, 32, step=0)
-    results = []
+    results, grads, steps = [], [], []
     for n_micro in (1, 4):
         torch.manual_seed(0)
         model = GPT(get_preset("tiny"))
         opt = make_optimizer(model, TrainConfig())
-        train_step(model, opt, microbatches(x, y, n_micro), grad_clip=1.0)
+
+        def clip_and_capture(params, max_norm):  # the accumulated gradients, before clipping
+            grads.append(torch.cat([p.grad.detach().flatten() for p in params]))
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        steps.append(train_step(model, opt, microbatches(x, y, n_micro), grad_clip=1.0,
+                                clip_fn=clip_and_capture))
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    # Adam's first step is ~lr * sign(grad) and clipping rescales, so equal parameters alone would
+    # not notice a gradient scaled by n_micro: compare the gradients, their norm and the loss too.
+    assert (grads[0] - grads[1]).abs().max().item() < 1e-6
+    assert abs(steps[0].grad_norm.item() - steps[1].grad_norm.item()) < 1e-5
+    assert abs(steps[0].loss.item() - steps[1].loss.item()) < 1e-6
     assert (results[0] - results[1]).abs().max().item() < 1e-6
 
 
