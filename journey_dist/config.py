@@ -33,14 +33,15 @@ class GPTConfig:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"GPTConfig.{name}={value!r} must be a positive integer")
+                raise ConfigError(f"GPTConfig.{name}={value!r} must be a positive integer; use {name} >= 1 "
+                                  f"(the presets: journey presets)")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                 f"pick n_embd as a multiple of n_head (e.g. {self.n_head * 32})"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1); use 0.0 (off) or e.g. 0.1")
         if self.attn_impl not in ("sdpa", "eager"):
             raise ConfigError(f"attn_impl={self.attn_impl!r}; use 'sdpa' or 'eager'")
 
@@ -107,7 +108,8 @@ class ParallelConfig:
         for name in ("dp", "tp", "pp", "microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+                raise ConfigError(f"{name}={value!r} must be a positive integer; "
+                                  f"use {name} >= 1 (1: not split)")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero={self.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
         if self.schedule not in ("gpipe", "1f1b"):
@@ -119,9 +121,11 @@ class ParallelConfig:
                 f"or change dp/tp/pp so their product is {world_size}"
             )
         if self.sequence_parallel and self.tp == 1:
-            raise ConfigError("sequence_parallel needs tp > 1 (it splits the sequence over tp)")
+            raise ConfigError("sequence_parallel needs tp > 1 (it splits the sequence over tp); use tp >= 2 "
+                              "or turn sequence_parallel off")
         if self.zero and self.dp == 1:
-            raise ConfigError(f"zero={self.zero} shards over data-parallel ranks and needs dp > 1")
+            raise ConfigError(f"zero={self.zero} shards over data-parallel ranks and needs dp > 1; "
+                              "use dp >= 2 or zero=0")
         if self.zero >= 2 and self.pp > 1:
             raise ConfigError(
                 f"zero={self.zero} with pp={self.pp} is not supported: ZeRO-2/3 reduce-scatter "
@@ -154,10 +158,15 @@ class ParallelConfig:
             if self.sequence_parallel and model.block_size % self.tp:
                 raise ConfigError(
                     f"sequence_parallel splits the sequence: tp={self.tp} must divide "
-                    f"block_size={model.block_size}"
+                    f"block_size={model.block_size}; use a tp in {_divisors(model.block_size)}"
                 )
         if global_batch is not None:
             per_dp = self.dp * self.microbatches
+            if not isinstance(global_batch, int) or global_batch < 1:
+                raise ConfigError(
+                    f"global batch {global_batch!r} must be a positive integer; use a multiple of "
+                    f"dp*microbatches = {per_dp} (e.g. {per_dp})"
+                )
             if global_batch % per_dp:
                 raise ConfigError(
                     f"global batch {global_batch} is not divisible by dp*microbatches = "
@@ -216,7 +225,7 @@ class LoRAConfig:
             raise ConfigError(f"LoRA alpha={self.alpha!r} must be > 0 (the update is scaled by alpha/rank; "
                               "alpha = 2 x rank is a common choice)")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+            raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1); use 0.0 (off) or e.g. 0.05")
         names = lora_linear_names(model)
         for t in self.targets:
             if any(lora_target_matches(t, n) for n in names):

@@ -37,7 +37,8 @@ def load_text(source: str = "handbook") -> str:
             f"convert it first, e.g. `iconv -f latin1 -t utf-8 {source} > {path.stem}.utf8.txt`"
         ) from None
     if not text:
-        raise ConfigError(f"data file {source} is empty")
+        raise ConfigError(f"data file {source} is empty; pass a text file with at least a few KB of text "
+                          f"or one of the embedded corpora: {', '.join(CORPORA)}")
     return text
 
 
@@ -65,7 +66,8 @@ class CharTokenizer:
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the char vocabulary") from None
+            raise ValueError(f"character {e.args[0]!r} is not in the char vocabulary; build the "
+                             "CharTokenizer from text that contains it, or use the ByteTokenizer") from None
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -106,7 +108,7 @@ def check_fits(data: TokenData, batch_size: int, block_size: int) -> None:
     (batches sample start positions with replacement, so nothing else would complain).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer; use batch_size >= 1")
     for split, tokens in (("training", data.train), ("validation", data.val)):
         if len(tokens) <= block_size + 1:
             raise ConfigError(
@@ -155,5 +157,6 @@ def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 def microbatches(x: torch.Tensor, y: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Split (x, y) into n equal microbatches along the batch dimension."""
     if x.size(0) % n:
-        raise ConfigError(f"batch {x.size(0)} does not split into {n} microbatches; use a multiple")
+        raise ConfigError(f"batch {x.size(0)} does not split into {n} microbatches; use a batch that is a "
+                          f"multiple of {n} or a microbatch count that divides {x.size(0)}")
     return list(zip(x.chunk(n), y.chunk(n)))

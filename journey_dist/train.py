@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from journey_dist.config import ConfigError
 from journey_dist.data import TokenData, check_fits, get_batch, microbatches, shard
 from journey_dist.runtime import print0, save_json
 
@@ -43,6 +44,13 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
+
+    def __post_init__(self) -> None:
+        # checked where the config is built (before any rank is spawned), not in the first step
+        for name in ("steps", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"TrainConfig.{name}={value!r} must be a positive integer; use {name} >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -55,7 +55,7 @@ CASES = {
         r"microbatches=2 < pp=4", r"microbatches >= 4"),
     "ZeRO without data parallel": (
         lambda tmp: ParallelConfig(zero=2).validate(MINI, world_size=1),
-        r"zero=2 shards over data-parallel ranks", r"needs dp > 1"),
+        r"zero=2 shards over data-parallel ranks", r"use dp >= 2 or zero=0"),
     "heads do not divide width": (
         lambda tmp: GPTConfig(n_embd=100, n_head=3),
         r"n_embd=100 is not divisible by n_head=3", r"multiple of n_head"),
@@ -73,7 +73,7 @@ CASES = {
         r"text.txt is not UTF-8 text \(byte 3: b'\\xe9'\)", r"iconv -f latin1 -t utf-8"),
     "empty data file": (
         lambda tmp: load_text(_text_file(tmp, b"")),
-        r"data file .*text.txt is empty", r""),
+        r"data file .*text.txt is empty", r"pass a text file with at least"),
     "block_size larger than the corpus": (
         lambda tmp: check_fits(_tokens(100), batch_size=1, block_size=128),
         r"training text has 90 tokens but a sample needs block_size\+1 = 129", r"smaller block_size"),
@@ -84,9 +84,15 @@ CASES = {
         lambda tmp: check_fits(_tokens(5000), batch_size=64, block_size=128),
         r"one batch of 64 x 128 = 8,192 tokens is larger than the training text \(4,500 tokens\)",
         r"use batch_size <= 35"),
+    "zero global batch": (
+        lambda tmp: ParallelConfig(tp=2).validate(MINI, world_size=2, global_batch=0),
+        r"global batch 0 must be a positive integer", r"use a multiple of dp\*microbatches = 1"),
+    "zero training steps": (
+        lambda tmp: TrainConfig(steps=0),
+        r"TrainConfig.steps=0 must be a positive integer", r"use steps >= 1"),
     "non-positive batch": (
         lambda tmp: check_fits(_tokens(5000), batch_size=0, block_size=8),
-        r"batch_size=0 must be a positive integer", r""),
+        r"batch_size=0 must be a positive integer", r"use batch_size >= 1"),
 }
 
 
