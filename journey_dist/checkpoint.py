@@ -360,7 +360,7 @@ class Checkpointer:
                  sharded: bool = False, extra: dict | None = None,
                  after_save: Callable[[int], None] | None = None):
         if every < 1:
-            raise ValueError(f"every={every} must be >= 1")
+            raise ValueError(f"every={every} must be >= 1; use every=N to save after every N-th step")
         self.directory, self.every, self.total = Path(directory), every, total_steps
         self.keep, self.sharded, self.extra, self.after_save = keep, sharded, extra, after_save
         self.saved: list[int] = []

@@ -68,7 +68,8 @@ class Heartbeat:
     def __init__(self, interval_s: float = 0.5, stale_s: float = 5.0, *, abort: bool = True,
                  prefix: str = "journey/heartbeat"):
         if stale_s <= interval_s:
-            raise ValueError(f"stale_s={stale_s} must exceed interval_s={interval_s}")
+            raise ValueError(f"stale_s={stale_s} must exceed interval_s={interval_s}; use a stale_s of a few "
+                             f"intervals (e.g. {3 * interval_s})")
         self.interval_s, self.stale_s, self.abort, self.prefix = interval_s, stale_s, abort, prefix
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         store = dist.distributed_c10d._get_default_store()

@@ -173,7 +173,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
                        f"unexpected {sorted(state.keys() - own.keys())[:4]}")
     for name, p in own.items():
         if p.shape != state[name].shape:
-            raise ValueError(f"{name}: file has shape {tuple(state[name].shape)}, model {tuple(p.shape)}")
+            raise ValueError(f"{name}: file has shape {tuple(state[name].shape)}, model {tuple(p.shape)}; "
+                             "load adapters into the preset and LoRA rank they were saved with")
         p.copy_(state[name])
 
 

@@ -158,7 +158,8 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}"
+                f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}; "
+                f"crop the input to its last {self.config.block_size} tokens or use a larger block_size"
             )
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B,T,C)

@@ -37,7 +37,7 @@ class NGramLM:
 
     def __init__(self, n: int, vocab_size: int, smoothing: str = "kn", k: float = 1.0):
         if n < 1:
-            raise ValueError(f"n={n} must be >= 1")
+            raise ValueError(f"n={n} must be >= 1; use n=1 (unigram) or more")
         if smoothing not in ("addk", "kn"):
             raise ValueError(f"smoothing={smoothing!r}; use 'addk' or 'kn'")
         self.n, self.vocab_size, self.smoothing, self.k = n, vocab_size, smoothing, k

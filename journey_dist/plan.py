@@ -101,7 +101,8 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
     step per group kind, bubble. A plain dict (JSON-ready). Raises ConfigError for a run that
     cannot work, naming the fix."""
     if not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"batch={batch!r} must be a positive number of sequences per step")
+        raise ConfigError(f"batch={batch!r} must be a positive number of sequences per step; "
+                          "use --batch >= 1")
     cfg, pad_note = padded_for_tp(cfg, pcfg.tp)
     pcfg.validate(cfg, world_size=world, global_batch=batch)
     seq = cfg.block_size if seq is None else seq

@@ -48,5 +48,6 @@ def run_accelerate(config, data: TokenData, cfg: TrainConfig, *, seed: int = 0,
     inner = accelerator.unwrap_model(model)
     state = replicated_state_bytes(inner, getattr(optimizer, "optimizer", optimizer))
     if n != dist.get_world_size():
-        raise RuntimeError(f"Accelerator sees {n} processes but the job has {dist.get_world_size()}")
+        raise RuntimeError(f"Accelerator sees {n} processes but the job has {dist.get_world_size()}; on CPU "
+                           "set ACCELERATE_USE_CPU=1 (see launch/README.md)")
     return ShardedRun("accelerate (DDP)", run.losses, run.params, None, state, {}, {}, run.seconds), n

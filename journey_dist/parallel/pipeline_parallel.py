@@ -91,7 +91,8 @@ class GPTStage(nn.Module):
         if self.is_first:
             T = x.size(1)
             if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+                raise ValueError(f"sequence of {T} tokens is longer than block_size="
+                                 f"{self.config.block_size}; crop it to {self.config.block_size} tokens")
             pos = torch.arange(T, device=x.device)
             x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h.values():

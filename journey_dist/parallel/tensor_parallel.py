@@ -66,7 +66,8 @@ def parallelize_block(block: Block, group: Group = None, *, sequence_parallel: b
     """
     t = tp_size(group)
     if block.attn.n_head % t:
-        raise ValueError(f"tp={t} does not divide n_head={block.attn.n_head}")
+        raise ValueError(f"tp={t} does not divide n_head={block.attn.n_head}; use a tp that divides it "
+                         f"(ParallelConfig.validate lists them)")
     tp_block = copy.deepcopy(block)
     tp_block.attn = TensorParallelAttention(block.attn, group, sequence_parallel)
     mlp = tp_block.mlp
@@ -124,7 +125,8 @@ class TensorParallelGPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than "
-                             f"block_size={self.config.block_size}")
+                             f"block_size={self.config.block_size}; crop the input to its last "
+                             f"{self.config.block_size} tokens")
         if cache is not None and self.sequence_parallel:
             raise ValueError("a KV cache needs sequence parallel off: use generate(), which turns it off")
         tr = self.transformer
@@ -132,7 +134,8 @@ class TensorParallelGPT(nn.Module):
         if self.sequence_parallel:
             n = tp_size(self.group)
             if T % n:
-                raise ValueError(f"sequence parallel: T={T} tokens is not divisible by tp={n}")
+                raise ValueError(f"sequence parallel: T={T} tokens is not divisible by tp={n}; use a "
+                                 f"sequence length that is a multiple of {n} or turn sequence parallel off")
             start = tp_rank(self.group) * (T // n)
             pos = torch.arange(start, start + T // n, device=idx.device)
         else:

@@ -44,7 +44,8 @@ def _all_reduce(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Te
 def _split_last(x: torch.Tensor, group: Group) -> torch.Tensor:
     n = tp_size(group)
     if x.size(-1) % n:
-        raise ValueError(f"last dim {x.size(-1)} is not divisible by tp={n}")
+        raise ValueError(f"last dim {x.size(-1)} is not divisible by tp={n}; use a tp that divides it "
+                         "(heads, 4*n_embd and the padded vocabulary must all split evenly)")
     return x.chunk(n, dim=-1)[tp_rank(group)].contiguous()
 
 
