@@ -264,7 +264,8 @@ def resume(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optim
 
 def prune(directory: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` valid checkpoints (and broken ones older than those),
-    and temp files a crashed save left behind. Rank 0 only, after its save completed."""
+    and temp files a crashed save left behind; keep < 1 keeps every checkpoint. Rank 0 only,
+    after its save completed."""
     for stale in Path(directory).glob(".step_*.tmp*"):
         if not stale.name.endswith(f".tmp.{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)

@@ -55,7 +55,8 @@ config = get_preset(args.preset)
 ParallelConfig(dp=world, zero=1).validate(config, world, args.batch_size)
 stages = [] if args.skip_deepspeed else [int(s) for s in args.stages.split(",") if s]
 if set(stages) - set(STAGES):
-    raise ConfigError(f"--stages {args.stages}: ZeRO stages are 1, 2, 3")
+    raise ConfigError(f"--stages {args.stages}: ZeRO stages are 1, 2, 3; use e.g. --stages 1,2,3 "
+                      "(or --skip-deepspeed)")
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=1)
 ds_file = None
 if args.ds_config and not args.skip_deepspeed:

@@ -47,8 +47,9 @@ args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
 
 config = get_preset(args.preset)
 if args.prompt < 1 or args.new < 1 or args.prompt + args.new > config.block_size:
-    raise ConfigError(f"--prompt {args.prompt} + --new {args.new} must be >= 2 and fit block_size="
-                      f"{config.block_size} of {args.preset}; lower --new")
+    raise ConfigError(f"--prompt {args.prompt} and --new {args.new} must each be >= 1 and together fit "
+                      f"block_size={config.block_size} of {args.preset}; use --prompt >= 1, --new >= 1 and "
+                      f"--prompt + --new <= {config.block_size}")
 if min(args.batches) < 1 or args.block < 1 or args.max_len < args.block or args.requests < 1:
     raise ConfigError("--batches, --block, --requests must be positive and --max-len >= --block")
 seed_everything(0)

@@ -53,7 +53,7 @@ parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--batch-size", type=int, default=8, help="global batch (sequences)")
 parser.add_argument("--every", type=int, default=5, help="checkpoint every N steps")
 parser.add_argument("--crash-at", type=int, default=15, help="die right after this step's checkpoint")
-parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest valid ones)")
+parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest valid ones; 0: all)")
 parser.add_argument("--dropout", type=float, default=0.1, help="> 0 so resume must restore the RNG")
 parser.add_argument("--dir", default=None, help="checkpoint directory (default runs/10_reliability/ckpt)")
 parser.add_argument("--crash-once", action="store_true", help="torchrun --max-restarts demo")
@@ -67,6 +67,9 @@ if not 0 < args.crash_at < args.steps:
     parser.error(f"--crash-at {args.crash_at} must be between 1 and --steps - 1 = {args.steps - 1}")
 if not 1 <= args.every <= args.crash_at:
     parser.error(f"--every {args.every} must be in [1, --crash-at] so a checkpoint exists before the crash")
+if args.keep == 1 or args.keep < 0:  # step (3) truncates the newest and resumes from the one before
+    parser.error(f"--keep {args.keep}: the truncated-checkpoint step needs a previous checkpoint to fall "
+                 "back to; use --keep >= 2 (or 0 to keep all)")
 data = load_tokens(args.data)
 check_fits(data, args.batch_size, config.block_size)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=3e-3,
