@@ -60,7 +60,12 @@ if world < 2:
 for schedule in SCHEDULES:
     ParallelConfig(pp=world, microbatches=args.microbatches, schedule=schedule).validate(
         config, world, args.batch_size)
-sweep = [int(m) for m in args.sweep.split(",") if m]
+try:
+    sweep = [int(m) for m in args.sweep.split(",") if m]
+except ValueError:
+    sweep = []
+if not sweep or min(sweep) < 1:
+    parser.error(f"--sweep {args.sweep!r}: want comma-separated microbatch counts >= 1, e.g. --sweep 1,2,4,8")
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.microbatches, lr=args.lr,
                   warmup_steps=max(1, args.steps // 5), eval_batches=2)
 

@@ -132,3 +132,18 @@ def test_lab_rejects_bad_arguments_before_spawning(tmp_path):
     assert proc.returncode != 0
     assert "ConfigError: global batch 7 is not divisible by dp*microbatches = 2*1" in proc.stderr
     assert "ranks (" not in proc.stdout  # rank_main never ran
+
+
+@pytest.mark.parametrize("lab, args, message", [
+    ("03_tensor_parallel.py", ["--batch-size", "0"], "global batch 0 must be a positive integer"),
+    ("02_data_parallel.py", ["--steps", "0"], "TrainConfig.steps=0 must be a positive integer"),
+    ("04_pipeline_parallel.py", ["--sweep", "1,x"], "--sweep '1,x': want comma-separated microbatch counts"),
+    ("10_reliability.py", ["--keep", "1"], "--keep 1: the truncated-checkpoint step needs a previous"),
+])
+def test_labs_reject_bad_arguments_before_any_rank_starts(tmp_path, lab, args, message):
+    """Each of these used to pass the checks and fail inside a rank (or after the training)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "labs" / lab), *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                          "JOURNEY_RUNS_DIR": str(tmp_path)})
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "rank 0 failed" not in proc.stderr and "RankFailure" not in proc.stderr
