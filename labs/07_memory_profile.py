@@ -99,7 +99,7 @@ for seq in (args.seq // 4, args.seq // 2, args.seq):
                f"{fmt_bytes(e.activations):>11} {err:+10.2f}%")
 
 # %% 5. Planning GPT-2 on GPUs: memory per rank (estimates; bf16 mixed precision, AdamW, 8 x 1024 tokens)
-gpt2 = get_preset("gpt2-medium", vocab_size=50304)  # padded to a multiple of 128 x tp, as Megatron does
+gpt2 = get_preset("gpt2-medium", vocab_size=50304)  # 50257 padded to a multiple of 128 (as nanoGPT does)
 print0("\ngpt2-medium, global batch 8 x 1024, bf16-mixed AdamW, per rank:")
 plans = []
 layouts = (dict(), dict(dp=2), dict(dp=2, zero=1), dict(dp=2, zero=3), dict(tp=2),
