@@ -2,8 +2,10 @@
 
     python labs/10_reliability.py                      # spawns 2 data-parallel ranks (gloo on CPU)
     python labs/10_reliability.py --steps 40 --every 10 --crash-at 30
-    torchrun --nproc_per_node=2 --max-restarts=1 labs/10_reliability.py --crash-once
+    MAX_RESTARTS=1 launch/torchrun_single_node.sh labs/10_reliability.py --crash-once
                                                        # torchrun restarts the job; it resumes
+(Plain `torchrun --max-restarts=1` without --standalone and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+which the script sets, fails the restarted round in Gloo connectFullMesh; see launch/README.md.)
 
 Under plain python: (1) train 2-rank DP without interruption; (2) train again saving a one-file
 checkpoint and DCP shards every --every steps, and kill both ranks (os._exit) after the
