@@ -3,7 +3,10 @@
 DeepSpeed runs fp32 on CPU with the client torch AdamW, averages gradients over the ranks
 (sum x 1/N), scales the loss by 1/gradient_accumulation_steps and clips by the global norm,
 so after 3 steps its losses equal DDP's within LOSS_TOL (measured 0.0) and its weights within
-PARAM_TOL (measured <= 1e-6: the norm for clipping is summed in a different order).
+PARAM_TOL (measured <= 1e-6: the norm for clipping is summed in a different order). AdamW's update
+m/sqrt(v) does not change when every gradient is scaled by a constant, and clipping rescales too,
+so losses and weights alone would not notice a wrong 1/N or 1/grad_accum: the first step's global
+gradient norm (what DeepSpeed clips by) must also equal DDP's within NORM_RTOL (measured 4e-8).
 """
 
 import json
@@ -14,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
@@ -27,8 +31,14 @@ from tests.dist import run_ranks
 pytestmark = pytest.mark.slow
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-5
+NORM_RTOL = 1e-6
 CFG = TrainConfig(steps=3, batch_size=8, lr=3e-3, warmup_steps=1, grad_clip=1.0, seed=0)
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _norm_rel_diff(ds_norm: float | None, ddp_grads: dict[str, torch.Tensor]) -> float:
+    ref = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ddp_grads.values()]))
+    return float("inf") if ds_norm is None else abs(ds_norm - ref.item()) / ref.item()
 
 
 def _stages_vs_ddp() -> dict:
@@ -39,11 +49,12 @@ def _stages_vs_ddp() -> dict:
         run = run_deepspeed(stage, config, data, CFG)
         out[stage] = {"loss": max(abs(a - b) for a, b in zip(run.losses, ddp.losses)),
                       "params": max_abs_diff(run.params, ddp.params), "state": run.state_bytes,
-                      "steps": len(run.losses)}
+                      "steps": len(run.losses), "grad_norm": _norm_rel_diff(run.grad_norm, ddp.grads)}
     accum = replace(CFG, grad_accum=2)  # engine.backward scales by 1/2 itself: pass the raw loss
     ddp2, ds2 = run_data_parallel("ddp", config, data, accum), run_deepspeed(2, config, data, accum)
     out["accum"] = {"loss": max(abs(a - b) for a, b in zip(ds2.losses, ddp2.losses)),
-                    "params": max_abs_diff(ds2.params, ddp2.params), "steps": len(ds2.losses)}
+                    "params": max_abs_diff(ds2.params, ddp2.params), "steps": len(ds2.losses),
+                    "grad_norm": _norm_rel_diff(ds2.grad_norm, ddp2.grads)}
     out["n"] = sum(p.numel() for p in ddp.params.values())  # named_parameters: the tied matrix once
     return out
 
@@ -58,12 +69,14 @@ def test_deepspeed_stage_loss_equals_ddp_after_3_steps(stages, stage):
     for rank in stages:
         r = rank[stage]
         assert r["steps"] == 3 and r["loss"] <= LOSS_TOL and r["params"] <= PARAM_TOL, r
+        assert r["grad_norm"] <= NORM_RTOL, r  # the gradients themselves, not only AdamW's view of them
 
 
 def test_deepspeed_gradient_accumulation_equals_ddp(stages):
     for rank in stages:
         r = rank["accum"]
         assert r["steps"] == 3 and r["loss"] <= LOSS_TOL and r["params"] <= PARAM_TOL, r
+        assert r["grad_norm"] <= NORM_RTOL, r
 
 
 @pytest.mark.parametrize("stage", STAGES)

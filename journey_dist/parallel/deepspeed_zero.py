@@ -194,7 +194,12 @@ def run_deepspeed(stage: int, config: GPTConfig, data: TokenData, cfg: TrainConf
         return total
 
     t0 = time.perf_counter()
-    losses = [reduce(one_step(engine, s)).item() for s in range(cfg.steps)]
+    losses, first_norm = [], None
+    for s in range(cfg.steps):
+        losses.append(reduce(one_step(engine, s)).item())
+        if s == 0:  # the norm DeepSpeed clipped by: AdamW is blind to a scaled gradient, this is not
+            norm = engine.get_global_grad_norm()
+            first_norm = None if norm is None else float(norm)
     seconds = time.perf_counter() - t0
     params = _gathered(model, stage, deepspeed)
     with CommLedger() as ledger:
@@ -202,7 +207,7 @@ def run_deepspeed(stage: int, config: GPTConfig, data: TokenData, cfg: TrainConf
     state = {**state_bytes(engine, stage, model), "grads": grads["total"],
              "grads_full": grads["full"], "grads_partition": grads["partition"]}
     result = ShardedRun(f"deepspeed zero-{stage}", losses, params, None, state, ledger_by_op(ledger),
-                        {}, seconds)
+                        {}, seconds, grad_norm=first_norm)
     engine.destroy()  # DeepSpeed's hooks and buffers go now, not at interpreter exit
     del engine
     gc.collect()

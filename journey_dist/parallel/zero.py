@@ -260,6 +260,7 @@ class ShardedRun:
     comm: dict[str, dict[str, float]]  # ledger of one more step: op -> calls, bytes, wire_bytes
     analytic: dict[str, dict[str, float]]  # the same from comm.analytic ({} where not derived)
     seconds: float
+    grad_norm: float | None = None  # first step's global gradient norm before clipping, where recorded
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
