@@ -123,7 +123,7 @@ def _ledger(sp: bool) -> dict:
     measured = {op: {"calls": ledger.calls(op), "bytes": ledger.total_bytes(op)}
                 for op in ("all_reduce", "all_gather", "reduce_scatter") if ledger.calls(op)}
     expected = analytic_collectives(TINY, 2, idx.numel(), sequence_parallel=sp)
-    return {"measured": measured, "analytic": expected}
+    return {"measured": measured, "analytic": expected, "all_calls": ledger.calls()}
 
 
 def _pieces() -> dict:
@@ -246,6 +246,7 @@ def test_padded_vocabulary_model_equals_one_process(results):
 def test_ledger_counts_equal_analytic(results, sp):
     r = results[0][f"ledger_sp{sp}"]
     assert r["measured"] == r["analytic"]
+    assert r["all_calls"] == sum(row["calls"] for row in r["measured"].values())  # and no other collective
     if sp:  # every activation all-reduce became an all-gather + reduce-scatter pair
         assert r["measured"]["all_gather"]["calls"] == 4 * TINY.n_layer + 2
     else:
