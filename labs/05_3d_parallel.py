@@ -102,7 +102,12 @@ def rank_main(data) -> dict:
             all_match &= want is None or got == want
             cells.append(f"{got:>12,.0f} / {want:>10,}" if want is not None else f"{'-':>25}")
         print0(f"{r['rank']:>4} {c['pp']:>4},{c['dp']},{c['tp']} " + " ".join(cells))
-    print0(f"measured {'==' if all_match else '!='} expected on every rank. With a = one microbatch's "
+        # every modelled (group, op), not only the columns shown (e.g. pp's 4-byte loss all-reduce)
+        all_match &= all(r["comm"].get(d, {}).get(op, {}).get("bytes", 0) / cfg.steps == want
+                         for d, ops in r["expected"].items() for op, want in ops.items())
+    print0(f"measured {'==' if all_match else '!='} expected on every rank, every modelled collective "
+           f"(not modelled: the pipeline's control messages, a schedule all-gather and a loss broadcast "
+           f"of a few bytes per step). With a = one microbatch's "
            f"activations ({micro_b}, {config.block_size}, {config.n_embd}) fp32, per microbatch:"
            "\n  tp: 4a per layer (attention and MLP: g forward, f backward), + a for the embedding "
            "(first stage), + a and the cross-entropy's 3 per-token floats (last stage);"
