@@ -69,13 +69,13 @@ spec = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
 try:
     spec.validate(config)
     ParallelConfig(dp=world).validate(config, world, args.batch_size)
+    pre_cfg = TrainConfig(steps=args.pretrain_steps, batch_size=args.batch_size, lr=3e-3,
+                          warmup_steps=max(1, args.pretrain_steps // 10),
+                          log_every=max(1, args.pretrain_steps // 5))
+    ft_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         warmup_steps=max(1, args.steps // 10), log_every=max(1, args.steps // 5))
 except ConfigError as e:
     parser.error(str(e))
-pre_cfg = TrainConfig(steps=args.pretrain_steps, batch_size=args.batch_size, lr=3e-3,
-                      warmup_steps=max(1, args.pretrain_steps // 10),
-                      log_every=max(1, args.pretrain_steps // 5))
-ft_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     warmup_steps=max(1, args.steps // 10), log_every=max(1, args.steps // 5))
 
 
 def val_loss(model, tokens) -> float:
