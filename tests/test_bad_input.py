@@ -122,6 +122,9 @@ def test_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
     assert "journey: error: unknown preset 'gpt5'" in capsys.readouterr().err
     assert journey(["checkpoints", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # --seq 0 used to fall back silently to block_size (`args.seq or block_size`) and print an estimate
+    assert journey(["estimate", "--preset", "gpt-mini", "--seq", "0", "--measure", "no"]) == 2
+    assert "seq_len=0 must be in 1..block_size=128" in capsys.readouterr().err
 
 
 def test_lab_rejects_bad_arguments_before_spawning(tmp_path):

@@ -147,7 +147,7 @@ def estimate_command(args) -> dict:
         print(f"note: tp={args.tp} splits the vocabulary; estimating with vocab_size {cfg.vocab_size} "
               f"padded to {padded} (a multiple of tp, as ParallelConfig.pad_vocab does)")
         cfg = cfg.with_(vocab_size=padded)
-    seq = args.seq or cfg.block_size
+    seq = cfg.block_size if args.seq is None else args.seq  # --seq 0 is an error, not the default
     dp = args.dp
     if dp is None:
         dp = 2 if args.zero else 1
