@@ -100,7 +100,7 @@ for seq in (args.seq // 4, args.seq // 2, args.seq):
 
 # %% 5. Planning GPT-2 on GPUs: memory per rank (estimates; bf16 mixed precision, AdamW, 8 x 1024 tokens)
 gpt2 = get_preset("gpt2-medium", vocab_size=50304)  # 50257 padded to a multiple of 128 (as nanoGPT does)
-print0("\ngpt2-medium, global batch 8 x 1024, bf16-mixed AdamW, per rank:")
+print0("\ngpt2-medium, global batch 8 x 1024, bf16-mixed AdamW, per rank (analytic estimates, not measured):")
 plans = []
 layouts = (dict(), dict(dp=2), dict(dp=2, zero=1), dict(dp=2, zero=3), dict(tp=2),
            dict(tp=2, sequence_parallel=True), dict(pp=2, microbatches=4), dict(recompute=True))
