@@ -110,8 +110,9 @@ lengths = sample_lengths(args.requests, args.max_len)
 budget = 40 * 2**30  # 40 GiB of an 80 GB GPU left for the cache
 paged = paged_vs_preallocated(gpt2, lengths, args.max_len, block_size=args.block, dtype="bf16",
                               budget_bytes=budget)
-print(f"\n{args.requests} requests, log-normal lengths (median {args.max_len // 8}, mean "
-      f"{paged['mean_len']:.0f}, max {max(lengths)}), window {args.max_len}, GPT-2 small bf16:")
+print(f"\n{args.requests} requests, log-normal lengths drawn around median {args.max_len // 8} (sample: "
+      f"median {sorted(lengths)[len(lengths) // 2]}, mean {paged['mean_len']:.0f}, max {max(lengths)}), "
+      f"window {args.max_len}, GPT-2 small bf16:")
 print(f"  needed (tokens actually held)  {fmt_bytes(paged['needed_bytes']):>10}")
 print(f"  pre-allocated max_len each     {fmt_bytes(paged['preallocated_bytes']):>10}  "
       f"waste {paged['preallocated_waste']:.0%}")
