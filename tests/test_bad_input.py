@@ -16,6 +16,7 @@ from journey_dist.cli import main as journey
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import ByteTokenizer, TokenData, check_fits, load_text, load_tokens
 from journey_dist.model import GPT
+from journey_dist.parallel.deepspeed_zero import load_config
 from journey_dist.train import TrainConfig, train
 
 MINI = get_preset("gpt-mini")  # 4 layers, 4 heads, vocab 256, block 128
@@ -90,6 +91,12 @@ CASES = {
     "zero training steps": (
         lambda tmp: TrainConfig(steps=0),
         r"TrainConfig.steps=0 must be a positive integer", r"use steps >= 1"),
+    "missing DeepSpeed config": (
+        lambda tmp: load_config(tmp / "nope.json", TrainConfig(), 2),
+        r"DeepSpeed config '.*nope.json' not found", r"pass one of launch/deepspeed/zero1.json"),
+    "DeepSpeed config without a ZeRO stage": (
+        lambda tmp: load_config(_text_file(tmp, b'{"zero_optimization": {}}', "ds.json"), TrainConfig(), 2),
+        r"zero_optimization.stage must be 1, 2 or 3", r'set "zero_optimization": \{"stage": 2\}'),
     "non-positive batch": (
         lambda tmp: check_fits(_tokens(5000), batch_size=0, block_size=8),
         r"batch_size=0 must be a positive integer", r"use batch_size >= 1"),

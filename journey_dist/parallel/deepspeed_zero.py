@@ -93,9 +93,17 @@ def write_launch_configs(directory: str | Path, *, micro_batch: int = 4, dtype: 
 
 def load_config(path: str | Path, cfg: TrainConfig, dp: int) -> dict:
     """A DeepSpeed JSON from disk with the batch fields set from `cfg` (the lab owns the batch)."""
-    ds = json.loads(Path(path).read_text())
+    if not Path(path).is_file():
+        raise ConfigError(f"DeepSpeed config {str(path)!r} not found; pass one of "
+                          "launch/deepspeed/zero1.json, zero2.json, zero3.json or your own JSON")
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); fix it or start from "
+                          "launch/deepspeed/zero2.json") from None
     if ds.get("zero_optimization", {}).get("stage") not in STAGES:
-        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3")
+        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3; set "
+                          '"zero_optimization": {"stage": 2} (see launch/deepspeed/zero2.json)')
     ds.pop("train_batch_size", None)
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size // (dp * cfg.grad_accum)
     ds["gradient_accumulation_steps"] = cfg.grad_accum
