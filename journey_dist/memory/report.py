@@ -163,7 +163,8 @@ def estimate_command(args) -> dict:
     single = dp == 1 and args.tp == 1 and args.pp == 1
     why_not = _why_not_measure(args, est, cfg, single, device, seq, param_count(cfg))
     if args.measure == "yes" and why_not:
-        raise ConfigError(f"cannot measure this config here: {why_not}")
+        raise ConfigError(f"cannot measure this config here: {why_not}; drop --measure yes (or pass "
+                          "--measure no) for the estimate alone")
     meas = None
     if args.measure != "no" and not why_not and args.dtype in MEASURABLE:
         meas = measure_config(cfg, batch_size=args.batch, seq_len=seq, dtype=args.dtype,
