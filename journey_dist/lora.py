@@ -170,7 +170,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     own = adapter_params(model)
     if own.keys() != state.keys():
         raise KeyError(f"adapter mismatch: missing {sorted(own.keys() - state.keys())[:4]}, "
-                       f"unexpected {sorted(state.keys() - own.keys())[:4]}")
+                       f"unexpected {sorted(state.keys() - own.keys())[:4]}; apply LoRA with the "
+                       "targets the adapters were saved with (config.json beside them, see save_lora) first")
     for name, p in own.items():
         if p.shape != state[name].shape:
             raise ValueError(f"{name}: file has shape {tuple(state[name].shape)}, model {tuple(p.shape)}; "
