@@ -152,7 +152,8 @@ def test_notes_exist_and_carry_many_checks():
                  "parameters.md", "parallelism.md", "zero.md", "memory.md", "kv_cache.md", "lora.md",
                  "serving.md", "reliability.md"):
         assert name in names, f"notes/{name} is missing"
-    assert len(CHECKS) >= 250, f"only {len(CHECKS)} checked numbers in notes/ (316 on branch notes2)"
+    # 386 when this floor was set: a floor of 250 let a third of the checks vanish unnoticed
+    assert len(CHECKS) >= 380, f"only {len(CHECKS)} checked numbers in notes/ (386 when this was written)"
 
 
 def test_every_check_comment_follows_a_number():
