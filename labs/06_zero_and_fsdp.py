@@ -91,19 +91,29 @@ def rank_main(data) -> dict:
     # %% Parity: every scheme against DDP (and DDP against one process)
     tol = 1e-5 if dtype == "fp32" else 5e-2  # bf16 DeepSpeed on GPUs rounds every weight
     print0(f"\nreference (1 process): loss {ref.losses[0]:.4f} -> {ref.losses[-1]:.4f}")
+    # AdamW undoes a constant gradient scale, so equal parameters do not prove equal gradients: also
+    # compare the first step's gradients (or, where a scheme keeps only shards, its global norm)
+    ddp_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in ddp.grads.values())).item()
     print0(f"{'scheme':<20} {'loss first -> last':>18} {'max|loss-DDP|':>14} {'max|param-DDP|':>15} "
-           f"{'train s':>8}")
+           f"{'grads vs DDP':>15} {'train s':>8}")
     rows = {}
     for name, run in runs.items():
+        grads = getattr(run, "grads", None)
+        norm = getattr(run, "grad_norm", None)
+        grad_diff = (max_abs_diff(grads, ddp.grads) if grads else
+                     abs(norm - ddp_norm) / ddp_norm if norm is not None else float("nan"))
+        grad_kind = "max|g|" if grads else "rel norm" if norm is not None else "-"
         diffs = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ddp.losses)),
-                              max_abs_diff(run.params, ddp.params)], device=device)
+                              max_abs_diff(run.params, ddp.params), grad_diff], device=device)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
         comm, expected = ((({"all_reduce": run.measured}, {"all_reduce": run.expected})) if run is ddp
                           else (run.comm, run.analytic))
         rows[name] = {"losses": run.losses, "loss_diff": diffs[0].item(), "param_diff": diffs[1].item(),
+                      "grad_diff": None if grad_kind == "-" else diffs[2].item(), "grad_check": grad_kind,
                       "seconds": run.seconds, "comm": comm, "analytic": expected}
+        grad_text = "-" if grad_kind == "-" else f"{diffs[2]:.1e} {grad_kind}"
         print0(f"{name:<20} {run.losses[0]:>8.4f} -> {run.losses[-1]:.4f} {diffs[0]:>14.1e} "
-               f"{diffs[1]:>15.1e} {run.seconds:>8.1f}")
+               f"{diffs[1]:>15.1e} {grad_text:>15} {run.seconds:>8.1f}")
     print0(f"DDP vs one process: max|param| {max_abs_diff(ddp.params, ref.params):.1e}; "
            f"tolerance for every row: {tol:g} ({dtype})")
 
