@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
 from journey_dist.model import GPT
+from journey_dist.parallel.data_parallel import mean_over
 from journey_dist.parallel.pipeline_p2p import P2P, WIRE_DTYPES, ShapeMismatchError
 from journey_dist.parallel.reference import RunResult, fresh_model, run_and_capture
 from journey_dist.train import StepResult, TrainConfig, autocast_context
@@ -405,13 +406,6 @@ def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedu
     pipe = Pipeline(stage, group, schedule, engine)
     hooks = pipe.hooks()
     if dp_group is not None:
-        n = dist.get_world_size(dp_group)
-
-        def mean_over_dp(loss: torch.Tensor) -> torch.Tensor:
-            loss = loss.clone()
-            dist.all_reduce(loss, group=dp_group)
-            return loss / n
-
-        hooks.update(sync_grads=lambda: sync_dp_grads(stage, dp_group), reduce_loss=mean_over_dp,
-                     dp_rank=dist.get_rank(dp_group), dp_size=n)
+        hooks.update(sync_grads=lambda: sync_dp_grads(stage, dp_group), reduce_loss=mean_over(dp_group),
+                     dp_rank=dist.get_rank(dp_group), dp_size=dist.get_world_size(dp_group))
     return run_and_capture(stage, data, cfg, **hooks), pipe

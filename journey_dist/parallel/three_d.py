@@ -34,6 +34,7 @@ from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
 from journey_dist.mesh import DIMS, Mesh, group_ranks
 from journey_dist.model import GPT
+from journey_dist.parallel.data_parallel import mean_over
 from journey_dist.parallel.pipeline_parallel import (
     GPTStage,
     Pipeline,
@@ -177,16 +178,9 @@ def three_d_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: Mesh
     # replicated regions draw the same masks), and a per-tp-rank stream for sharded regions
     model_parallel_seed(cfg.seed + 100 * mesh.pp_rank, mesh.tp_rank)
     pipe = Pipeline(stage, mesh.pp_group, pcfg.schedule)
-    dp = pcfg.dp
-
-    def mean_over_dp(loss: torch.Tensor) -> torch.Tensor:
-        loss = loss.clone()
-        dist.all_reduce(loss, group=mesh.dp_group)
-        return loss / dp
-
     hooks = pipe.hooks()
-    hooks.update(sync_grads=lambda: sync_dp_grads(stage, mesh.dp_group), reduce_loss=mean_over_dp,
-                 dp_rank=mesh.dp_rank, dp_size=dp,
+    hooks.update(sync_grads=lambda: sync_dp_grads(stage, mesh.dp_group), reduce_loss=mean_over(mesh.dp_group),
+                 dp_rank=mesh.dp_rank, dp_size=pcfg.dp,
                  clip_fn=lambda _params, max_norm: clip_grad_norm_3d(stage, mesh, max_norm))
     if ledger is not None:
         step_fn = hooks["step_fn"]
