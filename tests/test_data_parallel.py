@@ -10,7 +10,6 @@ synced gradients are compared as well, within GRAD_TOL.
 """
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -22,6 +21,7 @@ from journey_dist.parallel.data_parallel import MB, bucket_layout, run_data_para
 from journey_dist.parallel.reference import max_abs_diff, reference_run
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
+from tests.labs import run_lab
 
 TOL = 1e-5
 GRAD_TOL = 1e-6  # largest gradient entries are ~1e-1
@@ -126,20 +126,9 @@ def test_bucket_layout_matches_pytorch():
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_lab_runs_both_ways(tmp_path, launcher):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    lab = [str(root / "labs" / "02_data_parallel.py"), "--preset", "tiny", "--steps", "3",
-           "--batch-size", "8", "--bucket-mb", "0.05", "--data", TEXT]
-    cmd = ([sys.executable, *lab] if launcher == "python" else
-           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *lab])
-    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads((tmp_path / "02_data_parallel" / "result.json").read_text())
+    _, result = run_lab("02_data_parallel", "--preset", "tiny", "--steps", "3", "--batch-size", "8",
+                        "--bucket-mb", "0.05", "--data", TEXT, runs_dir=tmp_path,
+                        torchrun=2 if launcher == "torchrun" else 0, timeout_s=240)
     assert result["world_size"] == 2 and set(result["variants"]) == {"naive", "bucketed", "ddp"}
     for row in result["variants"].values():
         assert row["param_diff"] < TOL and row["measured"]["bytes"] == row["analytic"]["bytes"]

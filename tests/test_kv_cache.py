@@ -16,6 +16,7 @@ from journey_dist.kv_cache import (
 )
 from journey_dist.memory.estimate import kv_cache_bytes
 from journey_dist.model import GPT
+from tests.labs import run_lab
 
 
 @pytest.fixture(scope="module")
@@ -100,19 +101,9 @@ def test_paging_wastes_under_one_block_per_request():
 
 @pytest.mark.slow
 def test_lab_09_runs(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "labs" / "09_kv_cache.py"), "--preset", "tiny", "--batches", "1", "2",
-           "--prompt", "4", "--new", "12", "--repeats", "1", "--requests", "50", "--max-len", "256"]
-    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads((tmp_path / "09_kv_cache" / "result.json").read_text())
+    _, result = run_lab("09_kv_cache", "--preset", "tiny", "--batches", "1", "2", "--prompt", "4",
+                        "--new", "12", "--repeats", "1", "--requests", "50", "--max-len", "256",
+                        runs_dir=tmp_path, timeout_s=300)
     assert all(r["identical"] for r in result["speed"]) and result["logit_max_diff"] < 1e-4
     assert all(m["measured_bytes"] == m["formula_bytes"] for m in result["cache_bytes"])
     assert result["paged"]["paged_bytes"] < result["paged"]["preallocated_bytes"]

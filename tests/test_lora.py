@@ -37,6 +37,7 @@ from journey_dist.memory.measure import measure_step
 from journey_dist.parallel.reference import fresh_model, max_abs_diff
 from journey_dist.train import TrainConfig, make_optimizer
 from tests.dist import run_ranks
+from tests.labs import run_lab
 
 TINY = get_preset("tiny")
 SPEC = LoRAConfig(rank=4, alpha=8.0)
@@ -206,21 +207,9 @@ def test_lora_memory_estimate_matches_the_tensor_ledger(spec, data):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_lab_runs_both_ways(tmp_path, launcher):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    lab = [str(root / "labs" / "08_lora_finetune.py"), "--preset", "tiny", "--pretrain-steps", "3",
-           "--steps", "3", "--batch-size", "8", "--base", str(tmp_path / "none.pt")]
-    cmd = ([sys.executable, *lab] if launcher == "python" else
-           [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *lab])
-    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads((tmp_path / "08_lora_finetune" / "result.json").read_text())
+    _, r = run_lab("08_lora_finetune", "--preset", "tiny", "--pretrain-steps", "3", "--steps", "3",
+                   "--batch-size", "8", "--base", str(tmp_path / "none.pt"), runs_dir=tmp_path,
+                   torchrun=2 if launcher == "torchrun" else 0, timeout_s=300)
     assert r["world_size"] == (1 if launcher == "python" else 2)
     assert r["base_unchanged"] and r["scratch_vs_peft_diff"] == r["scratch_vs_peft_merged_diff"] == 0.0
     assert r["merge_diff"] < 1e-5 and r["files"]["round_trip_diff"] == 0.0

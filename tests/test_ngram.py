@@ -10,6 +10,7 @@ from journey_dist.data import load_text
 from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, model_stream_nll, per_byte_perplexity
 from journey_dist.tokenizer import BPETokenizer
+from tests.labs import run_lab
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +91,8 @@ def test_model_stream_nll_scores_every_token_once():
 
 @pytest.mark.slow
 def test_lab_00_runs(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "labs" / "00_tokens_and_ngrams.py"), "--merges", "300",
-           "--ngram-merges", "100", "--max-n", "3", "--gpt-steps", "3"]
-    env = {**os.environ, "JOURNEY_RUNS_DIR": str(tmp_path), "PYTHONPATH": str(root)}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads((tmp_path / "00_tokens_and_ngrams" / "result.json").read_text())
+    _, result = run_lab("00_tokens_and_ngrams", "--merges", "300", "--ngram-merges", "100", "--max-n", "3",
+                        "--gpt-steps", "3", runs_dir=tmp_path, timeout_s=300)
     assert result["merges"] == 300 and (tmp_path / "00_tokens_and_ngrams" / "compression.png").is_file()
     ratios = [r["val_bytes_per_token"] for r in result["compression"]]
     assert ratios == sorted(ratios)
