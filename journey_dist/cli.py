@@ -56,7 +56,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="global batch in sequences per step")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES,
-                        help="as `journey estimate`: bf16 = pure bf16; bf16-mixed = + fp32 master weights")
+                        help="as `journey estimate`: bf16 = pure bf16; bf16-mixed = + fp32 master weights; "
+                             "bf16-megatron = + fp32 main grads, reduced in fp32")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"])
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--sequence-parallel", "--sp", action="store_true", help="needs tp > 1")

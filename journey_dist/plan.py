@@ -22,7 +22,14 @@ from dataclasses import replace
 
 from journey_dist.comm import ring_factor
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
-from journey_dist.memory.estimate import PRECISIONS, estimate_memory, fmt_bytes, param_count, stage_layers
+from journey_dist.memory.estimate import (
+    PRECISIONS,
+    estimate_memory,
+    fmt_bytes,
+    model_state_bytes,
+    param_count,
+    stage_layers,
+)
 from journey_dist.mesh import layout_text
 from journey_dist.parallel.pipeline_timeline import bubble_formula
 from journey_dist.parallel.tensor_parallel import analytic_collectives, padded_vocab_size
@@ -61,14 +68,17 @@ def comm_per_step(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int,
     ({dim: {op: {"bytes", "wire_bytes"}}}, {dim: why it is not modelled}).
 
     Activations cross tp and pp at the residual stream's width and gradients cross dp at the
-    weights' (the same number of bytes in every memory.estimate.PRECISIONS entry).
+    gradients' (fp32 for bf16-megatron's main grads; otherwise the residual stream's width).
     """
     v = PRECISIONS[dtype].residual
+    g = int(model_state_bytes(1, dtype)["grads"])
     m, sizes = pcfg.microbatches, {"tp": pcfg.tp, "dp": pcfg.dp, "pp": pcfg.pp}
     train = TrainConfig(batch_size=batch, grad_accum=m, grad_clip=grad_clip)
     plain = replace(pcfg, zero=0, sequence_parallel=False, pad_vocab=False)  # vocab already padded
     raw = expected_comm_per_step(cfg, plain, train, {"pp": stage, "dp": 0, "tp": 0},
                                  bytes_per_value=v, seq_len=seq)
+    if "dp" in raw:  # the dp all-reduce is every gradient of the slice, at v bytes each
+        raw["dp"]["all_reduce"] = raw["dp"]["all_reduce"] // v * g
     missing: dict[str, str] = {}
     if pcfg.sequence_parallel:
         raw.pop("tp", None)
@@ -83,9 +93,9 @@ def comm_per_step(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int,
     if pcfg.zero and pcfg.dp > 1:
         # ZeRO over dp: reduce-scatter the gradients (every backward from stage 2 on), all-gather the
         # updated weights (stage 3: before every microbatch's forward and again before its backward)
-        flat = padded_numel(param_count(cfg, pcfg.tp, pcfg.pp, stage), pcfg.dp) * PRECISIONS[dtype].weights
-        raw["dp"] = {"reduce_scatter": flat * (m if pcfg.zero >= 2 else 1),
-                     "all_gather": flat * (2 * m if pcfg.zero == 3 else 1)}
+        flat = padded_numel(param_count(cfg, pcfg.tp, pcfg.pp, stage), pcfg.dp)
+        raw["dp"] = {"reduce_scatter": flat * g * (m if pcfg.zero >= 2 else 1),
+                     "all_gather": flat * PRECISIONS[dtype].weights * (2 * m if pcfg.zero == 3 else 1)}
         if grad_clip > 0:
             raw["dp"]["all_reduce"] = 4  # the norm² of the gradient shards (fp32 scalar)
     out = {dim: {op: {"bytes": b, "wire_bytes": ring_factor(op, sizes[dim]) * b} for op, b in ops.items()}

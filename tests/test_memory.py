@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from journey_dist.cli import main
-from journey_dist.config import ConfigError, get_preset
+from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.memory.estimate import (
     activation_bytes_per_layer,
     estimate_memory,
@@ -17,6 +17,7 @@ from journey_dist.memory.estimate import (
 from journey_dist.memory.measure import TensorLedger, measure_config
 from journey_dist.memory.report import compare
 from journey_dist.model import GPT, KVCache
+from journey_dist.plan import make_plan
 
 # ---------------------------------------------------------------------- reference points
 
@@ -39,6 +40,32 @@ def test_adamw_keeps_16_bytes_per_parameter_mixed_and_fp32():
         s = model_state_bytes(n, dtype, "adamw")
         assert (s["params"], s["grads"], s["optimizer"]) == tuple(n * b for b in split)
         assert sum(s.values()) == 16 * n
+
+
+def test_megatron_keeps_fp32_main_grads_18_and_20_bytes_per_parameter(tmp_path, monkeypatch, capsys):
+    """Megatron-LM's table (docs, "Distributed Optimizer"): bf16 params + fp32 grads 18 B/param,
+    6 + 12/d with its distributed optimizer (ZeRO-1 here); fp16 20 B, 4 + 16/d. The ZeRO paper's
+    16 B (bf16-mixed) keeps 16-bit grads. Megatron reduces the fp32 grads: 4 B per value over dp."""
+    n, d = 1_000_000, 8
+    for dtype, whole, sharded in (("bf16-megatron", 18, 6 + 12 / d), ("fp16-megatron", 20, 4 + 16 / d)):
+        assert sum(model_state_bytes(n, dtype).values()) == whole * n
+        assert sum(model_state_bytes(n, dtype, dp=d, zero=1).values()) == sharded * n
+    assert model_state_bytes(n, "bf16-megatron")["grads"] == 4 * n
+    cfg = get_preset("gpt2-small")
+    meg, mixed = (estimate_memory(cfg, batch_size=8, seq_len=1024, dtype=dt)
+                  for dt in ("bf16-megatron", "bf16-mixed"))
+    assert meg.grads - mixed.grads == 2 * param_count(cfg)
+    assert (meg.params, meg.optimizer, meg.activations) == (mixed.params, mixed.optimizer, mixed.activations)
+    for zero, ops in ((0, {"all_reduce": 4}), (1, {"reduce_scatter": 4, "all_gather": 2})):
+        comm = make_plan(get_preset("gpt-mini"), ParallelConfig(dp=2, zero=zero), batch=8,
+                         dtype="bf16-megatron")["stages"][0]["comm"]["dp"]
+        for op, nbytes in ops.items():
+            assert comm[op]["bytes"] == param_count(get_preset("gpt-mini")) * nbytes, (zero, op)
+    monkeypatch.setenv("JOURNEY_RUNS_DIR", str(tmp_path))
+    assert main(["estimate", "--preset", "gpt-mini", "--dtype", "bf16-megatron"]) == 0
+    rows = json.loads(next((tmp_path / "estimate").glob("*.json")).read_text())["rows"]
+    assert next(r for r in rows if r["component"] == "grads")["formula"] == "N_trainable·4"
+    assert "Megatron-LM's optimizer" in capsys.readouterr().out  # estimated, not measured
 
 
 def test_zero_stages_divide_what_they_shard():

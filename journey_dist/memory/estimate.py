@@ -185,6 +185,7 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
         n_adapters = lora_param_count(cfg, lora) * stage_layers(cfg.n_layer, pp, stage) / cfg.n_layer
         states["params"] += n_adapters * PRECISIONS[dtype].weights / (dp if zero >= 3 else 1)
     w = PRECISIONS[dtype].weights
+    gw = BYTES_PER_PARAM[(dtype, "adamw" if optimizer == "none" else optimizer)][1]  # Megatron bf16: 4
     # AdamW's per-tensor step counters: 4 bytes each (a 512-byte block each on CUDA)
     steps = 0
     if optimizer == "adamw" and zero == 0 and pp == 1:
@@ -209,9 +210,9 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
     logits_hw = sum(tm.nbytes for tm in lg)
 
     n, h, r = x.b * x.s, x.h, x.prec.residual
-    g_layer = layer_param_count(cfg, x.t) * w * frac / gdiv
-    g_proj = (h * h / x.t + (h if cfg.bias else 0)) * w * frac / gdiv  # attention's c_proj
-    g_mlp = (8 * h * h / x.t + (4 * h / x.t + h + 2 * h if cfg.bias else h)) * w * frac / gdiv
+    g_layer = layer_param_count(cfg, x.t) * gw * frac / gdiv
+    g_proj = (h * h / x.t + (h if cfg.bias else 0)) * gw * frac / gdiv  # attention's c_proj
+    g_mlp = (8 * h * h / x.t + (4 * h / x.t + h + 2 * h if cfg.bias else h)) * gw * frac / gdiv
     tied_tmp = cfg.vocab_size * h / x.t * w * frac if (cfg.tie_embeddings and pp == 1) else 0.0
     dx = r * n * h * x.rep  # gradient of the residual stream, alive through the whole backward
     # ZeRO-3 all-gathers a block's full weights for its forward and backward (one block at a time)
@@ -229,9 +230,9 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
             0, A, logits_saved(x), 2 * 4 * n * x.V / x.t)
     # backward of the last block on this stage, then of its first block (the extremes)
     head_freed = sum(tm.nbytes for tm in outer if tm.name.startswith("ln_f")) if last else 0.0
-    g_head = (2 * h if cfg.bias else h) * w * frac / gdiv if last else 0.0
+    g_head = (2 * h if cfg.bias else h) * gw * frac / gdiv if last else 0.0
     if last and (not cfg.tie_embeddings or pp > 1):  # the head's own weight (untied or a pp copy)
-        g_head += cfg.vocab_size * h / x.t * w * frac / gdiv
+        g_head += cfg.vocab_size * h / x.t * gw * frac / gdiv
     recomputed = (a_layer - a_stored) if recompute else 0.0
     a_top = A - head_freed + recomputed
     for name, k in (("last", 0), ("first", n_layers - 1)):
@@ -266,7 +267,7 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
         phases=phases,
         terms={"model states": [
             Term("params", P, f"N·{w}" + (" / dp (ZeRO-3)" if zero >= 3 else "")),
-            Term("grads", G, f"N_trainable·{w}" + (" / dp (ZeRO-2)" if zero >= 2 else "")),
+            Term("grads", G, f"N_trainable·{gw}" + (" / dp (ZeRO-2)" if zero >= 2 else "")),
             Term("optimizer", O, f"N_trainable·{o_bytes}" + (" / dp (ZeRO-1)" if zero >= 1 else "")
                  + (" + 4 B step counter per tensor" if steps else "")),
         ], "per layer": lt, "outside the blocks": outer,

@@ -113,7 +113,8 @@ def add_estimate_arguments(p) -> None:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES,
                    help="bf16 = pure bf16; bf16-mixed = 16-bit model + fp32 master weights "
-                        "(DeepSpeed/Megatron); bf16-autocast = torch.autocast over fp32 weights")
+                        "(ZeRO paper/DeepSpeed, 16 B/param with AdamW); bf16-megatron = the same with "
+                        "fp32 main grads (18 B); bf16-autocast = torch.autocast over fp32 weights")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"])
     p.add_argument("--dp", type=int, default=None, help="data-parallel ranks (default 1; 2 with --zero)")
     p.add_argument("--tp", type=int, default=1)
@@ -213,6 +214,8 @@ def _why_not_measure(args, est, cfg, single: bool, device: str, seq: int, n_para
                 "ZeRO labs measure per rank")
     if args.dtype.endswith("-mixed"):
         return f"{args.dtype} keeps fp32 master weights in the optimizer (DeepSpeed: the ZeRO lab)"
+    if args.dtype.endswith("-megatron"):
+        return f"{args.dtype} is Megatron-LM's optimizer (fp32 main params and grads): estimate only"
     if device == "cuda":
         free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
         limit = 0.9 * free

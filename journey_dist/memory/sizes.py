@@ -13,11 +13,20 @@ BYTES_PER_PARAM = {
     # fp32 training: fp32 weights and grads; AdamW keeps two fp32 moments
     ("fp32", "adamw"): (4, 4, 8),
     ("fp32", "sgd"): (4, 4, 4),  # one momentum buffer
-    # mixed precision: 16-bit weights and grads; fp32 master copy + two fp32 moments
+    # mixed precision as the ZeRO paper counts it (and DeepSpeed's ZeRO keeps it): 16-bit weights
+    # and grads; fp32 master copy + two fp32 moments (K = 12)
     ("bf16-mixed", "adamw"): (2, 2, 12),
     ("fp16-mixed", "adamw"): (2, 2, 12),
     ("bf16-mixed", "sgd"): (2, 2, 8),
     ("fp16-mixed", "sgd"): (2, 2, 8),
+    # Megatron-LM (docs: "Distributed Optimizer"): bf16 weights, fp32 main grads accumulated and
+    # reduced in fp32, fp32 main params + moments: 18 B (6 + 12/d with its distributed optimizer,
+    # which is zero=1 here); fp16: fp16 grads, and the optimizer keeps fp32 main params and main
+    # grads + moments: 20 B (4 + 16/d)
+    ("bf16-megatron", "adamw"): (2, 4, 12),
+    ("bf16-megatron", "sgd"): (2, 4, 8),
+    ("fp16-megatron", "adamw"): (2, 2, 16),
+    ("fp16-megatron", "sgd"): (2, 2, 12),
     # pure bf16: everything in bf16, moments too
     ("bf16", "adamw"): (2, 2, 4),
     ("bf16", "sgd"): (2, 2, 2),
@@ -43,8 +52,10 @@ class Precision:
 
 PRECISIONS = {
     "fp32": Precision(4, 4, 4),
-    "bf16-mixed": Precision(2, 2, 2),  # Megatron/DeepSpeed: 16-bit model, fp32 master in the optimizer
+    "bf16-mixed": Precision(2, 2, 2),  # ZeRO paper/DeepSpeed: 16-bit model, fp32 master in the optimizer
     "fp16-mixed": Precision(2, 2, 2),
+    "bf16-megatron": Precision(2, 2, 2),  # as bf16-mixed, with fp32 main grads (BYTES_PER_PARAM)
+    "fp16-megatron": Precision(2, 2, 2),
     "bf16": Precision(2, 2, 2),  # model.to(bfloat16), optimizer state in bf16 too
     "fp16": Precision(2, 2, 2),
     "bf16-autocast": Precision(4, 2, 4, autocast=True),  # torch.autocast over fp32 weights
@@ -59,9 +70,10 @@ def model_state_bytes(n_params: int, dtype: str = "fp32", optimizer: str = "adam
                       zero: int = 0, trainable_params: int | None = None) -> dict[str, float]:
     """Per-rank bytes of weights, gradients and optimizer state.
 
-    params = N·w / (dp if ZeRO-3); grads = N_trainable·w / (dp if ZeRO >= 2);
-    optimizer = N_trainable·o / (dp if ZeRO >= 1), with (w, o) from the dtype and optimizer
-    (AdamW mixed precision: w = 2, o = 12, so 2 + 2 + 12 = 16 bytes per parameter).
+    params = N·w / (dp if ZeRO-3); grads = N_trainable·g / (dp if ZeRO >= 2);
+    optimizer = N_trainable·o / (dp if ZeRO >= 1), with (w, g, o) from the dtype and optimizer
+    (AdamW mixed precision: w = 2, o = 12, so 2 + 2 + 12 = 16 bytes per parameter; Megatron's
+    bf16 keeps fp32 main grads: 2 + 4 + 12 = 18).
     Only `trainable_params` (default: all; LoRA: the adapters) get gradients and optimizer state.
     """
     opt = "adamw" if optimizer == "none" else optimizer
