@@ -8,8 +8,12 @@ Every rank holds a slice of every layer: attention by heads (q, k and v each spl
 the fused c_attn), the MLP column-then-row, the embedding and the tied output head by vocabulary.
 Logits never exist whole: the loss is vocab-parallel cross-entropy (3 all-reduces of one float
 per token). What to look at: the shard shapes; the loss of every step next to the single-process
-loss, and max |diff| of loss, first-step gradients and parameters after the AdamW steps (float
-rounding only, ~1e-6); per-rank parameter bytes against memory.estimate.param_count(cfg, tp);
+loss, and max |diff| of loss (~5e-7), first-step gradients (~1e-7) and parameters after the AdamW
+steps (~3e-5, DTensor ~4e-5: the digits vary with the CPU). All are float rounding: the parameter
+diff sits next to the rounding floor the lab prints first (~2e-5: one process, the same batch in
+2 micro-batches, which sums in another order as TP does; AdamW's first steps, ≈ lr · sign of
+the gradient, turn such tiny gradient differences into full steps). benchmarks/tp_parity.py
+records one run with its CPU; per-rank parameter bytes against memory.estimate.param_count(cfg, tp);
 the collectives of one step measured by the CommLedger against the analytic count, with
 sequence parallel off (all-reduces: 4 per layer + embedding + head + 3 loss + 1 clip norm) and on
 (each activation all-reduce becomes an all-gather + reduce-scatter pair of the same bytes, plus

@@ -121,6 +121,10 @@ def test_bucket_layout_matches_pytorch():
         theirs, _ = dist._compute_bucket_assignment_by_size(params, [cap])
         assert ours == [list(b) for b in theirs], cap
     assert bucket_layout([], 10) == []
+    for first, cap in ((1, 30_000), (4096, 30_000), (dist._DEFAULT_FIRST_BUCKET_BYTES, 10**9)):
+        ours = bucket_layout([p.numel() * p.element_size() for p in params], cap, first)
+        theirs, _ = dist._compute_bucket_assignment_by_size(params, [first, cap])
+        assert ours == [list(b) for b in theirs], (first, cap)
 
 
 @pytest.mark.slow

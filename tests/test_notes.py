@@ -12,7 +12,8 @@ Formatting rules (what the shown number must equal):
   FLOP units: FLOP, kFLOP/MFLOP/GFLOP/TFLOP/PFLOP (powers of 1000);
   count suffixes K/M (thousand, million, e.g. `85.0M`); time units ms, s, h (expression in seconds);
 * `%`: the expression is a fraction, shown times 100 (`18.75% <!-- = bubble_formula(4, 13) -->`);
-* `x` (or `×`) after a number: a plain ratio.
+* `x` (or `×`) after a number: a plain ratio;
+* scientific notation (`2.6e-5`): the mantissa's decimals are the rounding at that exponent.
 Every `<!-- =` comment must sit right after a number, so a broken check fails instead of vanishing.
 A note may name a value for its later checks, on a line of its own: `<!-- let N7B = param_count(...) -->`.
 """
@@ -31,7 +32,7 @@ import torch
 import journey_dist.config as config
 import journey_dist.memory.estimate as estimate
 from journey_dist.comm import analytic, ring_factor
-from journey_dist.data import load_text
+from journey_dist.data import load_text, load_tokens
 from journey_dist.kv_cache import kv_memory_table, paged_vs_preallocated, sample_lengths
 from journey_dist.lora import apply_scratch_lora, param_counts
 from journey_dist.model import GPT
@@ -57,7 +58,7 @@ UNITS = {
 }
 _UNIT_RE = "|".join(sorted((re.escape(u) for u in UNITS if u), key=len, reverse=True))
 CHECK = re.compile(
-    r"(?<![\w.])(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?)\s?(" + _UNIT_RE + r")?"
+    r"(?<![\w.])(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:e-?\d+)?)\s?(" + _UNIT_RE + r")?"
     r"(?:\*\*)?\s*<!--\s*=\s*(.+?)\s*-->", re.S)  # a number may be **bold**
 LET = re.compile(r"<!--\s*let\s+([A-Za-z_]\w*)\s*=\s*(.+?)\s*-->", re.S)
 ANY_CHECK = re.compile(r"(?<!`)<!--\s*=")  # a check quoted in `code` is an example, not a check
@@ -113,7 +114,7 @@ accounting and DeepSpeed's config builder. None of them needs a process group.""
               meta_gpt=meta_gpt, TrainConfig=TrainConfig)
     ns.update(BPETokenizer=BPETokenizer, split_chunks=split_chunks, train_merges=train_merges,
               NGramLM=NGramLM, per_byte_perplexity=per_byte_perplexity, text=text, bpe=bpe)
-    ns.update(lora_counts=lora_counts, bench=bench)
+    ns.update(lora_counts=lora_counts, bench=bench, load_tokens=load_tokens, dist=torch.distributed)
     ns.update(paged_vs_preallocated=paged_vs_preallocated, sample_lengths=sample_lengths,
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
@@ -179,10 +180,12 @@ def test_no_line_starts_with_a_comment():
 
 def shown_matches(shown: str, unit: str, value: float) -> tuple[bool, float]:
     """Is `shown` (in `unit`) the value rounded to the shown decimals? Returns (ok, expected)."""
-    decimals = len(shown.split(".")[1]) if "." in shown else 0
-    expected = round(float(value) / UNITS[unit], decimals)
-    ok = math.isclose(float(shown.replace(",", "")), expected, rel_tol=0, abs_tol=10 ** -decimals / 1e3)
-    return ok, expected
+    mantissa, _, exponent = shown.partition("e")
+    scale = 10.0 ** int(exponent or 0)
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    expected = round(float(value) / UNITS[unit] / scale, decimals)
+    ok = math.isclose(float(mantissa.replace(",", "")), expected, rel_tol=0, abs_tol=10 ** -decimals / 1e3)
+    return ok, expected * scale
 
 
 @pytest.mark.parametrize("note,line,shown,unit,expr", CHECKS, ids=[f"{c[0]}:{c[1]}" for c in CHECKS])
@@ -202,6 +205,9 @@ def test_shown_matches_rules():
     m = CHECK.search("bubble 18.75% <!-- = bubble_formula(4, 13) --> here")
     assert m.group(1, 2) == ("18.75", "%")
     assert CHECK.search("x 124,439,808 <!-- = 1 -->").group(1) == "124,439,808"
+    assert CHECK.search("diff 2.6e-5 <!-- = 2.6e-5 --> x").group(1) == "2.6e-5"
+    assert shown_matches("2.6e-5", "", 2.64e-5)[0] and not shown_matches("2.6e-5", "", 2.66e-5)[0]
+    assert shown_matches("4.8e-7", "", 4.8e-7)[0]
 
 
 def _links(path: Path) -> list[tuple[int, str]]:

@@ -43,16 +43,18 @@ def grad_bytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
-def bucket_layout(nbytes: Sequence[int], cap_bytes: int) -> list[list[int]]:
+def bucket_layout(nbytes: Sequence[int], cap_bytes: int,
+                  first_cap_bytes: int | None = None) -> list[list[int]]:
     """Greedy buckets over tensors in the given order, DDP's rule: a bucket closes as soon as
-    it holds >= cap_bytes (so a bucket may exceed the cap by its last tensor)."""
+    it holds >= its cap (so a bucket may exceed the cap by its last tensor). `first_cap_bytes`
+    caps the first bucket alone (DDP's 1 MiB first bucket when bucket_cap_mb is left unset)."""
     buckets: list[list[int]] = []
     current: list[int] = []
     size = 0
     for i, n in enumerate(nbytes):
         current.append(i)
         size += n
-        if size >= cap_bytes:
+        if size >= (first_cap_bytes if first_cap_bytes is not None and not buckets else cap_bytes):
             buckets.append(current)
             current, size = [], 0
     if current:
@@ -64,10 +66,18 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]  # a tied weight appears once
 
 
-def planned_buckets(model: nn.Module, bucket_mb: float) -> list[int]:
-    """Bytes per bucket for this model and bucket size: greedy over reverse parameter order."""
+def planned_buckets(model: nn.Module, bucket_mb: float, first_bucket_mb: float | None = None) -> list[int]:
+    """Bytes per bucket for this model and bucket size: greedy over reverse parameter order.
+
+    DDP lays its buckets out so from the second iteration on (the first all-reduces everything in
+    one bucket while it learns the order gradients arrive in). With bucket_cap_mb passed, every
+    bucket has that cap (what lab 02 does); left unset, the first closes at
+    `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES` (1 MiB): pass first_bucket_mb=1, bucket_mb=25.
+    """
     sizes = [grad_bytes(p) for p in _trainable(model)[::-1]]
-    return [sum(sizes[i] for i in b) for b in bucket_layout(sizes, int(check_bucket_mb(bucket_mb) * MB))]
+    first = None if first_bucket_mb is None else int(check_bucket_mb(first_bucket_mb) * MB)
+    layout = bucket_layout(sizes, int(check_bucket_mb(bucket_mb) * MB), first)
+    return [sum(sizes[i] for i in b) for b in layout]
 
 
 class NaiveDP:
