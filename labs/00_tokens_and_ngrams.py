@@ -1,4 +1,4 @@
-"""Lab 00: tokens and n-grams, the baseline every later lab beats.
+"""Lab 00: tokens and n-grams, the counting baseline neural LMs are measured against.
 
     python labs/00_tokens_and_ngrams.py                    # ~1 minute on a 2-core CPU
     python labs/00_tokens_and_ngrams.py --gpt-steps 0      # skip gpt-mini (unless lab 01 saved one)
@@ -10,7 +10,10 @@ What to look at:
 * n-gram perplexity vs n: add-k collapses as n grows (unseen n-grams take the mass),
   interpolated Kneser-Ney keeps improving;
 * one table of held-out perplexity *per byte* (so byte and BPE models compare) with gpt-mini:
-  lab 01's checkpoint if present, else a brief training run with the shared train loop.
+  lab 01's checkpoint if present, else a brief training run with the shared train loop. On this
+  70 KB corpus the 5-gram Kneser-Ney wins (about 4.1 per byte against about 10 for lab 01's
+  gpt-mini): most held-out 5-grams occur in the training text, and gpt-mini is undertrained.
+  notes/ngrams.md works out why, and when neural models win instead.
 Results: runs/00_tokens_and_ngrams/result.json and compression.png.
 """
 
