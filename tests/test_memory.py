@@ -171,10 +171,9 @@ def _megatron_rank_numel(model: GPT, tp: int, rank: int) -> int:
 
 
 def test_tp2_rank_param_bytes_match_megatron_slicing_of_plain_gpt():
-    """Stand-in until the TP model lands: per-rank parameter bytes = the estimate, for every rank.
-
-    Re-point at parallel/tensor_parallel.py's parallelized model at merge (sum of local shard bytes).
-    """
+    """Megatron's slicing rule on a plain GPT's weights, no processes: per-rank parameter bytes =
+    the estimate, for every rank. The tensor-parallel model's own shards are checked against the
+    same estimate on 2 ranks in tests/test_tensor_parallel.py (rank parameter bytes)."""
     cfg = get_preset("tiny")
     model = GPT(cfg)
     for dtype, nbytes in (("fp32", 4), ("bf16-mixed", 2)):

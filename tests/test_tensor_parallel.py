@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from journey_dist.comm import CommLedger
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import load_tokens
+from journey_dist.memory.estimate import estimate_memory, param_count
 from journey_dist.model import GPT
 from journey_dist.parallel.reference import fresh_model, max_abs_diff, named_params, reference_run
 from journey_dist.parallel.tensor_parallel import (
@@ -172,6 +173,10 @@ def _pieces() -> dict:
 
 def _everything() -> dict:
     out = {"pieces": _pieces(), "ce": _cross_entropy()}
+    tp = parallelize(fresh_model(TINY))
+    out["param_bytes"] = {"fp32": sum(p.numel() * p.element_size() for p in tp.parameters())}
+    tp.to(torch.bfloat16)
+    out["param_bytes"]["bf16"] = sum(p.numel() * p.element_size() for p in tp.parameters())
     for sp in (False, True):
         out[f"fwd_sp{sp}"] = _forward_backward(TINY, sp)
         out[f"ledger_sp{sp}"] = _ledger(sp)
@@ -267,6 +272,14 @@ def test_building_blocks(results):
         assert p["block_sp"] < FWD_TOL
         # incl. LayerNorm grads all-reduced over tp; relative: these grads reach ~10
         assert p["block_sp_grads"] < FWD_TOL * p["block_grad_max"], p
+
+
+def test_rank_parameter_bytes_equal_the_memory_estimate(results):
+    # the parallelized model's own shards, per rank, against memory.estimate's Megatron split
+    for dtype in ("fp32", "bf16"):
+        est = estimate_memory(TINY, batch_size=2, seq_len=16, dtype=dtype, tp=2).params
+        assert [rank["param_bytes"][dtype] for rank in results] == [est, est], dtype
+    assert results[0]["param_bytes"]["fp32"] == param_count(TINY, tp=2) * 4 < param_count(TINY) * 4
 
 
 def test_config_errors_name_the_fix(results):
