@@ -31,8 +31,9 @@ import torch
 
 import journey_dist.config as config
 import journey_dist.memory.estimate as estimate
+import journey_dist.numerics as numerics
 from journey_dist.comm import analytic, ring_factor
-from journey_dist.data import load_text, load_tokens
+from journey_dist.data import get_batch, load_text, load_tokens
 from journey_dist.kv_cache import kv_memory_table, paged_vs_preallocated, sample_lengths
 from journey_dist.lora import apply_scratch_lora, param_counts
 from journey_dist.model import GPT
@@ -41,6 +42,7 @@ from journey_dist.parallel.data_parallel import bucket_layout, planned_buckets
 from journey_dist.parallel.deepspeed_zero import deepspeed_config
 from journey_dist.parallel.fsdp import unit_bytes
 from journey_dist.parallel.pipeline_timeline import bubble_formula
+from journey_dist.parallel.reference import fresh_model
 from journey_dist.parallel.tensor_parallel import analytic_collectives, padded_vocab_size
 from journey_dist.parallel.three_d import expected_comm_per_step
 from journey_dist.parallel.zero import padded_numel, shard_range, unsharded_adamw_state_bytes
@@ -93,6 +95,17 @@ def bench(name: str) -> dict:
 
 
 @functools.cache
+def first_grads(preset: str, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    """fp32 gradients of a fresh seeded model's loss on one handbook training batch (small
+    presets only: it allocates and runs the model)."""
+    cfg = config.get_preset(preset)
+    model = fresh_model(cfg, seed)
+    x, y = get_batch(load_tokens("handbook").train, batch, cfg.block_size, 0, seed)
+    model(x, y)[1].backward()
+    return [p.grad for p in model.parameters()]
+
+
+@functools.cache
 def meta_gpt(cfg: config.GPTConfig) -> GPT:
     """The real model with no storage (parameter shapes only), for checks on gpt2-sized models."""
     with torch.device("meta"):
@@ -105,7 +118,8 @@ DP bucket planning, the model on the meta device (P = get_preset), and the labs'
 the BPE tokenizer (`bpe(corpus, merges)`: trained once per session) and n-gram model (tiny texts
 only: a note's `let` runs once per test session), LoRA parameter counts on a real gpt-mini,
 the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
-accounting and DeepSpeed's config builder. None of them needs a process group."""
+accounting and DeepSpeed's config builder, number formats (numerics.py) and a small model's
+first gradients. None of them needs a process group."""
     ns = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")}
     ns.update({k: v for k, v in vars(config).items() if not k.startswith("_")})
     ns.update({k: v for k, v in vars(estimate).items() if not k.startswith("_")})
@@ -115,6 +129,11 @@ accounting and DeepSpeed's config builder. None of them needs a process group.""
     ns.update(BPETokenizer=BPETokenizer, split_chunks=split_chunks, train_merges=train_merges,
               NGramLM=NGramLM, per_byte_perplexity=per_byte_perplexity, text=text, bpe=bpe)
     ns.update(lora_counts=lora_counts, bench=bench, load_tokens=load_tokens, dist=torch.distributed)
+    ns.update({k: getattr(numerics, k) for k in (
+        "FORMATS", "format_info", "cast", "underflow_fraction", "overflow_fraction", "max_safe_scale",
+        "grad_scaler_defaults", "fp8_scale", "delayed_scale", "sequential_sum", "gaussian",
+        "relative_error")})
+    ns.update(first_grads=first_grads, torch=torch)
     ns.update(paged_vs_preallocated=paged_vs_preallocated, sample_lengths=sample_lengths,
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
