@@ -32,6 +32,7 @@ import torch
 import journey_dist.config as config
 import journey_dist.memory.estimate as estimate
 import journey_dist.numerics as numerics
+import journey_dist.scaling as scaling
 from journey_dist.comm import analytic, ring_factor
 from journey_dist.data import get_batch, load_text, load_tokens
 from journey_dist.kv_cache import kv_memory_table, paged_vs_preallocated, sample_lengths
@@ -118,8 +119,8 @@ DP bucket planning, the model on the meta device (P = get_preset), and the labs'
 the BPE tokenizer (`bpe(corpus, merges)`: trained once per session) and n-gram model (tiny texts
 only: a note's `let` runs once per test session), LoRA parameter counts on a real gpt-mini,
 the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
-accounting and DeepSpeed's config builder, number formats (numerics.py) and a small model's
-first gradients. None of them needs a process group."""
+accounting and DeepSpeed's config builder, number formats (numerics.py), scaling laws
+(scaling.py) and a small model's first gradients. None of them needs a process group."""
     ns = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")}
     ns.update({k: v for k, v in vars(config).items() if not k.startswith("_")})
     ns.update({k: v for k, v in vars(estimate).items() if not k.startswith("_")})
@@ -133,7 +134,11 @@ first gradients. None of them needs a process group."""
         "FORMATS", "format_info", "cast", "underflow_fraction", "overflow_fraction", "max_safe_scale",
         "grad_scaler_defaults", "fp8_scale", "delayed_scale", "sequential_sum", "gaussian",
         "relative_error")})
-    ns.update(first_grads=first_grads, torch=torch)
+    ns.update(first_grads=first_grads, torch=torch, fresh_model=fresh_model, get_batch=get_batch)
+    ns.update({k: getattr(scaling, k) for k in (
+        "training_flops", "HOFFMANN", "BESIROGLU", "chinchilla_optimal", "kaplan_optimal_params",
+        "kaplan_critical_batch", "steps_over_min", "examples_over_min", "grad_sq_norms",
+        "noise_scale_from_norms", "scaled_lr")})
     ns.update(paged_vs_preallocated=paged_vs_preallocated, sample_lengths=sample_lengths,
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
