@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import journey_dist.compression as compression
 import journey_dist.config as config
 import journey_dist.memory.estimate as estimate
 import journey_dist.numerics as numerics
@@ -120,7 +121,8 @@ the BPE tokenizer (`bpe(corpus, merges)`: trained once per session) and n-gram m
 only: a note's `let` runs once per test session), LoRA parameter counts on a real gpt-mini,
 the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
 accounting and DeepSpeed's config builder, number formats (numerics.py), scaling laws
-(scaling.py) and a small model's first gradients. None of them needs a process group."""
+(scaling.py), communication-reduction bytes (compression.py) and a small model's first
+gradients. None of them needs a process group."""
     ns = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")}
     ns.update({k: v for k, v in vars(config).items() if not k.startswith("_")})
     ns.update({k: v for k, v in vars(estimate).items() if not k.startswith("_")})
@@ -139,6 +141,9 @@ accounting and DeepSpeed's config builder, number formats (numerics.py), scaling
         "training_flops", "HOFFMANN", "BESIROGLU", "chinchilla_optimal", "kaplan_optimal_params",
         "kaplan_critical_batch", "steps_over_min", "examples_over_min", "grad_sq_norms",
         "noise_scale_from_norms", "scaled_lr")})
+    ns.update({k: getattr(compression, k) for k in (
+        "quantized_bytes", "zero3_step_bytes", "powersgd_elements", "powersgd_defaults",
+        "one_bit_adam_volume")})
     ns.update(paged_vs_preallocated=paged_vs_preallocated, sample_lengths=sample_lengths,
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
@@ -175,7 +180,7 @@ def test_notes_exist_and_carry_many_checks():
     names = {p.name for p in NOTES}
     for name in ("README.md", "tokens.md", "bpe.md", "ngrams.md", "attention.md", "transformer_block.md",
                  "parameters.md", "parallelism.md", "zero.md", "memory.md", "kv_cache.md", "lora.md",
-                 "serving.md", "reliability.md"):
+                 "serving.md", "reliability.md", "mixed_precision.md", "batch_size.md", "communication.md"):
         assert name in names, f"notes/{name} is missing"
     # 386 when this floor was set: a floor of 250 let a third of the checks vanish unnoticed
     assert len(CHECKS) >= 380, f"only {len(CHECKS)} checked numbers in notes/ (386 when this was written)"
