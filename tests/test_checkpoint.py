@@ -283,8 +283,6 @@ def test_two_ranks_skip_a_tampered_dcp_checkpoint_together(tmp_path):
             assert step == 1, tampered
             _assert_bitwise(params, first)
         (evil / tampered).write_bytes(original)
-    _rehash(evil)
-    assert [step for step, _ in run_ranks(_resume_sharded, 2, str(directory), timeout_s=120)] == [2, 2]
     assert not marker.exists()
 
 
