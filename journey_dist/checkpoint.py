@@ -12,7 +12,9 @@ Why each piece:
   bit rot that a zip reader might not, and the error names the file.
 - RNG states (torch CPU/CUDA, Python, NumPy) and the step: batches here are a function of
   (seed, step), so the step is the data position; RNG covers dropout and anything else random.
-- torch.load(weights_only=True): a checkpoint is data, never code to unpickle.
+- torch.load(weights_only=True), and for DCP an allowlisted .metadata unpickler (dcp_safe): a
+  checkpoint is data, never code to unpickle. One that validates but will not load is skipped by
+  resume() like a truncated one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -37,10 +40,21 @@ import torch.nn as nn
 
 FORMAT = "journey-checkpoint-v1"
 _NAME = re.compile(r"^step_(\d{8})\.(pt|dcp)$")
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported global:? (?:GLOBAL )?([\w.]+)", re.IGNORECASE)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+    """A checkpoint that cannot be used; the message names the file, what is wrong (`reason`)
+    and the previous valid checkpoint to fall back to."""
+
+    reason: str = ""
+
+
+def _unusable(path: Path, reason: str) -> CheckpointError:
+    error = CheckpointError(f"checkpoint {path} is unusable: {reason}; "
+                            f"previous valid checkpoint: {_previous_valid(path)}")
+    error.reason = reason
+    return error
 
 
 @dataclass
@@ -187,12 +201,21 @@ def latest_valid(directory: str | Path, *, warn: bool = True) -> CheckpointInfo 
     found = list_checkpoints(directory)
     valid = [c for c in found if c.valid]
     best = valid[-1] if valid else None
-    for c in found:
-        if not c.valid and (best is None or c.step > best.step) and warn:
-            fallback = best.path.name if best else "none (starting from step 0)"
-            print(f"checkpoint {c.path} is unusable: {c.reason}; falling back to {fallback}",
-                  file=sys.stderr, flush=True)
+    if warn:
+        _report_skipped(found, best)
     return best
+
+
+def _report_skipped(found: list[CheckpointInfo], best: CheckpointInfo | None) -> None:
+    """Name each invalid checkpoint newer than `best` and the one used instead."""
+    for c in found:
+        if not c.valid and (best is None or c.step > best.step):
+            _report_fallback(c.path, c.reason, best)
+
+
+def _report_fallback(path: Path, reason: str, fallback: CheckpointInfo | None) -> None:
+    instead = fallback.path.name if fallback else "none (starting from step 0)"
+    print(f"checkpoint {path} is unusable: {reason}; falling back to {instead}", file=sys.stderr, flush=True)
 
 
 def _previous_valid(path: Path) -> str:
@@ -239,22 +262,48 @@ def load_checkpoint(path: str | Path) -> dict:
             if payload.get("format") == FORMAT:
                 return payload
             info.reason = f"format {payload.get('format')!r} is not {FORMAT!r}"
+        except pickle.UnpicklingError as e:  # weights_only met a global it does not allow
+            info.reason = f"torch.load refused it: {_refusal(e)}"
         except Exception as e:  # a zip or unpickling error: report it with the file name
             info.reason = f"torch.load failed: {e}"
-    raise CheckpointError(f"checkpoint {path} is unusable: {info.reason}; "
-                          f"previous valid checkpoint: {_previous_valid(path)}")
+    raise _unusable(path, info.reason)
+
+
+def _refusal(error: BaseException) -> str:
+    """What torch.load(weights_only=True) refused, without its advice to retry with
+    weights_only=False (that would run the code)."""
+    found = _UNSUPPORTED_GLOBAL.search(str(error))
+    what = f"the global {found.group(1)}" if found else "an object"
+    return f"it holds {what}, which is not a tensor or plain data; refused unread"
 
 
 def resume(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
            ) -> int:
     """Load the newest valid checkpoint into model/optimizer/RNG; return the step to start at
-    (0 when there is none). Every rank calls it and reads the same files."""
-    best = latest_valid(directory, warn=_rank() == 0)
-    if best is None:
-        return 0
-    if best.kind == "dcp":
-        return load_sharded(best.path, model, optimizer)
-    payload = load_checkpoint(best.path)
+    (0 when there is none). Every rank calls it and reads the same files.
+
+    A checkpoint that validates but does not load (code where data should be, a DCP error) is
+    named and skipped like a truncated one: the next older valid one is tried. Every rank reads
+    the same files, so every rank skips the same ones."""
+    warn = _rank() == 0
+    found = list_checkpoints(directory)
+    candidates = [c for c in found if c.valid]
+    if warn:
+        _report_skipped(found, candidates[-1] if candidates else None)
+    while candidates:
+        best = candidates.pop()
+        try:
+            return _load_into(best, model, optimizer)
+        except CheckpointError as e:
+            if warn:
+                _report_fallback(best.path, e.reason, candidates[-1] if candidates else None)
+    return 0
+
+
+def _load_into(info: CheckpointInfo, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    if info.kind == "dcp":
+        return load_sharded(info.path, model, optimizer)
+    payload = load_checkpoint(info.path)
     _unwrap(model).load_state_dict(payload["model"])
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
@@ -325,26 +374,68 @@ def save_sharded(directory: str | Path, step: int, model: nn.Module,
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  ) -> int:
-    """Load a DCP checkpoint into model/optimizer (each rank reads what it owns); return its step."""
+    """Load a DCP checkpoint into model/optimizer (each rank reads what it owns); return its step.
+
+    Nothing in the directory is run as code (dcp_safe: allowlisted .metadata, weights_only byte
+    entries and RNG files). The shards are read into a copy of the state, so a load that fails
+    halfway leaves the model and optimizer as they were; any failure, including DCP's
+    CheckpointException (a BaseException), becomes a CheckpointError naming the file."""
+    # deferred: torch.distributed.checkpoint takes seconds to import and most runs never load DCP
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from journey_dist import dcp_safe
 
     path = Path(path)
     info = validate(path)
     if not info.valid:
-        raise CheckpointError(f"checkpoint {path} is unusable: {info.reason}; "
-                              f"previous valid checkpoint: {_previous_valid(path)}")
+        raise _unusable(path, info.reason)
     module = _unwrap(model)
     optimizers = optimizer if optimizer is not None else []
     model_sd, optim_sd = get_state_dict(module, optimizers)
-    state = {"model": model_sd, "optimizer": optim_sd, "step": -1}
-    dcp.load(state, checkpoint_id=path)
+    state = {"model": _cloned(model_sd), "optimizer": _cloned(optim_sd), "step": -1}
+    try:
+        # Read first what dcp.load reads again (through SafeReader): a refusal here is one clear
+        # line instead of DCP's logged tracebacks. Every rank reads every RNG file, so a bad
+        # one makes all ranks fail (and fall back) alike.
+        with open(path / ".metadata", "rb") as f:
+            dcp_safe.read_metadata(f)
+        rngs = {f.name: torch.load(f, map_location="cpu", weights_only=True)
+                for f in sorted(path.glob("rng_rank*.pt"))}
+        dcp.load(state, storage_reader=dcp_safe.SafeReader(path), planner=dcp_safe.SafePlanner())
+    except (Exception, CheckpointException) as e:
+        raise _unusable(path, _load_failure(e)) from None
     set_state_dict(module, optimizers, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
-    rng = path / f"rng_rank{_rank()}.pt"
-    if rng.exists():  # a different world size than at save time: keep this rank's current RNG
-        restore_rng(torch.load(rng, weights_only=True))
+    rng = rngs.get(f"rng_rank{_rank()}.pt")
+    if rng is not None:  # a different world size than at save time: keep this rank's current RNG
+        restore_rng(rng)
     return int(state["step"])
+
+
+def _cloned(tree: Any) -> Any:
+    """A copy of a (nested) state dict's tensors for DCP to load into."""
+    if isinstance(tree, dict):
+        return {k: _cloned(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cloned(v) for v in tree]
+    return tree.detach().clone() if isinstance(tree, torch.Tensor) else tree
+
+
+def _load_failure(error: BaseException) -> str:
+    """One line per failing rank for DCP's CheckpointException, else the error itself."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {r}: {_one_error(f[0] if isinstance(f, tuple) else f)}"
+                         for r, f in sorted(failures.items()))
+    return _one_error(error)
+
+
+def _one_error(error: BaseException) -> str:
+    if isinstance(error, pickle.UnpicklingError):
+        return _refusal(error) if "weights_only" in str(error) else str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 # --------------------------------------------------------------------- the train() callback

@@ -1,4 +1,8 @@
-"""`journey` command line: quick answers without writing a script."""
+"""`journey` command line: quick answers without writing a script.
+
+Exit status: 0 done; 2 bad input (the message names the fix); 3 `journey plan --gpu-mem M`
+computed a plan that does not fit in M per GPU, so a launch script can gate on it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ import argparse
 import sys
 
 from journey_dist.config import PRESETS, ConfigError
+
+EXIT_BAD_INPUT = 2
+EXIT_DOES_NOT_FIT = 3  # journey plan --gpu-mem: some pipeline stage peaks above the memory given
 
 
 def _cmd_presets(_args: argparse.Namespace) -> None:
@@ -33,7 +40,7 @@ def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
     add_estimate_arguments(parser)
 
 
-def _cmd_plan(args: argparse.Namespace) -> None:
+def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from journey_dist.config import ParallelConfig, get_preset
@@ -45,6 +52,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                      optimizer=args.optimizer, world=args.world, device=args.device,
                      gpu_mem=None if args.gpu_mem is None else parse_bytes(args.gpu_mem))
     print(json.dumps(plan, indent=1) if args.json else plan_text(plan))
+    return EXIT_DOES_NOT_FIT if plan["fits"] is False else 0
 
 
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +70,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--sequence-parallel", "--sp", action="store_true", help="needs tp > 1")
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
-    parser.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB or 80GiB: say what fits")
+    parser.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB or 80GiB: say what "
+                        f"fits; the exit status is {EXIT_DOES_NOT_FIT} when the plan does not fit")
     parser.add_argument("--world", type=int, default=None, help="ranks you will launch (checked = dp*tp*pp)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="memory terms for this device")
@@ -119,13 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; return the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        return args.fn(args) or 0
     except ConfigError as e:
         print(f"journey: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,14 +295,25 @@ def runs_dir(lab: str) -> Path:
 
 
 def save_json(lab: str, name: str, data: Any) -> Path | None:
-    """Write `data` as runs/<lab>/<name>.json on rank 0 (atomically); return the path."""
+    """Write `data` as runs/<lab>/<name>.json on rank 0 (atomically); return the path.
+
+    Each call writes its own temporary file in the target directory (a unique name, so two
+    writers of the same result never share one) and renames it over the result: a reader sees
+    the old file or a whole new one, and the last writer wins. A failed write leaves no file."""
     if not is_rank0():
         return None
     path = runs_dir(lab) / f"{name}.json"
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        # O_EXCL: never write through a file someone else made; 0o666 & umask, as open() would
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -5,6 +5,10 @@ Parallel schemes plug in through small hooks instead of copying the loop:
 after backward), `no_sync` (skip DP communication on non-final micro-steps),
 `clip_fn` (a grad norm that spans shards) and `reduce_loss` (average the logged
 loss over data-parallel ranks).
+
+The loop stops with NonFiniteLossError (a TrainingError) at the first step whose loss or
+gradient norm is inf/NaN; autocast="fp16" trains through a torch.amp.GradScaler, which skips
+(and logs) the steps whose scaled gradients overflow.
 """
 
 from __future__ import annotations
@@ -24,6 +28,16 @@ from journey_dist.data import TokenData, check_fits, get_batch, microbatches, sh
 from journey_dist.runtime import print0, save_json
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+AUTOCAST = (None, "bf16", "fp16")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message names the step and what to change. Labs catch this
+    (next to ConfigError) to print one `error:` line instead of a traceback."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or the gradient norm became inf or NaN: every later step would be garbage."""
 
 
 @dataclass
@@ -51,6 +65,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"TrainConfig.{name}={value!r} must be a positive integer; use {name} >= 1")
+        if self.autocast not in AUTOCAST:
+            raise ConfigError(f"TrainConfig.autocast={self.autocast!r}: use one of {AUTOCAST}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,10 +106,18 @@ def autocast_context(device: torch.device, dtype: str | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
+def make_grad_scaler(device: torch.device, autocast: str | None) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast (fp16 gradients underflow to zero without one); None for
+    bf16 (fp32's exponent range) and fp32."""
+    return torch.amp.GradScaler(device.type) if autocast == "fp16" else None
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # mean over micro-steps, detached; .item() only when logging
     grad_norm: torch.Tensor | None
+    skipped: bool = False  # fp16: the scaled gradients overflowed, the optimizer step was skipped
+    scale: float | None = None  # fp16: the loss scale this step used
 
 
 def train_step(
@@ -107,12 +131,18 @@ def train_step(
     sync_grads: Callable[[], None] | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     clip_fn: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """Forward/backward over the micro-batches, sync, clip, optimizer step, zero grads.
 
     Each micro-step's loss is divided by the number of micro-steps, so the
     accumulated gradient is the gradient of the mean loss over the whole batch.
+    With a `scaler` (fp16) the loss is scaled before backward and the gradients unscaled
+    before clipping; a step whose gradients hold inf/NaN is skipped and the scale lowered.
     """
+    if autocast == "fp16" and scaler is None:
+        raise ConfigError("autocast='fp16' needs a loss scaler or small gradients underflow to zero: "
+                          "pass scaler=make_grad_scaler(device, 'fp16') (train() does), or use 'bf16'")
     micro = list(micro)
     device = micro[0][0].device
     total = torch.zeros((), device=device)
@@ -122,18 +152,26 @@ def train_step(
         with ctx:
             with autocast_context(device, autocast):
                 loss = loss_fn(model, x, y) / len(micro)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     if sync_grads is not None:
         sync_grads()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip (and report) the true gradients, not the scaled ones
     grad_norm = None
     if grad_clip > 0:
         params = [p for p in model.parameters() if p.grad is not None]
         clip = clip_fn or (lambda ps, c: torch.nn.utils.clip_grad_norm_(ps, c))
         grad_norm = clip(params, grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(total, grad_norm)
+    scale = scaler.get_scale()  # reads the device: fp16 steps cost a host sync or two
+    scaler.step(optimizer)  # skipped when unscale_ found inf/NaN
+    scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(total, grad_norm)
+    return StepResult(total, grad_norm, skipped=scaler.get_scale() < scale, scale=scale)
 
 
 @torch.no_grad()
@@ -153,11 +191,61 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, batch_size: int, block_size
     return sum(losses) / len(losses)
 
 
+class FiniteCheck:
+    """Raises NonFiniteLossError at the first step whose loss or gradient norm is inf/NaN.
+
+    On CPU each step is checked as it ends: reading a CPU tensor waits for nothing. On an
+    accelerator a read per step would stall the host until the device queue drains, so the
+    first bad step is kept on the device (torch.where, no sync) and read where the loop syncs
+    anyway (each logged step, and before an on_step callback): the run stops at most
+    log_every - 1 steps late and still names the first bad step. An fp16 step the GradScaler
+    skipped has an inf gradient norm by design and is not counted.
+    """
+
+    def __init__(self, device: torch.device, cfg: TrainConfig, *, eager: bool | None = None):
+        self.eager = device.type == "cpu" if eager is None else eager
+        self.cfg = cfg
+        self.first_bad: torch.Tensor | None = None  # [step, loss, norm, has norm]; step -1: none yet
+
+    def observe(self, step: int, result: StepResult) -> None:
+        loss = result.loss.detach().float().reshape(())
+        norm = result.grad_norm if result.grad_norm is not None and not result.skipped else None
+        values = torch.stack([loss, loss.new_zeros(()) if norm is None else
+                              norm.detach().float().reshape(()).to(loss.device)])
+        bad = ~torch.isfinite(values).all()
+        if self.eager:
+            if bad:
+                self._raise(step, *values.tolist(), norm is not None)
+            return
+        row = torch.cat([loss.new_full((1,), float(step)), values,
+                         loss.new_full((1,), float(norm is not None))])
+        if self.first_bad is None:
+            self.first_bad = torch.full_like(row, -1.0)
+        self.first_bad = torch.where(bad & (self.first_bad[0] < 0), row, self.first_bad)
+
+    def check(self) -> None:
+        """Read the device-side record (a host sync: call it where the loop syncs anyway)."""
+        if self.first_bad is not None:
+            step, loss, norm, has_norm = self.first_bad.tolist()
+            if step >= 0:
+                self._raise(int(step), loss, norm, bool(has_norm))
+
+    def _raise(self, step: int, loss: float, norm: float, has_norm: bool) -> None:
+        cfg = self.cfg
+        what = f"the loss is {loss}" + (f" and the gradient norm {norm}" if has_norm else "")
+        fp16 = " (or autocast='bf16': fp16 overflows above 65504)" if cfg.autocast == "fp16" else ""
+        raise NonFiniteLossError(
+            f"step {step}: {what}, not finite, so training stopped there; the learning rate at that "
+            f"step was {lr_at(step, cfg):.3g} (lr={cfg.lr:g}): use a smaller learning rate, e.g. "
+            f"lr={cfg.lr / 10:g}{fp16}")
+
+
 @dataclass
 class History:
     steps: list[dict] = field(default_factory=list)
     val_loss: float | None = None
     tokens_per_s: float = 0.0
+    skipped_steps: int = 0  # fp16: optimizer steps the GradScaler skipped (gradient overflow)
 
     @property
     def first_loss(self) -> float:
@@ -168,7 +256,8 @@ class History:
         return self.steps[-1]["loss"]
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "val_loss": self.val_loss, "tokens_per_s": self.tokens_per_s}
+        return {"steps": self.steps, "val_loss": self.val_loss, "tokens_per_s": self.tokens_per_s,
+                "skipped_steps": self.skipped_steps}
 
 
 def train(
@@ -196,12 +285,18 @@ def train(
     where a scheme owns forward/backward itself (a pipeline schedule); it gets the same arguments.
     Resume: `start_step` skips the steps already taken (batches and lr are functions of the step,
     so nothing else needs replaying); `on_step(step, model, optimizer)` runs after each step
-    (e.g. to save a checkpoint).
+    (e.g. to save a checkpoint). A non-finite loss or gradient norm raises NonFiniteLossError
+    (FiniteCheck); autocast="fp16" hands the step a GradScaler (`scaler=`), and a logged row says
+    its `scale` and whether the step was `skipped`.
     """
     device = device or next(model.parameters()).device
     block_size = block_size or model.config.block_size
     check_fits(data, cfg.batch_size, block_size)  # fail before the first step, not at eval
     optimizer = optimizer or make_optimizer(model, cfg)
+    scaler = make_grad_scaler(device, cfg.autocast)
+    if scaler is not None:
+        step_hooks = {**step_hooks, "scaler": scaler}
+    finite = FiniteCheck(device, cfg)
     history = History()
     tokens_per_step = cfg.batch_size * block_size
     model.train()
@@ -213,21 +308,28 @@ def train(
         x, y = shard(x, dp_rank, dp_size).to(device), shard(y, dp_rank, dp_size).to(device)
         result = (step_fn or train_step)(model, optimizer, microbatches(x, y, cfg.grad_accum),
                                          grad_clip=cfg.grad_clip, autocast=cfg.autocast, **step_hooks)
+        finite.observe(step, result)
+        history.skipped_steps += result.skipped
         last = step == cfg.steps - 1
         if step % cfg.log_every == 0 or last:
+            finite.check()
             loss = reduce_loss(result.loss) if reduce_loss else result.loss
             now = time.perf_counter()
             steps_since = (step % cfg.log_every or cfg.log_every) if step > start_step else 1
             tps = tokens_per_step * steps_since / max(now - t_log, 1e-9)
             t_log = now
             row = {"step": step, "loss": loss.item(), "lr": lr_at(step, cfg), "tokens_per_s": tps}
-            if result.grad_norm is not None:
+            if result.grad_norm is not None and not result.skipped:  # a skipped step's norm is inf
                 row["grad_norm"] = float(result.grad_norm)
+            if result.scale is not None:
+                row.update(scale=result.scale, skipped=result.skipped)
             history.steps.append(row)
             if verbose:
                 clear = "\r\033[K" if sys.stdout.isatty() else ""
+                fp16 = "" if result.scale is None else f" | scale {result.scale:g}" + (
+                    " (overflow: step skipped)" if result.skipped else "")
                 print0(f"{clear}step {step:4d}/{cfg.steps} | loss {row['loss']:.4f} | "
-                       f"lr {row['lr']:.2e} | {tps / 1e3:6.1f}k tok/s")
+                       f"lr {row['lr']:.2e} | {tps / 1e3:6.1f}k tok/s{fp16}")
         elif verbose:
             _progress(step, cfg.steps)
         if cfg.eval_every and step and step % cfg.eval_every == 0:
@@ -235,6 +337,7 @@ def train(
                                                      block_size, cfg.eval_batches,
                                                      step_hooks.get("loss_fn", default_loss))
         if on_step is not None:
+            finite.check()  # never hand non-finite weights to a callback (it may save a checkpoint)
             on_step(step, model, optimizer)
     history.tokens_per_s = tokens_per_step * (cfg.steps - start_step) / (time.perf_counter() - t0)
     history.val_loss = evaluate(model, data.val, max(1, cfg.batch_size // dp_size), block_size,

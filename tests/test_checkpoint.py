@@ -5,12 +5,15 @@ Bitwise: torch.equal on every parameter (CPU, fp32, same thread count); dropout 
 RNG state has to be restored for the match to hold.
 """
 
+import hashlib
 import json
 import os
+import pickle
 import re
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from journey_dist.checkpoint import (
     CheckpointError,
@@ -18,10 +21,14 @@ from journey_dist.checkpoint import (
     latest_valid,
     list_checkpoints,
     load_checkpoint,
+    load_sharded,
+    resume,
     save_checkpoint,
+    save_sharded,
 )
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
+from journey_dist.dcp_safe import SafeReader
 from journey_dist.parallel.reference import fresh_model
 from journey_dist.parallel.resumable import SimulatedCrash, bitwise_equal, run_resumable
 from journey_dist.train import TrainConfig
@@ -118,13 +125,104 @@ def test_load_refuses_pickled_code(tmp_path):
     """weights_only=True: a checkpoint holding arbitrary objects is refused, not unpickled."""
     path = tmp_path / "step_00000001.pt"
     torch.save({"format": "journey-checkpoint-v1", "obj": _NotData()}, path)
-    import hashlib
-
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     (tmp_path / "step_00000001.pt.json").write_text(
         json.dumps({"files": {path.name: [path.stat().st_size, digest]}}))
-    with pytest.raises(CheckpointError, match=r"step_00000001.pt.*torch.load failed"):
+    with pytest.raises(CheckpointError, match=r"step_00000001.pt.*torch.load refused it"):
         load_checkpoint(path)
+
+
+class _RunsCode:
+    """Unpickling this runs `touch <marker>`: the payload of a tampered checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _rehash(ckpt) -> None:
+    """Rewrite a checkpoint's manifest to match its (tampered) files, as an attacker would."""
+    manifest = ckpt.with_name(ckpt.name + ".json")
+    meta = json.loads(manifest.read_text())
+    for rel in meta["files"]:
+        f = ckpt / rel if ckpt.is_dir() else ckpt
+        meta["files"][rel] = [f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()]
+    manifest.write_text(json.dumps(meta))
+
+
+def _two_checkpoints(directory, save):
+    """Checkpoints at steps 1 and 2 of a tiny model, with different weights; returns
+    (model, weights saved at step 1)."""
+    model = fresh_model(get_preset("tiny"))
+    save(directory, 1, model)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    save(directory, 2, model)
+    return model, first
+
+
+def _assert_resumed_from_step_1(directory, model, first, capsys):
+    assert resume(directory, model) == 1
+    _assert_bitwise(model.state_dict(), first)
+    err = capsys.readouterr().err
+    assert re.search(r"step_00000002\.(pt|dcp) is unusable: .*; falling back to step_00000001", err), err
+    assert "weights_only=False" not in err
+    return err
+
+
+def test_code_in_a_pt_checkpoint_is_refused_and_resume_falls_back(tmp_path, capsys):
+    """A re-hashed .pt carrying code: weights_only refuses it, the resume uses step 1, and the
+    message names what was refused without repeating torch's weights_only=False advice."""
+    marker = tmp_path / "ran"
+    model, first = _two_checkpoints(tmp_path, save_checkpoint)
+    evil = tmp_path / "step_00000002.pt"
+    payload = torch.load(evil, weights_only=True)
+    payload["extra"] = {"x": _RunsCode(marker)}
+    torch.save(payload, evil)
+    _rehash(evil)
+    err = _assert_resumed_from_step_1(tmp_path, model, first, capsys)
+    assert "refused" in err and "system" in err
+    assert not marker.exists()
+
+
+def test_code_in_dcp_metadata_is_not_run_and_resume_falls_back(tmp_path, capsys):
+    """A DCP .metadata replaced by a pickle that runs a command, manifest re-hashed: the command
+    does not run (no marker file), the error names the file, the resume uses step 1."""
+    marker = tmp_path / "ran"
+    model, first = _two_checkpoints(tmp_path / "ckpt", save_sharded)
+    evil = tmp_path / "ckpt" / "step_00000002.dcp"
+    (evil / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    _rehash(evil)
+    refused = r"step_00000002.dcp is unusable: .*posix.system, which is not a class DCP writes"
+    with pytest.raises(CheckpointError, match=rf"{refused}.*previous valid checkpoint: .*step_00000001.dcp"):
+        load_sharded(evil, model)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system"):  # what dcp.load reads through
+        SafeReader(evil).read_metadata()
+    _assert_resumed_from_step_1(tmp_path / "ckpt", model, first, capsys)
+    assert not marker.exists()
+
+
+def test_code_in_a_dcp_entry_is_not_run_and_the_model_is_untouched(tmp_path, capsys):
+    """DCP stores non-tensor entries (the step, param_groups) as torch.save bytes and loads them
+    with weights_only=False: one replaced by code must be refused, and the tensors already read
+    must not have reached the model."""
+    marker = tmp_path / "ran"
+    model, first = _two_checkpoints(tmp_path / "ckpt", save_sharded)
+    evil = tmp_path / "ckpt" / "step_00000002.dcp"
+    dcp.save({"model": model.state_dict(), "optimizer": {}, "step": _RunsCode(marker)},
+             checkpoint_id=evil)
+    _rehash(evil)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"step_00000002.dcp is unusable: rank 0: it holds the global "
+                                              r"posix.system"):
+        load_sharded(evil, model)
+    _assert_bitwise(model.state_dict(), before)
+    _assert_resumed_from_step_1(tmp_path / "ckpt", model, first, capsys)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------- 2-rank data parallel
@@ -155,6 +253,37 @@ def test_resume_two_rank_dp_is_bitwise_equal(tmp_path):
         for params, losses in resumed_runs:
             _assert_bitwise(params, full)
             assert losses == full_losses[6:]
+
+
+def _save_two_sharded(directory: str):
+    torch.set_num_threads(1)
+    _two_checkpoints(directory, save_sharded)
+
+
+def _resume_sharded(directory: str):
+    torch.set_num_threads(1)
+    model = fresh_model(get_preset("tiny"))
+    return resume(directory, model), model.state_dict()
+
+
+@pytest.mark.slow
+def test_two_ranks_skip_a_tampered_dcp_checkpoint_together(tmp_path):
+    """2 gloo ranks: code in .metadata, then code in rank 1's RNG file only. Both ranks refuse
+    the newest checkpoint and resume from step 1 (no hang, no rank left on step 2, no marker)."""
+    marker = tmp_path / "ran"
+    directory = tmp_path / "ckpt"
+    run_ranks(_save_two_sharded, 2, str(directory), timeout_s=120)
+    evil = directory / "step_00000002.dcp"
+    first = fresh_model(get_preset("tiny")).state_dict()
+    for tampered in (".metadata", "rng_rank1.pt"):
+        original = (evil / tampered).read_bytes()
+        (evil / tampered).write_bytes(pickle.dumps(_RunsCode(marker)))
+        _rehash(evil)
+        for step, params in run_ranks(_resume_sharded, 2, str(directory), timeout_s=120):
+            assert step == 1, tampered
+            _assert_bitwise(params, first)
+        (evil / tampered).write_bytes(original)
+    assert not marker.exists()
 
 
 def test_cli_lists_checkpoints_with_validity(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`journey plan`: its numbers are the package's own estimates, and bad runs stop with exit 2.
+"""`journey plan`: its numbers are the package's own estimates; bad runs exit 2, runs that do not fit 3.
 
 The plan only calls functions other tests check against measurements (estimate_memory against the
 tensor ledger, expected_comm_per_step against the CommLedger of a 3D run), so equality with them is
@@ -135,3 +135,18 @@ def test_zero1_plan_equals_the_ledger_of_a_2_rank_run():
     expected = plan["stages"][0]["comm"]["dp"]
     for measured in run_ranks(_zero1_ledger, 2, tiny, cfg, timeout_s=120.0):
         assert {op: {k: row[k] for k in ("bytes", "wire_bytes")} for op, row in measured.items()} == expected
+
+
+def test_a_plan_that_does_not_fit_exits_3(capsys):
+    """A launch script gates on `journey plan --gpu-mem`: 3 when a stage does not fit, 0 when all
+    do (test_cli_text_and_json), documented in `journey plan --help`."""
+    args = ["plan", "--dp", "2", "--batch", "16", "--gpu-mem", "1MiB"]
+    assert main(args) == 3
+    assert "per GPU: NO (stage 0 peaks at" in capsys.readouterr().out
+    assert main([*args, "--json"]) == 3
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+    assert main(["plan", "--dp", "2", "--batch", "16"]) == 0  # no --gpu-mem: nothing to gate on
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    assert "exit status is 3 when the plan does not fit" in " ".join(capsys.readouterr().out.split())

@@ -351,9 +351,12 @@ class Pipeline:
                    grad_clip: float = 0.0, autocast: str | None = None,
                    sync_grads: Callable[[], None] | None = None,
                    clip_fn: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
-                   **_unused) -> StepResult:
+                   scaler: torch.amp.GradScaler | None = None, **_unused) -> StepResult:
         """train_step's contract for a pipeline: schedule, tied-grad sync, `sync_grads` (e.g. a dp
         all-reduce), clip, optimizer step, zero grads. The stage's own loss is used."""
+        if scaler is not None:  # each stage would find (and skip on) its own overflows
+            raise ConfigError("fp16 loss scaling is not implemented for pipeline stages; "
+                              "use autocast='bf16' (or None)")
         loss = self.run(list(micro), autocast)
         self.sync_tied_grads()
         if sync_grads is not None:
