@@ -29,14 +29,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
-from journey_dist.parallel.reference import fresh_model
-from journey_dist.parallel.tensor_parallel import parallelize, tp_clip_fn
-from journey_dist.parallel.tp_dtensor import (
+from journey_dist.parallel.tensor.dtensor import (
     dtensor_clip_fn,
     dtensor_loss,
     dtensor_step,
     parallelize_with_dtensor,
 )
+from journey_dist.parallel.tensor.parallelize import parallelize, tp_clip_fn
+from journey_dist.parity import fresh_model
 from journey_dist.runtime import launch
 from journey_dist.train import TrainConfig, make_optimizer, train_step
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 from journey_dist.config import GPTConfig, LoRAConfig
 from journey_dist.data import TokenData
 from journey_dist.model import GPT
-from journey_dist.parallel.reference import RunResult, run_and_capture, unwrap
+from journey_dist.parity import RunResult, run_and_capture, unwrap
 from journey_dist.train import TrainConfig, make_optimizer
 
 ADAPTER_FILE, BASE_FILE, CONFIG_FILE = "adapter.safetensors", "base.pt", "config.json"
@@ -249,7 +249,7 @@ def finetune(model: GPT, data: TokenData, cfg: TrainConfig, *, group: dist.Proce
     and nothing of the frozen base. Each rank takes its shard of the same global batch.
     Communication per step: forward none; backward all-reduce(SUM)/N of the adapter gradients.
     """
-    from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
+    from journey_dist.parallel.data.replicas import make_data_parallel, mean_over
 
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     if not (world > 1 if ddp is None else ddp):

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from journey_dist.config import ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.model import GPT
-from journey_dist.parallel.data_parallel import VARIANTS, planned_buckets, run_data_parallel
-from journey_dist.parallel.reference import max_abs_diff, reference_run
+from journey_dist.parallel.data.replicas import VARIANTS, planned_buckets, run_data_parallel
+from journey_dist.parity import max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 

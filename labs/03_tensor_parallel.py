@@ -32,21 +32,21 @@ from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
 from journey_dist.memory.estimate import param_count
-from journey_dist.parallel.reference import fresh_model, max_abs_diff, reference_run
-from journey_dist.parallel.tensor_parallel import (
-    analytic_collectives,
-    parallelize,
-    run_tensor_parallel,
-    tp_clip_fn,
-)
-from journey_dist.parallel.tp_dtensor import (
+from journey_dist.parallel.tensor.dtensor import (
     dtensor_analytic_collectives,
     dtensor_clip_fn,
     dtensor_loss,
     dtensor_step,
     run_dtensor_tp,
 )
-from journey_dist.parallel.tp_generate import compare_tp_generation
+from journey_dist.parallel.tensor.generate import compare_tp_generation
+from journey_dist.parallel.tensor.parallelize import (
+    analytic_collectives,
+    parallelize,
+    run_tensor_parallel,
+    tp_clip_fn,
+)
+from journey_dist.parity import fresh_model, max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig, train_step
 

@@ -22,20 +22,20 @@ import torch.distributed as dist
 
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import load_tokens
-from journey_dist.parallel.pipeline_parallel import (
+from journey_dist.parallel.pipeline.schedules import (
     SCHEDULES,
     pipeline_run,
     single_process_run,
     stage_layers,
 )
-from journey_dist.parallel.pipeline_timeline import (
+from journey_dist.parallel.pipeline.timeline import (
     gather_timelines,
     measure_bubble,
     order_text,
     plot_timelines,
     render_text,
 )
-from journey_dist.parallel.reference import max_abs_diff
+from journey_dist.parity import max_abs_diff
 from journey_dist.runtime import gather_objects, launch, print0, requested_world_size, runs_dir, save_json
 from journey_dist.train import TrainConfig
 

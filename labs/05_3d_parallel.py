@@ -25,14 +25,14 @@ from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.mesh import build_mesh, layout_text
-from journey_dist.parallel.pipeline_parallel import comm_device, single_process_run, stage_layers
-from journey_dist.parallel.three_d import (
+from journey_dist.parallel.compose import (
     check_3d,
     comm_by_dim,
     expected_comm_per_step,
     parity,
     three_d_run,
 )
+from journey_dist.parallel.pipeline.schedules import comm_device, single_process_run, stage_layers
 from journey_dist.runtime import gather_objects, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 

@@ -27,12 +27,12 @@ import torch.distributed as dist
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.memory.estimate import model_state_bytes
-from journey_dist.parallel.accelerate_run import run_accelerate, under_accelerate
-from journey_dist.parallel.data_parallel import run_data_parallel
-from journey_dist.parallel.deepspeed_zero import STAGES, load_config, run_deepspeed
-from journey_dist.parallel.fsdp import run_fsdp2
-from journey_dist.parallel.reference import fresh_model, max_abs_diff, reference_run
-from journey_dist.parallel.zero import replicated_state_bytes, run_zero1, unsharded_adamw_state_bytes
+from journey_dist.parallel.data.replicas import run_data_parallel
+from journey_dist.parallel.sharding.accelerate import run_accelerate, under_accelerate
+from journey_dist.parallel.sharding.deepspeed import STAGES, load_config, run_deepspeed
+from journey_dist.parallel.sharding.fsdp import run_fsdp2
+from journey_dist.parallel.sharding.zero import replicated_state_bytes, run_zero1, unsharded_adamw_state_bytes
+from journey_dist.parity import fresh_model, max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig, make_optimizer
 

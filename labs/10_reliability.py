@@ -34,7 +34,7 @@ from journey_dist.checkpoint import latest_valid, list_checkpoints
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import check_fits, load_tokens
 from journey_dist.fault_tolerance import Heartbeat, PeerFailure, name_failed_peer
-from journey_dist.parallel.resumable import bitwise_equal, run_resumable
+from journey_dist.resumable import bitwise_equal, run_resumable
 from journey_dist.runtime import (
     RankFailure,
     launch,
@@ -102,8 +102,8 @@ def resumed(directory: str) -> tuple:
 
 # %% Rank 1 dies in the middle of a step; rank 0 is waiting in the gradient all-reduce
 def dead_rank(marks: str) -> None:
-    from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
-    from journey_dist.parallel.reference import fresh_model
+    from journey_dist.parallel.data.replicas import make_data_parallel, mean_over
+    from journey_dist.parity import fresh_model
     from journey_dist.train import make_optimizer, train
 
     model = fresh_model(config)

@@ -16,7 +16,7 @@ from journey_dist.cli import main as journey
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import ByteTokenizer, TokenData, check_fits, load_text, load_tokens
 from journey_dist.model import GPT
-from journey_dist.parallel.deepspeed_zero import load_config
+from journey_dist.parallel.sharding.deepspeed import load_config
 from journey_dist.train import TrainConfig, train
 
 MINI = get_preset("gpt-mini")  # 4 layers, 4 heads, vocab 256, block 128

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
 from journey_dist.model import GPT
-from journey_dist.parallel.data_parallel import MB, bucket_layout, run_data_parallel
-from journey_dist.parallel.reference import max_abs_diff, reference_run
+from journey_dist.parallel.data.replicas import MB, bucket_layout, run_data_parallel
+from journey_dist.parity import max_abs_diff, reference_run
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
 from tests.labs import run_lab

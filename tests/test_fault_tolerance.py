@@ -17,8 +17,8 @@ import torch.distributed as dist
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
 from journey_dist.fault_tolerance import EXIT_PEER_FAILED, Heartbeat, PeerFailure, name_failed_peer
-from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
-from journey_dist.parallel.reference import fresh_model
+from journey_dist.parallel.data.replicas import make_data_parallel, mean_over
+from journey_dist.parity import fresh_model
 from journey_dist.train import TrainConfig, make_optimizer, train
 from tests.dist import RankFailure, run_ranks
 

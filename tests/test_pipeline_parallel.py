@@ -17,7 +17,7 @@ from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens, microbatches
 from journey_dist.mesh import build_mesh
 from journey_dist.model import GPT
-from journey_dist.parallel.pipeline_parallel import (
+from journey_dist.parallel.pipeline.schedules import (
     P2P,
     GPTStage,
     Pipeline,
@@ -29,8 +29,8 @@ from journey_dist.parallel.pipeline_parallel import (
     single_process_run,
     stage_layers,
 )
-from journey_dist.parallel.pipeline_timeline import bubble_formula, measure_bubble
-from journey_dist.parallel.reference import fresh_model, max_abs_diff
+from journey_dist.parallel.pipeline.timeline import bubble_formula, measure_bubble
+from journey_dist.parity import fresh_model, max_abs_diff
 from journey_dist.train import TrainConfig
 from tests.dist import RankFailure, run_ranks
 

@@ -19,8 +19,23 @@ from journey_dist.comm import CommLedger
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import load_tokens
 from journey_dist.model import GPT
-from journey_dist.parallel.reference import fresh_model, max_abs_diff, named_params, reference_run
-from journey_dist.parallel.tensor_parallel import (
+from journey_dist.parallel.tensor.dtensor import (
+    dtensor_analytic_collectives,
+    dtensor_clip_fn,
+    dtensor_loss,
+    dtensor_step,
+    run_dtensor_tp,
+)
+from journey_dist.parallel.tensor.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from journey_dist.parallel.tensor.mappings import (
+    copy_to_region,
+    gather_from_region,
+    gather_from_sequence,
+    reduce_from_region,
+    scatter_to_region,
+    scatter_to_sequence,
+)
+from journey_dist.parallel.tensor.parallelize import (
     analytic_collectives,
     gather_grads,
     gather_params,
@@ -30,22 +45,7 @@ from journey_dist.parallel.tensor_parallel import (
     sync_sequence_parallel_grads,
     tp_clip_fn,
 )
-from journey_dist.parallel.tp_dtensor import (
-    dtensor_analytic_collectives,
-    dtensor_clip_fn,
-    dtensor_loss,
-    dtensor_step,
-    run_dtensor_tp,
-)
-from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from journey_dist.parallel.tp_mappings import (
-    copy_to_region,
-    gather_from_region,
-    gather_from_sequence,
-    reduce_from_region,
-    scatter_to_region,
-    scatter_to_sequence,
-)
+from journey_dist.parity import fresh_model, max_abs_diff, named_params, reference_run
 from journey_dist.train import TrainConfig, make_optimizer, train_step
 from tests.dist import run_ranks
 

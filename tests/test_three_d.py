@@ -15,8 +15,7 @@ from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.mesh import all_groups, build_mesh, layout_text
 from journey_dist.model import GPT
-from journey_dist.parallel.pipeline_parallel import GPTStage, single_process_run
-from journey_dist.parallel.three_d import (
+from journey_dist.parallel.compose import (
     check_3d,
     comm_by_dim,
     expected_comm_per_step,
@@ -24,6 +23,7 @@ from journey_dist.parallel.three_d import (
     parity,
     three_d_run,
 )
+from journey_dist.parallel.pipeline.schedules import GPTStage, single_process_run
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
 from tests.labs import run_lab

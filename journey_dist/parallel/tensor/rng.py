@@ -73,7 +73,7 @@ class RNGStatesTracker:
         """
         if name not in self.seeds:
             raise RuntimeError(f"random stream {name!r} is not seeded: call "
-                               "journey_dist.parallel.tp_rng.model_parallel_seed(seed, tp_rank) "
+                               "journey_dist.parallel.tensor.rng.model_parallel_seed(seed, tp_rank) "
                                "on every rank before running a tensor-parallel model with dropout")
         device = torch.device(device)
         if device.type != "cpu" and device.index is None:  # "cuda" means the current device

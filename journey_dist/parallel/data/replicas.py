@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from journey_dist.comm import CommLedger, analytic, ddp_allreduce_hook
 from journey_dist.config import GPTConfig, check_bucket_mb
 from journey_dist.data import TokenData, get_batch, microbatches, shard
-from journey_dist.parallel.reference import fresh_model, run_and_capture
+from journey_dist.parity import fresh_model, run_and_capture
 from journey_dist.train import TrainConfig, make_optimizer, train_step
 
 VARIANTS = ("naive", "bucketed", "ddp")

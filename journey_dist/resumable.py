@@ -18,8 +18,8 @@ import torch.distributed as dist
 from journey_dist.checkpoint import Checkpointer, resume
 from journey_dist.config import GPTConfig
 from journey_dist.data import TokenData
-from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
-from journey_dist.parallel.reference import fresh_model, named_params
+from journey_dist.parallel.data.replicas import make_data_parallel, mean_over
+from journey_dist.parity import fresh_model, named_params
 from journey_dist.train import TrainConfig, make_optimizer, train
 
 

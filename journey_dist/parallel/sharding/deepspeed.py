@@ -38,9 +38,9 @@ import torch.nn as nn
 from journey_dist.comm import CommLedger
 from journey_dist.config import ConfigError, GPTConfig
 from journey_dist.data import TokenData, get_batch, microbatches, shard
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.reference import fresh_model
-from journey_dist.parallel.zero import ShardedRun, ledger_by_op, storage_bytes
+from journey_dist.parallel.data.replicas import mean_over
+from journey_dist.parallel.sharding.zero import ShardedRun, ledger_by_op, storage_bytes
+from journey_dist.parity import fresh_model
 from journey_dist.train import TrainConfig, lr_at, make_optimizer
 
 STAGES = (1, 2, 3)

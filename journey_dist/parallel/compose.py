@@ -34,19 +34,19 @@ from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
 from journey_dist.mesh import DIMS, Mesh, group_ranks
 from journey_dist.model import GPT
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.pipeline_parallel import (
+from journey_dist.parallel.data.replicas import mean_over
+from journey_dist.parallel.pipeline.schedules import (
     GPTStage,
     Pipeline,
     comm_device,
     stage_layers,
     sync_dp_grads,
 )
-from journey_dist.parallel.reference import RunResult, fresh_model, named_params, run_and_capture
-from journey_dist.parallel.tensor_parallel import padded_vocab_size, parallelize_block
-from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from journey_dist.parallel.tp_mappings import copy_to_region
-from journey_dist.parallel.tp_rng import model_parallel_seed
+from journey_dist.parallel.tensor.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from journey_dist.parallel.tensor.mappings import copy_to_region
+from journey_dist.parallel.tensor.parallelize import padded_vocab_size, parallelize_block
+from journey_dist.parallel.tensor.rng import model_parallel_seed
+from journey_dist.parity import RunResult, fresh_model, named_params, run_and_capture
 from journey_dist.train import TrainConfig
 
 

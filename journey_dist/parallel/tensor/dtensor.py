@@ -152,7 +152,7 @@ def gather_dtensor_params(model: GPT) -> dict[str, torch.Tensor]:
 
 def run_dtensor_tp(config, data, cfg, mesh: DeviceMesh, *, sequence_parallel: bool = False, seed: int = 0):
     """Train the DTensor-parallel fresh model with the shared loop; RunResult with full tensors."""
-    from journey_dist.parallel.reference import fresh_model, run_and_capture
+    from journey_dist.parity import fresh_model, run_and_capture
 
     cuda = mesh.device_type == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
@@ -169,7 +169,7 @@ def run_dtensor_tp(config, data, cfg, mesh: DeviceMesh, *, sequence_parallel: bo
 def dtensor_analytic_collectives(model: GPT, tokens: int, *, grad_clip: bool = True) -> dict:
     """Collectives one DTensor TP step (no SP) should issue: ours (same activations, same 3 loss
     all-reduces) except the clip, which reduces one scalar per sharded (DTensor) parameter."""
-    from journey_dist.parallel.tensor_parallel import analytic_collectives
+    from journey_dist.parallel.tensor.parallelize import analytic_collectives
 
     out = analytic_collectives(model.config, model.tp_size, tokens, grad_clip=False)
     if grad_clip:

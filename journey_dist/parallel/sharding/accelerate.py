@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from journey_dist.data import TokenData
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.reference import fresh_model, run_and_capture
-from journey_dist.parallel.zero import ShardedRun, replicated_state_bytes
+from journey_dist.parallel.data.replicas import mean_over
+from journey_dist.parallel.sharding.zero import ShardedRun, replicated_state_bytes
+from journey_dist.parity import fresh_model, run_and_capture
 from journey_dist.train import TrainConfig, make_optimizer
 
 

@@ -32,8 +32,8 @@ import torch.nn as nn
 
 from journey_dist.comm import CommLedger, analytic
 from journey_dist.data import get_batch, microbatches, shard
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.reference import fresh_model, run_and_capture
+from journey_dist.parallel.data.replicas import mean_over
+from journey_dist.parity import fresh_model, run_and_capture
 from journey_dist.train import TrainConfig, train_step
 
 # all_gather_single is the name newer torch prefers; same collective (c10d _allgather_base_)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from journey_dist.parallel.pipeline_parallel import Pipeline, Timeline, comm_device
+from journey_dist.parallel.pipeline.schedules import Pipeline, Timeline, comm_device
 from journey_dist.runtime import gather_objects
 
 

@@ -24,9 +24,9 @@ from torch.distributed.tensor import DTensor
 
 from journey_dist.comm import CommLedger, analytic
 from journey_dist.data import get_batch, microbatches, shard
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.reference import fresh_model, run_and_capture
-from journey_dist.parallel.zero import ShardedRun, ledger_by_op, storage_bytes
+from journey_dist.parallel.data.replicas import mean_over
+from journey_dist.parallel.sharding.zero import ShardedRun, ledger_by_op, storage_bytes
+from journey_dist.parity import fresh_model, run_and_capture
 from journey_dist.train import TrainConfig, make_optimizer, train_step
 
 

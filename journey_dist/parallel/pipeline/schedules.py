@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
 from journey_dist.model import GPT
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.pipeline_p2p import P2P, WIRE_DTYPES, ShapeMismatchError
-from journey_dist.parallel.reference import RunResult, fresh_model, run_and_capture
+from journey_dist.parallel.data.replicas import mean_over
+from journey_dist.parallel.pipeline.p2p import P2P, WIRE_DTYPES, ShapeMismatchError
+from journey_dist.parity import RunResult, fresh_model, run_and_capture
 from journey_dist.train import StepResult, TrainConfig, autocast_context
 
 SCHEDULES = ("gpipe", "1f1b")

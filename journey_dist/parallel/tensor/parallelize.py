@@ -29,22 +29,22 @@ import torch.nn as nn
 
 from journey_dist.config import GPTConfig, ParallelConfig, padded_vocab_size
 from journey_dist.model import GPT, Block, KVCache
-from journey_dist.parallel.tp_generate import tp_generate
-from journey_dist.parallel.tp_layers import (
+from journey_dist.parallel.tensor.generate import tp_generate
+from journey_dist.parallel.tensor.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     TensorParallelAttention,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from journey_dist.parallel.tp_mappings import (
+from journey_dist.parallel.tensor.mappings import (
     Group,
     copy_to_region,
     gather_from_sequence,
     tp_rank,
     tp_size,
 )
-from journey_dist.parallel.tp_rng import ShardedDropout, model_parallel_seed
+from journey_dist.parallel.tensor.rng import ShardedDropout, model_parallel_seed
 
 __all__ = [
     "TensorParallelGPT", "parallelize", "parallelize_block", "gather_params", "gather_grads",
@@ -305,7 +305,7 @@ def run_tensor_parallel(config: GPTConfig, data, cfg, *, group: Group = None, se
                         pad_vocab: bool = False, seed: int = 0, device: torch.device | None = None):
     """Train parallelize(fresh_model(config, seed)) with the shared loop; a RunResult with full
     (gathered) params and first-step grads under the plain GPT's names, plus `.model`."""
-    from journey_dist.parallel.reference import fresh_model, run_and_capture
+    from journey_dist.parity import fresh_model, run_and_capture
 
     model = parallelize(fresh_model(config, seed), group, sequence_parallel=sequence_parallel,
                         pad_vocab=pad_vocab)
