@@ -71,6 +71,13 @@ def pick_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors a group sends must live: this rank's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy (if present) and torch on every device."""
     random.seed(seed)

@@ -32,8 +32,9 @@ from journey_dist.parallel.compose import (
     parity,
     three_d_run,
 )
-from journey_dist.parallel.pipeline.schedules import comm_device, single_process_run, stage_layers
-from journey_dist.runtime import gather_objects, launch, print0, requested_world_size, save_json
+from journey_dist.parallel.pipeline.stage import stage_layers
+from journey_dist.parity import reference_run
+from journey_dist.runtime import comm_device, gather_objects, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +72,7 @@ def rank_main(data) -> dict:
            f"microbatches of {micro_b}; {args.schedule}")
 
     # %% The reference (one process, whole model, whole batch) and the 3D run, same seed and batches
-    ref = single_process_run(config, data, cfg)
+    ref = reference_run(config, data, cfg, first_grads=True)
     ledger = CommLedger()  # records the training steps only
     run, pipe = three_d_run(config, data, cfg, mesh, ledger=ledger)
     diffs = parity(run, ref, config, mesh)

@@ -53,8 +53,9 @@ def _all_variants() -> dict:
             "grad_diff": max_abs_diff(run.grads, ref.grads),
             "split_diff": max_abs_diff(run.params, split.params),
             "loss_diff": max(abs(a - b) for a, b in zip(run.losses, ref.losses)),
-            "buffers": run.buffers, "measured": run.measured, "expected": run.expected,
-            "ledger": run.ledger, "ddp_buckets": run.ddp_buckets,
+            "buffers": run.buffers["all_reduce"], "measured": run.comm["all_reduce"],
+            "expected": run.analytic["all_reduce"], "ledger": run.details["ledger"],
+            "ddp_buckets": run.details.get("ddp_buckets"),
         }
     out["_ref_losses"] = ref.losses
     out["_ref_grad_max"] = max(g.abs().max().item() for g in ref.grads.values())

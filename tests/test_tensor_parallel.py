@@ -21,8 +21,7 @@ from journey_dist.data import load_tokens
 from journey_dist.model import GPT
 from journey_dist.parallel.tensor.dtensor import (
     dtensor_analytic_collectives,
-    dtensor_clip_fn,
-    dtensor_loss,
+    dtensor_hooks,
     dtensor_step,
     run_dtensor_tp,
 )
@@ -43,7 +42,6 @@ from journey_dist.parallel.tensor.parallelize import (
     parallelize_block,
     run_tensor_parallel,
     sync_sequence_parallel_grads,
-    tp_clip_fn,
 )
 from journey_dist.parity import fresh_model, max_abs_diff, named_params, reference_run
 from journey_dist.train import TrainConfig, make_optimizer, train_step
@@ -77,7 +75,7 @@ def _forward_backward(config: GPTConfig, sp: bool, pad_vocab: bool = False) -> d
     tp.sync_grads()
     full = _gather_last(local)[..., :config.vocab_size]
     ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1e9)
-    tp_norm = tp_clip_fn()(list(tp.parameters()), 1e9)
+    tp_norm = tp.hooks().clip(list(tp.parameters()), 1e9)
     losses = torch.tensor([tp_loss.item()])
     dist.all_reduce(losses, op=dist.ReduceOp.MAX)
     return {"params": before, "logits": (full - logits).abs().max().item(),
@@ -119,7 +117,7 @@ def _ledger(sp: bool) -> dict:
     tp = parallelize(fresh_model(TINY), sequence_parallel=sp)
     opt = make_optimizer(tp, CFG)
     with CommLedger() as ledger:
-        train_step(tp, opt, [(idx, idx)], grad_clip=1.0, sync_grads=tp.sync_grads, clip_fn=tp_clip_fn())
+        train_step(tp, opt, [(idx, idx)], tp.hooks(), grad_clip=1.0)
     measured = {op: {"calls": ledger.calls(op), "bytes": ledger.total_bytes(op)}
                 for op in ("all_reduce", "all_gather", "reduce_scatter") if ledger.calls(op)}
     expected = analytic_collectives(TINY, 2, idx.numel(), sequence_parallel=sp)
@@ -189,8 +187,7 @@ def _everything() -> dict:
     model = runs["dtensor"].model  # one more step, its collectives counted by the ledger
     idx = torch.randint(0, 256, (CFG.batch_size, TRAIN_CFG.block_size))
     with CommLedger() as ledger:
-        dtensor_step(model, make_optimizer(model, CFG), [(idx, idx)], grad_clip=1.0,
-                     loss_fn=dtensor_loss, clip_fn=dtensor_clip_fn())
+        dtensor_step(model, make_optimizer(model, CFG), [(idx, idx)], dtensor_hooks(), grad_clip=1.0)
     out["ledger_dtensor"] = {"measured": {op: {"calls": ledger.calls(op), "bytes": ledger.total_bytes(op)}
                                           for op in ("all_reduce", "all_gather", "reduce_scatter")
                                           if ledger.calls(op)},

@@ -8,7 +8,7 @@ from journey_dist.config import get_preset
 from journey_dist.data import get_batch, load_tokens, microbatches
 from journey_dist.model import GPT
 from journey_dist.runtime import seed_everything
-from journey_dist.train import TrainConfig, lr_at, make_optimizer, train, train_step
+from journey_dist.train import StepHooks, TrainConfig, lr_at, make_optimizer, train, train_step
 
 
 def test_short_run_loss_falls_and_writes_json(tmp_path, monkeypatch):
@@ -37,8 +37,8 @@ def test_gradient_accumulation_equals_full_batch():
             grads.append(torch.cat([p.grad.detach().flatten() for p in params]))
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-        steps.append(train_step(model, opt, microbatches(x, y, n_micro), grad_clip=1.0,
-                                clip_fn=clip_and_capture))
+        steps.append(train_step(model, opt, microbatches(x, y, n_micro), StepHooks(clip=clip_and_capture),
+                                grad_clip=1.0))
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     # Adam's first step is ~lr * sign(grad) and clipping rescales, so equal parameters alone would
     # not notice a gradient scaled by n_micro: compare the gradients, their norm and the loss too.

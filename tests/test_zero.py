@@ -25,12 +25,11 @@ from journey_dist.parallel.sharding.deepspeed import STAGES, deepspeed_config, l
 from journey_dist.parallel.sharding.fsdp import run_fsdp2
 from journey_dist.parallel.sharding.zero import (
     padded_numel,
-    replicated_state_bytes,
     run_zero1,
     shard_range,
     unsharded_adamw_state_bytes,
 )
-from journey_dist.parity import fresh_model, max_abs_diff, reference_run
+from journey_dist.parity import fresh_model, max_abs_diff, reference_run, replicated_state_bytes
 from journey_dist.train import TrainConfig, make_optimizer
 from tests.dist import run_ranks
 
