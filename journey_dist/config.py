@@ -7,7 +7,7 @@ usual source of silent hangs).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,6 @@ class ParallelConfig:
     sequence_parallel: bool = False
     schedule: str = "1f1b"  # pipeline schedule: "gpipe" or "1f1b"
     pad_vocab: bool = False  # tp: pad the vocabulary to a multiple of tp (padded logits masked)
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def world_size(self) -> int:

@@ -2,7 +2,8 @@
 
 A declarative plan (module name -> ParallelStyle, as torchtitan writes it) handed to
 `parallelize_module`; the loss is `loss_parallel()` cross-entropy on vocab-sharded logits.
-Two things the plan alone cannot say, done by hand as torchtitan does:
+Two things the plan alone cannot say, done by hand here (torchtitan's Llama has separate q/k/v
+weights and an untied output, so its plan needs neither):
 - c_attn is a fused (3C, C) q|k|v weight. ColwiseParallel shards rows contiguously, which would
   give rank 0 all of q; so rows are first permuted to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] and the
   attention modules told they hold n_head/t heads. `gather_dtensor_params` undoes the permutation.

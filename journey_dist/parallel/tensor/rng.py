@@ -4,7 +4,8 @@
     with fork("tp", x.device):           # per-rank regions: this rank's heads / sequence shard
         y = dropout(x)
 
-The rule (Megatron-LM's CudaRNGStatesTracker; picotron does the same):
+The rule (Megatron-LM's CudaRNGStatesTracker; picotron, by contrast, seeds every rank alike and
+keeps no per-rank stream):
 
 * A region whose activations are **replicated** over the tp ranks (the residual dropout after
   the row-parallel all-reduce, the embedding dropout, both without sequence parallel) must draw
