@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from journey_dist.comm import CommLedger
@@ -164,6 +165,23 @@ def measure_one_step(module: nn.Module, optimizer: torch.optim.Optimizer, data: 
         step(module, optimizer, microbatches(x, y, cfg.grad_accum), hooks, grad_clip=cfg.grad_clip,
              autocast=cfg.autocast)
     return ledger
+
+
+def worst_diffs(run: RunResult, ref: RunResult, *, subset: bool = False,
+                group: dist.ProcessGroup | None = None) -> dict[str, float | None]:
+    """The worst |run - ref| over the group's ranks: per-step loss, first-step gradients (where the
+    run kept them), parameters after the last step; with `subset`, this rank holds part of the model
+    (a pipeline stage) and every one of its parameters must have a gradient compared.
+
+    Collective: one all-reduce (MAX) of three floats, so every rank returns the same numbers.
+    """
+    grads = (max_abs_diff(run.grads, ref.grads, subset=subset, cover=run.params if subset else None)
+             if run.grads and ref.grads else -1.0)
+    d = torch.tensor([loss_diff(run.losses, ref.losses), grads,
+                      max_abs_diff(run.params, ref.params, subset=subset)], device=comm_device(group))
+    dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
+    loss, grad, param = d.tolist()
+    return {"loss": loss, "grad": None if grad < 0 else grad, "param": param}
 
 
 def reference_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, seed: int = 0,
