@@ -50,6 +50,9 @@ def check_3d(pcfg: ParallelConfig, model: GPTConfig | None = None, world_size: i
              global_batch: int | None = None) -> ParallelConfig:
     """ParallelConfig.validate plus what this 3D composition does not do; ConfigError before any spawn."""
     pcfg.validate(model, world_size, global_batch)
+    if pcfg.cp > 1:
+        raise ConfigError(f"cp={pcfg.cp}: this composition splits layers (pp), weights (tp) and data (dp) "
+                          "but not sequences; use cp=1 here")
     if pcfg.zero:
         raise ConfigError(
             f"zero={pcfg.zero}: the 3D run keeps full optimizer states on every dp replica; "
