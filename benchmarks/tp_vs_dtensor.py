@@ -29,14 +29,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
-from journey_dist.parallel.reference import fresh_model
-from journey_dist.parallel.tensor_parallel import parallelize, tp_clip_fn
-from journey_dist.parallel.tp_dtensor import (
-    dtensor_clip_fn,
-    dtensor_loss,
-    dtensor_step,
-    parallelize_with_dtensor,
-)
+from journey_dist.parallel.tensor.dtensor import dtensor_hooks, parallelize_with_dtensor
+from journey_dist.parallel.tensor.parallelize import parallelize
+from journey_dist.parity import fresh_model
 from journey_dist.runtime import launch
 from journey_dist.train import TrainConfig, make_optimizer, train_step
 
@@ -47,10 +42,9 @@ def _variants(config, n: int, device_type: str) -> dict:
     out = {}
     for sp in (False, True):
         m = parallelize(fresh_model(config), sequence_parallel=sp)
-        kwargs = {"sync_grads": m.sync_grads, "clip_fn": tp_clip_fn()}
-        out["ours+sp" if sp else "ours"] = (m, train_step, kwargs)
+        out["ours+sp" if sp else "ours"] = (m, m.hooks())
     m = parallelize_with_dtensor(fresh_model(config), init_device_mesh(device_type, (n,)))
-    out["dtensor"] = (m, dtensor_step, {"loss_fn": dtensor_loss, "clip_fn": dtensor_clip_fn()})
+    out["dtensor"] = (m, dtensor_hooks())
     return out
 
 
@@ -59,13 +53,13 @@ def rank_main(args, data) -> dict | None:
     config = get_preset(args.preset)
     cfg = TrainConfig(batch_size=args.batch, lr=1e-3)
     variants = _variants(config, n, "cpu")
-    opts = {k: make_optimizer(m, cfg) for k, (m, _, _) in variants.items()}
+    opts = {k: make_optimizer(m, cfg) for k, (m, _) in variants.items()}
     step_no = [0]
 
     def one_step(name: str) -> None:
-        model, step, kwargs = variants[name]
+        model, hooks = variants[name]
         x, y = get_batch(data.train, args.batch, config.block_size, step_no[0], 0)
-        step(model, opts[name], [(x, y)], grad_clip=1.0, **kwargs)
+        (hooks.step_fn or train_step)(model, opts[name], [(x, y)], hooks, grad_clip=1.0)
         step_no[0] += 1
 
     def run_steps(name: str, steps: int) -> float:

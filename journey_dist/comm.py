@@ -193,6 +193,12 @@ def analytic(op: str, buffers: Sequence[int], n: int) -> dict[str, float]:
     return {"calls": len(buffers), "bytes": total, "wire_bytes": ring_factor(op, n) * total}
 
 
+def ledger_by_op(ledger: CommLedger, group: dist.ProcessGroup | None = None) -> dict[str, dict[str, float]]:
+    """{op: {calls, bytes, wire_bytes}} of the ledger's collectives on one group (default: the world)."""
+    ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+    return {op: dict(row) for (op, g), row in ledger.summary().items() if g == ranks}
+
+
 def record_in_open_ledgers(op: str, group: tuple[int, ...], nbytes: int) -> None:
     """Add one collective to every ledger whose `with` block is open (any thread)."""
     for ledger in _OPEN:

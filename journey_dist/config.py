@@ -7,7 +7,7 @@ usual source of silent hangs).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 
 class ConfigError(ValueError):
@@ -78,25 +78,31 @@ def get_preset(name: str, **overrides) -> GPTConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the world is split: dp x tp x pp ranks, microbatches for pp, ZeRO stage.
+    """How the world is split: dp x cp x tp x pp ranks, microbatches for pp, ZeRO stage.
 
-    Rank layout (as in Megatron): tp varies fastest, then dp, then pp, so the
-    ranks of one tensor-parallel group are neighbours (same node, fastest links).
+    Rank layout (as in Megatron): tp varies fastest, then cp, dp, pp, so the ranks of one
+    tensor-parallel group are neighbours (same node, fastest links). cp (context parallel) splits
+    every sequence over its ranks; 1 means not split.
     """
 
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1
     microbatches: int = 1
     zero: int = 0
     sequence_parallel: bool = False
     schedule: str = "1f1b"  # pipeline schedule: "gpipe" or "1f1b"
     pad_vocab: bool = False  # tp: pad the vocabulary to a multiple of tp (padded logits masked)
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
+
+    def _product(self) -> str:
+        """'dp*tp*pp = 2*2*1' (with cp when it splits): how the world size is made."""
+        names = ("dp", "cp", "tp", "pp") if self.cp > 1 else ("dp", "tp", "pp")
+        return f"{'*'.join(names)} = {'*'.join(str(getattr(self, n)) for n in names)}"
 
     def validate(
         self,
@@ -105,7 +111,7 @@ class ParallelConfig:
         global_batch: int | None = None,
     ) -> ParallelConfig:
         """Raise ConfigError naming the problem and the fix; return self when valid."""
-        for name in ("dp", "tp", "pp", "microbatches"):
+        for name in ("dp", "cp", "tp", "pp", "microbatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer; "
@@ -116,7 +122,7 @@ class ParallelConfig:
             raise ConfigError(f"schedule={self.schedule!r}; use 'gpipe' or '1f1b'")
         if world_size is not None and world_size != self.world_size:
             raise ConfigError(
-                f"dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.world_size} but the world "
+                f"{self._product()} = {self.world_size} but the world "
                 f"has {world_size} ranks; launch with --nproc_per_node={self.world_size} "
                 f"or change dp/tp/pp so their product is {world_size}"
             )

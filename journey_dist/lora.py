@@ -32,7 +32,8 @@ import torch.nn as nn
 from journey_dist.config import GPTConfig, LoRAConfig
 from journey_dist.data import TokenData
 from journey_dist.model import GPT
-from journey_dist.parallel.reference import RunResult, run_and_capture, unwrap
+from journey_dist.parallel.data.replicas import make_data_parallel
+from journey_dist.parity import RunResult, run_and_capture, unwrap
 from journey_dist.train import TrainConfig, make_optimizer
 
 ADAPTER_FILE, BASE_FILE, CONFIG_FILE = "adapter.safetensors", "base.pt", "config.json"
@@ -249,15 +250,12 @@ def finetune(model: GPT, data: TokenData, cfg: TrainConfig, *, group: dist.Proce
     and nothing of the frozen base. Each rank takes its shard of the same global batch.
     Communication per step: forward none; backward all-reduce(SUM)/N of the adapter gradients.
     """
-    from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
-
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     if not (world > 1 if ddp is None else ddp):
         return run_and_capture(model, data, cfg, **train_kwargs)
     dp = make_data_parallel("ddp", model, group=group)
-    return run_and_capture(dp.module, data, cfg, optimizer=make_optimizer(model, cfg),
-                           dp_rank=dist.get_rank(group), dp_size=world, block_size=model.config.block_size,
-                           reduce_loss=mean_over(group), **dp.step_hooks(), **train_kwargs)
+    return run_and_capture(dp.module, data, cfg, dp.hooks(), optimizer=make_optimizer(model, cfg),
+                           block_size=model.config.block_size, **train_kwargs)
 
 
 @torch.no_grad()

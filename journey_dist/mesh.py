@@ -1,7 +1,10 @@
-"""The dp x tp x pp process mesh: which ranks talk to which.
+"""The pp x dp x cp x tp process mesh: which ranks talk to which.
 
-Layout (Megatron's order): global rank = (pp_rank * dp + dp_rank) * tp + tp_rank,
-so tp varies fastest. With 8 ranks as pp=2, dp=2, tp=2:
+Layout (Megatron's order, tp fastest, then cp, dp, pp):
+global rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank, so the ranks of one
+tensor-parallel group are neighbours (the same node, the fastest links), then the context-parallel
+ones. cp is 1 unless a run splits the sequence; with cp = 1 the rank is (pp_rank*dp + dp_rank)*tp +
+tp_rank. With 8 ranks as pp=2, dp=2, tp=2:
 
     pp stage 0: dp0 -> ranks [0, 1]   dp1 -> ranks [2, 3]
     pp stage 1: dp0 -> ranks [4, 5]   dp1 -> ranks [6, 7]
@@ -19,17 +22,22 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from journey_dist.config import ParallelConfig
 
-DIMS = ("pp", "dp", "tp")
+DIMS = ("pp", "dp", "cp", "tp")  # slowest to fastest varying
 
 
 def rank_coords(rank: int, pcfg: ParallelConfig) -> dict[str, int]:
-    """{'pp': i, 'dp': j, 'tp': k} of a global rank (pure; no process group needed)."""
-    return {"pp": rank // (pcfg.dp * pcfg.tp), "dp": (rank // pcfg.tp) % pcfg.dp, "tp": rank % pcfg.tp}
+    """{'pp': i, 'dp': j, 'cp': c, 'tp': k} of a global rank (pure; no process group needed)."""
+    coords = {}
+    for dim in reversed(DIMS):  # tp first: it varies fastest
+        size = getattr(pcfg, dim)
+        coords[dim] = rank % size
+        rank //= size
+    return {dim: coords[dim] for dim in DIMS}
 
 
-def coords_rank(pp: int, dp: int, tp: int, pcfg: ParallelConfig) -> int:
+def coords_rank(pp: int, dp: int, tp: int, pcfg: ParallelConfig, cp: int = 0) -> int:
     """Inverse of rank_coords."""
-    return (pp * pcfg.dp + dp) * pcfg.tp + tp
+    return ((pp * pcfg.dp + dp) * pcfg.cp + cp) * pcfg.tp + tp
 
 
 def group_ranks(rank: int, dim: str, pcfg: ParallelConfig) -> list[int]:
@@ -57,21 +65,31 @@ def layout_text(pcfg: ParallelConfig, limit: int | None = None) -> str:
     def ranks(rs: list[int]) -> str:
         return f"[{show(rs)}]"
 
-    lines = [f"mesh pp={pcfg.pp} x dp={pcfg.dp} x tp={pcfg.tp} = {pcfg.world_size} ranks "
-             f"(rank = (pp_rank*dp + dp_rank)*tp + tp_rank: a tp group is adjacent ranks)"]
+    if pcfg.cp == 1:
+        lines = [f"mesh pp={pcfg.pp} x dp={pcfg.dp} x tp={pcfg.tp} = {pcfg.world_size} ranks "
+                 f"(rank = (pp_rank*dp + dp_rank)*tp + tp_rank: a tp group is adjacent ranks)"]
+    else:
+        lines = [f"mesh pp={pcfg.pp} x dp={pcfg.dp} x cp={pcfg.cp} x tp={pcfg.tp} = {pcfg.world_size} ranks "
+                 f"(rank = ((pp_rank*dp + dp_rank)*cp + cp_rank)*tp + tp_rank: tp groups are adjacent "
+                 f"ranks, then cp)"]
     stages = range(pcfg.pp) if limit is None else range(min(pcfg.pp, limit))
     dps = range(pcfg.dp) if limit is None else range(min(pcfg.dp, limit))
+
+    def dp_row(s: int, d: int) -> str:  # this dp slot's ranks: one tp group per cp position
+        return " ".join(ranks([coords_rank(s, d, t, pcfg, cp=c) for t in range(pcfg.tp)])
+                        for c in range(pcfg.cp))
+
     for s in stages:
-        rows = "   ".join(f"dp{d}: {ranks([coords_rank(s, d, t, pcfg) for t in range(pcfg.tp)])}"
-                         for d in dps)
+        rows = "   ".join(f"dp{d}: {dp_row(s, d)}" for d in dps)
         more = f"   ... (+{pcfg.dp - len(dps)} more dp rows)" if len(dps) < pcfg.dp else ""
         lines.append(f"  pp stage {s}: {rows}{more}")
     if len(stages) < pcfg.pp:
         lines.append(f"  ... (+{pcfg.pp - len(stages)} more pp stages)")
     what = {"tp": "split each layer's weights; all-reduce activations every block",
+            "cp": "split each sequence; exchange keys/values in attention",
             "dp": "same stage, other data; all-reduce gradients after the flush",
             "pp": "same (dp, tp) slot, consecutive stages; send activations/gradients"}
-    for dim in ("tp", "dp", "pp"):
+    for dim in ("tp", "cp", "dp", "pp") if pcfg.cp > 1 else ("tp", "dp", "pp"):
         lines.append(f"  {dim} groups ({what[dim]}): [{show(all_groups(dim, pcfg), ranks)}]")
     return "\n".join(lines)
 
@@ -99,6 +117,10 @@ class Mesh:
         return self.group("tp")
 
     @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.group("cp")
+
+    @property
     def dp_group(self) -> dist.ProcessGroup:
         return self.group("dp")
 
@@ -109,6 +131,10 @@ class Mesh:
     @property
     def tp_rank(self) -> int:
         return self.coords["tp"]
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coords["cp"]
 
     @property
     def dp_rank(self) -> int:
@@ -125,8 +151,9 @@ class Mesh:
     def describe(self) -> str:
         c = self.coords
         return (
-            f"rank {self.rank}: pp={c['pp']} dp={c['dp']} tp={c['tp']} | "
-            f"tp group {self.ranks('tp')} dp group {self.ranks('dp')} pp group {self.ranks('pp')}"
+            f"rank {self.rank}: pp={c['pp']} dp={c['dp']} cp={c['cp']} tp={c['tp']} | "
+            f"tp group {self.ranks('tp')} cp group {self.ranks('cp')} dp group {self.ranks('dp')} "
+            f"pp group {self.ranks('pp')}"
         )
 
 
@@ -134,6 +161,6 @@ def build_mesh(pcfg: ParallelConfig, device_type: str = "cpu") -> Mesh:
     """Create the mesh's process groups (collective: every rank must call it)."""
     pcfg.validate(world_size=dist.get_world_size())
     device_mesh = init_device_mesh(
-        device_type, (pcfg.pp, pcfg.dp, pcfg.tp), mesh_dim_names=DIMS
+        device_type, tuple(getattr(pcfg, d) for d in DIMS), mesh_dim_names=DIMS
     )
     return Mesh(pcfg, device_mesh, dist.get_rank())

@@ -31,10 +31,10 @@ from journey_dist.memory.estimate import (
     stage_layers,
 )
 from journey_dist.mesh import layout_text
-from journey_dist.parallel.pipeline_timeline import bubble_formula
-from journey_dist.parallel.tensor_parallel import analytic_collectives, padded_vocab_size
-from journey_dist.parallel.three_d import expected_comm_per_step
-from journey_dist.parallel.zero import padded_numel
+from journey_dist.parallel.compose import expected_comm_per_step
+from journey_dist.parallel.pipeline.timeline import bubble_formula
+from journey_dist.parallel.sharding.zero import padded_numel
+from journey_dist.parallel.tensor.parallelize import analytic_collectives, padded_vocab_size
 from journey_dist.train import TrainConfig
 
 _UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -72,16 +73,18 @@ def pick_device(local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where tensors a group sends must live: this rank's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy (if present) and torch on every device."""
+    """Seed Python, NumPy and torch on every device."""
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # numpy is optional for the core
-        pass
+    np.random.seed(seed % 2**32)
 
 
 def default_backend() -> str:
@@ -101,7 +104,8 @@ def default_backend() -> str:
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join (or create) the default process group from torchrun-style env variables.
 
-    nccl when CUDA is available, gloo otherwise. Every collective gets a timeout,
+    The backend is default_backend()'s (nccl when every local rank has its own GPU, else gloo)
+    unless given. Every collective gets a timeout,
     so a dead peer ends the job with an error instead of a silent hang.
     """
     rank = int(os.environ.get("RANK", 0))
@@ -181,7 +185,9 @@ def spawn(
     collective_timeout_s: float | None = None,
     failure_grace_s: float = 3.0,
 ) -> list[Any]:
-    """Run `fn(*args)` on `world_size` fresh gloo ranks; return each rank's return value.
+    """Run `fn(*args)` on `world_size` fresh local ranks; return each rank's return value.
+
+    The backend is runtime.default_backend()'s: gloo on CPU, NCCL when every rank has its own GPU.
 
     The process group is initialised before `fn` runs and destroyed after. If a
     rank raises or dies, the others get `failure_grace_s` to report their own errors, then

@@ -1,10 +1,9 @@
-"""The one training step and loop every lab uses.
+"""The one training step and loop every lab uses, and the contract a parallel scheme joins it by.
 
-Parallel schemes plug in through small hooks instead of copying the loop:
-`loss_fn` (e.g. a vocab-parallel loss), `sync_grads` (e.g. a naive DP all-reduce
-after backward), `no_sync` (skip DP communication on non-final micro-steps),
-`clip_fn` (a grad norm that spans shards) and `reduce_loss` (average the logged
-loss over data-parallel ranks).
+A scheme (data, tensor, pipeline parallel, ZeRO, ...) never copies the loop: it returns a
+`StepHooks` (its loss, its gradient sync, its clipping, its own step for a pipeline schedule, which
+slice of each batch this rank takes) and `train(model, data, cfg, hooks)` runs it. Every hook
+defaults to what one process does, so `StepHooks()` is the single-process run.
 
 The loop stops with NonFiniteLossError (a TrainingError) at the first step whose loss or
 gradient norm is inf/NaN; autocast="fp16" trains through a torch.amp.GradScaler, which skips
@@ -18,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -28,6 +27,8 @@ from journey_dist.data import TokenData, check_fits, get_batch, microbatches, sh
 from journey_dist.runtime import print0, save_json
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+ClipFn = Callable[[list[torch.Tensor], float], torch.Tensor]  # (params, max_norm) -> total norm
+Batch = tuple[torch.Tensor, torch.Tensor]
 AUTOCAST = (None, "bf16", "fp16")
 
 
@@ -120,48 +121,95 @@ class StepResult:
     scale: float | None = None  # fp16: the loss scale this step used
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    loss_fn: LossFn = default_loss,
-    grad_clip: float = 0.0,
-    autocast: str | None = None,
-    sync_grads: Callable[[], None] | None = None,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-    clip_fn: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> StepResult:
+@dataclass(frozen=True)
+class StepHooks:
+    """How a parallel scheme joins the loop. Each field defaults to what one process does.
+
+    loss         training loss of one micro-batch, loss(model, x, y) (e.g. vocab-parallel CE)
+    eval_loss    the loss evaluate() uses; None: `loss` (a pipeline runs a forward-only schedule)
+    sync_grads   after the last backward, before clipping (a DP all-reduce, a ZeRO reduce-scatter)
+    no_sync      context manager for the non-final micro-steps (DP holds its communication back)
+    clip         clip(params, max_norm) -> total norm, for a norm that spans ranks (parallel/common)
+    reduce_loss  the logged loss, e.g. averaged over the data-parallel ranks
+    step_fn      replaces train_step where the scheme owns forward and backward (a pipeline
+                 schedule, DeepSpeed's engine): step_fn(model, optimizer, micro, hooks, *,
+                 grad_clip, autocast, scaler) -> StepResult (scaler: fp16's GradScaler or None)
+    dp_rank, dp_size   this rank's slice of every global batch
+    whole_grads  after sync_grads every rank holds the whole gradient (one process, DP, TP's
+                 shards with their norm hook): a GradScaler's overflow check sees what one process
+                 sees. False where gradients are sharded over ranks (ZeRO, FSDP): fp16 is refused
+    """
+
+    loss: LossFn = default_loss
+    eval_loss: LossFn | None = None
+    sync_grads: Callable[[], None] | None = None
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
+    clip: ClipFn | None = None
+    reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None
+    step_fn: Callable[..., StepResult] | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    whole_grads: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.dp_size, int) and self.dp_size >= 1 and 0 <= self.dp_rank < self.dp_size):
+            raise ConfigError(f"dp_rank={self.dp_rank}, dp_size={self.dp_size}: need 0 <= dp_rank < dp_size")
+
+    def with_(self, **changes) -> StepHooks:
+        """A copy with some hooks replaced; a name StepHooks does not have is an error."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unknown hook(s) {unknown}; StepHooks has: "
+                            f"{', '.join(f.name for f in fields(self))}")
+        return replace(self, **changes)
+
+    def then_sync(self, after: Callable[[], None]) -> StepHooks:
+        """A copy whose sync_grads runs this scheme's sync, then `after` (e.g. capture gradients)."""
+        before = self.sync_grads
+
+        def sync() -> None:
+            if before is not None:
+                before()
+            after()
+        return replace(self, sync_grads=sync)
+
+    @property
+    def evaluation_loss(self) -> LossFn:
+        return self.eval_loss or self.loss
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: Iterable[Batch],
+               hooks: StepHooks = StepHooks(), *, grad_clip: float = 0.0, autocast: str | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> StepResult:
     """Forward/backward over the micro-batches, sync, clip, optimizer step, zero grads.
 
     Each micro-step's loss is divided by the number of micro-steps, so the
-    accumulated gradient is the gradient of the mean loss over the whole batch.
-    With a `scaler` (fp16) the loss is scaled before backward and the gradients unscaled
-    before clipping; a step whose gradients hold inf/NaN is skipped and the scale lowered.
+    accumulated gradient is the gradient of the mean loss over the whole batch. With a GradScaler
+    (fp16) the loss is scaled before backward, the gradients unscaled before clipping, and a step
+    whose gradients overflowed is skipped.
     """
     if autocast == "fp16" and scaler is None:
-        raise ConfigError("autocast='fp16' needs a loss scaler or small gradients underflow to zero: "
-                          "pass scaler=make_grad_scaler(device, 'fp16') (train() does), or use 'bf16'")
+        raise ConfigError("autocast='fp16' without a GradScaler lets small gradients underflow to zero; "
+                          "pass scaler=make_grad_scaler(device, 'fp16') (train() does) or use 'bf16'")
     micro = list(micro)
     device = micro[0][0].device
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro):
         last = i == len(micro) - 1
-        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        ctx = hooks.no_sync() if (hooks.no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
             with autocast_context(device, autocast):
-                loss = loss_fn(model, x, y) / len(micro)
+                loss = hooks.loss(model, x, y) / len(micro)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
-    if sync_grads is not None:
-        sync_grads()
+    if hooks.sync_grads is not None:
+        hooks.sync_grads()
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip (and report) the true gradients, not the scaled ones
     grad_norm = None
     if grad_clip > 0:
         params = [p for p in model.parameters() if p.grad is not None]
-        clip = clip_fn or (lambda ps, c: torch.nn.utils.clip_grad_norm_(ps, c))
+        clip = hooks.clip or torch.nn.utils.clip_grad_norm_  # one process: torch's own
         grad_norm = clip(params, grad_clip)
     if scaler is None:
         optimizer.step()
@@ -242,8 +290,9 @@ class FiniteCheck:
 
 @dataclass
 class History:
-    steps: list[dict] = field(default_factory=list)
-    val_loss: float | None = None
+    steps: list[dict] = field(default_factory=list)  # the logged steps
+    evals: list[dict] = field(default_factory=list)  # {"step", "val_loss"} every cfg.eval_every steps
+    val_loss: float | None = None  # after the last step
     tokens_per_s: float = 0.0
     skipped_steps: int = 0  # fp16: optimizer steps the GradScaler skipped (gradient overflow)
 
@@ -256,47 +305,52 @@ class History:
         return self.steps[-1]["loss"]
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "val_loss": self.val_loss, "tokens_per_s": self.tokens_per_s,
-                "skipped_steps": self.skipped_steps}
+        return {"steps": self.steps, "evals": self.evals, "val_loss": self.val_loss,
+                "tokens_per_s": self.tokens_per_s, "skipped_steps": self.skipped_steps}
 
 
 def train(
     model: nn.Module,
     data: TokenData,
     cfg: TrainConfig,
+    hooks: StepHooks | None = None,
     *,
     lab: str | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     device: torch.device | None = None,
-    dp_rank: int = 0,
-    dp_size: int = 1,
     block_size: int | None = None,
-    reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     verbose: bool = True,
-    step_fn: Callable[..., StepResult] | None = None,
     start_step: int = 0,
     on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
-    **step_hooks,
 ) -> History:
     """Train for cfg.steps on deterministic batches; log, evaluate, write runs/<lab>/train.json.
 
-    Each data-parallel rank takes its slice of the same global batch. `step_hooks`
-    go to `train_step` (loss_fn, sync_grads, no_sync, clip_fn). `step_fn` replaces train_step
-    where a scheme owns forward/backward itself (a pipeline schedule); it gets the same arguments.
-    Resume: `start_step` skips the steps already taken (batches and lr are functions of the step,
-    so nothing else needs replaying); `on_step(step, model, optimizer)` runs after each step
-    (e.g. to save a checkpoint). A non-finite loss or gradient norm raises NonFiniteLossError
-    (FiniteCheck); autocast="fp16" hands the step a GradScaler (`scaler=`), and a logged row says
-    its `scale` and whether the step was `skipped`.
+    `hooks` is how a parallel scheme joins (StepHooks; None: one process). Each data-parallel rank
+    takes its slice (hooks.dp_rank of hooks.dp_size) of the same global batch. Resume:
+    `start_step` skips the steps already taken (batches and lr are functions of the step, so
+    nothing else needs replaying); `on_step(step, model, optimizer)` runs after each step (e.g. to
+    save a checkpoint). A non-finite loss or gradient norm raises NonFiniteLossError (FiniteCheck);
+    autocast="fp16" hands the step a GradScaler (`scaler=`), and a logged row says its `scale` and
+    whether the step was `skipped`.
     """
+    hooks = hooks or StepHooks()
     device = device or next(model.parameters()).device
     block_size = block_size or model.config.block_size
     check_fits(data, cfg.batch_size, block_size)  # fail before the first step, not at eval
     optimizer = optimizer or make_optimizer(model, cfg)
+    step_fn = hooks.step_fn or train_step
+    if cfg.autocast == "fp16" and not hooks.whole_grads:
+        raise ConfigError("autocast='fp16' needs a loss scaler whose overflow check sees the whole "
+                          "gradient, but this scheme shards gradients over ranks (each would skip "
+                          "steps on its own); use autocast='bf16', which needs no scaler")
     scaler = make_grad_scaler(device, cfg.autocast)
-    if scaler is not None:
-        step_hooks = {**step_hooks, "scaler": scaler}
     finite = FiniteCheck(device, cfg)
+    eval_batch = max(1, cfg.batch_size // hooks.dp_size)  # this rank's share, as in training
+
+    def validation_loss() -> float:
+        return evaluate(model, data.val, eval_batch, block_size, cfg.eval_batches, hooks.evaluation_loss,
+                        device, cfg.autocast)
+
     history = History()
     tokens_per_step = cfg.batch_size * block_size
     model.train()
@@ -305,15 +359,16 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = get_batch(data.train, cfg.batch_size, block_size, step, cfg.seed)
-        x, y = shard(x, dp_rank, dp_size).to(device), shard(y, dp_rank, dp_size).to(device)
-        result = (step_fn or train_step)(model, optimizer, microbatches(x, y, cfg.grad_accum),
-                                         grad_clip=cfg.grad_clip, autocast=cfg.autocast, **step_hooks)
+        r, n = hooks.dp_rank, hooks.dp_size
+        x, y = shard(x, r, n).to(device), shard(y, r, n).to(device)
+        result = step_fn(model, optimizer, microbatches(x, y, cfg.grad_accum), hooks,
+                         grad_clip=cfg.grad_clip, autocast=cfg.autocast, scaler=scaler)
         finite.observe(step, result)
         history.skipped_steps += result.skipped
         last = step == cfg.steps - 1
         if step % cfg.log_every == 0 or last:
             finite.check()
-            loss = reduce_loss(result.loss) if reduce_loss else result.loss
+            loss = hooks.reduce_loss(result.loss) if hooks.reduce_loss else result.loss
             now = time.perf_counter()
             steps_since = (step % cfg.log_every or cfg.log_every) if step > start_step else 1
             tps = tokens_per_step * steps_since / max(now - t_log, 1e-9)
@@ -332,17 +387,14 @@ def train(
                        f"lr {row['lr']:.2e} | {tps / 1e3:6.1f}k tok/s{fp16}")
         elif verbose:
             _progress(step, cfg.steps)
-        if cfg.eval_every and step and step % cfg.eval_every == 0:
-            history.steps[-1]["val_loss"] = evaluate(model, data.val, cfg.batch_size // dp_size,
-                                                     block_size, cfg.eval_batches,
-                                                     step_hooks.get("loss_fn", default_loss))
+        if cfg.eval_every and step and step % cfg.eval_every == 0 and not last:
+            history.evals.append({"step": step, "val_loss": validation_loss()})
         if on_step is not None:
             finite.check()  # never hand non-finite weights to a callback (it may save a checkpoint)
             on_step(step, model, optimizer)
     history.tokens_per_s = tokens_per_step * (cfg.steps - start_step) / (time.perf_counter() - t0)
-    history.val_loss = evaluate(model, data.val, max(1, cfg.batch_size // dp_size), block_size,
-                                cfg.eval_batches, step_hooks.get("loss_fn", default_loss),
-                                device, cfg.autocast)
+    history.val_loss = validation_loss()
+    history.evals.append({"step": cfg.steps - 1, "val_loss": history.val_loss})
     if lab:
         save_json(lab, "train", {"config": cfg.to_dict(), **history.to_dict()})
     return history

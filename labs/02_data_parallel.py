@@ -25,8 +25,8 @@ import torch.distributed as dist
 from journey_dist.config import ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.model import GPT
-from journey_dist.parallel.data_parallel import VARIANTS, planned_buckets, run_data_parallel
-from journey_dist.parallel.reference import max_abs_diff, reference_run
+from journey_dist.parallel.data.replicas import VARIANTS, planned_buckets, run_data_parallel
+from journey_dist.parity import max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
@@ -96,11 +96,12 @@ def rank_main(data) -> dict:
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
         rows[v] = {"losses": run.losses, "loss_diff": diffs[0].item(), "grad_diff": diffs[1].item(),
                    "param_diff": diffs[2].item(), "param_diff_vs_split": diffs[3].item(),
-                   "seconds": run.seconds, "buckets": run.buffers, "measured": run.measured,
-                   "analytic": run.expected, "ledger": run.ledger, "ddp_buckets": run.ddp_buckets}
+                   "seconds": run.seconds, "buckets": run.buffers["all_reduce"],
+                   "measured": run.comm.get("all_reduce", {}), "analytic": run.analytic["all_reduce"],
+                   "ledger": run.details["ledger"], "ddp_buckets": run.details.get("ddp_buckets")}
         print0(f"{v:<9} {run.losses[0]:>8.4f} -> {run.losses[-1]:.4f} {diffs[0]:>14.1e} "
                f"{diffs[1]:>14.1e} {diffs[2]:>15.1e} {diffs[3]:>18.1e} {run.seconds:>8.1f}")
-        ledgers[v] = (run.measured, run.expected)
+        ledgers[v] = (rows[v]["measured"], rows[v]["analytic"])
     if "ddp" in rows:
         ddp = rows["ddp"]["ddp_buckets"]
         print0(f"DDP's buckets: first iteration {[round(b / 2**20, 2) for b in ddp['first_iteration']]} "

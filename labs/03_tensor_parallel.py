@@ -32,27 +32,20 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
 from journey_dist.memory.estimate import param_count
-from journey_dist.parallel.reference import fresh_model, max_abs_diff, reference_run
-from journey_dist.parallel.tensor_parallel import (
-    analytic_collectives,
-    parallelize,
-    run_tensor_parallel,
-    tp_clip_fn,
-)
-from journey_dist.parallel.tp_dtensor import (
-    dtensor_analytic_collectives,
-    dtensor_clip_fn,
-    dtensor_loss,
-    dtensor_step,
+from journey_dist.parallel.tensor.dtensor import (
     run_dtensor_tp,
 )
-from journey_dist.parallel.tp_generate import compare_tp_generation
+from journey_dist.parallel.tensor.generate import compare_tp_generation
+from journey_dist.parallel.tensor.parallelize import (
+    parallelize,
+    run_tensor_parallel,
+)
+from journey_dist.parity import fresh_model, max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
-from journey_dist.train import TrainConfig, train_step
+from journey_dist.train import TrainConfig
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--preset", default="gpt-mini")
@@ -79,14 +72,9 @@ cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
 
 
 # %% What every rank runs
-def one_step_ledger(model, data, step=train_step, **step_kwargs) -> dict:
-    """Collectives of one more training step, per op: {"calls", "bytes"} (this rank's view)."""
-    x, y = get_batch(data.train, cfg.batch_size, config.block_size, cfg.steps, cfg.seed)
-    device = next(model.parameters()).device
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step's communication, not its update
-    with CommLedger() as ledger:
-        step(model, opt, [(x.to(device), y.to(device))], grad_clip=cfg.grad_clip, **step_kwargs)
-    return {op: {"calls": row["calls"], "bytes": row["bytes"]} for (op, _), row in ledger.summary().items()}
+def _calls_bytes(comm: dict) -> dict:
+    """{op: {"calls", "bytes"}} of a ledger summary (what the table compares)."""
+    return {op: {"calls": row["calls"], "bytes": row["bytes"]} for op, row in comm.items()}
 
 
 def rank_main(data) -> dict:
@@ -118,17 +106,13 @@ def rank_main(data) -> dict:
                                                                          for r in range(n)))
             for k in shapes:
                 print0(f"{k:<32} {str(full[k]):>12}  " + "  ".join(f"{str(s[k]):>12}" for s in everyone))
-        local_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        measured = one_step_ledger(model, data, sync_grads=model.sync_grads, clip_fn=tp_clip_fn())
-        analytic = analytic_collectives(config, n, cfg.batch_size * config.block_size, sequence_parallel=sp)
-        rows[name] = {"run": run, "bytes": local_bytes, "measured": measured, "analytic": analytic}
+        rows[name] = {"run": run, "bytes": run.state_bytes["params"], "measured": _calls_bytes(run.comm),
+                      "analytic": _calls_bytes(run.analytic)}
     if not args.no_dtensor:
         mesh = init_device_mesh("cuda" if device is not None else "cpu", (n,))
         run = run_dtensor_tp(config, data, cfg, mesh)
-        measured = one_step_ledger(run.model, data, dtensor_step, loss_fn=dtensor_loss,
-                                   clip_fn=dtensor_clip_fn())
-        analytic = dtensor_analytic_collectives(run.model, cfg.batch_size * config.block_size)
-        rows["dtensor"] = {"run": run, "bytes": None, "measured": measured, "analytic": analytic}
+        rows["dtensor"] = {"run": run, "bytes": None, "measured": _calls_bytes(run.comm),
+                           "analytic": _calls_bytes(run.analytic)}
 
     # Loss by step, and the worst difference from one process over all ranks.
     print0(f"\n{'step':>4} {'1 process':>10} " + " ".join(f"{k:>10}" for k in rows))

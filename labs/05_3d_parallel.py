@@ -25,15 +25,16 @@ from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.mesh import build_mesh, layout_text
-from journey_dist.parallel.pipeline_parallel import comm_device, single_process_run, stage_layers
-from journey_dist.parallel.three_d import (
+from journey_dist.parallel.compose import (
     check_3d,
     comm_by_dim,
     expected_comm_per_step,
     parity,
     three_d_run,
 )
-from journey_dist.runtime import gather_objects, launch, print0, requested_world_size, save_json
+from journey_dist.parallel.pipeline.stage import stage_layers
+from journey_dist.parity import reference_run
+from journey_dist.runtime import comm_device, gather_objects, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +72,7 @@ def rank_main(data) -> dict:
            f"microbatches of {micro_b}; {args.schedule}")
 
     # %% The reference (one process, whole model, whole batch) and the 3D run, same seed and batches
-    ref = single_process_run(config, data, cfg)
+    ref = reference_run(config, data, cfg, first_grads=True)
     ledger = CommLedger()  # records the training steps only
     run, pipe = three_d_run(config, data, cfg, mesh, ledger=ledger)
     diffs = parity(run, ref, config, mesh)

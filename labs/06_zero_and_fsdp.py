@@ -27,14 +27,14 @@ import torch.distributed as dist
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.memory.estimate import model_state_bytes
-from journey_dist.parallel.accelerate_run import run_accelerate, under_accelerate
-from journey_dist.parallel.data_parallel import run_data_parallel
-from journey_dist.parallel.deepspeed_zero import STAGES, load_config, run_deepspeed
-from journey_dist.parallel.fsdp import run_fsdp2
-from journey_dist.parallel.reference import fresh_model, max_abs_diff, reference_run
-from journey_dist.parallel.zero import replicated_state_bytes, run_zero1, unsharded_adamw_state_bytes
+from journey_dist.parallel.data.replicas import run_data_parallel
+from journey_dist.parallel.sharding.accelerate import run_accelerate, under_accelerate
+from journey_dist.parallel.sharding.deepspeed import STAGES, load_config, run_deepspeed
+from journey_dist.parallel.sharding.fsdp import run_fsdp2
+from journey_dist.parallel.sharding.zero import run_zero1
+from journey_dist.parity import fresh_model, max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
-from journey_dist.train import TrainConfig, make_optimizer
+from journey_dist.train import TrainConfig
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--preset", default="gpt-mini")
@@ -85,7 +85,8 @@ def rank_main(data) -> dict:
     runs["fsdp2 (zero-3)"] = run_fsdp2(config, data, cfg, device=device)
     accel_procs = None
     if under_accelerate():
-        runs["accelerate (ddp)"], accel_procs = run_accelerate(config, data, cfg, device=device)
+        runs["accelerate (ddp)"] = run_accelerate(config, data, cfg, device=device)
+        accel_procs = runs["accelerate (ddp)"].details["processes"]
         print0(f"accelerate launch: Accelerator sees {accel_procs} processes")
 
     # %% Parity: every scheme against DDP (and DDP against one process)
@@ -106,8 +107,7 @@ def rank_main(data) -> dict:
         diffs = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ddp.losses)),
                               max_abs_diff(run.params, ddp.params), grad_diff], device=device)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
-        comm, expected = ((({"all_reduce": run.measured}, {"all_reduce": run.expected})) if run is ddp
-                          else (run.comm, run.analytic))
+        comm, expected = run.comm, run.analytic
         rows[name] = {"losses": run.losses, "loss_diff": diffs[0].item(), "param_diff": diffs[1].item(),
                       "grad_diff": None if grad_kind == "-" else diffs[2].item(), "grad_check": grad_kind,
                       "seconds": run.seconds, "comm": comm, "analytic": expected}
@@ -118,12 +118,7 @@ def rank_main(data) -> dict:
            f"tolerance for every row: {tol:g} ({dtype})")
 
     # %% Memory: this rank's tensors, measured, next to the formula for its ZeRO stage
-    model = fresh_model(config, device=device)
-    opt = make_optimizer(model, cfg)
-    x = torch.randint(0, config.vocab_size, (1, config.block_size), device=device)
-    model(x, x)[1].backward()
-    opt.step()
-    mem = {"ddp": (replicated_state_bytes(model, opt), 0)}
+    mem = {"ddp": (ddp.state_bytes, 0)}
     mem["zero1 (ours)"] = (runs["zero1 (ours)"].state_bytes, 1)
     for stage in stages:
         mem[f"deepspeed zero-{stage}"] = (runs[f"deepspeed zero-{stage}"].state_bytes, stage)
@@ -143,7 +138,7 @@ def rank_main(data) -> dict:
         print0(f"{name:<20} {stage:>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
                f"{'' if master is None else f'{master / mib:.3f}':>13}")
         table[name] = {"stage": stage, "measured": measured, "estimate": est}
-    print0(f"unsharded AdamW moments: {unsharded_adamw_state_bytes(model) / mib:.3f} MiB; ZeRO-1 keeps 1/{n} "
+    print0(f"unsharded AdamW moments: {ddp.state_bytes['optimizer'] / mib:.3f} MiB; ZeRO-1 keeps 1/{n} "
            "(+ padding to a multiple of dp). DeepSpeed's stage 1 (0.19) also partitions the reduced "
            "gradients, and keeps an fp32 master partition next to the moments (counted in 'optimizer' "
            "under bf16, where the formula's 12 bytes include it; shown apart in fp32).")

@@ -42,7 +42,7 @@ from journey_dist.lora import (
 )
 from journey_dist.memory.estimate import estimate_memory, fmt_bytes
 from journey_dist.memory.measure import measure_step
-from journey_dist.parallel.reference import fresh_model, max_abs_diff
+from journey_dist.parity import fresh_model, max_abs_diff
 from journey_dist.runtime import is_rank0, launch, print0, requested_world_size, runs_dir, save_json
 from journey_dist.train import TrainConfig, evaluate, make_optimizer
 

@@ -34,7 +34,9 @@ from journey_dist.checkpoint import latest_valid, list_checkpoints
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import check_fits, load_tokens
 from journey_dist.fault_tolerance import Heartbeat, PeerFailure, name_failed_peer
-from journey_dist.parallel.resumable import bitwise_equal, run_resumable
+from journey_dist.parallel.data.replicas import make_data_parallel
+from journey_dist.parity import fresh_model
+from journey_dist.resumable import bitwise_equal, run_resumable
 from journey_dist.runtime import (
     RankFailure,
     launch,
@@ -45,7 +47,7 @@ from journey_dist.runtime import (
     spawn,
     under_torchrun,
 )
-from journey_dist.train import TrainConfig
+from journey_dist.train import TrainConfig, make_optimizer, train
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--preset", default="gpt-mini")
@@ -102,10 +104,6 @@ def resumed(directory: str) -> tuple:
 
 # %% Rank 1 dies in the middle of a step; rank 0 is waiting in the gradient all-reduce
 def dead_rank(marks: str) -> None:
-    from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
-    from journey_dist.parallel.reference import fresh_model
-    from journey_dist.train import make_optimizer, train
-
     model = fresh_model(config)
     dp = make_data_parallel("naive", model)
     done = {"steps": 0}
@@ -120,10 +118,9 @@ def dead_rank(marks: str) -> None:
     hb = Heartbeat(interval_s=0.2, stale_s=1.0, abort=False).start()
     try:
         with name_failed_peer(hb):
-            train(model, data, TrainConfig(steps=10, batch_size=args.batch_size), verbose=False,
-                  optimizer=make_optimizer(model, cfg), dp_rank=dist.get_rank(), dp_size=2,
-                  block_size=config.block_size, reduce_loss=mean_over(), sync_grads=sync_grads,
-                  on_step=lambda step, m, o: hb.beat(step))
+            train(model, data, TrainConfig(steps=10, batch_size=args.batch_size),
+                  dp.hooks().with_(sync_grads=sync_grads), optimizer=make_optimizer(model, cfg),
+                  verbose=False, block_size=config.block_size, on_step=lambda step, m, o: hb.beat(step))
     except PeerFailure as e:
         Path(marks, "detected").write_text(f"{time.time()}\n{e}")
         raise

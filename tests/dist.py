@@ -1,4 +1,5 @@
-"""The shared multi-rank test harness: N gloo ranks on a free port, with deadlines.
+"""The shared multi-rank test harness: N local ranks on a free port, with deadlines (gloo on CPU;
+NCCL where every rank has its own GPU, as runtime.default_backend picks).
 
     results = run_ranks(my_rank_fn, 2, arg1, arg2)
 
@@ -20,7 +21,7 @@ __all__ = ["RankFailure", "run_ranks"]
 
 def run_ranks(fn, world_size: int, *args: Any, timeout_s: float = 120.0,
               collective_timeout_s: float = 60.0, failure_grace_s: float = 3.0) -> list[Any]:
-    """Run fn(*args) on `world_size` gloo ranks; return the per-rank results in rank order.
+    """Run fn(*args) on `world_size` ranks; return the per-rank results in rank order.
 
     After a rank fails, the others get `failure_grace_s` to report their own errors."""
     return spawn(fn, world_size, args, timeout_s=timeout_s,

@@ -16,8 +16,8 @@ from journey_dist.cli import main as journey
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import ByteTokenizer, TokenData, check_fits, load_text, load_tokens
 from journey_dist.model import GPT
-from journey_dist.parallel.deepspeed_zero import load_config
-from journey_dist.train import TrainConfig, train
+from journey_dist.parallel.sharding.deepspeed import load_config
+from journey_dist.train import StepHooks, TrainConfig, train
 
 MINI = get_preset("gpt-mini")  # 4 layers, 4 heads, vocab 256, block 128
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +119,8 @@ def test_train_checks_the_corpus_before_the_first_step(tmp_path):
     model = GPT(get_preset("tiny"))
     calls = []
     with pytest.raises(ConfigError, match="validation text has"):
-        train(model, data, TrainConfig(steps=3, batch_size=2), verbose=False,
-              step_fn=lambda *a, **k: calls.append(1))
+        train(model, data, TrainConfig(steps=3, batch_size=2),
+              StepHooks(step_fn=lambda *a, **k: calls.append(1)), verbose=False)
     assert not calls
 
 

@@ -29,8 +29,8 @@ from journey_dist.checkpoint import (
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
 from journey_dist.dcp_safe import SafeReader
-from journey_dist.parallel.reference import fresh_model
-from journey_dist.parallel.resumable import SimulatedCrash, bitwise_equal, run_resumable
+from journey_dist.parity import fresh_model
+from journey_dist.resumable import SimulatedCrash, bitwise_equal, run_resumable
 from journey_dist.train import TrainConfig
 from tests.dist import RankFailure, run_ranks
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
 from journey_dist.model import GPT
-from journey_dist.parallel.data_parallel import MB, bucket_layout, run_data_parallel
-from journey_dist.parallel.reference import max_abs_diff, reference_run
+from journey_dist.parallel.data.replicas import MB, bucket_layout, run_data_parallel
+from journey_dist.parity import max_abs_diff, reference_run
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
 from tests.labs import run_lab
@@ -53,8 +53,9 @@ def _all_variants() -> dict:
             "grad_diff": max_abs_diff(run.grads, ref.grads),
             "split_diff": max_abs_diff(run.params, split.params),
             "loss_diff": max(abs(a - b) for a, b in zip(run.losses, ref.losses)),
-            "buffers": run.buffers, "measured": run.measured, "expected": run.expected,
-            "ledger": run.ledger, "ddp_buckets": run.ddp_buckets,
+            "buffers": run.buffers["all_reduce"], "measured": run.comm["all_reduce"],
+            "expected": run.analytic["all_reduce"], "ledger": run.details["ledger"],
+            "ddp_buckets": run.details.get("ddp_buckets"),
         }
     out["_ref_losses"] = ref.losses
     out["_ref_grad_max"] = max(g.abs().max().item() for g in ref.grads.values())

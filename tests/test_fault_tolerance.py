@@ -17,8 +17,8 @@ import torch.distributed as dist
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
 from journey_dist.fault_tolerance import EXIT_PEER_FAILED, Heartbeat, PeerFailure, name_failed_peer
-from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
-from journey_dist.parallel.reference import fresh_model
+from journey_dist.parallel.data.replicas import make_data_parallel
+from journey_dist.parity import fresh_model
 from journey_dist.train import TrainConfig, make_optimizer, train
 from tests.dist import RankFailure, run_ranks
 
@@ -42,9 +42,8 @@ def _dp_rank_dies_mid_step(die_at: int, code: int) -> None:
 
     hb = Heartbeat(interval_s=0.2, stale_s=1.0, abort=False).start()
     with name_failed_peer(hb):
-        train(model, load_tokens("handbook"), CFG, optimizer=make_optimizer(model, CFG), verbose=False,
-              dp_rank=dist.get_rank(), dp_size=2, block_size=config.block_size,
-              reduce_loss=mean_over(), sync_grads=sync_grads,
+        train(model, load_tokens("handbook"), CFG, dp.hooks().with_(sync_grads=sync_grads),
+              optimizer=make_optimizer(model, CFG), verbose=False, block_size=config.block_size,
               on_step=lambda step, m, o: hb.beat(step))
 
 

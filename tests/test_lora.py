@@ -34,7 +34,7 @@ from journey_dist.lora import (
 )
 from journey_dist.memory.estimate import estimate_memory, lora_param_count
 from journey_dist.memory.measure import measure_step
-from journey_dist.parallel.reference import fresh_model, max_abs_diff
+from journey_dist.parity import fresh_model, max_abs_diff
 from journey_dist.train import TrainConfig, make_optimizer
 from tests.dist import run_ranks
 from tests.labs import run_lab

@@ -40,14 +40,14 @@ from journey_dist.kv_cache import kv_memory_table, paged_vs_preallocated, sample
 from journey_dist.lora import apply_scratch_lora, param_counts
 from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, per_byte_perplexity
-from journey_dist.parallel.data_parallel import bucket_layout, planned_buckets
-from journey_dist.parallel.deepspeed_zero import deepspeed_config
-from journey_dist.parallel.fsdp import unit_bytes
-from journey_dist.parallel.pipeline_timeline import bubble_formula
-from journey_dist.parallel.reference import fresh_model
-from journey_dist.parallel.tensor_parallel import analytic_collectives, padded_vocab_size
-from journey_dist.parallel.three_d import expected_comm_per_step
-from journey_dist.parallel.zero import padded_numel, shard_range, unsharded_adamw_state_bytes
+from journey_dist.parallel.compose import expected_comm_per_step
+from journey_dist.parallel.data.replicas import bucket_layout, planned_buckets
+from journey_dist.parallel.pipeline.timeline import bubble_formula
+from journey_dist.parallel.sharding.deepspeed import deepspeed_config
+from journey_dist.parallel.sharding.fsdp import unit_bytes
+from journey_dist.parallel.sharding.zero import padded_numel, shard_range, unsharded_adamw_state_bytes
+from journey_dist.parallel.tensor.parallelize import analytic_collectives, padded_vocab_size
+from journey_dist.parity import fresh_model
 from journey_dist.tokenizer import BPETokenizer, split_chunks, train_merges
 from journey_dist.train import TrainConfig
 

@@ -14,9 +14,9 @@ from journey_dist.comm import ring_factor
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.memory.estimate import estimate_memory, param_count
 from journey_dist.mesh import layout_text
-from journey_dist.parallel.pipeline_timeline import bubble_formula
-from journey_dist.parallel.tensor_parallel import analytic_collectives
-from journey_dist.parallel.three_d import expected_comm_per_step
+from journey_dist.parallel.compose import expected_comm_per_step
+from journey_dist.parallel.pipeline.timeline import bubble_formula
+from journey_dist.parallel.tensor.parallelize import analytic_collectives
 from journey_dist.plan import make_plan, parse_bytes
 from journey_dist.train import TrainConfig
 
@@ -119,7 +119,7 @@ def test_cli_text_and_json(capsys):
 
 def _zero1_ledger(config, cfg):
     from journey_dist.data import load_tokens
-    from journey_dist.parallel.zero import run_zero1
+    from journey_dist.parallel.sharding.zero import run_zero1
 
     return run_zero1(config, load_tokens("handbook"), cfg).comm
 

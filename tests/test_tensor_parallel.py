@@ -20,26 +20,14 @@ from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import load_tokens
 from journey_dist.memory.estimate import estimate_memory, param_count
 from journey_dist.model import GPT
-from journey_dist.parallel.reference import fresh_model, max_abs_diff, named_params, reference_run
-from journey_dist.parallel.tensor_parallel import (
-    analytic_collectives,
-    gather_grads,
-    gather_params,
-    parallelize,
-    parallelize_block,
-    run_tensor_parallel,
-    sync_sequence_parallel_grads,
-    tp_clip_fn,
-)
-from journey_dist.parallel.tp_dtensor import (
+from journey_dist.parallel.tensor.dtensor import (
     dtensor_analytic_collectives,
-    dtensor_clip_fn,
-    dtensor_loss,
+    dtensor_hooks,
     dtensor_step,
     run_dtensor_tp,
 )
-from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from journey_dist.parallel.tp_mappings import (
+from journey_dist.parallel.tensor.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from journey_dist.parallel.tensor.mappings import (
     copy_to_region,
     gather_from_region,
     gather_from_sequence,
@@ -47,6 +35,16 @@ from journey_dist.parallel.tp_mappings import (
     scatter_to_region,
     scatter_to_sequence,
 )
+from journey_dist.parallel.tensor.parallelize import (
+    analytic_collectives,
+    gather_grads,
+    gather_params,
+    parallelize,
+    parallelize_block,
+    run_tensor_parallel,
+    sync_sequence_parallel_grads,
+)
+from journey_dist.parity import fresh_model, max_abs_diff, named_params, reference_run
 from journey_dist.train import TrainConfig, make_optimizer, train_step
 from tests.dist import run_ranks
 
@@ -78,7 +76,7 @@ def _forward_backward(config: GPTConfig, sp: bool, pad_vocab: bool = False) -> d
     tp.sync_grads()
     full = _gather_last(local)[..., :config.vocab_size]
     ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1e9)
-    tp_norm = tp_clip_fn()(list(tp.parameters()), 1e9)
+    tp_norm = tp.hooks().clip(list(tp.parameters()), 1e9)
     losses = torch.tensor([tp_loss.item()])
     dist.all_reduce(losses, op=dist.ReduceOp.MAX)
     return {"params": before, "logits": (full - logits).abs().max().item(),
@@ -120,7 +118,7 @@ def _ledger(sp: bool) -> dict:
     tp = parallelize(fresh_model(TINY), sequence_parallel=sp)
     opt = make_optimizer(tp, CFG)
     with CommLedger() as ledger:
-        train_step(tp, opt, [(idx, idx)], grad_clip=1.0, sync_grads=tp.sync_grads, clip_fn=tp_clip_fn())
+        train_step(tp, opt, [(idx, idx)], tp.hooks(), grad_clip=1.0)
     measured = {op: {"calls": ledger.calls(op), "bytes": ledger.total_bytes(op)}
                 for op in ("all_reduce", "all_gather", "reduce_scatter") if ledger.calls(op)}
     expected = analytic_collectives(TINY, 2, idx.numel(), sequence_parallel=sp)
@@ -194,8 +192,7 @@ def _everything() -> dict:
     model = runs["dtensor"].model  # one more step, its collectives counted by the ledger
     idx = torch.randint(0, 256, (CFG.batch_size, TRAIN_CFG.block_size))
     with CommLedger() as ledger:
-        dtensor_step(model, make_optimizer(model, CFG), [(idx, idx)], grad_clip=1.0,
-                     loss_fn=dtensor_loss, clip_fn=dtensor_clip_fn())
+        dtensor_step(model, make_optimizer(model, CFG), [(idx, idx)], dtensor_hooks(), grad_clip=1.0)
     out["ledger_dtensor"] = {"measured": {op: {"calls": ledger.calls(op), "bytes": ledger.total_bytes(op)}
                                           for op in ("all_reduce", "all_gather", "reduce_scatter")
                                           if ledger.calls(op)},

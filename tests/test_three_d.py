@@ -15,8 +15,7 @@ from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.mesh import all_groups, build_mesh, layout_text
 from journey_dist.model import GPT
-from journey_dist.parallel.pipeline_parallel import GPTStage, single_process_run
-from journey_dist.parallel.three_d import (
+from journey_dist.parallel.compose import (
     check_3d,
     comm_by_dim,
     expected_comm_per_step,
@@ -24,6 +23,8 @@ from journey_dist.parallel.three_d import (
     parity,
     three_d_run,
 )
+from journey_dist.parallel.pipeline.stage import GPTStage
+from journey_dist.parity import reference_run
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
 from tests.labs import run_lab
@@ -114,7 +115,7 @@ def _cases_rank(cases, cfg):
 
 def reference(config=TINY, cfg=CFG):
     """The single-process run, once, in the test process (every rank gets a copy)."""
-    return single_process_run(config, load_tokens("handbook"), cfg)
+    return reference_run(config, load_tokens("handbook"), cfg, first_grads=True)
 
 
 def run_cases(world, cases, timeout_s=120.0):

@@ -17,11 +17,11 @@ from journey_dist.config import GPTConfig
 from journey_dist.data import load_tokens
 from journey_dist.memory.estimate import kv_cache_bytes
 from journey_dist.model import KVCache
-from journey_dist.parallel.reference import fresh_model
-from journey_dist.parallel.tensor_parallel import parallelize, run_tensor_parallel
-from journey_dist.parallel.tp_generate import compare_tp_generation
-from journey_dist.parallel.tp_mappings import gather_from_region
-from journey_dist.parallel.tp_rng import fork, get_tracker, model_parallel_seed
+from journey_dist.parallel.tensor.generate import compare_tp_generation
+from journey_dist.parallel.tensor.mappings import gather_from_region
+from journey_dist.parallel.tensor.parallelize import parallelize, run_tensor_parallel
+from journey_dist.parallel.tensor.rng import fork, get_tracker, model_parallel_seed
+from journey_dist.parity import fresh_model
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
 

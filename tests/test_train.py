@@ -19,6 +19,7 @@ from journey_dist.runtime import seed_everything
 from journey_dist.train import (
     FiniteCheck,
     NonFiniteLossError,
+    StepHooks,
     StepResult,
     TrainConfig,
     TrainingError,
@@ -57,8 +58,8 @@ def test_gradient_accumulation_equals_full_batch():
             grads.append(torch.cat([p.grad.detach().flatten() for p in params]))
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-        steps.append(train_step(model, opt, microbatches(x, y, n_micro), grad_clip=1.0,
-                                clip_fn=clip_and_capture))
+        steps.append(train_step(model, opt, microbatches(x, y, n_micro), StepHooks(clip=clip_and_capture),
+                                grad_clip=1.0))
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     # Adam's first step is ~lr * sign(grad) and clipping rescales, so equal parameters alone would
     # not notice a gradient scaled by n_micro: compare the gradients, their norm and the loss too.
@@ -114,8 +115,8 @@ def test_the_first_nan_step_is_named_and_never_reaches_on_step():
     saved = []
     cfg = TrainConfig(steps=8, batch_size=4, log_every=4, eval_batches=1)
     with pytest.raises(NonFiniteLossError, match=r"^step 5: the loss is nan and the gradient norm nan"):
-        train(GPT(get_preset("tiny")), load_tokens("handbook"), cfg, verbose=False,
-              loss_fn=_times_at({5}, math.nan), on_step=lambda step, *_: saved.append(step))
+        train(GPT(get_preset("tiny")), load_tokens("handbook"), cfg, StepHooks(loss=_times_at({5}, math.nan)),
+              verbose=False, on_step=lambda step, *_: saved.append(step))
     assert saved == [0, 1, 2, 3, 4]  # the NaN weights of step 5 were not handed to a checkpointer
 
 
@@ -146,8 +147,8 @@ def test_fp16_overflowing_step_is_skipped_and_leaves_the_parameters_unchanged():
     opt = make_optimizer(model, TrainConfig())
     scaler = make_grad_scaler(x.device, "fp16")
     before = [p.detach().clone() for p in model.parameters()]
-    result = train_step(model, opt, [(x, y)], grad_clip=1.0, autocast="fp16", scaler=scaler,
-                        loss_fn=_times_at({0}, 1e34))
+    result = train_step(model, opt, [(x, y)], StepHooks(loss=_times_at({0}, 1e34)), grad_clip=1.0,
+                        autocast="fp16", scaler=scaler)
     assert result.skipped and result.scale == 2.0**16 and scaler.get_scale() == 2.0**15
     assert torch.isfinite(result.loss)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -156,7 +157,7 @@ def test_fp16_overflowing_step_is_skipped_and_leaves_the_parameters_unchanged():
     # through train(): the row of the skipped step, and no NonFiniteLossError for its inf norm
     seed_everything(0)
     cfg = TrainConfig(steps=3, batch_size=4, log_every=1, eval_batches=1, autocast="fp16")
-    history = train(GPT(get_preset("tiny")), data, cfg, verbose=False, loss_fn=_times_at({1}, 1e34))
+    history = train(GPT(get_preset("tiny")), data, cfg, StepHooks(loss=_times_at({1}, 1e34)), verbose=False)
     assert [(r["skipped"], r["scale"]) for r in history.steps] == [(False, 2.0**16), (True, 2.0**16),
                                                                    (False, 2.0**15)]
     assert "grad_norm" not in history.steps[1] and history.skipped_steps == 1

@@ -20,17 +20,16 @@ import torch.distributed as dist
 from journey_dist.config import ConfigError, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.memory.estimate import model_state_bytes
-from journey_dist.parallel.data_parallel import run_data_parallel
-from journey_dist.parallel.deepspeed_zero import STAGES, deepspeed_config, load_config
-from journey_dist.parallel.fsdp import run_fsdp2
-from journey_dist.parallel.reference import fresh_model, max_abs_diff, reference_run
-from journey_dist.parallel.zero import (
+from journey_dist.parallel.data.replicas import run_data_parallel
+from journey_dist.parallel.sharding.deepspeed import STAGES, deepspeed_config, load_config
+from journey_dist.parallel.sharding.fsdp import run_fsdp2
+from journey_dist.parallel.sharding.zero import (
     padded_numel,
-    replicated_state_bytes,
     run_zero1,
     shard_range,
     unsharded_adamw_state_bytes,
 )
+from journey_dist.parity import fresh_model, max_abs_diff, reference_run, replicated_state_bytes
 from journey_dist.train import TrainConfig, make_optimizer
 from tests.dist import run_ranks
 

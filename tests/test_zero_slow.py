@@ -21,9 +21,9 @@ import torch
 
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
-from journey_dist.parallel.data_parallel import run_data_parallel
-from journey_dist.parallel.deepspeed_zero import STAGES, run_deepspeed
-from journey_dist.parallel.reference import max_abs_diff
+from journey_dist.parallel.data.replicas import run_data_parallel
+from journey_dist.parallel.sharding.deepspeed import STAGES, run_deepspeed
+from journey_dist.parity import max_abs_diff
 from journey_dist.runtime import find_free_port
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks

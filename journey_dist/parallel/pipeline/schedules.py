@@ -12,14 +12,13 @@ gradient of the mean loss over the batch, so parameters match a single process.
 
 The schedule knows a stage only as an nn.Module with `boundary_shape(micro_shape)` (what it
 sends and receives) and `loss(output, target)` on the last stage: what a stage computes (plain
-blocks, tensor-parallel blocks, a sleep) is its own business, and a data-parallel group plugs in
-after the flush through `sync_dp_grads`.
+blocks, tensor-parallel blocks, a sleep) is its own business (stage.py builds the GPT's), and a
+data-parallel group plugs in after the flush through StepHooks.sync_grads (common.sync_dp_grads).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,112 +26,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
-from journey_dist.model import GPT
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.pipeline_p2p import P2P, WIRE_DTYPES, ShapeMismatchError
-from journey_dist.parallel.reference import RunResult, fresh_model, run_and_capture
-from journey_dist.train import StepResult, TrainConfig, autocast_context
+from journey_dist.parallel.common import clip_fn, mean_over, sync_dp_grads
+from journey_dist.parallel.pipeline.p2p import P2P, WIRE_DTYPES, ShapeMismatchError
+from journey_dist.parallel.pipeline.stage import build_stage
+from journey_dist.parity import RunResult, fresh_model, run_and_capture
+from journey_dist.train import Batch, StepHooks, StepResult, TrainConfig, autocast_context, default_loss
 
 SCHEDULES = ("gpipe", "1f1b")
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- the split
-
-
-def stage_layers(n_layer: int, pp: int) -> list[range]:
-    """Contiguous, balanced layer ranges per stage.
-
-    The first stage also embeds and the last also runs the head and loss, so leftover layers
-    (n_layer % pp) go to the middle stages first.
-    """
-    ParallelConfig(pp=pp, schedule="gpipe").validate(GPTConfig(n_layer=n_layer, n_head=1, n_embd=8))
-    counts = [n_layer // pp] * pp
-    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
-    for s in order[: n_layer % pp]:
-        counts[s] += 1
-    starts = [sum(counts[:s]) for s in range(pp)]
-    return [range(a, a + c) for a, c in zip(starts, counts)]
-
-
-class GPTStage(nn.Module):
-    """Stage `stage_index` of a GPT split `num_stages` ways, made from a plain GPT's modules.
-
-    Names match the full model's (transformer.h.<global layer>...), so a stage's state dict is a
-    slice of GPT's. With tied embeddings and p > 1 the last stage keeps its own copy of wte as
-    lm_head.weight (as Megatron does); `Pipeline` adds the two copies' gradients after the flush,
-    so both stay equal to the single tied matrix.
-    """
-
-    def __init__(self, model: GPT, stage_index: int, num_stages: int):
-        super().__init__()
-        self.config, self.stage_index, self.num_stages = model.config, stage_index, num_stages
-        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        self.layers = stage_layers(model.config.n_layer, num_stages)[stage_index]
-        t = model.transformer
-        mods: dict[str, nn.Module] = {}
-        if self.is_first:
-            mods.update(wte=t.wte, wpe=t.wpe, drop=t.drop)
-        mods["h"] = nn.ModuleDict({str(i): t.h[i] for i in self.layers})
-        if self.is_last:
-            mods["ln_f"] = t.ln_f
-        self.transformer = nn.ModuleDict(mods)
-        self.tied = model.config.tie_embeddings and num_stages > 1 and (self.is_first or self.is_last)
-        if self.is_last:
-            self.lm_head = model.lm_head
-            if self.tied and not self.is_first:  # the last stage's own copy of the (V, C) matrix
-                self.lm_head = copy.deepcopy(model.lm_head)  # same module type (e.g. a TP wrapper)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """First stage: ids (B, T); others: (B, T, C). Last stage returns logits (B, T, V)."""
-        if self.is_first:
-            T = x.size(1)
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than block_size="
-                                 f"{self.config.block_size}; crop it to {self.config.block_size} tokens")
-            pos = torch.arange(T, device=x.device)
-            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h.values():
-            x = block(x)
-        if self.is_last:
-            return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
-        return x
-
-    def boundary_shape(self, micro_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
-        """Activations passed between stages for a (B, T) microbatch of ids: (B, T, C)."""
-        return (micro_shape[0], micro_shape[1], self.config.n_embd)
-
-    @staticmethod
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy, as GPT.forward computes it (targets == -1 ignored)."""
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-
-    def tied_weight(self) -> nn.Parameter | None:
-        """This stage's copy of the tied embedding matrix when the tie spans stages, else None."""
-        if not self.tied:
-            return None
-        return self.transformer.wte.weight if self.is_first else self.lm_head.weight
-
-    def unique_parameters(self) -> list[nn.Parameter]:
-        """Parameters counted once across the pipeline (the last stage's wte copy left out)."""
-        skip = self.lm_head.weight if self.tied and self.is_last else None
-        return [p for p in self.parameters() if p is not skip]
-
-
-def build_stage(model: GPT, group: dist.ProcessGroup | None = None) -> GPTStage:
-    """This rank's stage of `model` on the backend's device; index and count from the pp group."""
-    return GPTStage(model, dist.get_rank(group), dist.get_world_size(group)).to(comm_device(group))
-
-
-def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """Where tensors a group sends must live: this rank's GPU under NCCL, else the CPU."""
-    if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -326,75 +229,47 @@ class Pipeline:
             work.wait()
         weight.grad = grad + other
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip by the norm over the whole pipeline (tied matrix counted once), as one process would.
+    def is_duplicate(self, p: torch.Tensor) -> bool:
+        """The last stage's copy of the tied embedding: its gradient is counted on the first stage."""
+        tied = self.stage.tied_weight() if hasattr(self.stage, "tied_weight") else None
+        return tied is not None and self.is_last and not self.is_first and p is tied
 
-        Forward: all-reduce (sum) of one scalar, the squared norm, over the pipeline group.
-        """
-        unique = (self.stage.unique_parameters() if hasattr(self.stage, "unique_parameters")
-                  else list(self.stage.parameters()))
-        sq = torch.zeros((), device=self.device)
-        for p in unique:
-            if p.grad is not None:
-                sq += p.grad.float().pow(2).sum()
-        dist.all_reduce(sq, group=self.group)
-        norm = sq.sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
-        for p in self.stage.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef)
-        return norm
+    # -------------------------------------------------------------- the loop's contract
 
-    # -------------------------------------------------------------- hooks for journey_dist.train.train
-
-    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch], *,
-                   grad_clip: float = 0.0, autocast: str | None = None,
-                   sync_grads: Callable[[], None] | None = None,
-                   clip_fn: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None,
-                   scaler: torch.amp.GradScaler | None = None, **_unused) -> StepResult:
-        """train_step's contract for a pipeline: schedule, tied-grad sync, `sync_grads` (e.g. a dp
-        all-reduce), clip, optimizer step, zero grads. The stage's own loss is used."""
+    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch],
+                   hooks: StepHooks, *, grad_clip: float = 0.0, autocast: str | None = None,
+                   scaler: torch.amp.GradScaler | None = None) -> StepResult:
+        """StepHooks.step_fn for a pipeline: the schedule (the last stage's own loss), the tied-grad
+        sync, hooks.sync_grads (e.g. a dp all-reduce), clip (default: the norm over the pipeline
+        group), optimizer step, zero grads."""
+        if hooks.loss is not default_loss:
+            raise ConfigError("a pipeline computes its training loss on the last stage (stage.loss); "
+                              "StepHooks.loss is not used: give the stage the loss instead")
         if scaler is not None:  # each stage would find (and skip on) its own overflows
             raise ConfigError("fp16 loss scaling is not implemented for pipeline stages; "
                               "use autocast='bf16' (or None)")
         loss = self.run(list(micro), autocast)
         self.sync_tied_grads()
-        if sync_grads is not None:
-            sync_grads()
+        if hooks.sync_grads is not None:
+            hooks.sync_grads()
         norm = None
         if grad_clip > 0:
-            norm = clip_fn(list(model.parameters()), grad_clip) if clip_fn else self.clip_grad_norm(grad_clip)
+            clip = hooks.clip or clip_fn([self.group], self.is_duplicate)
+            norm = clip(list(model.parameters()), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, norm)
 
     def eval_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """A forward-only pass through every stage; the loss on every stage (evaluate's loss_fn)."""
+        """A forward-only pass through every stage; the loss on every stage (StepHooks.eval_loss)."""
         return self.run([(x, y)], forward_only=True)
 
-    def hooks(self) -> dict:
-        """Keyword arguments for journey_dist.train.train: step_fn and the evaluation loss_fn."""
-        return {"step_fn": self.train_step, "loss_fn": self.eval_loss}
-
-
-def sync_dp_grads(module: nn.Module, group: dist.ProcessGroup | None) -> None:
-    """Average gradients over a data-parallel group after the pipeline flush (3D parallelism).
-
-    Forward: nothing. After the flush: one all-reduce (sum, then / dp) per gradient.
-    """
-    n = dist.get_world_size(group)
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
-            p.grad.div_(n)
+    def hooks(self) -> StepHooks:
+        """The loop's hooks: this pipeline's step and its evaluation loss."""
+        return StepHooks(step_fn=self.train_step, eval_loss=self.eval_loss)
 
 
 # ----------------------------------------------------------------------------- parity runs
-
-
-def single_process_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, seed: int = 0) -> RunResult:
-    """The reference: fresh_model(config, seed) trained by the shared loop in one process."""
-    return run_and_capture(fresh_model(config, seed, comm_device()), data, cfg)
 
 
 def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedule: str = "1f1b",
@@ -409,6 +284,7 @@ def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedu
     pipe = Pipeline(stage, group, schedule, engine)
     hooks = pipe.hooks()
     if dp_group is not None:
-        hooks.update(sync_grads=lambda: sync_dp_grads(stage, dp_group), reduce_loss=mean_over(dp_group),
-                     dp_rank=dist.get_rank(dp_group), dp_size=dist.get_world_size(dp_group))
-    return run_and_capture(stage, data, cfg, **hooks), pipe
+        hooks = hooks.with_(sync_grads=lambda: sync_dp_grads(stage, dp_group),
+                            reduce_loss=mean_over(dp_group), dp_rank=dist.get_rank(dp_group),
+                            dp_size=dist.get_world_size(dp_group))
+    return run_and_capture(stage, data, cfg, hooks, name=f"pipeline {schedule} ({engine})"), pipe

@@ -22,12 +22,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from journey_dist.comm import CommLedger, analytic
-from journey_dist.data import get_batch, microbatches, shard
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.reference import fresh_model, run_and_capture
-from journey_dist.parallel.zero import ShardedRun, ledger_by_op, storage_bytes
-from journey_dist.train import TrainConfig, make_optimizer, train_step
+from journey_dist.comm import analytic, ledger_by_op
+from journey_dist.parallel.common import mean_over
+from journey_dist.parity import RunResult, fresh_model, measure_one_step, run_and_capture, storage_bytes
+from journey_dist.train import StepHooks, TrainConfig, make_optimizer
 
 
 def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
@@ -68,32 +66,30 @@ def unit_bytes(model: nn.Module, world: int) -> list[int]:
 
 
 def run_fsdp2(config, data, cfg: TrainConfig, *, seed: int = 0,
-              device: torch.device | None = None) -> ShardedRun:
+              device: torch.device | None = None) -> RunResult:
     """Train a fresh GPT under fully_shard for cfg.steps (this rank's shard of each global
     batch), then one more step under a CommLedger; bytes measured after its backward."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     units = unit_bytes(fresh_model(config, seed), world)
     model = shard_model(fresh_model(config, seed, device))
     optimizer = make_optimizer(model, cfg)  # torch AdamW on DTensors: updates the local shards
-    grads: dict[str, torch.Tensor] = {}
+    # FSDP2 reduce-scatters the gradients in backward: nothing to sync, the loss averaged over dp
+    hooks = StepHooks(reduce_loss=mean_over(), dp_rank=dist.get_rank(), dp_size=world)
+    def full_grads() -> dict[str, torch.Tensor]:  # the mean gradient, gathered from the shards
+        return full_tensors({n: p.grad for n, p in model.named_parameters()})
 
-    def capture() -> None:  # FSDP2 already reduce-scattered the gradients in backward
-        if not grads:
-            grads.update(full_tensors({n: p.grad for n, p in model.named_parameters()}))
-
-    run = run_and_capture(model, data, cfg, first_grads=False, optimizer=optimizer, dp_rank=rank,
-                          dp_size=world, block_size=config.block_size, reduce_loss=mean_over(),
-                          sync_grads=capture)
-    params = full_tensors(dict(model.named_parameters()))
-    x, y = get_batch(data.train, cfg.batch_size, config.block_size, cfg.steps, cfg.seed)
-    dev = local(next(model.parameters())).device
-    x, y = shard(x, rank, world).to(dev), shard(y, rank, world).to(dev)
+    run = run_and_capture(model, data, cfg, hooks, name="fsdp2", optimizer=optimizer,
+                          block_size=config.block_size, capture_grads=full_grads)
+    run.params = full_tensors(dict(model.named_parameters()))
     state: dict[str, int] = {}
-    with CommLedger() as ledger:
-        train_step(model, optimizer, microbatches(x, y, cfg.grad_accum), grad_clip=cfg.grad_clip,
-                   sync_grads=lambda: state.update(local_state_bytes(model, optimizer)))
+
+    def record_state() -> None:  # after backward: this rank's gradient shards exist
+        state.update(local_state_bytes(model, optimizer))
+
+    ledger = measure_one_step(model, optimizer, data, cfg, hooks.then_sync(record_state),
+                              block_size=config.block_size)
+    run.comm, run.state_bytes = ledger_by_op(ledger), state
     # each unit: all-gather before forward and again before backward, reduce-scatter its grads
-    expected = {"all_gather": analytic("all_gather", units * 2, world),
-                "reduce_scatter": analytic("reduce_scatter", units, world)}
-    return ShardedRun("fsdp2", run.losses, params, grads, state, ledger_by_op(ledger), expected,
-                      run.seconds)
+    run.buffers = {"all_gather": units * 2, "reduce_scatter": units}
+    run.analytic = {op: analytic(op, b, world) for op, b in run.buffers.items()}
+    return run

@@ -29,11 +29,18 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from journey_dist.comm import CommLedger, analytic, ddp_allreduce_hook
+from journey_dist.comm import analytic, ddp_allreduce_hook, ledger_by_op
 from journey_dist.config import GPTConfig, check_bucket_mb
-from journey_dist.data import TokenData, get_batch, microbatches, shard
-from journey_dist.parallel.reference import fresh_model, run_and_capture
-from journey_dist.train import TrainConfig, make_optimizer, train_step
+from journey_dist.data import TokenData
+from journey_dist.parallel.common import mean_over
+from journey_dist.parity import (
+    RunResult,
+    fresh_model,
+    measure_one_step,
+    replicated_state_bytes,
+    run_and_capture,
+)
+from journey_dist.train import StepHooks, TrainConfig, make_optimizer
 
 VARIANTS = ("naive", "bucketed", "ddp")
 MB = 2**20  # bucket sizes are MiB, as DDP's bucket_cap_mb
@@ -96,9 +103,9 @@ class NaiveDP:
             dist.all_reduce(p.grad, group=self.group)
             p.grad.div_(self.world)
 
-    def step_hooks(self) -> dict:
+    def hooks(self) -> StepHooks:
         # Accumulation needs no no_sync: nothing is sent until sync_grads after the last micro-step.
-        return {"sync_grads": self.sync_grads}
+        return _dp_hooks(self.group, sync_grads=self.sync_grads)
 
     def buffers(self) -> list[int]:
         """Bytes handed to each all-reduce in one step."""
@@ -202,8 +209,8 @@ class BucketedDP:
         finally:
             self._sync = previous
 
-    def step_hooks(self) -> dict:
-        return {"sync_grads": self.sync_grads, "no_sync": self.no_sync}
+    def hooks(self) -> StepHooks:
+        return _dp_hooks(self.group, sync_grads=self.sync_grads, no_sync=self.no_sync)
 
     def buffers(self) -> list[int]:
         return [b.nbytes for b in self.buckets]
@@ -224,10 +231,10 @@ class DDP:
             process_group=group, bucket_cap_mb=check_bucket_mb(bucket_mb))
         self.ddp.register_comm_hook(group, ddp_allreduce_hook)
         self.module = self.ddp  # forward through the wrapper: it arms the reducer
-        self.bucket_mb = bucket_mb
+        self.bucket_mb, self.group = bucket_mb, group
 
-    def step_hooks(self) -> dict:
-        return {"no_sync": self.ddp.no_sync}
+    def hooks(self) -> StepHooks:
+        return _dp_hooks(self.group, no_sync=self.ddp.no_sync)
 
     def buffers(self) -> list[int]:
         """Predicted steady-state buckets (DDP rebuilds them in the order grads arrived, which
@@ -255,55 +262,34 @@ def make_data_parallel(variant: str, model: nn.Module, bucket_mb: float = 25.0,
     raise ValueError(f"variant={variant!r}; use one of {', '.join(VARIANTS)}")
 
 
-def mean_over(group: dist.ProcessGroup | None = None):
-    """reduce_loss for train(): the mean of a scalar over the group's ranks."""
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().clone()
-        dist.all_reduce(t, group=group)
-        return t / dist.get_world_size(group)
-    return reduce
-
-
-@dataclass
-class DPRun:
-    variant: str
-    losses: list[float]  # global-batch mean loss of every step
-    params: dict[str, torch.Tensor]  # after cfg.steps
-    grads: dict[str, torch.Tensor]  # first step's gradients after the DP sync, before clipping
-    buffers: list[int]  # bytes per all-reduce in one step (naive: per parameter)
-    measured: dict[str, float]  # ledger of one more step: calls, bytes, wire_bytes
-    expected: dict[str, float]  # analytic
-    ledger: list[dict]
-    seconds: float  # wall time of the cfg.steps training steps
-    ddp_buckets: dict[str, list[int]] | None = None
+def _dp_hooks(group: dist.ProcessGroup | None, **hooks) -> StepHooks:
+    """A data-parallel scheme's hooks: this rank's slice of each batch, the loss averaged over the group."""
+    return StepHooks(dp_rank=dist.get_rank(group), dp_size=dist.get_world_size(group),
+                     reduce_loss=mean_over(group), **hooks)
 
 
 def run_data_parallel(variant: str, config: GPTConfig, data: TokenData, cfg: TrainConfig, *,
                       bucket_mb: float = 25.0, seed: int = 0, device: torch.device | None = None,
-                      group: dist.ProcessGroup | None = None) -> DPRun:
+                      group: dist.ProcessGroup | None = None) -> RunResult:
     """Train a fresh GPT (weights from `seed`) for cfg.steps under one DP variant, then measure
-    one more step's collectives with a CommLedger (DDP has rebuilt its buckets by then)."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    one more step's collectives (DDP has rebuilt its buckets by then) and this rank's state bytes."""
     model = fresh_model(config, seed, device)
     dp = make_data_parallel(variant, model, bucket_mb, group)
     optimizer = make_optimizer(model, cfg)
-    run = run_and_capture(dp.module, data, cfg, optimizer=optimizer, dp_rank=rank, dp_size=world,
-                          block_size=config.block_size, reduce_loss=mean_over(group), **dp.step_hooks())
+    hooks = dp.hooks()
+    run = run_and_capture(dp.module, data, cfg, hooks, name=variant, optimizer=optimizer,
+                          block_size=config.block_size)
+    state: dict[str, int] = {}  # measured after backward, when every gradient exists
 
-    x, y = get_batch(data.train, cfg.batch_size, config.block_size, cfg.steps, cfg.seed)
-    device = model.lm_head.weight.device
-    x, y = shard(x, rank, world).to(device), shard(y, rank, world).to(device)
-    with CommLedger() as ledger:
-        train_step(dp.module, optimizer, microbatches(x, y, cfg.grad_accum),
-                   grad_clip=cfg.grad_clip, **dp.step_hooks())
-    buffers = dp.buffers()
-    return DPRun(
-        variant, run.losses, run.params, run.grads, buffers,
-        measured=dict(ledger.summary().get(("all_reduce", _ranks(group)), {})),
-        expected=analytic("all_reduce", buffers, world), ledger=ledger.to_dict(), seconds=run.seconds,
-        ddp_buckets=dp.bucket_sizes() if isinstance(dp, DDP) else None,
-    )
+    def record_state() -> None:
+        state.update(replicated_state_bytes(model, optimizer))
 
-
-def _ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
-    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+    ledger = measure_one_step(dp.module, optimizer, data, cfg, hooks.then_sync(record_state),
+                              block_size=config.block_size)
+    run.comm, run.state_bytes = ledger_by_op(ledger, group), state
+    run.details["ledger"] = ledger.to_dict()
+    run.buffers = {"all_reduce": dp.buffers()}
+    run.analytic = {"all_reduce": analytic("all_reduce", dp.buffers(), dist.get_world_size(group))}
+    if isinstance(dp, DDP):
+        run.details["ddp_buckets"] = dp.bucket_sizes()
+    return run

@@ -30,14 +30,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from journey_dist.comm import CommLedger, analytic
-from journey_dist.data import get_batch, microbatches, shard
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.reference import fresh_model, run_and_capture
-from journey_dist.train import TrainConfig, train_step
-
-# all_gather_single is the name newer torch prefers; same collective (c10d _allgather_base_)
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from journey_dist.comm import analytic, ledger_by_op
+from journey_dist.parallel.common import (
+    all_gather_single,
+    clip_by_total_norm,
+    mean_over,
+    reduce_scatter_single,
+    total_norm,
+)
+from journey_dist.parity import RunResult, fresh_model, measure_one_step, run_and_capture
+from journey_dist.train import StepHooks, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def reduce_scatter_mean(shard_out: torch.Tensor, flat: torch.Tensor,
     Communication: reduce-scatter(SUM) of `flat` (each rank receives its slice summed over the
     group), then a local / N (gloo has no AVG). No backward: it runs on gradients, outside autograd.
     """
-    dist.reduce_scatter_tensor(shard_out, flat, group=group)
+    reduce_scatter_single(shard_out, flat, group=group)
     shard_out.div_(dist.get_world_size(group))
 
 
@@ -79,24 +81,14 @@ def all_gather_flat(flat_out: torch.Tensor, shard: torch.Tensor,
     Communication: all-gather of the shards (each rank receives the other N-1 slices).
     No backward: it runs on parameters after the optimizer step, outside autograd.
     """
-    _all_gather_flat(flat_out, shard, group=group)
-
-
-def shard_norm_sq_sum(shard: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum over the group of each rank's squared L2 norm of `shard` (the full gradient's norm²).
-
-    Communication: all-reduce(SUM) of one fp32 scalar. No backward.
-    """
-    sq = shard.double().pow(2).sum().float()
-    dist.all_reduce(sq, group=group)
-    return sq
+    all_gather_single(flat_out, shard, group=group)
 
 
 class ZeroAdamW(torch.optim.Optimizer):
     """AdamW with ZeRO-1 sharded state over a data-parallel group (see the module docstring).
 
     `param_groups` like torch.optim.AdamW's (e.g. make_optimizer's decay / no-decay split); the
-    loop may change group["lr"] between steps. Use `step_hooks()` with train_step: sync_grads
+    loop may change group["lr"] between steps. Use `hooks()` with train(): sync_grads
     runs the reduce-scatter, clip_fn clips the sharded gradient by the global norm. `step()`
     alone also works (it reduce-scatters if that has not happened yet).
     """
@@ -161,9 +153,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         The first argument (train_step's parameter list) is ignored: the shard is the gradient."""
         if not self._reduced:
             self.reduce_gradients()
-        norm = shard_norm_sq_sum(self.grad_shard, self.group).sqrt()
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        self.grad_shard.mul_(coef)
+        norm = total_norm([self.grad_shard], [self.group])  # the slices partition the gradient
+        clip_by_total_norm([self.grad_shard], max_norm, norm)
         return norm
 
     @torch.no_grad()
@@ -206,9 +197,11 @@ class ZeroAdamW(torch.optim.Optimizer):
                                    "set to None or replaced?); call optimizer.zero_grad() instead")
 
     # ------------------------------------------------------------------ accounting
-    def step_hooks(self) -> dict:
-        """train_step hooks: reduce-scatter after backward, clip the shard by the global norm."""
-        return {"sync_grads": self.reduce_gradients, "clip_fn": self.clip_grad_norm_}
+    def hooks(self) -> StepHooks:
+        """The loop's hooks: reduce-scatter after backward, clip the shard by the global norm; this
+        rank's slice of every batch, the loss averaged over the group."""
+        return StepHooks(sync_grads=self.reduce_gradients, clip=self.clip_grad_norm_,
+                         reduce_loss=mean_over(self.group), dp_rank=self.rank, dp_size=self.world)
 
     def buffers(self) -> dict[str, list[int]]:
         """Bytes handed to each collective in one step, by op (the ledger's units)."""
@@ -248,70 +241,20 @@ def unsharded_adamw_state_bytes(model: nn.Module) -> int:
 # ---------------------------------------------------------------------- a run, measured
 
 
-@dataclass
-class ShardedRun:
-    """One scheme trained on this rank: what parity checks and the lab's tables need."""
-
-    name: str
-    losses: list[float]  # global-batch mean loss of every step
-    params: dict[str, torch.Tensor]  # full parameters after cfg.steps
-    grads: dict[str, torch.Tensor] | None  # first step's mean gradient, full (gathered)
-    state_bytes: dict[str, int]  # this rank's params / grads / optimizer state bytes
-    comm: dict[str, dict[str, float]]  # ledger of one more step: op -> calls, bytes, wire_bytes
-    analytic: dict[str, dict[str, float]]  # the same from comm.analytic ({} where not derived)
-    seconds: float
-    grad_norm: float | None = None  # first step's global gradient norm before clipping, where recorded
-
-
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-def replicated_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Plain data parallel, per rank: every weight, every .grad, AdamW's two moments (the fp32
-    `step` counters, 4 bytes per tensor, are left out here and in ZeroAdamW alike)."""
-    moments = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
-    return {"params": storage_bytes(model.parameters()),
-            "grads": storage_bytes(p.grad for p in model.parameters() if p.grad is not None),
-            "optimizer": storage_bytes(moments)}
-
-
-def ledger_by_op(ledger, group: dist.ProcessGroup | None = None) -> dict[str, dict[str, float]]:
-    """{op: {calls, bytes, wire_bytes}} of a CommLedger, for one group's ranks."""
-    ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-    return {op: dict(row) for (op, g), row in ledger.summary().items() if g == ranks}
-
-
 def run_zero1(config, data, cfg: TrainConfig, *, seed: int = 0, device: torch.device | None = None,
-              group: dist.ProcessGroup | None = None) -> ShardedRun:
+              group: dist.ProcessGroup | None = None) -> RunResult:
     """Train a fresh GPT (weights from `seed`) with ZeroAdamW for cfg.steps on this rank's shard
     of every global batch, then measure one more step's collectives with a CommLedger."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    world = dist.get_world_size(group)
     model = fresh_model(config, seed, device)
     opt = zero_adamw(model, cfg, group)
-    grads: dict[str, torch.Tensor] = {}
-
-    def reduce_and_capture() -> None:
-        opt.reduce_gradients()
-        if not grads:  # AdamW hides a wrong gradient scale: compare the first mean gradient too
-            grads.update(opt.gathered_grads(model))
-
-    run = run_and_capture(model, data, cfg, first_grads=False, optimizer=opt, dp_rank=rank,
-                          dp_size=world, block_size=config.block_size, reduce_loss=mean_over(group),
-                          sync_grads=reduce_and_capture, clip_fn=opt.clip_grad_norm_)
-    x, y = get_batch(data.train, cfg.batch_size, config.block_size, cfg.steps, cfg.seed)
-    x, y = shard(x, rank, world).to(opt.flat_params.device), shard(y, rank, world).to(opt.flat_params.device)
-    with CommLedger() as ledger:
-        train_step(model, opt, microbatches(x, y, cfg.grad_accum), grad_clip=cfg.grad_clip,
-                   **opt.step_hooks())
-    expected = {op: analytic(op, b, world) for op, b in opt.buffers().items()}
+    hooks = opt.hooks()
+    # the first mean gradient, gathered from the slices (AdamW hides a wrong gradient scale)
+    run = run_and_capture(model, data, cfg, hooks, name="zero1 (ours)", optimizer=opt,
+                          block_size=config.block_size, capture_grads=lambda: opt.gathered_grads(model))
+    ledger = measure_one_step(model, opt, data, cfg, hooks, block_size=config.block_size)
+    run.comm, run.state_bytes, run.buffers = ledger_by_op(ledger, group), opt.state_bytes(), opt.buffers()
+    run.analytic = {op: analytic(op, b, world) for op, b in opt.buffers().items()}
     if cfg.grad_clip > 0:
-        expected["all_reduce"] = analytic("all_reduce", [4], world)  # the global grad norm²
-    return ShardedRun("zero1 (ours)", run.losses, run.params, grads, opt.state_bytes(),
-                      ledger_by_op(ledger, group), expected, run.seconds)
+        run.analytic["all_reduce"] = analytic("all_reduce", [4], world)  # the global grad norm²
+    return run

@@ -21,10 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-Group = dist.ProcessGroup | None
-# torch 2.13 renamed the flat collectives (*_into_tensor / *_tensor are deprecated aliases).
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from journey_dist.parallel.common import Group, all_gather_single, reduce_scatter_single
 
 
 def tp_size(group: Group) -> int:
@@ -54,7 +51,7 @@ def _gather_last(x: torch.Tensor, group: Group) -> torch.Tensor:
     # the flat all-gather concatenates along dim 0: put the last dim first, gather, move back.
     front = x.movedim(-1, 0).contiguous()
     out = front.new_empty((n * front.size(0), *front.shape[1:]))
-    _all_gather_flat(out, front, group=group)
+    all_gather_single(out, front, group=group)
     return out.movedim(0, -1).contiguous()
 
 
@@ -62,7 +59,7 @@ def _gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     n = tp_size(group)
     front = x.transpose(0, 1).contiguous()  # (S/t, B, C)
     out = front.new_empty((n * front.size(0), *front.shape[1:]))
-    _all_gather_flat(out, front, group=group)
+    all_gather_single(out, front, group=group)
     return out.transpose(0, 1).contiguous()  # (B, S, C)
 
 
@@ -72,7 +69,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
         raise ValueError(f"sequence length {x.size(1)} is not divisible by tp={n} (sequence parallel)")
     front = x.transpose(0, 1).contiguous()  # (S, B, C)
     out = front.new_empty((front.size(0) // n, *front.shape[1:]))
-    _reduce_scatter_flat(out, front, op=dist.ReduceOp.SUM, group=group)
+    reduce_scatter_single(out, front, op=dist.ReduceOp.SUM, group=group)
     return out.transpose(0, 1).contiguous()  # (B, S/t, C)
 
 

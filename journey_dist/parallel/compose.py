@@ -4,7 +4,7 @@ Every rank holds one pipeline stage (mesh pp coordinate), split `tp` ways inside
 parallel group, and is one of `dp` replicas of that slice. A step is:
 
     1. each dp replica takes its 1/dp of the global batch, cut into m microbatches;
-    2. the pipeline schedule (GPipe or 1F1B, pipeline_parallel.Pipeline) runs over the pp group:
+    2. the pipeline schedule (GPipe or 1F1B, pipeline/schedules.Pipeline) runs over the pp group:
        activations go to the same (dp, tp) slot on the next stage; inside a stage, the tensor
        parallel ops all-reduce over the tp group in forward and backward;
     3. after the flush: the tied embedding's two copies (first and last stage, one tp shard each)
@@ -34,26 +34,25 @@ from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
 from journey_dist.mesh import DIMS, Mesh, group_ranks
 from journey_dist.model import GPT
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.pipeline_parallel import (
-    GPTStage,
-    Pipeline,
-    comm_device,
-    stage_layers,
-    sync_dp_grads,
-)
-from journey_dist.parallel.reference import RunResult, fresh_model, named_params, run_and_capture
-from journey_dist.parallel.tensor_parallel import padded_vocab_size, parallelize_block
-from journey_dist.parallel.tp_layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from journey_dist.parallel.tp_mappings import copy_to_region
-from journey_dist.parallel.tp_rng import model_parallel_seed
-from journey_dist.train import TrainConfig
+from journey_dist.parallel.common import ClipFn, clip_fn, mean_over, sync_dp_grads, tp_duplicate
+from journey_dist.parallel.pipeline.schedules import Pipeline
+from journey_dist.parallel.pipeline.stage import GPTStage, stage_layers
+from journey_dist.parallel.tensor.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from journey_dist.parallel.tensor.mappings import copy_to_region
+from journey_dist.parallel.tensor.parallelize import padded_vocab_size, parallelize_block
+from journey_dist.parallel.tensor.rng import model_parallel_seed
+from journey_dist.parity import RunResult, fresh_model, named_params, run_and_capture
+from journey_dist.runtime import comm_device
+from journey_dist.train import StepResult, TrainConfig
 
 
 def check_3d(pcfg: ParallelConfig, model: GPTConfig | None = None, world_size: int | None = None,
              global_batch: int | None = None) -> ParallelConfig:
     """ParallelConfig.validate plus what this 3D composition does not do; ConfigError before any spawn."""
     pcfg.validate(model, world_size, global_batch)
+    if pcfg.cp > 1:
+        raise ConfigError(f"cp={pcfg.cp}: this composition splits layers (pp), weights (tp) and data (dp) "
+                          "but not sequences; use cp=1 here")
     if pcfg.zero:
         raise ConfigError(
             f"zero={pcfg.zero}: the 3D run keeps full optimizer states on every dp replica; "
@@ -129,35 +128,16 @@ def build_3d_stage(model: GPT, mesh: Mesh) -> GPTStage:
 # ----------------------------------------------------------------------------- after the flush
 
 
-def clip_grad_norm_3d(stage: GPTStage, mesh: Mesh, max_norm: float) -> torch.Tensor:
-    """Clip by the norm of the whole model's gradient, as one process would.
+def clip_3d(pipe: Pipeline, mesh: Mesh) -> ClipFn:
+    """Clip by the norm of the whole model's gradient, as one process would (parallel/common.py).
 
-    Forward: nothing. After the flush: all-reduce (sum) of one scalar over tp (squared norms of
-    the tp shards), then of one scalar over pp (stages). dp replicas hold equal gradients already.
-    The last stage's copy of the tied embedding is left out (counted on the first stage).
+    Forward: nothing. After the flush: all-reduce (sum) of one scalar over tp (the shards' squares;
+    replicated tensors counted on tp rank 0 only), then of one scalar over pp (stages; the last
+    stage's copy of the tied embedding left out). dp replicas hold equal gradients already.
     """
-    skip = stage.tied_weight() if stage.is_last and not stage.is_first else None
-    device = next(stage.parameters()).device
-    sharded, replicated = torch.zeros((), device=device), torch.zeros((), device=device)
-    for p in stage.parameters():
-        if p.grad is None or p is skip:
-            continue
-        sq = p.grad.float().pow(2).sum()
-        if hasattr(p, "tp_split"):  # tagged by tp_layers: a shard, its square adds over tp
-            sharded += sq
-        else:
-            replicated += sq
-    if mesh.pcfg.tp > 1:
-        dist.all_reduce(sharded, group=mesh.tp_group)
-    total = sharded + replicated
-    if mesh.pcfg.pp > 1:
-        dist.all_reduce(total, group=mesh.pp_group)
-    norm = total.sqrt()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s rule
-    for p in stage.parameters():
-        if p.grad is not None:
-            p.grad.mul_(coef)
-    return norm
+    groups = [g for g, n in ((mesh.tp_group, mesh.pcfg.tp), (mesh.pp_group, mesh.pcfg.pp)) if n > 1]
+    tp_copy = tp_duplicate(mesh.tp_rank)
+    return clip_fn(groups, lambda p: tp_copy(p) or pipe.is_duplicate(p))
 
 
 # ----------------------------------------------------------------------------- a training run
@@ -178,19 +158,18 @@ def three_d_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: Mesh
     # replicated regions draw the same masks), and a per-tp-rank stream for sharded regions
     model_parallel_seed(cfg.seed + 100 * mesh.pp_rank, mesh.tp_rank)
     pipe = Pipeline(stage, mesh.pp_group, pcfg.schedule)
-    hooks = pipe.hooks()
-    hooks.update(sync_grads=lambda: sync_dp_grads(stage, mesh.dp_group), reduce_loss=mean_over(mesh.dp_group),
-                 dp_rank=mesh.dp_rank, dp_size=pcfg.dp,
-                 clip_fn=lambda _params, max_norm: clip_grad_norm_3d(stage, mesh, max_norm))
+    hooks = pipe.hooks().with_(sync_grads=lambda: sync_dp_grads(stage, mesh.dp_group),
+                               reduce_loss=mean_over(mesh.dp_group), dp_rank=mesh.dp_rank, dp_size=pcfg.dp,
+                               clip=clip_3d(pipe, mesh))
     if ledger is not None:
-        step_fn = hooks["step_fn"]
+        step_fn = hooks.step_fn
 
-        def step_in_ledger(*args, **kwargs):
+        def step_in_ledger(*args, **kwargs) -> StepResult:
             with ledger:
                 return step_fn(*args, **kwargs)
 
-        hooks["step_fn"] = step_in_ledger
-    return run_and_capture(stage, data, cfg, **hooks), pipe
+        hooks = hooks.with_(step_fn=step_in_ledger)
+    return run_and_capture(stage, data, cfg, hooks, name=f"3d dp{pcfg.dp} tp{pcfg.tp} pp{pcfg.pp}"), pipe
 
 
 # ----------------------------------------------------------------------------- parity
@@ -271,7 +250,7 @@ def expected_comm_per_step(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainCo
     tokens = cfg.batch_size // (pcfg.dp * m) * (config.block_size if seq_len is None else seq_len)
     a = tokens * config.n_embd * bytes_per_value
     layers = len(stage_layers(config.n_layer, pp)[s])
-    clip = 4 if cfg.grad_clip > 0 else 0  # the norm is summed in fp32 (clip_grad_norm_3d)
+    clip = 4 if cfg.grad_clip > 0 else 0  # the norm is summed in fp32 (compose.clip_3d)
     out: dict[str, dict[str, int]] = {"tp": {}, "pp": {}, "dp": {}}
     if tp > 1:
         per_micro = 4 * layers * a + (a if s == 0 else 0) + (a + 3 * tokens * 4 if s == last else 0)

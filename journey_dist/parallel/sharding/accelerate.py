@@ -18,12 +18,12 @@ import os
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
 
 from journey_dist.data import TokenData
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.reference import fresh_model, run_and_capture
-from journey_dist.parallel.zero import ShardedRun, replicated_state_bytes
-from journey_dist.train import TrainConfig, make_optimizer
+from journey_dist.parallel.common import mean_over
+from journey_dist.parity import RunResult, fresh_model, replicated_state_bytes, run_and_capture
+from journey_dist.train import StepHooks, TrainConfig, make_optimizer
 
 
 def under_accelerate() -> bool:
@@ -32,22 +32,21 @@ def under_accelerate() -> bool:
 
 
 def run_accelerate(config, data: TokenData, cfg: TrainConfig, *, seed: int = 0,
-                   device: torch.device | None = None) -> tuple[ShardedRun, int]:
-    """Train a fresh GPT prepared by accelerate for cfg.steps; return the run and the number of
-    processes Accelerator saw (the check that the launcher really made a multi-rank job)."""
-    from accelerate import Accelerator
-
+                   device: torch.device | None = None) -> RunResult:
+    """Train a fresh GPT prepared by accelerate for cfg.steps. The run's details["processes"] is the
+    number of processes Accelerator saw: the check that the launcher really made a multi-rank job."""
     cpu = device is None or device.type == "cpu"
     accelerator = Accelerator(cpu=cpu)
     model = fresh_model(config, seed, device)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
     n = accelerator.num_processes
-    run = run_and_capture(model, data, cfg, first_grads=False, optimizer=optimizer,
-                          dp_rank=accelerator.process_index, dp_size=n, block_size=config.block_size,
-                          reduce_loss=mean_over(), device=accelerator.device)
-    inner = accelerator.unwrap_model(model)
-    state = replicated_state_bytes(inner, getattr(optimizer, "optimizer", optimizer))
     if n != dist.get_world_size():
         raise RuntimeError(f"Accelerator sees {n} processes but the job has {dist.get_world_size()}; on CPU "
                            "set ACCELERATE_USE_CPU=1 (see launch/README.md)")
-    return ShardedRun("accelerate (DDP)", run.losses, run.params, None, state, {}, {}, run.seconds), n
+    hooks = StepHooks(reduce_loss=mean_over(), dp_rank=accelerator.process_index, dp_size=n)
+    run = run_and_capture(model, data, cfg, hooks, name="accelerate (DDP)", first_grads=False,
+                          optimizer=optimizer, block_size=config.block_size, device=accelerator.device)
+    run.state_bytes = replicated_state_bytes(accelerator.unwrap_model(model),
+                                             getattr(optimizer, "optimizer", optimizer))
+    run.details["processes"] = n
+    return run

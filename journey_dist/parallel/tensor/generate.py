@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from journey_dist.memory.estimate import kv_cache_bytes
 from journey_dist.model import GPT, KVCache, next_token
-from journey_dist.parallel.tp_mappings import gather_from_region
+from journey_dist.parallel.tensor.mappings import gather_from_region
 
 __all__ = ["compare_tp_generation", "full_last_logits", "sequence_parallel_off", "tp_generate"]
 

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from journey_dist.checkpoint import Checkpointer, resume
 from journey_dist.config import GPTConfig
 from journey_dist.data import TokenData
-from journey_dist.parallel.data_parallel import make_data_parallel, mean_over
-from journey_dist.parallel.reference import fresh_model, named_params
+from journey_dist.parallel.data.replicas import make_data_parallel
+from journey_dist.parity import fresh_model, named_params
 from journey_dist.train import TrainConfig, make_optimizer, train
 
 
@@ -73,13 +73,10 @@ def run_resumable(config: GPTConfig, data: TokenData, cfg: TrainConfig, *,
                 os._exit(exit_code)  # no cleanup, no flush: as a kill would leave things
             raise SimulatedCrash(f"rank {rank} crashed after step {crash_after}")
 
-    hooks: dict = {}
-    if wrapper is not None:
-        hooks = dict(dp_rank=dist.get_rank(), dp_size=dist.get_world_size(), reduce_loss=mean_over(),
-                     **wrapper.step_hooks())
     t0 = time.perf_counter()
-    history = train(wrapper.module if wrapper else model, data, cfg, optimizer=optimizer, verbose=False,
-                    block_size=config.block_size, start_step=start_step, on_step=on_step, **hooks)
+    history = train(wrapper.module if wrapper else model, data, cfg, wrapper.hooks() if wrapper else None,
+                    optimizer=optimizer, verbose=False, block_size=config.block_size, start_step=start_step,
+                    on_step=on_step)
     return ResumableRun({k: v.detach().cpu().clone() for k, v in named_params(model).items()},
                         [row["loss"] for row in history.steps], start_step,
                         {str(s.directory): s.saved for s in savers},

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from journey_dist.model import CausalSelfAttention, KVCache, attention
-from journey_dist.parallel.tp_mappings import (
+from journey_dist.parallel.tensor.mappings import (
     Group,
     copy_to_region,
     gather_from_region,
@@ -32,7 +32,7 @@ from journey_dist.parallel.tp_mappings import (
     tp_rank,
     tp_size,
 )
-from journey_dist.parallel.tp_rng import ShardedDropout, fork_if
+from journey_dist.parallel.tensor.rng import ShardedDropout, fork_if
 
 
 def shard_tensor(full: torch.Tensor, dim: int, group: Group, parts: int = 1) -> torch.Tensor:

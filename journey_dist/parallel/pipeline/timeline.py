@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from journey_dist.parallel.pipeline_parallel import Pipeline, Timeline, comm_device
-from journey_dist.runtime import gather_objects
+from journey_dist.parallel.pipeline.schedules import Pipeline, Timeline
+from journey_dist.runtime import comm_device, gather_objects
 
 
 def bubble_formula(p: int, m: int) -> float:

@@ -28,20 +28,19 @@ from __future__ import annotations
 import gc
 import json
 import os
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from journey_dist.comm import CommLedger
+from journey_dist.comm import ledger_by_op
 from journey_dist.config import ConfigError, GPTConfig
-from journey_dist.data import TokenData, get_batch, microbatches, shard
-from journey_dist.parallel.data_parallel import mean_over
-from journey_dist.parallel.reference import fresh_model
-from journey_dist.parallel.zero import ShardedRun, ledger_by_op, storage_bytes
-from journey_dist.train import TrainConfig, lr_at, make_optimizer
+from journey_dist.data import TokenData
+from journey_dist.parallel.common import mean_over
+from journey_dist.parity import RunResult, fresh_model, measure_one_step, run_and_capture, storage_bytes
+from journey_dist.train import Batch, StepHooks, StepResult, TrainConfig, make_optimizer
 
 STAGES = (1, 2, 3)
 
@@ -168,56 +167,60 @@ def _gathered(model: nn.Module, stage: int, deepspeed) -> dict[str, torch.Tensor
         return {k: v.detach().float().clone() for k, v in named.items()}
 
 
+def engine_hooks(engine, on_boundary: Callable[[object], None] | None = None) -> StepHooks:
+    """DeepSpeed joins the shared loop through its own step: the engine runs forward, backward (it
+    scales the loss by 1/gradient_accumulation_steps and reduces gradients as its stage says) and
+    steps the optimizer at the accumulation boundary, clipping by `gradient_clipping`. The logged
+    loss is averaged over the data-parallel ranks; `on_boundary(engine)` runs after the last backward."""
+    def step(_model, _optimizer, micro: list[Batch], _hooks: StepHooks, *, grad_clip: float = 0.0,
+             autocast: str | None = None) -> StepResult:
+        total = torch.zeros((), device=engine.device)
+        for x, y in micro:
+            loss = engine(x, y)[1]
+            engine.backward(loss)
+            if on_boundary is not None and engine.is_gradient_accumulation_boundary():
+                on_boundary(engine)
+            engine.step()  # steps the optimizer only at the accumulation boundary
+            total += loss.detach().float() / len(micro)
+        norm = engine.get_global_grad_norm()  # the norm it clipped by (None before any step)
+        return StepResult(total, None if norm is None else torch.tensor(float(norm)))
+
+    return StepHooks(step_fn=step, reduce_loss=mean_over(), dp_rank=dist.get_rank(),
+                     dp_size=dist.get_world_size())
+
+
 def run_deepspeed(stage: int, config: GPTConfig, data: TokenData, cfg: TrainConfig, *, seed: int = 0,
                   device: torch.device | None = None, ds_config: dict | None = None,
-                  dtype: str = "fp32") -> ShardedRun:
-    """Train a fresh GPT (weights from `seed`) under DeepSpeed ZeRO `stage` on this rank's shard of
-    every global batch (the shared lr schedule), then one more step under a CommLedger.
-    Losses are the global-batch mean, as every other scheme logs them."""
+                  dtype: str = "fp32") -> RunResult:
+    """Train a fresh GPT (weights from `seed`) under DeepSpeed ZeRO `stage` with the shared loop (its
+    lr schedule, this rank's shard of every global batch), then one more step under a CommLedger.
+    The first step's global gradient norm is kept (grad_norm): DeepSpeed holds only partitions."""
     device = device or torch.device("cpu")
     deepspeed = import_deepspeed(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    micro = cfg.batch_size // (world * cfg.grad_accum)
+    micro = cfg.batch_size // (dist.get_world_size() * cfg.grad_accum)
     ds = ds_config or deepspeed_config(stage, micro_batch=micro, grad_accum=cfg.grad_accum,
                                        grad_clip=cfg.grad_clip, dtype=dtype)
     model = fresh_model(config, seed, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg), config=ds,
                                       dist_init_required=False)
     grads: dict[str, int] = {}
-    reduce = mean_over()
+    measuring = False
 
-    def one_step(engine, step: int, measure: bool = False) -> torch.Tensor:
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y = get_batch(data.train, cfg.batch_size, config.block_size, step, cfg.seed)
-        x, y = shard(x, rank, world).to(device), shard(y, rank, world).to(device)
-        total = torch.zeros((), device=device)
-        for xm, ym in microbatches(x, y, cfg.grad_accum):
-            loss = engine(xm, ym)[1]
-            engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
-            if measure and engine.is_gradient_accumulation_boundary():
-                grads.update(grad_bytes(engine, model))
-            engine.step()  # steps the optimizer only at the accumulation boundary
-            total += loss.detach().float() / cfg.grad_accum
-        return total
+    def record_grads(boundary_engine) -> None:  # after the boundary backward, before the step frees them
+        if measuring:
+            grads.update(grad_bytes(boundary_engine, model))
 
-    t0 = time.perf_counter()
-    losses, first_norm = [], None
-    for s in range(cfg.steps):
-        losses.append(reduce(one_step(engine, s)).item())
-        if s == 0:  # the norm DeepSpeed clipped by: AdamW is blind to a scaled gradient, this is not
-            norm = engine.get_global_grad_norm()
-            first_norm = None if norm is None else float(norm)
-    seconds = time.perf_counter() - t0
-    params = _gathered(model, stage, deepspeed)
-    with CommLedger() as ledger:
-        one_step(engine, cfg.steps, measure=True)
-    state = {**state_bytes(engine, stage, model), "grads": grads["total"],
-             "grads_full": grads["full"], "grads_partition": grads["partition"]}
-    result = ShardedRun(f"deepspeed zero-{stage}", losses, params, None, state, ledger_by_op(ledger),
-                        {}, seconds, grad_norm=first_norm)
+    hooks = engine_hooks(engine, record_grads)
+    run = run_and_capture(engine, data, cfg, hooks, name=f"deepspeed zero-{stage}", first_grads=False,
+                          optimizer=engine.optimizer, block_size=config.block_size)
+    run.params = _gathered(model, stage, deepspeed)
+    measuring = True
+    run.comm = ledger_by_op(measure_one_step(engine, engine.optimizer, data, cfg, hooks,
+                                             block_size=config.block_size))
+    run.state_bytes = {**state_bytes(engine, stage, model), "grads": grads["total"],
+                       "grads_full": grads["full"], "grads_partition": grads["partition"]}
     engine.destroy()  # DeepSpeed's hooks and buffers go now, not at interpreter exit
-    del engine
+    del hooks, engine  # the hooks' step holds the engine too
     gc.collect()
     dist.barrier()  # every rank done with DeepSpeed before the group goes away
-    return result
+    return run

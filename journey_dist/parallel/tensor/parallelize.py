@@ -27,28 +27,33 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from journey_dist.comm import ledger_by_op
 from journey_dist.config import GPTConfig, ParallelConfig, padded_vocab_size
+from journey_dist.data import TokenData
 from journey_dist.model import GPT, Block, KVCache
-from journey_dist.parallel.tp_generate import tp_generate
-from journey_dist.parallel.tp_layers import (
+from journey_dist.parallel.common import clip_fn, tp_duplicate
+from journey_dist.parallel.tensor.generate import tp_generate
+from journey_dist.parallel.tensor.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     TensorParallelAttention,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from journey_dist.parallel.tp_mappings import (
+from journey_dist.parallel.tensor.mappings import (
     Group,
     copy_to_region,
     gather_from_sequence,
     tp_rank,
     tp_size,
 )
-from journey_dist.parallel.tp_rng import ShardedDropout, model_parallel_seed
+from journey_dist.parallel.tensor.rng import ShardedDropout, model_parallel_seed
+from journey_dist.parity import RunResult, fresh_model, measure_one_step, run_and_capture, storage_bytes
+from journey_dist.train import StepHooks, TrainConfig, make_optimizer
 
 __all__ = [
     "TensorParallelGPT", "parallelize", "parallelize_block", "gather_params", "gather_grads",
-    "gather_tensors", "sync_sequence_parallel_grads", "tp_clip_grad_norm_", "tp_clip_fn",
+    "gather_tensors", "sync_sequence_parallel_grads",
     "padded_vocab_size", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
 ]
 
@@ -170,6 +175,12 @@ class TensorParallelGPT(nn.Module):
         """After backward: all-reduce the partial grads of sequence-parallel params (no-op without SP)."""
         sync_sequence_parallel_grads(self, self.group)
 
+    def hooks(self) -> StepHooks:
+        """The loop's hooks: the SP grad sync after backward, and clipping by the norm of the whole
+        model (shards' squares summed over tp, replicated parameters counted on tp rank 0 only)."""
+        return StepHooks(sync_grads=self.sync_grads,
+                         clip=clip_fn([self.group], tp_duplicate(tp_rank(self.group))))
+
 
 def parallelize(model: GPT, group: Group = None, *, sequence_parallel: bool = False,
                 pad_vocab: bool = False) -> TensorParallelGPT:
@@ -199,32 +210,6 @@ def sync_sequence_parallel_grads(module: nn.Module, group: Group = None) -> None
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def tp_clip_grad_norm_(params: list[torch.Tensor], max_norm: float, group: Group = None) -> torch.Tensor:
-    """clip_grad_norm_ with the norm of the full model: sharded grads' squares are summed over
-    tp (one all-reduce of a scalar), replicated grads are counted once."""
-    params = [p for p in params if p.grad is not None]
-    device = params[0].grad.device
-    sharded = torch.zeros((), device=device)
-    replicated = torch.zeros((), device=device)
-    for p in params:
-        sq = p.grad.detach().float().pow(2).sum()
-        if hasattr(p, "tp_split"):
-            sharded += sq
-        else:
-            replicated += sq
-    dist.all_reduce(sharded, group=group)
-    total = (sharded + replicated).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.detach().mul_(coef.to(p.grad.dtype))
-    return total
-
-
-def tp_clip_fn(group: Group = None):
-    """A train_step `clip_fn` using the global grad norm over the tp group."""
-    return lambda params, max_norm: tp_clip_grad_norm_(params, max_norm, group)
 
 
 def _unshard(local: torch.Tensor, ref: nn.Parameter, group: Group) -> torch.Tensor:
@@ -301,18 +286,28 @@ def analytic_collectives(config: GPTConfig, tp: int, tokens: int, *, sequence_pa
     return out
 
 
-def run_tensor_parallel(config: GPTConfig, data, cfg, *, group: Group = None, sequence_parallel: bool = False,
-                        pad_vocab: bool = False, seed: int = 0, device: torch.device | None = None):
-    """Train parallelize(fresh_model(config, seed)) with the shared loop; a RunResult with full
-    (gathered) params and first-step grads under the plain GPT's names, plus `.model`."""
-    from journey_dist.parallel.reference import fresh_model, run_and_capture
+def run_tensor_parallel(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, group: Group = None,
+                        sequence_parallel: bool = False, pad_vocab: bool = False, seed: int = 0,
+                        device: torch.device | None = None) -> RunResult:
+    """Train parallelize(fresh_model(config, seed)) with the shared loop, then measure one more step.
 
+    The RunResult holds full (gathered) params and first-step grads under the plain GPT's names,
+    this rank's parameter bytes, the step's collectives on the tp group next to
+    analytic_collectives, and the model (`.model`)."""
     model = parallelize(fresh_model(config, seed), group, sequence_parallel=sequence_parallel,
                         pad_vocab=pad_vocab)
     model_parallel_seed(cfg.seed, tp_rank(group))  # dropout: same default stream on every tp rank
     model = model.to(device) if device is not None else model
-    run = run_and_capture(model, data, cfg, sync_grads=model.sync_grads, clip_fn=tp_clip_fn(group))
+    optimizer = make_optimizer(model, cfg)
+    hooks = model.hooks()
+    run = run_and_capture(model, data, cfg, hooks, name="tp+sp" if model.sequence_parallel else "tp",
+                          optimizer=optimizer)
     run.params = gather_tensors(model, run.params)
     run.grads = gather_tensors(model, run.grads)
+    run.state_bytes = {"params": storage_bytes(model.parameters())}
+    run.comm = ledger_by_op(measure_one_step(model, optimizer, data, cfg, hooks), group)
+    tokens = cfg.batch_size // cfg.grad_accum * config.block_size
+    run.analytic = analytic_collectives(config, tp_size(group), tokens, grad_clip=cfg.grad_clip > 0,
+                                        sequence_parallel=model.sequence_parallel, micro_steps=cfg.grad_accum)
     run.model = model
     return run

@@ -2,7 +2,8 @@
 
 A declarative plan (module name -> ParallelStyle, as torchtitan writes it) handed to
 `parallelize_module`; the loss is `loss_parallel()` cross-entropy on vocab-sharded logits.
-Two things the plan alone cannot say, done by hand as torchtitan does:
+Two things the plan alone cannot say, done by hand here (torchtitan's Llama has separate q/k/v
+weights and an untied output, so its plan needs neither):
 - c_attn is a fused (3C, C) q|k|v weight. ColwiseParallel shards rows contiguously, which would
   give rank 0 all of q; so rows are first permuted to [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] and the
   attention modules told they hold n_head/t heads. `gather_dtensor_params` undoes the permutation.
@@ -13,7 +14,6 @@ Two things the plan alone cannot say, done by hand as torchtitan does:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -30,9 +30,14 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from journey_dist.config import ParallelConfig
+from journey_dist.comm import ledger_by_op
+from journey_dist.config import GPTConfig, ParallelConfig
+from journey_dist.data import TokenData
 from journey_dist.model import GPT
-from journey_dist.train import StepResult, train_step
+from journey_dist.parallel.common import clip_fn
+from journey_dist.parallel.tensor.parallelize import analytic_collectives
+from journey_dist.parity import RunResult, fresh_model, measure_one_step, run_and_capture
+from journey_dist.train import StepHooks, StepResult, TrainConfig, make_optimizer, train_step
 
 
 def tp_plan(n_layer: int, *, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
@@ -121,18 +126,11 @@ def dtensor_step(*args, **kwargs) -> StepResult:
         return train_step(*args, **kwargs)
 
 
-def dtensor_clip_fn() -> Callable[[list[torch.Tensor], float], torch.Tensor]:
-    """Grad clipping over a mix of DTensor (sharded) and plain (replicated) grads: DTensor's
-    norm of a sharded grad is the full norm (it all-reduces); replicated ones count once."""
-    def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        grads = [p.grad for p in params if p.grad is not None]
-        sq = [g.norm() ** 2 for g in grads]
-        total = torch.stack([s.full_tensor() if isinstance(s, DTensor) else s for s in sq]).sum().sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.item())
-        return total
-    return clip
+def dtensor_hooks() -> StepHooks:
+    """The loop's hooks for the DTensor model: loss and steps inside loss_parallel, and clipping by
+    the global norm, where DTensor sums a sharded gradient's squares over the mesh itself (one
+    scalar all-reduce per sharded parameter, the library's way) and plain gradients count once."""
+    return StepHooks(loss=dtensor_loss, step_fn=dtensor_step, clip=clip_fn())
 
 
 def gather_dtensor_tensors(model: GPT, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,18 +148,23 @@ def gather_dtensor_params(model: GPT) -> dict[str, torch.Tensor]:
     return gather_dtensor_tensors(model, {n: p for n, p in model.named_parameters()})
 
 
-def run_dtensor_tp(config, data, cfg, mesh: DeviceMesh, *, sequence_parallel: bool = False, seed: int = 0):
-    """Train the DTensor-parallel fresh model with the shared loop; RunResult with full tensors."""
-    from journey_dist.parallel.reference import fresh_model, run_and_capture
-
+def run_dtensor_tp(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: DeviceMesh, *,
+                   sequence_parallel: bool = False, seed: int = 0) -> RunResult:
+    """Train the DTensor-parallel fresh model with the shared loop (RunResult with full tensors),
+    then one more step's collectives next to dtensor_analytic_collectives."""
     cuda = mesh.device_type == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
     model = parallelize_with_dtensor(fresh_model(config, seed, device), mesh,
                                      sequence_parallel=sequence_parallel)
-    run = run_and_capture(model, data, cfg, loss_fn=dtensor_loss, step_fn=dtensor_step,
-                          clip_fn=dtensor_clip_fn())
+    optimizer = make_optimizer(model, cfg)
+    hooks = dtensor_hooks()
+    run = run_and_capture(model, data, cfg, hooks, name="dtensor", optimizer=optimizer)
     run.params = gather_dtensor_tensors(model, run.params)
     run.grads = gather_dtensor_tensors(model, run.grads)
+    run.comm = ledger_by_op(measure_one_step(model, optimizer, data, cfg, hooks), mesh.get_group())
+    if not sequence_parallel:
+        tokens = cfg.batch_size // cfg.grad_accum * config.block_size
+        run.analytic = dtensor_analytic_collectives(model, tokens, grad_clip=cfg.grad_clip > 0)
     run.model = model
     return run
 
@@ -169,8 +172,6 @@ def run_dtensor_tp(config, data, cfg, mesh: DeviceMesh, *, sequence_parallel: bo
 def dtensor_analytic_collectives(model: GPT, tokens: int, *, grad_clip: bool = True) -> dict:
     """Collectives one DTensor TP step (no SP) should issue: ours (same activations, same 3 loss
     all-reduces) except the clip, which reduces one scalar per sharded (DTensor) parameter."""
-    from journey_dist.parallel.tensor_parallel import analytic_collectives
-
     out = analytic_collectives(model.config, model.tp_size, tokens, grad_clip=False)
     if grad_clip:
         sharded = sum(isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)

@@ -4,7 +4,8 @@
     with fork("tp", x.device):           # per-rank regions: this rank's heads / sequence shard
         y = dropout(x)
 
-The rule (Megatron-LM's CudaRNGStatesTracker; picotron does the same):
+The rule (Megatron-LM's CudaRNGStatesTracker; picotron, by contrast, seeds every rank alike and
+keeps no per-rank stream):
 
 * A region whose activations are **replicated** over the tp ranks (the residual dropout after
   the row-parallel all-reduce, the embedding dropout, both without sequence parallel) must draw
@@ -73,7 +74,7 @@ class RNGStatesTracker:
         """
         if name not in self.seeds:
             raise RuntimeError(f"random stream {name!r} is not seeded: call "
-                               "journey_dist.parallel.tp_rng.model_parallel_seed(seed, tp_rank) "
+                               "journey_dist.parallel.tensor.rng.model_parallel_seed(seed, tp_rank) "
                                "on every rank before running a tensor-parallel model with dropout")
         device = torch.device(device)
         if device.type != "cpu" and device.index is None:  # "cuda" means the current device

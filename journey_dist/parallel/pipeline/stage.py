@@ -1,0 +1,103 @@
+"""Pipeline stages: the one layer split, and a GPT cut into the stage this rank holds.
+
+`stage_layers` is the only rule for which layers a stage holds: the built stages (`GPTStage`), the
+memory estimator (memory/sizes.py) and `journey plan` all call it, so a plan's per-stage rows are
+the stages a run builds.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from journey_dist.config import GPTConfig, ParallelConfig
+from journey_dist.model import GPT
+from journey_dist.runtime import comm_device
+
+
+def stage_layers(n_layer: int, pp: int) -> list[range]:
+    """Contiguous, balanced layer ranges per stage.
+
+    The first stage also embeds and the last also runs the head and loss, so leftover layers
+    (n_layer % pp) go to the middle stages first.
+    """
+    ParallelConfig(pp=pp, schedule="gpipe").validate(GPTConfig(n_layer=n_layer, n_head=1, n_embd=8))
+    counts = [n_layer // pp] * pp
+    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
+    for s in order[: n_layer % pp]:
+        counts[s] += 1
+    starts = [sum(counts[:s]) for s in range(pp)]
+    return [range(a, a + c) for a, c in zip(starts, counts)]
+
+
+class GPTStage(nn.Module):
+    """Stage `stage_index` of a GPT split `num_stages` ways, made from a plain GPT's modules.
+
+    Names match the full model's (transformer.h.<global layer>...), so a stage's state dict is a
+    slice of GPT's. With tied embeddings and p > 1 the last stage keeps its own copy of wte as
+    lm_head.weight (as Megatron does); `Pipeline` adds the two copies' gradients after the flush,
+    so both stay equal to the single tied matrix.
+    """
+
+    def __init__(self, model: GPT, stage_index: int, num_stages: int):
+        super().__init__()
+        self.config, self.stage_index, self.num_stages = model.config, stage_index, num_stages
+        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
+        self.layers = stage_layers(model.config.n_layer, num_stages)[stage_index]
+        t = model.transformer
+        mods: dict[str, nn.Module] = {}
+        if self.is_first:
+            mods.update(wte=t.wte, wpe=t.wpe, drop=t.drop)
+        mods["h"] = nn.ModuleDict({str(i): t.h[i] for i in self.layers})
+        if self.is_last:
+            mods["ln_f"] = t.ln_f
+        self.transformer = nn.ModuleDict(mods)
+        self.tied = model.config.tie_embeddings and num_stages > 1 and (self.is_first or self.is_last)
+        if self.is_last:
+            self.lm_head = model.lm_head
+            if self.tied and not self.is_first:  # the last stage's own copy of the (V, C) matrix
+                self.lm_head = copy.deepcopy(model.lm_head)  # same module type (e.g. a TP wrapper)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """First stage: ids (B, T); others: (B, T, C). Last stage returns logits (B, T, V)."""
+        if self.is_first:
+            T = x.size(1)
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size="
+                                 f"{self.config.block_size}; crop it to {self.config.block_size} tokens")
+            pos = torch.arange(T, device=x.device)
+            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h.values():
+            x = block(x)
+        if self.is_last:
+            return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return x
+
+    def boundary_shape(self, micro_shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+        """Activations passed between stages for a (B, T) microbatch of ids: (B, T, C)."""
+        return (micro_shape[0], micro_shape[1], self.config.n_embd)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy, as GPT.forward computes it (targets == -1 ignored)."""
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def tied_weight(self) -> nn.Parameter | None:
+        """This stage's copy of the tied embedding matrix when the tie spans stages, else None."""
+        if not self.tied:
+            return None
+        return self.transformer.wte.weight if self.is_first else self.lm_head.weight
+
+    def unique_parameters(self) -> list[nn.Parameter]:
+        """Parameters counted once across the pipeline (the last stage's wte copy left out)."""
+        skip = self.lm_head.weight if self.tied and self.is_last else None
+        return [p for p in self.parameters() if p is not skip]
+
+
+def build_stage(model: GPT, group: dist.ProcessGroup | None = None) -> GPTStage:
+    """This rank's stage of `model` on the backend's device; index and count from the pp group."""
+    return GPTStage(model, dist.get_rank(group), dist.get_world_size(group)).to(comm_device(group))

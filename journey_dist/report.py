@@ -1,0 +1,111 @@
+"""The tables labs print: parity with one process, losses per step, collectives measured vs the
+formula, bytes per rank. Each helper returns text (a lab prints it with print0), so a lab's code
+reads as the steps of its idea and its printing stays a few lines.
+
+    print0(parity_table({"tp": diffs, "dtensor": diffs2}, tol=1e-5))
+    print0(ledger_table({"tp": (run.comm, run.analytic)}))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Column = tuple[str, str, Callable[[Any], str]]  # (key, header, format)
+
+
+def sci(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def fixed(digits: int) -> Callable[[float | None], str]:
+    return lambda x: "-" if x is None else f"{x:.{digits}f}"
+
+
+def mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.3f}"
+
+
+def table(rows: Sequence[dict], columns: Sequence[Column], *, first: str | None = None) -> str:
+    """A fixed-width text table: one line per row, a column per (key, header, format); the first
+    column (the row's name, `first` or the first key) is left-aligned, the rest right-aligned."""
+    head = [h for _, h, _ in columns]
+    body = [[fmt(row.get(key)) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join(line(cells) for cells in [head, *body])
+
+
+def losses_table(reference: Sequence[float], runs: dict[str, Sequence[float]], digits: int = 5) -> str:
+    """The loss of every step: one process next to each run."""
+    rows = [{"step": i, "1 process": ref, **{name: losses[i] for name, losses in runs.items()}}
+            for i, ref in enumerate(reference)]
+    f = fixed(digits)
+    return table(rows, [("step", "step", str), ("1 process", "1 process", f),
+                        *((name, name, f) for name in runs)])
+
+
+def parity_table(diffs: dict[str, dict[str, float | None]], *, tol: float | None = None,
+                 against: str = "1 process", seconds: dict[str, float] | None = None) -> str:
+    """Worst |difference| from the reference per run: loss, gradients, parameters (and any other key
+    the rows share), with a last column saying whether all are within `tol`."""
+    keys = [k for k in ("loss", "grad", "param", "val_loss") if any(k in d for d in diffs.values())]
+    keys += sorted({k for d in diffs.values() for k in d} - set(keys))
+    rows = []
+    for name, d in diffs.items():
+        row = {"name": name, **d}
+        if seconds is not None:
+            row["seconds"] = seconds.get(name)
+        if tol is not None:
+            row["ok"] = "yes" if all(v is None or v <= tol for v in d.values()) else "NO"
+        rows.append(row)
+    cols: list[Column] = [("name", f"vs {against}", str), *((k, f"max|{k}|", sci) for k in keys)]
+    if seconds is not None:
+        cols.append(("seconds", "train s", fixed(1)))
+    if tol is not None:
+        cols.append(("ok", f"<= {tol:g}", str))
+    return table(rows, cols)
+
+
+def ledger_table(runs: dict[str, tuple[dict, dict]], *, wire: bool = True) -> str:
+    """One line per (run, collective): calls and bytes measured by the CommLedger next to the formula.
+
+    `runs` maps a name to (measured, analytic), each {op: {"calls", "bytes", ...}}; an op the
+    formula does not model shows '-' and counts as a mismatch.
+    """
+    rows = []
+    for name, (measured, analytic) in runs.items():
+        for op in sorted(set(measured) | set(analytic)):
+            m, a = measured.get(op, {}), analytic.get(op)
+            same = a is not None and m.get("calls") == a.get("calls") and m.get("bytes") == a.get("bytes")
+            rows.append({"run": name, "op": op, "calls": m.get("calls", 0),
+                         "calls_f": None if a is None else a.get("calls"), "bytes": m.get("bytes", 0),
+                         "bytes_f": None if a is None else a.get("bytes"),
+                         "wire": m.get("wire_bytes"), "match": "yes" if same else "NO"})
+    cols: list[Column] = [("run", "run", str), ("op", "collective", str), ("calls", "calls", str),
+                          ("calls_f", "formula", num), ("bytes", "bytes", num), ("bytes_f", "formula", num)]
+    if wire:
+        cols.append(("wire", "sent (ring)", num))
+    cols.append(("match", "match", str))
+    return table(rows, cols)
+
+
+def ledger_matches(runs: dict[str, tuple[dict, dict]]) -> bool:
+    """True when every measured collective of every run equals its formula (calls and bytes)."""
+    return all(set(m) == set(a) and all(m[op]["calls"] == a[op]["calls"] and m[op]["bytes"] == a[op]["bytes"]
+                                        for op in m) for m, a in runs.values())
+
+
+def bytes_table(rows: dict[str, dict[str, tuple[float | None, float | None]]]) -> str:
+    """Per-rank bytes, measured / estimated, in MiB: {row name: {column: (measured, estimated)}}."""
+    keys = list(dict.fromkeys(k for cells in rows.values() for k in cells))
+    flat = [{"name": name, **{k: f"{mib(m)} / {mib(e)}" for k, (m, e) in cells.items()}}
+            for name, cells in rows.items()]
+    cols: list[Column] = [("name", "MiB: measured / estimated", str)]
+    cols += [(k, k, lambda x: x or "-") for k in keys]
+    return table(flat, cols)
