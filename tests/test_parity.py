@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from journey_dist.config import get_preset
+from journey_dist.config import ConfigError, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.parity import fresh_model, max_abs_diff, measure_one_step, reference_run, run_and_capture
 from journey_dist.train import StepHooks, TrainConfig, make_optimizer, train
@@ -56,3 +56,11 @@ def test_measure_one_step_of_one_process_sends_nothing():
     run = run_and_capture(model, load_tokens("handbook"), cfg, optimizer=(opt := make_optimizer(model, cfg)))
     ledger = measure_one_step(model, opt, load_tokens("handbook"), cfg)
     assert ledger.records == [] and run.losses
+
+
+def test_fp16_is_refused_where_gradients_are_sharded():
+    """A GradScaler on ZeRO/FSDP would see only this rank's slice and skip steps on its own."""
+    cfg = TrainConfig(steps=1, batch_size=2, warmup_steps=1, eval_batches=1, autocast="fp16")
+    with pytest.raises(ConfigError, match="shards gradients over ranks"):
+        train(fresh_model(get_preset("tiny")), load_tokens("handbook"), cfg, StepHooks(whole_grads=False),
+              verbose=False)

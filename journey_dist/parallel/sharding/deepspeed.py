@@ -173,7 +173,10 @@ def engine_hooks(engine, on_boundary: Callable[[object], None] | None = None) ->
     steps the optimizer at the accumulation boundary, clipping by `gradient_clipping`. The logged
     loss is averaged over the data-parallel ranks; `on_boundary(engine)` runs after the last backward."""
     def step(_model, _optimizer, micro: list[Batch], _hooks: StepHooks, *, grad_clip: float = 0.0,
-             autocast: str | None = None) -> StepResult:
+             autocast: str | None = None, scaler: torch.amp.GradScaler | None = None) -> StepResult:
+        if scaler is not None or autocast is not None:
+            raise ConfigError("DeepSpeed sets its own precision and loss scaling from its config "
+                              "(\"bf16\"/\"fp16\" sections); leave TrainConfig.autocast None")
         total = torch.zeros((), device=engine.device)
         for x, y in micro:
             loss = engine(x, y)[1]

@@ -74,7 +74,7 @@ def run_fsdp2(config, data, cfg: TrainConfig, *, seed: int = 0,
     model = shard_model(fresh_model(config, seed, device))
     optimizer = make_optimizer(model, cfg)  # torch AdamW on DTensors: updates the local shards
     # FSDP2 reduce-scatters the gradients in backward: nothing to sync, the loss averaged over dp
-    hooks = StepHooks(reduce_loss=mean_over(), dp_rank=dist.get_rank(), dp_size=world)
+    hooks = StepHooks(reduce_loss=mean_over(), dp_rank=dist.get_rank(), dp_size=world, whole_grads=False)
     def full_grads() -> dict[str, torch.Tensor]:  # the mean gradient, gathered from the shards
         return full_tensors({n: p.grad for n, p in model.named_parameters()})
 

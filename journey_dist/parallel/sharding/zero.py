@@ -201,7 +201,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         """The loop's hooks: reduce-scatter after backward, clip the shard by the global norm; this
         rank's slice of every batch, the loss averaged over the group."""
         return StepHooks(sync_grads=self.reduce_gradients, clip=self.clip_grad_norm_,
-                         reduce_loss=mean_over(self.group), dp_rank=self.rank, dp_size=self.world)
+                         reduce_loss=mean_over(self.group), dp_rank=self.rank, dp_size=self.world,
+                         whole_grads=False)  # each rank holds the mean of its slice only
 
     def buffers(self) -> dict[str, list[int]]:
         """Bytes handed to each collective in one step, by op (the ledger's units)."""
