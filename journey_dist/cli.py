@@ -104,6 +104,33 @@ def _checkpoints_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="a directory a run saved checkpoints into")
 
 
+def _cmd_notebooks(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    # deferred: jupytext and nbformat come with the optional [notebooks] extra
+    from journey_dist.notebooks import ARGS_ENV, SOURCE_ENV, find_labs, write_notebooks
+
+    for w in write_notebooks(find_labs(args.labs), Path(args.out), args.source):
+        inner = (f"; {w.inner_markers} `# %%` inside a function kept as comments (a cell starts at top "
+                 "level)") if w.inner_markers else ""
+        print(f"{'wrote' if w.changed else 'unchanged'} {w.path}: {w.code_cells} code cells from "
+              f"{w.lab.name}{inner}")
+    print(f"Arguments: set {ARGS_ENV} or edit LAB_ARGS in a notebook's second code cell. Colab: upload "
+          f"a notebook and set {SOURCE_ENV} in its first cell (or pass --source when generating).")
+
+
+def _notebooks_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labs", nargs="*", metavar="LAB",
+                        help="labs to convert: 02, 02_data_parallel or a path to a .py (default: all)")
+    parser.add_argument("--out", default="notebooks",
+                        help="directory for the .ipynb files (created if missing; only notebooks this "
+                        "command wrote are ever replaced)")
+    parser.add_argument("--source", default=None,
+                        help="what the Colab cell pip-installs journey-dist from: a git URL "
+                        "(git+https://...) or a clone's path (default: [project.urls] Repository in "
+                        "pyproject.toml, else none: the cell asks for one)")
+
+
 # name -> (function, help, add_arguments(parser) or None). New subcommands register here.
 COMMANDS: dict = {
     "presets": (_cmd_presets, "list model presets and their parameter counts", None),
@@ -113,6 +140,8 @@ COMMANDS: dict = {
              "stage, communication per step, bubble", _plan_arguments),
     "checkpoints": (_cmd_checkpoints, "list checkpoints in a directory, each validated, and the "
                     "one a resume would use", _checkpoints_arguments),
+    "notebooks": (_cmd_notebooks, "write a Jupyter notebook (.ipynb) per lab from its # %% cells, with "
+                  "a Colab install cell", _notebooks_arguments),
 }
 
 

@@ -21,7 +21,7 @@ from journey_dist.parallel.data.replicas import MB, bucket_layout, run_data_para
 from journey_dist.parity import max_abs_diff, reference_run
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
-from tests.labs import run_lab
+from tests.labs import assert_lab02_claims, run_lab
 
 TOL = 1e-5
 GRAD_TOL = 1e-6  # largest gradient entries are ~1e-1
@@ -134,9 +134,7 @@ def test_lab_runs_both_ways(tmp_path, launcher):
     _, result = run_lab("02_data_parallel", "--preset", "tiny", "--steps", "3", "--batch-size", "8",
                         "--bucket-mb", "0.05", "--data", TEXT, runs_dir=tmp_path,
                         torchrun=2 if launcher == "torchrun" else 0, timeout_s=240)
-    assert result["world_size"] == 2 and set(result["variants"]) == {"naive", "bucketed", "ddp"}
-    for row in result["variants"].values():
-        assert row["param_diff"] < TOL and row["measured"]["bytes"] == row["analytic"]["bytes"]
+    assert_lab02_claims(result)  # shared with the notebook test
 
 
 def test_bad_bucket_size_is_a_config_error():
