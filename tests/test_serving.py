@@ -229,3 +229,17 @@ def test_int4_packing_round_trips():
 def test_bad_quantization_settings(bits, group, pattern):
     with pytest.raises(ConfigError, match=pattern):
         quantize_absmax(torch.randn(4, 32), bits, group)
+
+
+@pytest.mark.slow  # importing torchao takes seconds
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 16)])
+def test_full_range_codes_equal_torchao_and_default_within_one_step(tiny, bits, group):
+    from journey_dist.serving.quant import compare_with_torchao, torchao_available, torchao_quantize
+
+    assert torchao_available(), "torchao is part of the [test] extra: pip install torchao --no-deps"
+    ids = torch.randint(0, 256, (2, 16))
+    theirs = torchao_quantize(tiny, bits, group)
+    same = compare_with_torchao(quantize_model(tiny, bits, group, full_range=True), theirs, ids)
+    assert same["codes_differ"] == 0 and same["max_weight_diff_steps"] == 0 and same["max_logit_diff"] < 1e-5
+    ours = compare_with_torchao(quantize_model(tiny, bits, group), theirs, ids)
+    assert 0 < ours["codes_differ"] < 0.5 and ours["max_code_diff"] == 1

@@ -25,7 +25,9 @@ With full_range=True we use that convention and match torchao code for code (tes
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
+import math
 
 import torch
 import torch.nn as nn
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from journey_dist.config import ConfigError, GPTConfig
 from journey_dist.memory.estimate import param_count
 from journey_dist.model import GPT
+from journey_dist.ngram import model_stream_nll
 
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -200,3 +203,43 @@ def compare_with_torchao(ours: GPT, theirs: GPT, ids: torch.Tensor) -> dict:
     logits = (ours(ids)[0] - theirs(ids)[0]).abs().max().item()
     return {"codes_differ": differ / total, "max_code_diff": max_code, "max_weight_diff_steps": max_w,
             "max_logit_diff": logits}
+
+
+@torch.no_grad()
+def quantization_report(model: GPT, held_out: torch.Tensor, group_size: int = 32,
+                        with_torchao: bool = True) -> dict:
+    """fp32 vs int8 (per channel) vs int4 (per group): weight bytes measured and by formula, held-out
+    perplexity per token (`model_stream_nll`); the same through torchao when installed and asked
+    for, with `compare_with_torchao`'s agreement. held_out: a 1-D token stream."""
+    cfg, n = model.config, len(held_out) - 1
+    variants = {"fp32": (model, None, None), "int8": (quantize_model(model, 8), 8, None),
+                f"int4-g{group_size}": (quantize_model(model, 4, group_size), 4, group_size)}
+    if with_torchao and torchao_available():
+        variants["torchao int8"] = (torchao_quantize(model, 8), 8, None)
+        variants[f"torchao int4-g{group_size}"] = (torchao_quantize(model, 4, group_size), 4, group_size)
+    rows = {}
+    for name, (m, bits, group) in variants.items():
+        ppl = math.exp(model_stream_nll(m, held_out) / n)
+        rows[name] = {"bits": bits or 32, "group_size": group, "weight_bytes": model_bytes(m),
+                      "formula_bytes": (param_count(cfg) * 4 if bits is None else
+                                        quantized_weight_bytes(cfg, bits, group)),
+                      "perplexity": ppl}
+    fp32 = rows["fp32"]
+    for row in rows.values():
+        row["bytes_vs_fp32"] = row["weight_bytes"] / fp32["weight_bytes"]
+        row["perplexity_vs_fp32"] = row["perplexity"] / fp32["perplexity"] - 1
+    agreement = {}
+    if "torchao int8" in variants:
+        ids = held_out[: cfg.block_size][None]
+        agreement = {"int8": compare_with_torchao(variants["int8"][0], variants["torchao int8"][0], ids),
+                     f"int4-g{group_size}": compare_with_torchao(
+                         variants[f"int4-g{group_size}"][0], variants[f"torchao int4-g{group_size}"][0], ids)}
+    return {"rows": rows, "agreement": agreement, "held_out_tokens": n,
+            "torchao": torchao_version() if with_torchao else "not asked for"}
+
+
+def torchao_version() -> str:
+    """torchao's version, or why it is missing (the lab prints it instead of failing)."""
+    if not torchao_available():
+        return "not installed (pip install 'journey-dist[serving]' or pip install torchao --no-deps)"
+    return importlib.metadata.version("torchao")

@@ -281,3 +281,26 @@ def reference_outputs(model: GPT, trace: list[Request]) -> dict[int, list[int]]:
         prompt = torch.tensor([req.prompt], device=p.device)
         out[req.id] = model.generate(prompt, req.max_tokens, greedy=True)[0, len(req.prompt):].tolist()
     return out
+
+
+def timed_reference(model: GPT, trace: list[Request]) -> tuple[dict[int, list[int]], dict]:
+    """reference_outputs and its cost: generated tokens per second with no batching at all."""
+    t0 = time.perf_counter()
+    out = reference_outputs(model, trace)
+    seconds = time.perf_counter() - t0
+    made = sum(len(v) for v in out.values())
+    return out, {"generated_tokens": made, "seconds": seconds, "tokens_per_s": made / seconds}
+
+
+def compare_batching(model: GPT, trace: list[Request], variants: dict[str, dict],
+                     reference: dict[int, list[int]]) -> dict[str, dict]:
+    """Serve the same trace under each variant's ServingEngine settings; per variant: the summary,
+    the settings, and whether every request's tokens equal `reference` (reference_outputs)."""
+    rows = {}
+    for name, settings in variants.items():
+        result = ServingEngine(model, **settings).run(trace)
+        rows[name] = {**result.summary(), "settings": result.settings, "policy": result.policy,
+                      "identical": result.outputs == reference,
+                      "kv_timeline": [(s["t"], s["kv_used_tokens"], s["kv_reserved_tokens"])
+                                      for s in result.steps]}
+    return rows
