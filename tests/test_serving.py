@@ -190,6 +190,7 @@ def test_bad_requests_are_refused_before_any_step(tiny, name):
     (dict(num_blocks=4, policy="fifo"), r"policy='fifo'"),
     (dict(num_blocks=4, max_seqs=0), r"max_seqs=0"),
     (dict(num_blocks=4, policy="static"), r"reserves a full window.*num_blocks >= 8"),
+    (dict(num_blocks=4, clock="sundial"), r"clock='sundial'; use one of \('wall', 'cpu'\)"),
 ])
 def test_bad_engine_settings(tiny, kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -243,3 +244,5 @@ def test_full_range_codes_equal_torchao_and_default_within_one_step(tiny, bits, 
     assert same["codes_differ"] == 0 and same["max_weight_diff_steps"] == 0 and same["max_logit_diff"] < 1e-5
     ours = compare_with_torchao(quantize_model(tiny, bits, group), theirs, ids)
     assert 0 < ours["codes_differ"] < 0.5 and ours["max_code_diff"] == 1
+    # torchao's layout: one byte per code (int4 unpacked), fp32 scale and int8 zero point per scale
+    assert model_bytes(theirs) == quantized_weight_bytes(TINY, bits, group, code_bytes=1, zero_point_bytes=1)

@@ -149,15 +149,20 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def quantized_weight_bytes(cfg: GPTConfig, bits: int, group_size: int | None = None,
-                           scale_bytes: int = 4) -> int:
+def quantized_weight_bytes(cfg: GPTConfig, bits: int, group_size: int | None = None, scale_bytes: int = 4,
+                           code_bytes: float | None = None, zero_point_bytes: int = 0) -> int:
     """Formula: block linears at bits/8 bytes per weight plus one scale per channel (int8) or per
     group; everything else (embeddings, LayerNorms, biases) fp32. GPT-2 blocks hold 12 h^2 linear
-    weights (q, k, v: 3h^2; attention output h^2; MLP 4h^2 + 4h^2) with 9h output channels."""
+    weights (q, k, v: 3h^2; attention output h^2; MLP 4h^2 + 4h^2) with 9h output channels.
+
+    code_bytes overrides bits/8 for a layout that stores codes wider than they are (torchao keeps
+    int4 codes one per int8 byte); zero_point_bytes adds a zero point per scale (torchao stores an
+    int8 one even for symmetric quantization)."""
     h, L = cfg.n_embd, cfg.n_layer
     quantized = 12 * h * h * L
     scales = quantized // group_size if group_size else 9 * h * L
-    return (param_count(cfg) - quantized) * 4 + quantized * bits // 8 + scales * scale_bytes
+    codes = quantized * (bits / 8 if code_bytes is None else code_bytes)
+    return int((param_count(cfg) - quantized) * 4 + codes + scales * (scale_bytes + zero_point_bytes))
 
 
 # ---------------------------------------------------------------- torchao, the reference
@@ -210,7 +215,8 @@ def quantization_report(model: GPT, held_out: torch.Tensor, group_size: int = 32
                         with_torchao: bool = True) -> dict:
     """fp32 vs int8 (per channel) vs int4 (per group): weight bytes measured and by formula, held-out
     perplexity per token (`model_stream_nll`); the same through torchao when installed and asked
-    for, with `compare_with_torchao`'s agreement. held_out: a 1-D token stream."""
+    for (its formula: codes one per byte, an int8 zero point per scale), with
+    `compare_with_torchao`'s agreement. held_out: a 1-D token stream."""
     cfg, n = model.config, len(held_out) - 1
     variants = {"fp32": (model, None, None), "int8": (quantize_model(model, 8), 8, None),
                 f"int4-g{group_size}": (quantize_model(model, 4, group_size), 4, group_size)}
@@ -219,10 +225,11 @@ def quantization_report(model: GPT, held_out: torch.Tensor, group_size: int = 32
         variants[f"torchao int4-g{group_size}"] = (torchao_quantize(model, 4, group_size), 4, group_size)
     rows = {}
     for name, (m, bits, group) in variants.items():
+        layout = dict(code_bytes=1, zero_point_bytes=1) if name.startswith("torchao") else {}
         ppl = math.exp(model_stream_nll(m, held_out) / n)
         rows[name] = {"bits": bits or 32, "group_size": group, "weight_bytes": model_bytes(m),
                       "formula_bytes": (param_count(cfg) * 4 if bits is None else
-                                        quantized_weight_bytes(cfg, bits, group)),
+                                        quantized_weight_bytes(cfg, bits, group, **layout)),
                       "perplexity": ppl}
     fp32 = rows["fp32"]
     for row in rows.values():

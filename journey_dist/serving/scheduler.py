@@ -21,9 +21,9 @@ Two policies on the same kernels, so only the scheduling differs:
   it goes back to the front of the queue and, when readmitted, prefills its prompt and the
   tokens it had generated, then continues; the greedy tokens are unchanged.
 
-Time: a step's cost is measured wall time; when nothing is queued or running, the clock jumps to
-the next arrival instead of sleeping (so idle gaps cost no real time and tokens/s stays honest:
-tokens / (last finish - first arrival) on that clock).
+Time: a step's cost is measured (wall time, or this process's CPU time: `Clock`); when nothing is
+queued or running, the clock jumps to the next arrival instead of sleeping (so idle gaps cost no
+real time and tokens/s stays honest: tokens / (last finish - first arrival) on that clock).
 """
 
 from __future__ import annotations
@@ -44,14 +44,25 @@ from journey_dist.serving.trace import Request, validate_request
 POLICIES = ("continuous", "static")
 
 
-class Clock:
-    """Seconds since start: measured time plus idle gaps skipped to the next arrival."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-    def __init__(self) -> None:
-        self.start, self.skipped = time.perf_counter(), 0.0
+
+class Clock:
+    """Seconds since start: measured time plus idle gaps skipped to the next arrival.
+
+    "wall": wall-clock time. "cpu": this process's CPU time, which on a shared machine counts the
+    engine's work and not its waits for a core (with torch on one thread it equals wall time on
+    an idle machine; with more threads it adds theirs up, so use it with one).
+    """
+
+    def __init__(self, kind: str = "wall") -> None:
+        if kind not in CLOCKS:
+            raise ConfigError(f"clock={kind!r}; use one of {tuple(CLOCKS)}")
+        self.read = CLOCKS[kind]
+        self.start, self.skipped = self.read(), 0.0
 
     def now(self) -> float:
-        return time.perf_counter() - self.start + self.skipped
+        return self.read() - self.start + self.skipped
 
     def skip_to(self, t: float) -> None:
         self.skipped += max(0.0, t - self.now())
@@ -132,7 +143,8 @@ class ServingEngine:
     """Greedy generation for a trace of requests under a batching policy (see the module docstring)."""
 
     def __init__(self, model: GPT, num_blocks: int, block_size: int = 16, policy: str = "continuous",
-                 max_seqs: int = 16, max_batched_tokens: int = 256, check_invariants: bool = False):
+                 max_seqs: int = 16, max_batched_tokens: int = 256, clock: str = "wall",
+                 check_invariants: bool = False):
         if policy not in POLICIES:
             raise ConfigError(f"policy={policy!r}; use one of {POLICIES}")
         for name, value in (("max_seqs", max_seqs), ("max_batched_tokens", max_batched_tokens)):
@@ -145,7 +157,8 @@ class ServingEngine:
         self.cache = PagedKVCache(self.config, num_blocks, block_size, p.device, p.dtype)
         self.blocks = BlockManager(num_blocks, block_size)
         self.policy, self.max_seqs, self.max_batched_tokens = policy, max_seqs, max_batched_tokens
-        self.check_invariants = check_invariants
+        self.check_invariants, self.clock = check_invariants, clock
+        Clock(clock)  # a bad name fails here, before any request
         window = self.blocks.blocks_for(self.config.block_size)
         if policy == "static" and num_blocks < window:
             raise ConfigError(f"static batching reserves a full window ({self.config.block_size} tokens = "
@@ -214,7 +227,7 @@ class ServingEngine:
         running: list[SeqState] = []
         finished: list[SeqState] = []
         steps: list[dict] = []
-        clock = Clock()
+        clock = Clock(self.clock)
         while pending or waiting or any(not s.done for s in running):
             now = clock.now()
             while pending and pending[0].arrival_s <= now:
@@ -257,7 +270,7 @@ class ServingEngine:
             steps, self.cache.nbytes(), self.cache.bytes_per_token(),
             {"num_blocks": self.blocks.num_blocks, "block_size": self.blocks.block_size,
              "max_seqs": self.max_seqs, "max_batched_tokens": self.max_batched_tokens,
-             "context": self.config.block_size})
+             "context": self.config.block_size, "clock": self.clock})
 
     @staticmethod
     def _step_record(now: float, plan: list[tuple[SeqState, int]]) -> dict:
@@ -283,11 +296,12 @@ def reference_outputs(model: GPT, trace: list[Request]) -> dict[int, list[int]]:
     return out
 
 
-def timed_reference(model: GPT, trace: list[Request]) -> tuple[dict[int, list[int]], dict]:
-    """reference_outputs and its cost: generated tokens per second with no batching at all."""
-    t0 = time.perf_counter()
+def timed_reference(model: GPT, trace: list[Request],
+                    clock: str = "wall") -> tuple[dict[int, list[int]], dict]:
+    """reference_outputs and its cost on `clock`: generated tokens per second with no batching at all."""
+    timer = Clock(clock)
     out = reference_outputs(model, trace)
-    seconds = time.perf_counter() - t0
+    seconds = timer.now()
     made = sum(len(v) for v in out.values())
     return out, {"generated_tokens": made, "seconds": seconds, "tokens_per_s": made / seconds}
 
