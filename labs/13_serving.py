@@ -167,10 +167,16 @@ if MAIN:
     quant = quantization_report(model, data.val, args.group_size, with_torchao=not args.no_torchao)
     print(f"\nweight-only quantization (held-out {quant['held_out_tokens']:,} tokens; "
           f"torchao: {quant['torchao']})")
-    print(f"{'':<20} {'weights':>10} {'formula':>10} {'vs fp32':>8} {'perplexity':>11} {'vs fp32':>8}")
+    print(f"{'':<20} {'weights':>11} {'formula':>11} {'vs fp32':>8} {'perplexity':>11} {'vs fp32':>8} "
+          f"{'|W-W_q|/|W|':>11}")
     for name, r in quant["rows"].items():
-        print(f"{name:<20} {fmt_bytes(r['weight_bytes']):>10} {fmt_bytes(r['formula_bytes']):>10} "
-              f"{r['bytes_vs_fp32']:7.1%} {r['perplexity']:11.3f} {r['perplexity_vs_fp32']:+7.2%}")
+        err = f"{r['relative_weight_error']:11.2%}" if "relative_weight_error" in r else ""
+        print(f"{name:<20} {fmt_bytes(r['weight_bytes']):>11} {fmt_bytes(r['formula_bytes']):>11} "
+              f"{r['bytes_vs_fp32']:7.1%} {r['perplexity']:11.3f} {r['perplexity_vs_fp32']:+7.2%} {err}")
+    noise = quant["noise"]
+    print(f"for scale: Gaussian noise of {noise['relative_std']:.0%} of each weight's std on the same layers "
+          f"gives perplexity {noise['perplexity']:.3f} ({noise['perplexity_vs_fp32']:+.2%}): how much this "
+          f"model relies on its block linears at all")
     for name, a in quant["agreement"].items():
         print(f"ours vs torchao, {name}: {a['codes_differ']:.1%} of codes differ (by <= "
               f"{a['max_code_diff']}: torchao divides absmax by qmax + 0.5), weights within "

@@ -17,6 +17,7 @@ from journey_dist.serving.quant import (
     quantize_absmax,
     quantize_model,
     quantized_weight_bytes,
+    relative_weight_error,
     unpack_int4,
 )
 from journey_dist.serving.scheduler import ServingEngine, reference_outputs
@@ -215,6 +216,7 @@ def test_quantized_codes_within_half_a_step_and_bytes_equal_formula(tiny, bits, 
     assert codes.abs().max() == 2 ** (bits - 1) - 1  # the largest weight of a channel/group hits qmax
     q = quantize_model(tiny, bits, group)
     assert model_bytes(q) == quantized_weight_bytes(TINY, bits, group) < model_bytes(tiny)
+    assert 0 < relative_weight_error(tiny, q) < (0.01 if bits == 8 else 0.15)
     assert all(p.dtype == torch.float32 for p in tiny.parameters())  # the original is untouched
 
 

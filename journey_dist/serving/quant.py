@@ -212,11 +212,15 @@ def compare_with_torchao(ours: GPT, theirs: GPT, ids: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def quantization_report(model: GPT, held_out: torch.Tensor, group_size: int = 32,
-                        with_torchao: bool = True) -> dict:
+                        with_torchao: bool = True, noise: float = 1.0) -> dict:
     """fp32 vs int8 (per channel) vs int4 (per group): weight bytes measured and by formula, held-out
     perplexity per token (`model_stream_nll`); the same through torchao when installed and asked
     for (its formula: codes one per byte, an int8 zero point per scale), with
-    `compare_with_torchao`'s agreement. held_out: a 1-D token stream."""
+    `compare_with_torchao`'s agreement. held_out: a 1-D token stream.
+
+    For scale, `noise`: the perplexity when the same layers get seeded Gaussian noise of `noise` x
+    each weight matrix's std instead (how much this model relies on those layers at all), and the
+    quantization error of each scheme in the same unit (|W' - W| / |W|, Frobenius)."""
     cfg, n = model.config, len(held_out) - 1
     variants = {"fp32": (model, None, None), "int8": (quantize_model(model, 8), 8, None),
                 f"int4-g{group_size}": (quantize_model(model, 4, group_size), 4, group_size)}
@@ -235,14 +239,34 @@ def quantization_report(model: GPT, held_out: torch.Tensor, group_size: int = 32
     for row in rows.values():
         row["bytes_vs_fp32"] = row["weight_bytes"] / fp32["weight_bytes"]
         row["perplexity_vs_fp32"] = row["perplexity"] / fp32["perplexity"] - 1
+    for name, (m, bits, _) in variants.items():
+        if bits is not None and not name.startswith("torchao"):
+            rows[name]["relative_weight_error"] = relative_weight_error(model, m)
+    noisy = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    for name in block_linear_names(noisy):
+        w = noisy.get_submodule(name).weight.detach()
+        w.add_(torch.randn(w.shape, generator=gen) * w.std() * noise)
+    noise_row = {"relative_std": noise, "perplexity": math.exp(model_stream_nll(noisy, held_out) / n)}
+    noise_row["perplexity_vs_fp32"] = noise_row["perplexity"] / rows["fp32"]["perplexity"] - 1
     agreement = {}
     if "torchao int8" in variants:
         ids = held_out[: cfg.block_size][None]
         agreement = {"int8": compare_with_torchao(variants["int8"][0], variants["torchao int8"][0], ids),
                      f"int4-g{group_size}": compare_with_torchao(
                          variants[f"int4-g{group_size}"][0], variants[f"torchao int4-g{group_size}"][0], ids)}
-    return {"rows": rows, "agreement": agreement, "held_out_tokens": n,
+    return {"rows": rows, "agreement": agreement, "held_out_tokens": n, "noise": noise_row,
             "torchao": torchao_version() if with_torchao else "not asked for"}
+
+
+def relative_weight_error(model: GPT, quantized: GPT) -> float:
+    """|W' - W| / |W| (Frobenius) over all quantized block linears together."""
+    err = ref = 0.0
+    for name in block_linear_names(model):
+        w = model.get_submodule(name).weight.detach()
+        err += float((quantized.get_submodule(name).dequantized() - w).pow(2).sum())
+        ref += float(w.pow(2).sum())
+    return math.sqrt(err / ref)
 
 
 def torchao_version() -> str:
