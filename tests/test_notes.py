@@ -43,8 +43,16 @@ from journey_dist.parallel.pipeline_timeline import bubble_formula
 from journey_dist.parallel.tensor_parallel import analytic_collectives, padded_vocab_size
 from journey_dist.parallel.three_d import expected_comm_per_step
 from journey_dist.parallel.zero import padded_numel, shard_range, unsharded_adamw_state_bytes
-from journey_dist.tokenizer import BPETokenizer, split_chunks, train_merges
+from journey_dist.serving.quant import quantized_weight_bytes
+from journey_dist.tokenizer import (
+    BPETokenizer,
+    WordPieceTokenizer,
+    bert_pre_tokenize,
+    split_chunks,
+    train_merges,
+)
 from journey_dist.train import TrainConfig
+from journey_dist.vocab_growth import HeapsFit, bpe_compression, fit_heaps, types_vs_tokens, word_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = sorted((ROOT / "notes").glob("*.md"))
@@ -85,6 +93,18 @@ def bpe(source: str, num_merges: int) -> BPETokenizer:
 
 
 @functools.cache
+def wordpiece(source: str, vocab_size: int) -> WordPieceTokenizer:
+    """A WordPiece vocabulary learned on an embedded corpus, once per session (about a second)."""
+    return WordPieceTokenizer.train(text(source), vocab_size)
+
+
+@functools.cache
+def heaps(source: str) -> HeapsFit:
+    """Heaps' law fitted to an embedded corpus's word types vs words (lab 00's fit)."""
+    return fit_heaps(*types_vs_tokens(word_tokens(text(source))))
+
+
+@functools.cache
 def bench(name: str) -> dict:
     """A committed benchmark result (benchmarks/results/<name>.json): notes quote measurements
     from there, so rerunning a benchmark flags every sentence that now misquotes it."""
@@ -101,8 +121,9 @@ def meta_gpt(cfg: config.GPTConfig) -> GPT:
 def namespace() -> dict:
     """What a check may call: config and memory-estimate functions, comm and pipeline formulas,
 DP bucket planning, the model on the meta device (P = get_preset), and the labs' pure functions:
-the BPE tokenizer (`bpe(corpus, merges)`: trained once per session) and n-gram model (tiny texts
-only: a note's `let` runs once per test session), LoRA parameter counts on a real gpt-mini,
+the BPE tokenizer (`bpe(corpus, merges)`: trained once per session), WordPiece (`wordpiece(corpus,
+size)`) and Heaps' law (`heaps(corpus)`), the n-gram model (tiny texts only: a note's `let` runs
+once per test session), serving's quantized weight bytes, LoRA parameter counts on a real gpt-mini,
 the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
 accounting and DeepSpeed's config builder. None of them needs a process group."""
     ns = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")}
@@ -114,6 +135,9 @@ accounting and DeepSpeed's config builder. None of them needs a process group.""
     ns.update(BPETokenizer=BPETokenizer, split_chunks=split_chunks, train_merges=train_merges,
               NGramLM=NGramLM, per_byte_perplexity=per_byte_perplexity, text=text, bpe=bpe)
     ns.update(lora_counts=lora_counts, bench=bench)
+    ns.update(wordpiece=wordpiece, heaps=heaps, bert_pre_tokenize=bert_pre_tokenize, word_tokens=word_tokens,
+              types_vs_tokens=types_vs_tokens, bpe_compression=bpe_compression,
+              quantized_weight_bytes=quantized_weight_bytes)
     ns.update(paged_vs_preallocated=paged_vs_preallocated, sample_lengths=sample_lengths,
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
