@@ -1,6 +1,7 @@
 """Serving: paged attention reads K/V through block tables, continuous and static batching give
 one-request-at-a-time greedy tokens (with preemption), bad requests are refused, quantization."""
 
+import copy
 import random
 
 import pytest
@@ -196,6 +197,15 @@ def test_bad_requests_are_refused_before_any_step(tiny, name):
 def test_bad_engine_settings(tiny, kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
         ServingEngine(tiny, block_size=4, **kwargs)
+
+
+def test_a_model_without_gpt2_attention_is_refused_up_front(tiny):
+    other = copy.deepcopy(tiny)
+    for block in other.transformer.h:  # e.g. separate q/k/v projections, as the Llama family has
+        block.attn.q_proj = block.attn.c_attn
+        del block.attn.c_attn
+    with pytest.raises(ConfigError, match=r"paged serving runs GPT-2 blocks.*serving/paged.py"):
+        ServingEngine(other, num_blocks=8, block_size=4)
 
 
 def test_trace_is_seeded_and_fits_the_context():

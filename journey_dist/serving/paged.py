@@ -115,12 +115,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: At
     return y.transpose(1, 2)[group.query_valid]  # (n, H, D), the flat order again
 
 
+def check_model(model: nn.Module) -> None:
+    """ConfigError unless paged_forward can run this model: GPT-2 blocks (fused c_attn, learned
+    positions wpe). Called when an engine is built, before any request."""
+    tr = getattr(model, "transformer", None)
+    attn = tr.h[0].attn if tr is not None and len(tr.h) else None
+    if attn is None or not hasattr(attn, "c_attn") or not hasattr(tr, "wpe"):
+        raise ConfigError(f"paged serving runs GPT-2 blocks (fused c_attn, learned positions wpe); "
+                          f"{type(attn).__name__ if attn is not None else type(model).__name__} is not one: "
+                          f"add its q/k/v projections (and rotary positions) to serving/paged.py "
+                          f"(project_qkv, paged_forward)")
+
+
 def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, C) -> q (N, H, D), k and v (N, kv_heads, D) through the block's own projection."""
-    if not hasattr(attn, "c_attn"):
-        raise ConfigError(f"paged serving runs the GPT-2 attention (fused c_attn); {type(attn).__name__} "
-                          f"has no c_attn: add its q/k/v projections (and rotary positions) to "
-                          f"serving/paged.py:project_qkv")
+    """(N, C) -> q (N, H, D), k and v (N, kv_heads, D) through the block's own fused c_attn."""
     H, D = attn.n_head, attn.head_dim
     q, k, v = attn.c_attn(x).split(H * D, dim=-1)
     return q.view(-1, H, D), k.view(-1, H, D), v.view(-1, H, D)

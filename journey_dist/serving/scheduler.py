@@ -38,7 +38,7 @@ import torch
 from journey_dist.config import ConfigError
 from journey_dist.model import GPT, next_token
 from journey_dist.serving.blocks import BlockManager, PagedKVCache
-from journey_dist.serving.paged import build_batch, paged_forward
+from journey_dist.serving.paged import build_batch, check_model, paged_forward
 from journey_dist.serving.trace import Request, validate_request
 
 POLICIES = ("continuous", "static")
@@ -151,6 +151,7 @@ class ServingEngine:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer (requests per step / "
                                   f"tokens per step; e.g. 16 and 256)")
+        check_model(model)
         self.model, self.config = model.eval(), model.config
         p = next(model.parameters())
         self.device = p.device
