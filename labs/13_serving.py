@@ -1,7 +1,7 @@
 """Lab 13: serving: continuous batching over a paged KV cache, weight-only quantization, TP inference.
 
-    python labs/13_serving.py                          # ~40 s on a 2-core CPU (with lab 01's model)
-    python labs/13_serving.py --requests 16 --tp 0     # quicker: fewer requests, no TP ranks
+    python labs/13_serving.py                      # ~1 min on a busy 2-core CPU; less with lab 01's model
+    python labs/13_serving.py --requests 16 --tp 0 # quicker: fewer requests, no TP ranks
 
 What to look at:
 * one trace of requests (prompts cut from the held-out text, log-normal lengths, Poisson arrivals)
