@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import json
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -243,3 +244,191 @@ class BPETokenizer:
     def load(cls, path: str | Path) -> BPETokenizer:
         data = json.loads(Path(path).read_text())
         return cls([tuple(m) for m in data["merges"]], data["special_tokens"], data["pattern"])
+
+
+# --------------------------------------------------------------------------- WordPiece (BERT)
+
+
+def _is_space(ch: str) -> bool:
+    # Rust's char::is_whitespace (what HF tokenizers uses); Python's isspace() also counts the
+    # information separators U+001C..U+001F, which Rust does not
+    return ch.isspace() and not "\x1c" <= ch <= "\x1f"
+
+
+def _is_bert_punctuation(ch: str) -> bool:
+    # HF's BertPreTokenizer: ASCII punctuation (including $ + < = > ^ ` | ~) or Unicode category P*
+    return ch in _ASCII_PUNCTUATION or unicodedata.category(ch).startswith("P")
+
+
+_ASCII_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+def bert_pre_tokenize(text: str) -> list[str]:
+    """BERT's pre-split: drop whitespace, every punctuation character a word of its own."""
+    words, current = [], []
+    for ch in text:
+        if _is_space(ch) or _is_bert_punctuation(ch):
+            if current:
+                words.append("".join(current))
+                current = []
+            if not _is_space(ch):
+                words.append(ch)
+        else:
+            current.append(ch)
+    if current:
+        words.append("".join(current))
+    return words
+
+
+def train_wordpiece(word_counts: dict[str, int] | Counter, vocab_size: int,
+                    special_tokens: tuple[str, ...] = ("[UNK]",), prefix: str = "##") -> list[str]:
+    """Learn a WordPiece vocabulary: special tokens, the alphabet, then merges up to vocab_size.
+
+    Words start as characters, every non-initial one carrying the continuation prefix
+    ("word" -> w ##o ##r ##d). Each step merges the pair (a, b) with the highest score
+        count(a b) / (count(a) x count(b)),
+    the gain in a unigram model's likelihood from treating "ab" as one unit (counts weighted by
+    word frequency): a pair of symbols that mostly occur together wins over a pair of common
+    ones that only sometimes do. The new token is a followed by b without its prefix. Ties: the
+    more frequent pair, then the alphabetically first. Scores are kept in a heap; after a merge
+    every pair that contains a, b or the new token is re-scored (their counts are what changed).
+    """
+    words = [[w[0]] + [prefix + c for c in w[1:]] for w in word_counts]
+    counts = list(word_counts.values())
+    vocab = list(dict.fromkeys([*special_tokens, *sorted({t for w in words for t in w})]))
+    freq: Counter = Counter()
+    pair_count: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    pairs_of: dict[str, set[tuple[str, str]]] = {}
+    for i, (word, c) in enumerate(zip(words, counts)):
+        for t in word:
+            freq[t] += c
+        for pair in zip(word, word[1:]):
+            pair_count[pair] += c
+            where.setdefault(pair, set()).add(i)
+
+    def score(pair: tuple[str, str]) -> float:
+        return pair_count[pair] / (freq[pair[0]] * freq[pair[1]])
+
+    for pair in pair_count:
+        for t in pair:
+            pairs_of.setdefault(t, set()).add(pair)
+    heap = [(-score(p), -pair_count[p], p) for p in pair_count]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        neg_score, _, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) <= 0 or -neg_score != score(pair):
+            continue  # stale: a fresher entry for this pair was pushed when it changed
+        a, b = pair
+        new = a + b[len(prefix):]
+        vocab.append(new)
+        touched: set[tuple[str, str]] = set()
+        for i in where.pop(pair, ()):
+            word, c = words[i], counts[i]
+            merged, j = [], 0
+            while j < len(word):
+                if j + 1 < len(word) and word[j] == a and word[j + 1] == b:
+                    merged.append(new)
+                    freq[a] -= c
+                    freq[b] -= c
+                    freq[new] += c
+                    j += 2
+                else:
+                    merged.append(word[j])
+                    j += 1
+            if len(merged) == len(word):
+                continue  # stale index entry
+            for p in zip(word, word[1:]):
+                pair_count[p] -= c
+                touched.add(p)
+            for p in zip(merged, merged[1:]):
+                pair_count[p] += c
+                touched.add(p)
+                where.setdefault(p, set()).add(i)
+            words[i] = merged
+        for p in touched:
+            for t in p:
+                group = pairs_of.setdefault(t, set())
+                (group.add if pair_count[p] > 0 else group.discard)(p)
+        rescore = touched | pairs_of.get(a, set()) | pairs_of.get(b, set()) | pairs_of.get(new, set())
+        for p in rescore:
+            if pair_count[p] > 0:
+                heapq.heappush(heap, (-score(p), -pair_count[p], p))
+    return vocab
+
+
+class WordPieceTokenizer:
+    """WordPiece encoding: BERT's pre-split, then greedy longest-match-first per word.
+
+    Within a word, take the longest vocabulary entry that starts it, then the longest that starts
+    the rest (looked up with the continuation prefix, "##"), and so on; if some position matches
+    nothing, or the word is longer than max_input_chars_per_word characters, the whole word is
+    the unknown token. This is Hugging Face tokenizers' WordPiece model with BertPreTokenizer
+    (and a Lowercase normalizer when lowercase=True); tests/test_tokenizer.py checks the ids.
+    """
+
+    def __init__(self, vocab: list[str], unk_token: str = "[UNK]", prefix: str = "##",
+                 max_input_chars_per_word: int = 100, lowercase: bool = True):
+        if unk_token not in vocab:
+            raise ValueError(f"unk_token {unk_token!r} is not in the vocabulary; put it first, as train does")
+        self.vocab, self.ids = list(vocab), {t: i for i, t in enumerate(vocab)}
+        self.unk_token, self.prefix = unk_token, prefix
+        self.max_input_chars_per_word, self.lowercase = max_input_chars_per_word, lowercase
+        self._longest = max(len(t) for t in vocab)
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int, lowercase: bool = True,
+              special_tokens: tuple[str, ...] = ("[UNK]",), prefix: str = "##") -> WordPieceTokenizer:
+        """Learn a vocabulary of vocab_size entries from text (train_wordpiece)."""
+        counts = Counter(bert_pre_tokenize(text.lower() if lowercase else text))
+        return cls(train_wordpiece(counts, vocab_size, special_tokens, prefix), special_tokens[0], prefix,
+                   lowercase=lowercase)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def split_word(self, word: str) -> list[str]:
+        """Greedy longest-match-first pieces of one pre-split word ([unk] if it cannot be covered)."""
+        if len(word) > self.max_input_chars_per_word:
+            return [self.unk_token]
+        pieces, start = [], 0
+        while start < len(word):
+            end = min(len(word), start + self._longest)
+            while end > start:
+                piece = word[start:end] if start == 0 else self.prefix + word[start:end]
+                if piece in self.ids:
+                    break
+                end -= 1
+            else:
+                return [self.unk_token]
+            pieces.append(piece)
+            start = end
+        return pieces
+
+    def tokens(self, text: str) -> list[str]:
+        text = text.lower() if self.lowercase else text
+        return [p for word in bert_pre_tokenize(text) for p in self.split_word(word)]
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids[t] for t in self.tokens(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        """Pieces joined by spaces, continuation pieces glued to the one before (not lossless:
+        the pre-split dropped whitespace and case)."""
+        return " ".join(self.vocab[i] for i in ids).replace(" " + self.prefix, "")
+
+
+def hf_wordpiece(tok: WordPieceTokenizer):
+    """The same vocabulary as a Hugging Face `tokenizers` WordPiece model with BertPreTokenizer
+    (and Lowercase when tok.lowercase): the reference our encoding is checked against."""
+    # deferred: tokenizers is an optional dependency (the [test] extra, or with transformers)
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    hf = Tokenizer(models.WordPiece(dict(tok.ids), unk_token=tok.unk_token,
+                                    continuing_subword_prefix=tok.prefix,
+                                    max_input_chars_per_word=tok.max_input_chars_per_word))
+    if tok.lowercase:
+        hf.normalizer = normalizers.Lowercase()
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return hf

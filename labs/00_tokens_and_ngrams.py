@@ -7,6 +7,10 @@ What to look at:
 * a byte-level BPE learned from scratch: its first merges (' t', 'th', ' the', ...), how words
   split at 0, 100, 500, 2000 merges next to their morphemes (BPE knows frequency, not meaning);
 * compression: bytes per token rising with the merge count, a little less on held-out text;
+* WordPiece (BERT) trained to the same size by its likelihood score: other splits, more tokens
+  per word, [UNK] for what it never saw, ids equal to Hugging Face tokenizers' WordPiece;
+* vocabulary growth: distinct words keep coming as text grows, V = K n^beta (Heaps' law, fitted
+  on both corpora), and bytes per token vs BPE vocabulary size on train, held-out and another text;
 * n-gram perplexity vs n: add-k collapses as n grows (unseen n-grams take the mass),
   interpolated Kneser-Ney keeps improving;
 * one table of held-out perplexity *per byte* (so byte and BPE models compare) with gpt-mini:
@@ -14,11 +18,12 @@ What to look at:
   70 KB corpus the 5-gram Kneser-Ney wins (about 4.1 per byte against about 10 for lab 01's
   gpt-mini): most held-out 5-grams occur in the training text, and gpt-mini is undertrained.
   notes/ngrams.md works out why, and when neural models win instead.
-Results: runs/00_tokens_and_ngrams/result.json and compression.png.
+Results: runs/00_tokens_and_ngrams/result.json, compression.png and vocab_growth.png.
 """
 
 # %% Setup
 import argparse
+import importlib.util
 import math
 import time
 
@@ -29,12 +34,13 @@ import matplotlib.pyplot as plt
 import torch
 
 from journey_dist.config import ConfigError, GPTConfig, get_preset
-from journey_dist.data import load_tokens
+from journey_dist.data import load_text, load_tokens
 from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, model_stream_nll, per_byte_perplexity
 from journey_dist.runtime import runs_dir, save_json, seed_everything
-from journey_dist.tokenizer import BPETokenizer
+from journey_dist.tokenizer import BPETokenizer, WordPieceTokenizer, bert_pre_tokenize, hf_wordpiece
 from journey_dist.train import TrainConfig, train
+from journey_dist.vocab_growth import bpe_compression, fit_heaps, types_vs_tokens, word_tokens
 
 LAB = "00_tokens_and_ngrams"
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,6 +108,59 @@ png.parent.mkdir(parents=True, exist_ok=True)
 fig.savefig(png, dpi=120, bbox_inches="tight")
 print(f"plot: {png}")
 
+# %% WordPiece (BERT): merges scored by likelihood, count(ab) / (count(a) count(b)), not by count
+wp = WordPieceTokenizer.train(train_text, bpe.vocab_size)  # lowercased, BERT's pre-split, ## pieces
+print(f"\nWordPiece trained to {wp.vocab_size} entries, as many as the BPE; word | BPE | WordPiece")
+for word in MORPHEMES:
+    shown = "|".join(splits[word][counts[-1]]).replace(" ", "▁")
+    print(f"  {word:<18} {shown:<30} {'|'.join(wp.tokens(word))}")
+val_words = len(bert_pre_tokenize(val_text))
+wp_val = wp.tokens(val_text)
+wordpiece = {"vocab": wp.vocab_size, "splits": {w: wp.tokens(w) for w in MORPHEMES},
+             "val_tokens_per_word": len(wp_val) / val_words,
+             "val_unknown": wp_val.count(wp.unk_token) / len(wp_val),
+             "bpe_val_tokens_per_word": len(bpe.encode(val_text)) / val_words}
+print(f"held-out: WordPiece {wordpiece['val_tokens_per_word']:.2f} tokens per word "
+      f"({wordpiece['val_unknown']:.2%} [UNK]), BPE {wordpiece['bpe_val_tokens_per_word']:.2f} (BPE also "
+      f"spends tokens on spaces, and never needs [UNK]); the likelihood score spends merges on rare "
+      f"pairs that always occur together")
+if importlib.util.find_spec("tokenizers"):
+    wordpiece["hf_identical"] = wp.encode(val_text) == hf_wordpiece(wp).encode(val_text).ids
+    print(f"Hugging Face tokenizers' WordPiece with this vocabulary: same ids on held-out text: "
+          f"{wordpiece['hf_identical']}")
+else:
+    print("(Hugging Face tokenizers is not installed: tests/test_wordpiece.py has the parity check)")
+
+# %% Vocabulary growth: new words never stop coming (Heaps' law), so tokenizers use subwords
+growth = {}
+fig, (ax_heaps, ax_vocab) = plt.subplots(1, 2, figsize=(11, 4))
+print("\ncorpus | words | distinct | Heaps fit V = K n^beta: K, beta (R^2 in log space)")
+for name in ("handbook", "dialogues"):
+    n, v = types_vs_tokens(word_tokens(load_text(name)))
+    fit = fit_heaps(n, v)
+    growth[name] = {"words": n[-1], "types": v[-1], **fit.to_dict(), "n": n, "types_at_n": v}
+    print(f"  {name:<9} | {n[-1]:6,} | {v[-1]:5,} | K = {fit.K:.2f}, beta = {fit.beta:.3f} "
+          f"(R^2 {fit.r2:.4f})")
+    ax_heaps.loglog(n, v, "o", ms=3, label=name)
+    ax_heaps.loglog(n, [fit.predict(x) for x in n], "-", lw=1, label=f"{fit.K:.1f} n^{fit.beta:.2f}")
+ax_heaps.set(xlabel="words read (n)", ylabel="distinct words V(n)", title="Heaps' law")
+ax_heaps.legend()
+largest = 256 + len(bpe.merges)
+sizes = sorted({s for s in (256, 384, 512, 1024, 1536, 2048) if s < largest} | {largest})
+texts = {"train": train_text, "held-out": val_text, "dialogues": load_text("dialogues")}
+vocab_rows = bpe_compression(bpe, texts, sizes)
+print(f"BPE vocabulary (learned on {args.data} train) | bytes per token: train, held-out, dialogues")
+for r in vocab_rows:
+    print(f"  {r['vocab']:5d} | {r['train']:.2f} {r['held-out']:.2f} {r['dialogues']:.2f}")
+for key, style in (("train", "o-"), ("held-out", "s--"), ("dialogues", "^:")):
+    ax_vocab.plot(sizes, [r[key] for r in vocab_rows], style, label=key)
+ax_vocab.set(xscale="log", xlabel="BPE vocabulary size", ylabel="bytes per token",
+             title="compression vs vocabulary")
+ax_vocab.legend()
+growth_png = runs_dir(LAB) / "vocab_growth.png"
+fig.savefig(growth_png, dpi=120, bbox_inches="tight")
+print(f"plot: {growth_png}")
+
 # %% n-gram perplexity vs n, over bytes and over BPE tokens
 ngram_tok = bpe.truncated(args.ngram_merges)
 streams = {"bytes": (data.train.tolist(), data.val.tolist(), 256),
@@ -163,6 +222,7 @@ path = save_json(LAB, "result", {
     "data": args.data, "merges": len(bpe.merges), "bpe_train_seconds": train_s,
     "first_merges": [bpe.token_str(256 + i) for i in range(min(50, len(bpe.merges)))],
     "splits": splits, "morphemes": MORPHEMES, "compression": compression, "ngram": ngram_rows,
-    "per_byte_table": table, "plot": str(png),
+    "per_byte_table": table, "plot": str(png), "wordpiece": wordpiece, "heaps": growth,
+    "bpe_vocab_bytes_per_token": vocab_rows, "vocab_growth_plot": str(growth_png),
 })
 print(f"wrote {path}")

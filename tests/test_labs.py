@@ -43,3 +43,25 @@ def test_lab07_memory_claims(tmp_path):
         assert rows[exact]["measured"] == rows[exact]["estimated"], rows[exact]
     peak = [row for name, row in rows.items() if "peak" in name or "total" in name]
     assert peak and all(abs(row["error_pct"]) < 5 for row in peak), peak
+
+
+def test_lab13_serving_claims(tmp_path):
+    args = ("--preset", "tiny", "--requests", "12", "--blocks", "8", "--max-seqs", "8", "--train-steps", "3",
+            "--group-size", "16")
+    _, r = run_lab("13_serving", *args, runs_dir=tmp_path)
+    runs = r["batching"]
+    assert len(runs) == 3 and all(v["identical"] for v in runs.values())  # = one request at a time
+    static, *continuous = runs.values()
+    assert static["mixed_steps"] == 0 and all(c["mixed_steps"] > 0 for c in continuous)
+    assert all(c["kv_used_over_reserved"] > static["kv_used_over_reserved"] for c in continuous)
+    q = r["quantization"]["rows"]
+    for name, row in q.items():  # ours and torchao's (if installed), each against its layout's formula
+        assert row["weight_bytes"] == row["formula_bytes"], name
+    assert q["int4-g16"]["weight_bytes"] < q["int8"]["weight_bytes"] < q["fp32"]["weight_bytes"]
+    for a in r["quantization"]["agreement"].values():  # torchao installed: codes within one step of ours
+        assert a["max_code_diff"] <= 1
+    assert len(r["tp"]) == 2
+    for rank in r["tp"]:
+        assert rank["greedy_identical"] and rank["weight_bytes"] == rank["weight_bytes_formula"]
+        per_rank = rank["cache_bytes_per_rank"]
+        assert per_rank == rank["cache_bytes_formula"] == rank["cache_bytes_one_process"] // 2

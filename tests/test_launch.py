@@ -15,7 +15,7 @@ from journey_dist.runtime import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-LABS = ["00", "01", "02", "03", "04", "05", "06", "07", "08", "09", "10"]
+LABS = sorted(lab.name[:2] for lab in (ROOT / "labs").glob("[0-9][0-9]_*.py"))  # every lab, as labs/ has them
 COLUMNS = ["1 CPU", "2 CPU ranks", "1 GPU", "8 GPUs (one machine)", "2 nodes"]
 
 

@@ -97,3 +97,12 @@ def test_lab_00_runs(tmp_path):
     ratios = [r["val_bytes_per_token"] for r in result["compression"]]
     assert ratios == sorted(ratios)
     assert any(r["model"].startswith("gpt-mini") for r in result["per_byte_table"])
+    # the WordPiece and vocabulary-growth cells: HF parity, Heaps' law fitted, compression vs size
+    assert result["wordpiece"]["vocab"] == 300 + 256 + 1 and result["wordpiece"]["hf_identical"]
+    for corpus in ("handbook", "dialogues"):
+        assert 0 < result["heaps"][corpus]["beta"] < 1 and result["heaps"][corpus]["r2"] > 0.98
+    sizes = [r["vocab"] for r in result["bpe_vocab_bytes_per_token"]]
+    assert sizes[0] == 256 and sizes[-1] == 556
+    assert (tmp_path / "00_tokens_and_ngrams" / "vocab_growth.png").is_file()
+    held_out = [r["held-out"] for r in result["bpe_vocab_bytes_per_token"]]
+    assert held_out == sorted(held_out)

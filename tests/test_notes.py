@@ -48,8 +48,16 @@ from journey_dist.parallel.sharding.fsdp import unit_bytes
 from journey_dist.parallel.sharding.zero import padded_numel, shard_range, unsharded_adamw_state_bytes
 from journey_dist.parallel.tensor.parallelize import analytic_collectives, padded_vocab_size
 from journey_dist.parity import fresh_model
-from journey_dist.tokenizer import BPETokenizer, split_chunks, train_merges
+from journey_dist.serving.quant import quantized_weight_bytes
+from journey_dist.tokenizer import (
+    BPETokenizer,
+    WordPieceTokenizer,
+    bert_pre_tokenize,
+    split_chunks,
+    train_merges,
+)
 from journey_dist.train import TrainConfig
+from journey_dist.vocab_growth import HeapsFit, bpe_compression, fit_heaps, types_vs_tokens, word_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = sorted((ROOT / "notes").glob("*.md"))
@@ -90,6 +98,18 @@ def bpe(source: str, num_merges: int) -> BPETokenizer:
 
 
 @functools.cache
+def wordpiece(source: str, vocab_size: int) -> WordPieceTokenizer:
+    """A WordPiece vocabulary learned on an embedded corpus, once per session (about a second)."""
+    return WordPieceTokenizer.train(text(source), vocab_size)
+
+
+@functools.cache
+def heaps(source: str) -> HeapsFit:
+    """Heaps' law fitted to an embedded corpus's word types vs words (lab 00's fit)."""
+    return fit_heaps(*types_vs_tokens(word_tokens(text(source))))
+
+
+@functools.cache
 def bench(name: str) -> dict:
     """A committed benchmark result (benchmarks/results/<name>.json): notes quote measurements
     from there, so rerunning a benchmark flags every sentence that now misquotes it."""
@@ -117,8 +137,9 @@ def meta_gpt(cfg: config.GPTConfig) -> GPT:
 def namespace() -> dict:
     """What a check may call: config and memory-estimate functions, comm and pipeline formulas,
 DP bucket planning, the model on the meta device (P = get_preset), and the labs' pure functions:
-the BPE tokenizer (`bpe(corpus, merges)`: trained once per session) and n-gram model (tiny texts
-only: a note's `let` runs once per test session), LoRA parameter counts on a real gpt-mini,
+the BPE tokenizer (`bpe(corpus, merges)`: trained once per session), WordPiece (`wordpiece(corpus,
+size)`) and Heaps' law (`heaps(corpus)`), the n-gram model (tiny texts only: a note's `let` runs
+once per test session), serving's quantized weight bytes, LoRA parameter counts on a real gpt-mini,
 the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
 accounting and DeepSpeed's config builder, number formats (numerics.py), scaling laws
 (scaling.py), communication-reduction bytes (compression.py) and a small model's first
@@ -144,6 +165,9 @@ gradients. None of them needs a process group."""
     ns.update({k: getattr(compression, k) for k in (
         "quantized_bytes", "zero3_step_bytes", "powersgd_elements", "powersgd_defaults",
         "one_bit_adam_volume")})
+    ns.update(wordpiece=wordpiece, heaps=heaps, bert_pre_tokenize=bert_pre_tokenize, word_tokens=word_tokens,
+              types_vs_tokens=types_vs_tokens, bpe_compression=bpe_compression,
+              quantized_weight_bytes=quantized_weight_bytes)
     ns.update(paged_vs_preallocated=paged_vs_preallocated, sample_lengths=sample_lengths,
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
