@@ -5,12 +5,12 @@ Every number comes from the function the labs and tests check against a measurem
     validation   ParallelConfig.validate (world size, head/vocab/layer divisibility, batch)
     layout       mesh.layout_text (capped for big worlds)
     memory       memory.estimate.estimate_memory, one pipeline stage at a time
-    comm         parallel/compose.expected_comm_per_step (tp all-reduce, pp send, dp all-reduce; equal to the
-                 CommLedger in tests/test_three_d.py); sequence parallel (pp = 1):
-                 parallel/tensor/parallelize.analytic_collectives; ZeRO: a reduce-scatter of the gradients and an
-                 all-gather of the weights over dp (zero.py's flat buffer, zero.padded_numel)
+    comm         parallel/compose.expected_comm_per_step (tp all-reduce, pp send, dp all-reduce;
+                 equal to the CommLedger in tests/test_three_d.py); sequence parallel (pp = 1):
+                 parallel/tensor/parallelize.analytic_collectives; ZeRO: a reduce-scatter of the
+                 gradients and an all-gather of the weights over dp (sharding/zero.py's flat buffer)
     wire bytes   comm.ring_factor: what one rank sends on a ring for the bytes it hands over
-    bubble       pipeline_timeline.bubble_formula, (p - 1) / (m + p - 1)
+    bubble       parallel/pipeline/timeline.bubble_formula, (p - 1) / (m + p - 1)
 
 Sits at the top of the import flow with cli (it reads memory/* and parallel/*).
 """

@@ -189,8 +189,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: Iterab
     whose gradients overflowed is skipped.
     """
     if autocast == "fp16" and scaler is None:
-        raise ConfigError("autocast='fp16' without a GradScaler lets small gradients underflow to zero; "
-                          "pass scaler=make_grad_scaler(device, 'fp16') (train() does) or use 'bf16'")
+        raise ConfigError("autocast='fp16' needs a loss scaler or small gradients underflow to zero: "
+                          "pass scaler=make_grad_scaler(device, 'fp16') (train() does), or use 'bf16'")
     micro = list(micro)
     device = micro[0][0].device
     total = torch.zeros((), device=device)
