@@ -185,7 +185,8 @@ def test_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
 # ------------------------------------------------------------------ the labs, run as a learner runs them
 
 
-def _run_lab(tmp_path: Path, lab: str, args: list[str], env: dict[str, str] | None = None):
+def _run_lab(tmp_path: Path, lab: str, args: list[str], env: dict[str, str] | None = None,
+             timeout_s: float = 180):
     """labs/<lab> with `args` ({thesis}, {nine_bytes}, {a_dir} filled in), from a scratch directory."""
     paths = {"thesis": lambda: _thesis(tmp_path), "nine_bytes": lambda: _text_file(tmp_path, b"x" * 9),
              "a_dir": lambda: tmp_path}
@@ -193,7 +194,7 @@ def _run_lab(tmp_path: Path, lab: str, args: list[str], env: dict[str, str] | No
     full_env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JOURNEY_RUNS_DIR": str(tmp_path / "runs"),
                 **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "labs" / lab), *argv], capture_output=True, text=True,
-                          timeout=180, cwd=tmp_path, env=full_env)
+                          timeout=timeout_s, cwd=tmp_path, env=full_env)
 
 
 def _runs_file(tmp_path: Path) -> dict[str, str]:
@@ -389,6 +390,7 @@ def test_labs_reject_bad_arguments_before_any_rank_starts(tmp_path, lab, args, m
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_lab10_runs_in_its_own_directory_and_deletes_only_its_entries(tmp_path):
     """A directory lab 10 owns (as after an earlier run), holding an old checkpoint entry and the
     learner's notes: the run succeeds, the old entry is replaced, the notes survive."""
@@ -398,7 +400,7 @@ def test_lab10_runs_in_its_own_directory_and_deletes_only_its_entries(tmp_path):
     stale.write_bytes(b"an earlier run's checkpoint")
     (own / "notes.txt").write_text("the learner's own notes\n")
     proc = _run_lab(tmp_path, "10_reliability.py", ["--preset", "tiny", "--steps", "4", "--every", "1",
-                                                    "--crash-at", "2", "--dir", str(own)])
+                                                    "--crash-at", "2", "--dir", str(own)], timeout_s=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (own / "notes.txt").read_text() == "the learner's own notes\n" and not stale.exists()
     assert sorted(p.name for p in own.iterdir()) == sorted([labkit.OWNER_FILE, "notes.txt", "file", "dcp",
