@@ -7,6 +7,7 @@ computed a plan that does not fit in M per GPU, so a launch script can gate on i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from journey_dist.config import PRESETS, ConfigError
@@ -29,8 +30,14 @@ def _cmd_presets(_args: argparse.Namespace) -> None:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> None:
+    from journey_dist.labkit import RUNS_ENV, check_writable_dir
     from journey_dist.memory.report import estimate_command
+    from journey_dist.runtime import runs_dir
 
+    if args.out is not None:
+        os.environ[RUNS_ENV] = args.out
+    # before estimating or measuring: the results (runs/estimate/<name>.json, .png) must be writable
+    check_writable_dir(runs_dir("estimate"), "pass --out DIR (or set JOURNEY_RUNS_DIR) to write elsewhere")
     estimate_command(args)
 
 
@@ -38,6 +45,8 @@ def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
     from journey_dist.memory.report import add_estimate_arguments
 
     add_estimate_arguments(parser)
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="write results under DIR/estimate/ (default: $JOURNEY_RUNS_DIR or ./runs)")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

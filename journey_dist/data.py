@@ -7,6 +7,7 @@ rows a single process sees for the global batch, which is what parity tests need
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,6 +24,9 @@ def load_text(source: str = "handbook") -> str:
     if source in CORPORA:
         return resources.files("journey_dist").joinpath(f"corpus/{source}.txt").read_text("utf-8")
     path = Path(source)
+    if path.is_dir():
+        raise ConfigError(f"data path {source!r} is a directory; pass a UTF-8 text file or one of the "
+                          f"embedded corpora: {', '.join(CORPORA)}")
     if not path.is_file():
         raise ConfigError(
             f"data file {source!r} not found; pass an existing text file or one of the "
@@ -100,28 +104,37 @@ def load_tokens(source: str = "handbook", level: str = "byte", val_fraction: flo
     return TokenData(ids[: len(ids) - n_val], ids[len(ids) - n_val:], tok)
 
 
-def check_fits(data: TokenData, batch_size: int, block_size: int) -> None:
+def check_fits(data: TokenData, batch_size: int, block_size: int, *,
+               flags: Mapping[str, str] | None = None) -> None:
     """Raise ConfigError before training when the text cannot feed this batch shape.
 
     A sample needs block_size+1 tokens; validation needs the same from the held-out tail; and a
     batch asking for more tokens than the training text holds would repeat the text every step
     (batches sample start positions with replacement, so nothing else would complain).
+    `flags` spells the fix in a program's own flags: {"data": "--data", "batch_size": "--batch-size"};
+    without them the fix names the parameters.
     """
+    flags = flags or {}
+    batch = flags.get("batch_size")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer; use batch_size >= 1")
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer; use "
+                          f"{batch or 'batch_size'} >= 1")
+    longer = f"pass {flags['data']} a longer text" if "data" in flags else "use a longer text"
     for split, tokens in (("training", data.train), ("validation", data.val)):
         if len(tokens) <= block_size + 1:
-            raise ConfigError(
-                f"the {split} text has {len(tokens)} tokens but a sample needs block_size+1 = "
-                f"{block_size + 1}; use a longer text (the last 10% is validation) or a smaller "
-                f"block_size (at most {max(1, len(tokens) - 2)})"
-            )
+            need = 10 * (block_size + 2)  # the last 10% is validation and needs block_size+2 tokens too
+            fix = (f"{longer} (at least {need:,} tokens: the last 10% is validation)" if "data" in flags else
+                   f"{longer} (the last 10% is validation) or a smaller block_size (at most "
+                   f"{max(1, len(tokens) - 2)})")
+            raise ConfigError(f"the {split} text has {len(tokens)} tokens but a sample needs block_size+1 = "
+                              f"{block_size + 1}; {fix}")
     if batch_size * block_size > len(data.train):
+        most = max(1, len(data.train) // block_size)
         raise ConfigError(
             f"one batch of {batch_size} x {block_size} = {batch_size * block_size:,} tokens is "
             f"larger than the training text ({len(data.train):,} tokens): every step would see "
-            f"the same text several times; use batch_size <= {max(1, len(data.train) // block_size)}"
-            " or a longer text"
+            f"the same text several times; use {batch or 'batch_size'} <= {most} or "
+            f"{longer.removeprefix('use ')}"
         )
 
 

@@ -21,8 +21,7 @@ What to look at:
 Results: runs/00_tokens_and_ngrams/result.json, compression.png and vocab_growth.png.
 """
 
-# %% Setup
-import argparse
+# %% Setup: arguments and every check that can fail, before the work starts
 import importlib.util
 import math
 import time
@@ -35,6 +34,7 @@ import torch
 
 from journey_dist.config import ConfigError, GPTConfig, get_preset
 from journey_dist.data import load_text, load_tokens
+from journey_dist.labkit import check_data, lab_parser, nonnegative_int, parse, positive_int
 from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, model_stream_nll, per_byte_perplexity
 from journey_dist.runtime import runs_dir, save_json, seed_everything
@@ -43,25 +43,36 @@ from journey_dist.train import TrainConfig, train
 from journey_dist.vocab_growth import bpe_compression, fit_heaps, types_vs_tokens, word_tokens
 
 LAB = "00_tokens_and_ngrams"
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+MAX_N = 10  # every n from 1 to --max-n is fitted 6 times (2 tokenizations x 3 smoothings)
+GPT_BATCH = 16
+parser = lab_parser(__doc__)
 parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
-parser.add_argument("--merges", type=int, default=2000, help="BPE merges to learn")
-parser.add_argument("--ngram-merges", type=int, default=500, help="BPE size for the n-gram models")
-parser.add_argument("--max-n", type=int, default=5)
-parser.add_argument("--gpt-steps", type=int, default=150, help="steps if lab 01's checkpoint is absent")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
-for name in ("merges", "ngram_merges", "max_n"):
-    if getattr(args, name) < (1 if name == "max_n" else 0):
-        raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
-if args.ngram_merges > args.merges:
-    raise ConfigError(f"--ngram-merges={args.ngram_merges} exceeds --merges={args.merges}; lower it")
+parser.add_argument("--merges", type=nonnegative_int, default=2000, help="BPE merges to learn")
+parser.add_argument("--ngram-merges", type=nonnegative_int, default=500,
+                    help="BPE size for the n-gram models")
+parser.add_argument("--max-n", type=positive_int, default=5, help=f"largest n-gram order (at most {MAX_N})")
+parser.add_argument("--gpt-steps", type=nonnegative_int, default=150,
+                    help="steps if lab 01's checkpoint is absent (0: no gpt-mini row)")
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
+if args.ngram_merges > args.merges:
+    raise ConfigError(f"--ngram-merges={args.ngram_merges} exceeds --merges={args.merges}; use "
+                      f"--ngram-merges <= {args.merges}")
+if args.max_n > MAX_N:
+    raise ConfigError(f"--max-n {args.max_n}: every order up to it is fitted 6 times; use --max-n <= {MAX_N}")
 seed_everything(0)
 data = load_tokens(args.data, level="byte")  # the same 90/10 split lab 01 trains on
+lab01 = runs_dir("01_single_device") / "model.pt"
+if not lab01.is_file() and args.gpt_steps > 0:  # gpt-mini is trained here on this text
+    check_data(parser, data, GPT_BATCH, get_preset("gpt-mini").block_size)
+elif len(data.val) < 2:  # per-byte perplexities need held-out text; the n-grams need training text
+    raise ConfigError(f"{args.data} has {len(data.train) + len(data.val)} bytes, too few to hold out 10% "
+                      "for validation; pass --data a longer text (a few KB at least)")
 train_text = bytes(data.train.tolist()).decode("utf-8", errors="replace")
 val_text = bytes(data.val.tolist()).decode("utf-8", errors="replace")
 val_bytes = len(val_text.encode("utf-8"))
 print(f"corpus {args.data}: {len(data.train):,} train / {len(data.val):,} held-out bytes")
+
 
 # %% Train a byte-level BPE from scratch (GPT-2 pre-split, 256 byte tokens + merges)
 t0 = time.perf_counter()
@@ -181,16 +192,15 @@ for tokens, (tr, va, vocab) in streams.items():
                   f"{row['val_ppl_token']:9.2f} | {row['val_ppl_byte']:6.3f}")
 
 # %% gpt-mini on the same held-out bytes: lab 01's checkpoint, or a brief run of the shared loop
-ckpt = runs_dir("01_single_device") / "model.pt"
 gpt_source = None
-if ckpt.is_file():
-    saved = torch.load(ckpt, map_location="cpu")
+if lab01.is_file():
+    saved = torch.load(lab01, map_location="cpu")
     model = GPT(GPTConfig(**saved["config"]))
     model.load_state_dict(saved["model"])
-    gpt_source = f"lab 01 checkpoint {ckpt}"
+    gpt_source = f"lab 01 checkpoint {lab01}"
 elif args.gpt_steps > 0:
     model = GPT(get_preset("gpt-mini"))
-    cfg = TrainConfig(steps=args.gpt_steps, batch_size=16, log_every=max(1, args.gpt_steps // 5))
+    cfg = TrainConfig(steps=args.gpt_steps, batch_size=GPT_BATCH, log_every=max(1, args.gpt_steps // 5))
     train(model, data, cfg, lab=LAB)
     gpt_source = f"trained here for {args.gpt_steps} steps (run lab 01 for a better model)"
 gpt_row = None

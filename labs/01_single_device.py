@@ -12,35 +12,49 @@ words and spacing (more steps help: try --steps 1500).
 Results: runs/01_single_device/{train,result}.json; the checkpoint is reused by later labs.
 """
 
-# %% Setup
-import argparse
+# %% Setup: arguments and every check that can fail, before the work starts
 import math
 
 import torch
 
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
+from journey_dist.labkit import (
+    check_data,
+    check_memory,
+    lab_parser,
+    parse,
+    positive_float,
+    positive_int,
+    resolve_device,
+)
 from journey_dist.model import GPT, trace_shapes
-from journey_dist.runtime import pick_device, runs_dir, save_json, seed_everything
+from journey_dist.runtime import runs_dir, save_json, seed_everything
 from journey_dist.train import TrainConfig, train
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+LAB = "01_single_device"
+parser = lab_parser(__doc__)
 parser.add_argument("--preset", default="gpt-mini")
 parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
-parser.add_argument("--steps", type=int, default=300)
-parser.add_argument("--batch-size", type=int, default=16)
-parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--steps", type=positive_int, default=300)
+parser.add_argument("--batch-size", type=positive_int, default=16)
+parser.add_argument("--lr", type=positive_float, default=3e-3)
 parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
 seed_everything(0)
-device = torch.device(args.device) if args.device else pick_device()
+device = resolve_device(args.device)
 data = load_tokens(args.data, level="byte")
 config = get_preset(args.preset, vocab_size=data.vocab_size)
+check_data(parser, data, args.batch_size, config.block_size)
+check_memory(args.force, config, args.batch_size)
+cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  log_every=max(1, args.steps // 10))
 model = GPT(config).to(device)
 print(f"device: {device} | corpus: {args.data}, {len(data.train):,} train / {len(data.val):,} val bytes")
 print(f"model: {args.preset} {config}")
 print(f"parameters: {model.num_params():,} (embedding matrix shared with the output head)")
+
 
 # %% Shapes through the model: ids (B, T) -> embeddings (B, T, C) -> logits (B, T, V)
 x = data.train[: 2 * 16].view(2, 16).to(device)
@@ -52,9 +66,7 @@ for name, shape in trace_shapes(model, x, depth=5):
 
 # %% Train: the loss starts near ln(vocab) and falls
 print(f"\nuniform-guess loss ln({config.vocab_size}) = {math.log(config.vocab_size):.3f}")
-cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                  log_every=max(1, args.steps // 10))
-history = train(model, data, cfg, lab="01_single_device")
+history = train(model, data, cfg, lab=LAB)
 print(f"loss {history.first_loss:.3f} -> {history.last_loss:.3f}; "
       f"validation loss {history.val_loss:.3f}; {history.tokens_per_s:,.0f} tokens/s")
 

@@ -16,40 +16,45 @@ Results: runs/02_data_parallel/result.json
 """
 
 # %% Setup: arguments, model config, and every check that can fail, before any process starts
-import argparse
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
-from journey_dist.config import ParallelConfig, check_bucket_mb, get_preset
+from journey_dist.config import ConfigError, ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import load_tokens
+from journey_dist.labkit import check_data, check_memory, lab_parser, parse, positive_float, positive_int
 from journey_dist.model import GPT
 from journey_dist.parallel.data.replicas import VARIANTS, planned_buckets, run_data_parallel
 from journey_dist.parity import max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+LAB = "02_data_parallel"
+parser = lab_parser(__doc__)
 parser.add_argument("--preset", default="gpt-mini")
 parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
-parser.add_argument("--ranks", type=int, default=2, help="ranks to spawn under plain python")
-parser.add_argument("--steps", type=int, default=10)
-parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
-parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per step on each rank")
-parser.add_argument("--bucket-mb", type=float, default=1.0, help="bucket size (MiB), bucketed and DDP")
-parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--ranks", type=positive_int, default=2, help="ranks to spawn under plain python")
+parser.add_argument("--steps", type=positive_int, default=10)
+parser.add_argument("--batch-size", type=positive_int, default=16, help="global batch (sequences)")
+parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per step on each rank")
+parser.add_argument("--bucket-mb", type=positive_float, default=1.0,
+                    help="bucket size (MiB), bucketed and DDP")
+parser.add_argument("--lr", type=positive_float, default=3e-3)
 parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
-LAB = "02_data_parallel"
 world = requested_world_size(args.ranks)
 variants = [v for v in args.variants.split(",") if v]
-if unknown := set(variants) - set(VARIANTS):
-    parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+if not variants or set(variants) - set(VARIANTS):
+    raise ConfigError(f"--variants {args.variants!r}: unknown or none; choose from {', '.join(VARIANTS)}, "
+                      f"e.g. --variants {VARIANTS[0]}")
 config = get_preset(args.preset)
 ParallelConfig(dp=world, microbatches=args.grad_accum).validate(config, world, args.batch_size)
 check_bucket_mb(args.bucket_mb)
+data = load_tokens(args.data)
+check_data(parser, data, args.batch_size, config.block_size)
+check_memory(args.force, config, args.batch_size, ranks=world)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                   lr=args.lr, warmup_steps=max(1, args.steps // 5))
 
@@ -128,4 +133,4 @@ def rank_main(data) -> dict:
 
 # %% Launch: under torchrun this process is one rank; under python it spawns --ranks ranks
 if __name__ == "__main__":
-    launch(rank_main, world, load_tokens(args.data))
+    launch(rank_main, world, data)

@@ -24,7 +24,6 @@ Results: runs/03_tensor_parallel/result.json
 """
 
 # %% Setup: arguments, model config, and every check that can fail, before any process starts
-import argparse
 import time
 from dataclasses import replace
 
@@ -32,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from journey_dist.config import ParallelConfig, get_preset
+from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
+from journey_dist.labkit import check_data, check_memory, lab_parser, parse, positive_float, positive_int
 from journey_dist.memory.estimate import param_count
 from journey_dist.parallel.tensor.dtensor import (
     run_dtensor_tp,
@@ -47,26 +47,30 @@ from journey_dist.parity import fresh_model, max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+LAB = "03_tensor_parallel"
+parser = lab_parser(__doc__)
 parser.add_argument("--preset", default="gpt-mini")
 parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
-parser.add_argument("--ranks", type=int, default=2, help="tp ranks to spawn under plain python")
-parser.add_argument("--steps", type=int, default=5)
-parser.add_argument("--batch-size", type=int, default=8, help="global batch (sequences)")
-parser.add_argument("--lr", type=float, default=3e-3)
-parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate in the TP generate check")
+parser.add_argument("--ranks", type=positive_int, default=2, help="tp ranks to spawn under plain python")
+parser.add_argument("--steps", type=positive_int, default=5)
+parser.add_argument("--batch-size", type=positive_int, default=8, help="global batch (sequences)")
+parser.add_argument("--lr", type=positive_float, default=3e-3)
+parser.add_argument("--new-tokens", type=positive_int, default=32,
+                    help="tokens to generate in the TP generate check")
 parser.add_argument("--no-dtensor", action="store_true", help="skip the PyTorch DTensor comparison")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
-LAB = "03_tensor_parallel"
 world = requested_world_size(args.ranks)
 config = get_preset(args.preset)
 for sp in (False, True):  # tp must divide heads and vocab; with SP also the sequence
     ParallelConfig(tp=world, sequence_parallel=sp and world > 1).validate(config, world, args.batch_size)
 PROMPT_LEN = 16
 if not 1 <= args.new_tokens <= config.block_size - PROMPT_LEN:
-    parser.error(f"--new-tokens {args.new_tokens}: prompt ({PROMPT_LEN}) + new tokens must fit "
-                 f"block_size={config.block_size}; use 1..{config.block_size - PROMPT_LEN}")
+    raise ConfigError(f"--new-tokens {args.new_tokens}: prompt ({PROMPT_LEN}) + new tokens must fit "
+                      f"block_size={config.block_size}; use --new-tokens 1..{config.block_size - PROMPT_LEN}")
+data = load_tokens(args.data)
+check_data(parser, data, args.batch_size, config.block_size)
+check_memory(args.force, config, args.batch_size, ranks=world)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                   warmup_steps=max(1, args.steps // 5), eval_batches=1)
 
@@ -180,4 +184,4 @@ def rank_main(data) -> dict:
 
 # %% Launch: under torchrun this process is one rank; under python it spawns --ranks ranks
 if __name__ == "__main__":
-    launch(rank_main, world, load_tokens(args.data))
+    launch(rank_main, world, data)

@@ -15,13 +15,20 @@ Results: runs/04_pipeline_parallel/result.json and timeline.png
 """
 
 # %% Setup: arguments and every check that can fail, before any process starts
-import argparse
-
 import torch
 import torch.distributed as dist
 
-from journey_dist.config import ParallelConfig, get_preset
+from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import load_tokens
+from journey_dist.labkit import (
+    check_data,
+    check_memory,
+    int_list,
+    lab_parser,
+    parse,
+    positive_float,
+    positive_int,
+)
 from journey_dist.parallel.pipeline.schedules import SCHEDULES, pipeline_run
 from journey_dist.parallel.pipeline.stage import stage_layers
 from journey_dist.parallel.pipeline.timeline import (
@@ -35,33 +42,41 @@ from journey_dist.parity import max_abs_diff, reference_run
 from journey_dist.runtime import gather_objects, launch, print0, requested_world_size, runs_dir, save_json
 from journey_dist.train import TrainConfig
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+LAB = "04_pipeline_parallel"
+MAX_SWEEP_S = 600  # the bubble sweep sleeps; refuse settings that would sleep longer than this
+parser = lab_parser(__doc__)
 parser.add_argument("--preset", default="gpt-mini")
 parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
-parser.add_argument("--ranks", type=int, default=2, help="pipeline stages to spawn under plain python")
-parser.add_argument("--steps", type=int, default=10)
-parser.add_argument("--batch-size", type=int, default=8, help="global batch (sequences)")
-parser.add_argument("--microbatches", type=int, default=4)
-parser.add_argument("--lr", type=float, default=3e-3)
-parser.add_argument("--sweep", default="1,2,4,8", help="microbatch counts for the bubble measurement")
-parser.add_argument("--sleep-ms", type=float, default=20.0, help="synthetic forward time (backward: 2x)")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+parser.add_argument("--ranks", type=positive_int, default=2,
+                    help="pipeline stages to spawn under plain python")
+parser.add_argument("--steps", type=positive_int, default=10)
+parser.add_argument("--batch-size", type=positive_int, default=8, help="global batch (sequences)")
+parser.add_argument("--microbatches", type=positive_int, default=4)
+parser.add_argument("--lr", type=positive_float, default=3e-3)
+parser.add_argument("--sweep", type=int_list, default=[1, 2, 4, 8],
+                    help="microbatch counts for the bubble measurement (comma-separated)")
+parser.add_argument("--sleep-ms", type=positive_float, default=20.0,
+                    help="synthetic forward time (backward: 2x)")
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
-LAB = "04_pipeline_parallel"
 world = requested_world_size(args.ranks)
 config = get_preset(args.preset)
 if world < 2:
-    parser.error(f"a pipeline needs at least 2 stages, got {world} rank(s); use --ranks 2 "
-                 "(or torchrun --nproc_per_node=2)")
+    raise ConfigError(f"a pipeline needs at least 2 stages, got {world} rank(s); use --ranks 2 "
+                      "(or torchrun --nproc_per_node=2)")
 for schedule in SCHEDULES:
     ParallelConfig(pp=world, microbatches=args.microbatches, schedule=schedule).validate(
         config, world, args.batch_size)
-try:
-    sweep = [int(m) for m in args.sweep.split(",") if m]
-except ValueError:
-    sweep = []
-if not sweep or min(sweep) < 1:
-    parser.error(f"--sweep {args.sweep!r}: want comma-separated microbatch counts >= 1, e.g. --sweep 1,2,4,8")
+# each (schedule, m) of the sweep runs twice; a step takes (m + p - 1) x (forward + backward)
+sweep_s = sum(2 * (m + world - 1) * 3 * args.sleep_ms / 1e3 for m in args.sweep) * len(SCHEDULES)
+if sweep_s > MAX_SWEEP_S:
+    raise ConfigError(f"--sleep-ms {args.sleep_ms:g} with --sweep {','.join(map(str, args.sweep))} would "
+                      f"sleep about {sweep_s:,.0f} s; use a smaller --sleep-ms or --sweep (at most "
+                      f"{MAX_SWEEP_S} s)")
+sweep = args.sweep
+data = load_tokens(args.data)
+check_data(parser, data, args.batch_size, config.block_size)
+check_memory(args.force, config, args.batch_size, ranks=world)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.microbatches, lr=args.lr,
                   warmup_steps=max(1, args.steps // 5), eval_batches=2)
 
@@ -162,4 +177,4 @@ def rank_main(data) -> dict:
 
 # %% Launch: under torchrun this process is one rank; under python it spawns --ranks stages
 if __name__ == "__main__":
-    launch(rank_main, world, load_tokens(args.data))
+    launch(rank_main, world, data)

@@ -17,13 +17,12 @@ Results: runs/05_3d_parallel/result.json
 """
 
 # %% Setup: arguments and every check that can fail, before any process starts
-import argparse
-
 import torch.distributed as dist
 
 from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import load_tokens
+from journey_dist.labkit import check_data, check_memory, lab_parser, parse, positive_float, positive_int
 from journey_dist.mesh import build_mesh, layout_text
 from journey_dist.parallel.compose import (
     check_3d,
@@ -37,26 +36,29 @@ from journey_dist.parity import reference_run
 from journey_dist.runtime import comm_device, gather_objects, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--dp", type=int, default=2, help="data-parallel replicas")
-parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
-parser.add_argument("--pp", type=int, default=2, help="pipeline stages")
+LAB = "05_3d_parallel"
+parser = lab_parser(__doc__)
+parser.add_argument("--dp", type=positive_int, default=2, help="data-parallel replicas")
+parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per stage")
+parser.add_argument("--pp", type=positive_int, default=2, help="pipeline stages")
 parser.add_argument("--preset", default="gpt-mini")
 parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
-parser.add_argument("--steps", type=int, default=10)
-parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
-parser.add_argument("--microbatches", type=int, default=4, help="per dp replica and step")
+parser.add_argument("--steps", type=positive_int, default=10)
+parser.add_argument("--batch-size", type=positive_int, default=16, help="global batch (sequences)")
+parser.add_argument("--microbatches", type=positive_int, default=4, help="per dp replica and step")
 parser.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b"))
-parser.add_argument("--lr", type=float, default=1e-3)
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+parser.add_argument("--lr", type=positive_float, default=1e-3)
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
-LAB = "05_3d_parallel"
 TOL = 1e-5  # fp32: what the tests hold every rank to
 pcfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, microbatches=args.microbatches,
                       schedule=args.schedule)
 world = requested_world_size(pcfg.world_size)
 config = get_preset(args.preset)
 check_3d(pcfg, config, world, args.batch_size)
+data = load_tokens(args.data)
+check_data(parser, data, args.batch_size, config.block_size)
+check_memory(args.force, config, args.batch_size, ranks=world)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.microbatches, lr=args.lr,
                   warmup_steps=max(1, args.steps // 5), eval_batches=2)
 
@@ -132,4 +134,4 @@ def rank_main(data) -> dict:
 
 # %% Launch: under torchrun this process is one rank; under python it spawns dp*tp*pp ranks
 if __name__ == "__main__":
-    launch(rank_main, world, load_tokens(args.data))
+    launch(rank_main, world, data)

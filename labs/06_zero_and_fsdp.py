@@ -24,42 +24,56 @@ import os
 import torch
 import torch.distributed as dist
 
-from journey_dist.config import ConfigError, ParallelConfig, get_preset
+from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import load_tokens
+from journey_dist.labkit import (
+    check_data,
+    check_memory,
+    int_list,
+    lab_parser,
+    note,
+    parse,
+    positive_float,
+    positive_int,
+)
 from journey_dist.memory.estimate import model_state_bytes
 from journey_dist.parallel.data.replicas import run_data_parallel
 from journey_dist.parallel.sharding.accelerate import run_accelerate, under_accelerate
-from journey_dist.parallel.sharding.deepspeed import STAGES, load_config, run_deepspeed
+from journey_dist.parallel.sharding.deepspeed import choose_stages, load_config, run_deepspeed
 from journey_dist.parallel.sharding.fsdp import run_fsdp2
 from journey_dist.parallel.sharding.zero import run_zero1
 from journey_dist.parity import fresh_model, max_abs_diff, reference_run
 from journey_dist.runtime import launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+LAB = "06_zero_and_fsdp"
+parser = lab_parser(__doc__)
 parser.add_argument("--preset", default="gpt-mini")
 parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
-parser.add_argument("--ranks", type=int, default=2, help="ranks to spawn under plain python")
-parser.add_argument("--steps", type=int, default=5)
-parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
-parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--ranks", type=positive_int, default=2, help="ranks to spawn under plain python")
+parser.add_argument("--steps", type=positive_int, default=5)
+parser.add_argument("--batch-size", type=positive_int, default=16, help="global batch (sequences)")
+parser.add_argument("--lr", type=positive_float, default=3e-3)
 parser.add_argument("--skip-deepspeed", action="store_true", help="leave out the DeepSpeed stages")
-parser.add_argument("--stages", default="1,2,3", help="DeepSpeed ZeRO stages to run")
+parser.add_argument("--stages", type=int_list, default=None,
+                    help="DeepSpeed ZeRO stages to run (default 1,2,3 when DeepSpeed is installed)")
 parser.add_argument("--ds-config", default=None, help="a DeepSpeed JSON (its stage replaces --stages)")
+# the deepspeed launcher passes --local_rank (torch's older launcher --local-rank); the rank comes from env
 parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' and launchers' own argv
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
-LAB = "06_zero_and_fsdp"
 world = requested_world_size(args.ranks)
 config = get_preset(args.preset)
 ParallelConfig(dp=world, zero=1).validate(config, world, args.batch_size)
-stages = [] if args.skip_deepspeed else [int(s) for s in args.stages.split(",") if s]
-if set(stages) - set(STAGES):
-    raise ConfigError(f"--stages {args.stages}: ZeRO stages are 1, 2, 3; use e.g. --stages 1,2,3 "
-                      "(or --skip-deepspeed)")
+stages, missing = choose_stages(args.stages, args.ds_config, args.skip_deepspeed)
+if missing:
+    note(missing)
+data = load_tokens(args.data)
+check_data(parser, data, args.batch_size, config.block_size)
+check_memory(args.force, config, args.batch_size, ranks=world)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=1)
 ds_file = None
-if args.ds_config and not args.skip_deepspeed:
+if args.ds_config:
     ds_file = load_config(args.ds_config, cfg, world)  # validated here, before any rank starts
     stages = [ds_file["zero_optimization"]["stage"]]
 
@@ -168,4 +182,4 @@ def rank_main(data) -> dict:
 # %% Launch: under torchrun (or deepspeed / accelerate launch) this process is one rank; under
 # python it spawns --ranks ranks
 if __name__ == "__main__":
-    launch(rank_main, world, load_tokens(args.data))
+    launch(rank_main, world, data)

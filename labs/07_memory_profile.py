@@ -13,19 +13,17 @@ eager attention; (5) what dp/ZeRO/tp/pp/recompute do to GPT-2's memory per GPU.
 Results: runs/07_memory_profile/{result.json,measured_vs_estimated.png}.
 """
 
-# %% Setup
-import argparse
+# %% Setup: arguments, and whether the measured steps fit in this machine's memory
+import os
 
-import torch
-
-from journey_dist.config import get_preset
+from journey_dist.config import ConfigError, get_preset
+from journey_dist.labkit import lab_parser, parse, positive_int, resolve_device
 from journey_dist.memory.estimate import activation_bytes_per_layer, estimate_memory, fmt_bytes
 from journey_dist.memory.measure import measure_config
-from journey_dist.memory.report import compare, phases_table, plot, table
+from journey_dist.memory.report import compare, phases_table, plot, table, too_big_to_measure
 from journey_dist.runtime import (
     init_distributed,
     is_rank0,
-    pick_device,
     print0,
     runs_dir,
     save_json,
@@ -33,23 +31,38 @@ from journey_dist.runtime import (
     under_torchrun,
 )
 
-parser = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+LAB = "07_memory_profile"
+parser = lab_parser(__doc__)
 parser.add_argument("--preset", default="gpt-mini")
-parser.add_argument("--batch", type=int, default=8)
-parser.add_argument("--seq", type=int, default=128)
+parser.add_argument("--batch", type=positive_int, default=8)
+parser.add_argument("--seq", type=positive_int, default=None, help="sequence length (default: block_size)")
 parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "bf16-autocast"])
 parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
 parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
-local_rank = init_distributed().local_rank if under_torchrun() else 0
-device = torch.device(args.device) if args.device else pick_device(local_rank)
 cfg = get_preset(args.preset, attn_impl=args.attn)
-kw = dict(batch_size=args.batch, seq_len=args.seq, dtype=args.dtype)
+seq = cfg.block_size if args.seq is None else args.seq
+if seq > cfg.block_size:
+    raise ConfigError(f"--seq {seq} is longer than {args.preset}'s block_size={cfg.block_size}; "
+                      f"use --seq <= {cfg.block_size} (or leave it out)")
+local_rank = int(os.environ.get("LOCAL_RANK", 0)) if under_torchrun() else 0
+device = resolve_device(args.device, local_rank)
+kw = dict(batch_size=args.batch, seq_len=seq, dtype=args.dtype)
 est = estimate_memory(cfg, device=device.type, **kw)
-print0(f"{args.preset}: batch {args.batch} x {args.seq} tokens, {args.dtype}, {args.attn}, AdamW, "
-       f"on {device}")
+# Section 4 measures three lengths with both attentions: the largest of them must fit, as
+# `journey estimate` requires before it measures (same limit).
+SEQS = sorted({max(1, seq // 4), max(1, seq // 2), seq})
+largest = max(estimate_memory(cfg.with_(attn_impl=a), batch_size=args.batch, seq_len=s, dtype=args.dtype,
+                              device=device.type).total for s in SEQS for a in ("sdpa", "eager"))
+if (too_big := too_big_to_measure(largest, device.type)) and not args.force:
+    raise ConfigError(f"{args.preset} at batch {args.batch} x {seq}: {too_big} on {device}; use a smaller "
+                      "--preset, --batch or --seq (`journey estimate` gives the estimate alone), or pass "
+                      "--force to measure anyway")
+if under_torchrun():
+    init_distributed()
+print0(f"{args.preset}: batch {args.batch} x {seq} tokens, {args.dtype}, {args.attn}, AdamW, on {device}")
+
 
 # %% 1. The estimate, term by term (bytes per layer; b micro-batch, s seq, h width, a heads)
 for group, terms in est.terms.items():
@@ -57,7 +70,7 @@ for group, terms in est.terms.items():
     for t in terms:
         print0(f"  {fmt_bytes(t.nbytes):>12}  {t.name:<58} {t.formula}")
 per_layer = sum(t.nbytes for t in est.terms["per layer"])
-paper = activation_bytes_per_layer(args.seq, args.batch, cfg.n_embd, cfg.n_head, dropout=False,
+paper = activation_bytes_per_layer(seq, args.batch, cfg.n_embd, cfg.n_head, dropout=False,
                                    fused_attention=args.attn == "sdpa",
                                    bytes_per_value=4 if args.dtype == "fp32" else 2)
 print0(f"\nper layer: PyTorch keeps {fmt_bytes(per_layer)}; Korthikanti et al.'s count for the same "
@@ -81,21 +94,21 @@ print0(phases_table(est))
 print0("measured at the peak: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in meas.at_peak.items() if v))
 png = runs_dir("07_memory_profile") / "measured_vs_estimated.png"
 if is_rank0():
-    plot(rows, png, f"{args.preset} b{args.batch} s{args.seq} {args.dtype} {args.attn} on {device.type}")
+    plot(rows, png, f"{args.preset} b{args.batch} s{seq} {args.dtype} {args.attn} on {device.type}")
 
 # %% 4. Activations vs sequence length: linear for SDPA, quadratic for eager attention
 print0("\nseq   attn   activations measured   estimated   peak error")
 sweep = []
-for seq in (args.seq // 4, args.seq // 2, args.seq):
+for s in SEQS:
     for attn in ("sdpa", "eager"):
         c = cfg.with_(attn_impl=attn)
-        e = estimate_memory(c, batch_size=args.batch, seq_len=seq, dtype=args.dtype, device=device.type)
-        m = measure_config(c, batch_size=args.batch, seq_len=seq, dtype=args.dtype, device=device,
+        e = estimate_memory(c, batch_size=args.batch, seq_len=s, dtype=args.dtype, device=device.type)
+        m = measure_config(c, batch_size=args.batch, seq_len=s, dtype=args.dtype, device=device,
                            ledger=True)
         err = 100 * (e.total - m.peak) / m.peak
-        sweep.append({"seq": seq, "attn": attn, "activations_measured": m.high_water["activations"],
+        sweep.append({"seq": s, "attn": attn, "activations_measured": m.high_water["activations"],
                       "activations_estimated": e.activations, "peak_error_pct": err})
-        print0(f"{seq:<5} {attn:<6} {fmt_bytes(m.high_water['activations']):>20} "
+        print0(f"{s:<5} {attn:<6} {fmt_bytes(m.high_water['activations']):>20} "
                f"{fmt_bytes(e.activations):>11} {err:+10.2f}%")
 
 # %% 5. Planning GPT-2 on GPUs: memory per rank (estimates; bf16 mixed precision, AdamW, 8 x 1024 tokens)
@@ -115,7 +128,8 @@ for layout in layouts:
 
 # %% Save
 path = save_json("07_memory_profile", "result", {
-    "args": vars(args), "device": str(device), "rows": rows, "estimate": est, "measurement": meas,
+    "args": {**vars(args), "seq": seq}, "device": str(device), "rows": rows, "estimate": est,
+    "measurement": meas,
     "sweep": sweep, "plans": plans,
 })
 print0(f"\nwrote {path} and {png}")

@@ -16,16 +16,25 @@ Results: runs/08_lora_finetune/{result.json, adapter/}.
 """
 
 # %% Setup: arguments, model and LoRA config, every check that can fail, before any process starts
-import argparse
 import copy
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from journey_dist.config import LORA_LINEARS, ConfigError, LoRAConfig, ParallelConfig, get_preset
+from journey_dist.config import LORA_LINEARS, PRESETS, ConfigError, LoRAConfig, ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
+from journey_dist.labkit import (
+    check_data,
+    check_memory,
+    existing_file,
+    lab_parser,
+    note,
+    parse,
+    positive_float,
+    positive_int,
+    probability,
+)
 from journey_dist.lora import (
     adapter_state_dict,
     apply_peft_lora,
@@ -46,36 +55,65 @@ from journey_dist.parity import fresh_model, max_abs_diff
 from journey_dist.runtime import is_rank0, launch, print0, requested_world_size, runs_dir, save_json
 from journey_dist.train import TrainConfig, evaluate, make_optimizer
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--preset", default="gpt-mini")
-parser.add_argument("--ranks", type=int, default=1, help="ranks to spawn under plain python")
-parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (update scaled by alpha/r)")
-parser.add_argument("--lora-dropout", type=float, default=0.0)
-parser.add_argument("--targets", default=",".join(LORA_LINEARS), help="comma-separated module names")
-parser.add_argument("--pretrain-steps", type=int, default=150, help="on handbook, if no lab 01 checkpoint")
-parser.add_argument("--steps", type=int, default=100, help="LoRA fine-tuning steps on dialogues")
-parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
-parser.add_argument("--lr", type=float, default=3e-3)
-parser.add_argument("--base", default=str(runs_dir("01_single_device") / "model.pt"),
-                    help="pretrained checkpoint to start from when its config matches")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
-
 LAB = "08_lora_finetune"
+parser = lab_parser(__doc__)
+parser.add_argument("--preset", default="gpt-mini")
+parser.add_argument("--ranks", type=positive_int, default=1, help="ranks to spawn under plain python")
+parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
+parser.add_argument("--alpha", type=positive_float, default=16.0,
+                    help="LoRA alpha (update scaled by alpha/r)")
+parser.add_argument("--lora-dropout", type=probability, default=0.0)
+parser.add_argument("--targets", default=",".join(LORA_LINEARS), help="comma-separated module names")
+parser.add_argument("--pretrain-steps", type=positive_int, default=150,
+                    help="on handbook, if no base checkpoint is used")
+parser.add_argument("--steps", type=positive_int, default=100, help="LoRA fine-tuning steps on dialogues")
+parser.add_argument("--batch-size", type=positive_int, default=16, help="global batch (sequences)")
+parser.add_argument("--lr", type=positive_float, default=3e-3)
+parser.add_argument("--base", default=None, help="pretrained checkpoint to start from (default: lab 01's "
+                    "runs/01_single_device/model.pt if it exists and matches --preset, else pretrain here)")
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
+
 world = requested_world_size(args.ranks)
 config = get_preset(args.preset)
 spec = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout,
-                  targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
-try:
-    spec.validate(config)
-    ParallelConfig(dp=world).validate(config, world, args.batch_size)
-    pre_cfg = TrainConfig(steps=args.pretrain_steps, batch_size=args.batch_size, lr=3e-3,
-                          warmup_steps=max(1, args.pretrain_steps // 10),
-                          log_every=max(1, args.pretrain_steps // 5))
-    ft_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         warmup_steps=max(1, args.steps // 10), log_every=max(1, args.steps // 5))
-except ConfigError as e:
-    parser.error(str(e))
+                  targets=tuple(t.strip() for t in args.targets.split(",") if t.strip())).validate(config)
+ParallelConfig(dp=world).validate(config, world, args.batch_size)
+handbook, dialogues = load_tokens("handbook"), load_tokens("dialogues")
+for corpus in (handbook, dialogues):
+    check_data(parser, corpus, args.batch_size, config.block_size)
+check_memory(args.force, config, args.batch_size, ranks=world)
+pre_cfg = TrainConfig(steps=args.pretrain_steps, batch_size=args.batch_size, lr=3e-3,
+                      warmup_steps=max(1, args.pretrain_steps // 10),
+                      log_every=max(1, args.pretrain_steps // 5))
+ft_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     warmup_steps=max(1, args.steps // 10), log_every=max(1, args.steps // 5))
+
+
+def base_mismatch(saved: dict) -> str:
+    """'' when a checkpoint holds --preset's model, else what it holds instead."""
+    if saved.get("config") == config.to_dict():
+        return ""
+    named = [name for name, c in PRESETS.items() if c.to_dict() == saved.get("config")]
+    return f"a {named[0]} model" if named else f"a model with config {saved.get('config')}"
+
+
+# The base: --base must load and match --preset; lab 01's checkpoint is used when it does.
+lab01 = runs_dir("01_single_device") / "model.pt"
+fix = f"pass the model.pt lab 01 writes ({lab01}), or leave --base out to pretrain here"
+base_ckpt = existing_file(args.base, "--base", fix) if args.base else lab01 if lab01.is_file() else None
+if base_ckpt is not None:
+    try:
+        saved = torch.load(base_ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or a pickle weights_only refuses
+        raise ConfigError(f"--base {base_ckpt} is not a checkpoint this lab can load ({type(e).__name__}); "
+                          "pass the model.pt lab 01 wrote") from None
+    what = base_mismatch(saved) if isinstance(saved, dict) and "model" in saved else "no 'config'/'model'"
+    if what and args.base:
+        raise ConfigError(f"--base {base_ckpt} holds {what}, not {args.preset}; pass the --preset it was "
+                          f"trained as, or a checkpoint of {args.preset}")
+    if what:
+        note(f"lab 01's checkpoint {lab01} holds {what}, not {args.preset}: pretraining here instead")
+        base_ckpt = None
 
 
 def val_loss(model, tokens) -> float:
@@ -89,16 +127,15 @@ def rank_main(handbook, dialogues) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
         torch.device("cpu")
 
-    # 1. A pretrained base: lab 01's checkpoint when it matches, else pretrain here (DDP if n > 1)
+    # 1. A pretrained base: the checkpoint chosen in the setup, else pretrain here (DDP if n > 1)
     base = fresh_model(config, device=device)
-    ckpt = Path(args.base)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.exists() else None
-    if saved is not None and saved.get("config") == config.to_dict():
-        base.load_state_dict(saved["model"])
-        print0(f"base: loaded lab 01's checkpoint {ckpt}")
+    if base_ckpt is not None:
+        base.load_state_dict(torch.load(base_ckpt, map_location="cpu", weights_only=True)["model"])
+        print0(f"base: loaded {base_ckpt}")
     else:
-        print0(f"base: pretraining {args.preset} on handbook for {pre_cfg.steps} steps on {n} rank(s) "
-               "(run lab 01 first to reuse its checkpoint)")
+        print0(f"base: no checkpoint of {args.preset} at {lab01}; pretraining {args.preset} on handbook "
+               f"for {pre_cfg.steps} steps on {n} rank(s) (run lab 01 first to reuse its checkpoint, or "
+               "pass --base)")
         run = finetune(base, handbook, pre_cfg)  # every parameter is trainable here
         print0(f"pretraining loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f}")
     before = {"dialogues": val_loss(base, dialogues.val), "handbook": val_loss(base, handbook.val)}
@@ -224,4 +261,4 @@ def rank_main(handbook, dialogues) -> dict:
 
 # %% Launch: one process by default; under torchrun each process is one rank
 if __name__ == "__main__":
-    launch(rank_main, world, load_tokens("handbook"), load_tokens("dialogues"))
+    launch(rank_main, world, handbook, dialogues)

@@ -15,9 +15,7 @@ What to look at:
 Results: runs/09_kv_cache/result.json.
 """
 
-# %% Setup
-import argparse
-
+# %% Setup: arguments, and whether the largest generation fits in memory
 import torch
 
 from journey_dist.config import ConfigError, GPTConfig, get_preset
@@ -29,31 +27,46 @@ from journey_dist.kv_cache import (
     paged_vs_preallocated,
     sample_lengths,
 )
-from journey_dist.memory.estimate import fmt_bytes, kv_cache_bytes, param_count
+from journey_dist.labkit import lab_parser, parse, positive_int, resolve_device
+from journey_dist.memory.estimate import estimate_memory, fmt_bytes, kv_cache_bytes, param_count
+from journey_dist.memory.report import too_big_to_measure
 from journey_dist.model import GPT
-from journey_dist.runtime import pick_device, runs_dir, save_json, seed_everything
+from journey_dist.runtime import runs_dir, save_json, seed_everything
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+LAB = "09_kv_cache"
+MAX_REQUESTS = 1_000_000  # the paging estimate draws one length per request
+parser = lab_parser(__doc__)
 parser.add_argument("--preset", default="gpt-mini")
-parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-parser.add_argument("--prompt", type=int, default=16)
-parser.add_argument("--new", type=int, default=112)
-parser.add_argument("--repeats", type=int, default=2)
-parser.add_argument("--max-len", type=int, default=2048, help="serving window for the paging estimate")
-parser.add_argument("--requests", type=int, default=1000)
-parser.add_argument("--block", type=int, default=16, help="paged-cache block size in tokens")
+parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
+parser.add_argument("--prompt", type=positive_int, default=16)
+parser.add_argument("--new", type=positive_int, default=112)
+parser.add_argument("--repeats", type=positive_int, default=2)
+parser.add_argument("--max-len", type=positive_int, default=2048,
+                    help="serving window for the paging estimate")
+parser.add_argument("--requests", type=positive_int, default=1000, help=f"at most {MAX_REQUESTS:,}")
+parser.add_argument("--block", type=positive_int, default=16, help="paged-cache block size in tokens")
 parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
 config = get_preset(args.preset)
-if args.prompt < 1 or args.new < 1 or args.prompt + args.new > config.block_size:
-    raise ConfigError(f"--prompt {args.prompt} and --new {args.new} must each be >= 1 and together fit "
-                      f"block_size={config.block_size} of {args.preset}; use --prompt >= 1, --new >= 1 and "
-                      f"--prompt + --new <= {config.block_size}")
-if min(args.batches) < 1 or args.block < 1 or args.max_len < args.block or args.requests < 1:
-    raise ConfigError("--batches, --block, --requests must be positive and --max-len >= --block")
+if args.prompt + args.new > config.block_size:
+    raise ConfigError(f"--prompt {args.prompt} + --new {args.new} must fit block_size={config.block_size} of "
+                      f"{args.preset}; use --prompt + --new <= {config.block_size}")
+if args.max_len < args.block:
+    raise ConfigError(f"--max-len {args.max_len} is shorter than one --block of {args.block} tokens; "
+                      f"use --max-len >= --block")
+if args.requests > MAX_REQUESTS:
+    raise ConfigError(f"--requests {args.requests:,}: the paging estimate draws one length per request; "
+                      f"use --requests <= {MAX_REQUESTS:,}")
+device = resolve_device(args.device)
+# A training step's estimated peak bounds what generating without a cache holds at once.
+peak = estimate_memory(config, batch_size=max(args.batches), seq_len=args.prompt + args.new,
+                       optimizer="none", device=device.type).total
+if too_big := too_big_to_measure(peak, device.type):
+    raise ConfigError(f"--batches {max(args.batches)} x {args.prompt + args.new} tokens: {too_big}; "
+                      "use smaller --batches")
 seed_everything(0)
-device = torch.device(args.device) if args.device else pick_device()
+
 
 # %% A model: lab 01's trained checkpoint if present (speed does not depend on the weights)
 ckpt = runs_dir("01_single_device") / "model.pt"

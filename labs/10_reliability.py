@@ -22,18 +22,26 @@ Results: runs/10_reliability/result.json
 """
 
 # %% Setup: arguments and every check that can fail, before any process starts
-import argparse
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 
 from journey_dist.checkpoint import latest_valid, list_checkpoints
-from journey_dist.config import ParallelConfig, get_preset
-from journey_dist.data import check_fits, load_tokens
+from journey_dist.config import ConfigError, ParallelConfig, get_preset
+from journey_dist.data import load_tokens
 from journey_dist.fault_tolerance import Heartbeat, PeerFailure, name_failed_peer
+from journey_dist.labkit import (
+    check_data,
+    check_memory,
+    claim_dir,
+    clear_owned,
+    lab_parser,
+    parse,
+    positive_int,
+    probability,
+)
 from journey_dist.parallel.data.replicas import make_data_parallel
 from journey_dist.parity import fresh_model
 from journey_dist.resumable import bitwise_equal, run_resumable
@@ -49,36 +57,44 @@ from journey_dist.runtime import (
 )
 from journey_dist.train import TrainConfig, make_optimizer, train
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+LAB = "10_reliability"
+parser = lab_parser(__doc__)
 parser.add_argument("--preset", default="gpt-mini")
 parser.add_argument("--data", default="handbook", help="embedded corpus name or a UTF-8 text file")
-parser.add_argument("--ranks", type=int, default=2, help="ranks to spawn under plain python")
-parser.add_argument("--steps", type=int, default=20)
-parser.add_argument("--batch-size", type=int, default=8, help="global batch (sequences)")
-parser.add_argument("--every", type=int, default=5, help="checkpoint every N steps")
-parser.add_argument("--crash-at", type=int, default=15, help="die right after this step's checkpoint")
+parser.add_argument("--ranks", type=positive_int, default=2, help="ranks to spawn under plain python")
+parser.add_argument("--steps", type=positive_int, default=20)
+parser.add_argument("--batch-size", type=positive_int, default=8, help="global batch (sequences)")
+parser.add_argument("--every", type=positive_int, default=5, help="checkpoint every N steps")
+parser.add_argument("--crash-at", type=positive_int, default=15,
+                    help="die right after this step's checkpoint")
 parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest valid ones; 0: all)")
-parser.add_argument("--dropout", type=float, default=0.1, help="> 0 so resume must restore the RNG")
-parser.add_argument("--dir", default=None, help="checkpoint directory (default runs/10_reliability/ckpt)")
+parser.add_argument("--dropout", type=probability, default=0.1, help="> 0 so resume must restore the RNG")
+parser.add_argument("--dir", default=None, help="checkpoint directory (default <out>/10_reliability/ckpt); "
+                    "must be new, empty or one this lab created: the lab deletes only what it wrote there")
 parser.add_argument("--crash-once", action="store_true", help="torchrun --max-restarts demo")
-args, _ = parser.parse_known_args()  # tolerate notebook kernels' own argv
+args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
-LAB = "10_reliability"
 world = requested_world_size(args.ranks)
 config = get_preset(args.preset, dropout=args.dropout)
 ParallelConfig(dp=world).validate(config, world, args.batch_size)
-if not 0 < args.crash_at < args.steps:
-    parser.error(f"--crash-at {args.crash_at} must be between 1 and --steps - 1 = {args.steps - 1}")
-if not 1 <= args.every <= args.crash_at:
-    parser.error(f"--every {args.every} must be in [1, --crash-at] so a checkpoint exists before the crash")
+if not args.crash_at < args.steps:
+    raise ConfigError(f"--crash-at {args.crash_at} must be between 1 and --steps - 1 = {args.steps - 1}; "
+                      f"use --crash-at < --steps")
+if not args.every <= args.crash_at:
+    raise ConfigError(f"--every {args.every} must be in [1, --crash-at] so a checkpoint exists before the "
+                      f"crash; use --every <= {args.crash_at}")
 if args.keep == 1 or args.keep < 0:  # step (3) truncates the newest and resumes from the one before
-    parser.error(f"--keep {args.keep}: the truncated-checkpoint step needs a previous checkpoint to fall "
-                 "back to; use --keep >= 2 (or 0 to keep all)")
+    raise ConfigError(f"--keep {args.keep}: the truncated-checkpoint step needs a previous checkpoint to "
+                      "fall back to; use --keep >= 2 (or 0 to keep all)")
 data = load_tokens(args.data)
-check_fits(data, args.batch_size, config.block_size)
+check_data(parser, data, args.batch_size, config.block_size)
+check_memory(args.force, config, args.batch_size, ranks=world)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=3e-3,
                   warmup_steps=max(1, args.steps // 5), log_every=1)
-root = Path(args.dir) if args.dir else runs_dir(LAB) / "ckpt"
+# The lab empties these entries of its checkpoint directory at each run, and nothing else in it.
+root = claim_dir(args.dir or runs_dir(LAB) / "ckpt", LAB, "--dir")
+RUN_ENTRIES = ("file", "dcp", "dead_rank")  # plain python: one-file checkpoints, DCP shards, marks
+TORCHRUN_ENTRY = "torchrun"  # under torchrun: the restartable job's checkpoints
 
 
 def show_checkpoints(directory: Path) -> None:
@@ -129,18 +145,19 @@ def dead_rank(marks: str) -> None:
 def torchrun_restartable() -> dict:
     """Under torchrun: resume if a checkpoint exists, die once (rank 1), finish, compare."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    job = root / TORCHRUN_ENTRY
     if restart == 0 and dist.get_rank() == 0:
-        shutil.rmtree(root, ignore_errors=True)  # a fresh job: no checkpoints from an older one
+        clear_owned(root, LAB, [TORCHRUN_ENTRY])  # a fresh job: no checkpoints from an older one
     dist.barrier()
     reference = uninterrupted()
-    marker = root / "crashed_once"
+    marker = job / "crashed_once"
     crash = args.crash_once and not marker.exists()
     victim = dist.get_world_size() - 1
     if crash and dist.get_rank() == victim:
-        root.mkdir(parents=True, exist_ok=True)
+        job.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"rank {victim} died here once\n")
     dist.barrier()
-    run = run_resumable(config, data, cfg, file_dir=root, resume_from=root, every=args.every,
+    run = run_resumable(config, data, cfg, file_dir=job, resume_from=job, every=args.every,
                         keep=args.keep, crash_after=args.crash_at if crash else None,
                         crash_ranks=(victim,))
     diff = bitwise_equal(run.params, reference)
@@ -155,7 +172,7 @@ def torchrun_restartable() -> dict:
 # %% Main (plain python): the crash, the resume, the comparison, the dead rank. Each phase is a
 # fresh set of spawned processes, as after a real crash.
 def main() -> dict:
-    shutil.rmtree(root, ignore_errors=True)
+    clear_owned(root, LAB, RUN_ENTRIES)  # only what an earlier run of this lab wrote
     file_dir, dcp_dir = root / "file", root / "dcp"
     print0(f"{world} data-parallel ranks | {args.preset} (dropout {args.dropout}) | {cfg.steps} steps, "
            f"checkpoint every {args.every}, crash after step {args.crash_at}\n")

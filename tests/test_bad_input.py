@@ -1,22 +1,28 @@
 """Wrong configs and arguments fail before training with a ConfigError naming problem and fix.
 
 Each row: (what is wrong, a call that must raise, a regex for the problem, a regex for the fix).
-Nothing here starts a process group: these checks run before any rank exists.
+Nothing here starts a process group: these checks run before any rank exists. The lab rows run a
+lab as a learner does and check what the learner sees: exit status 2, one `error:` line naming
+the problem and the fix (in flags the lab has), no traceback, and no rank started.
 """
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 
+from journey_dist import labkit
 from journey_dist.cli import main as journey
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import ByteTokenizer, TokenData, check_fits, load_text, load_tokens
 from journey_dist.model import GPT
-from journey_dist.parallel.sharding.deepspeed import load_config
+from journey_dist.parallel.sharding.deepspeed import choose_stages, load_config
 from journey_dist.train import StepHooks, TrainConfig, train
 
 MINI = get_preset("gpt-mini")  # 4 layers, 4 heads, vocab 256, block 128
@@ -29,12 +35,22 @@ def _text_file(tmp_path: Path, data: bytes, name: str = "text.txt") -> str:
     return str(path)
 
 
+def _thesis(tmp_path: Path) -> Path:
+    """A directory holding someone's work: a file and a sub-folder."""
+    work = tmp_path / "thesis"
+    (work / "figures").mkdir(parents=True)
+    (work / "thesis.txt").write_text("three years of work\n")
+    (work / "figures" / "plot.txt").write_text("data\n")
+    return work
+
+
 def _tokens(n: int) -> TokenData:
     ids = torch.arange(n) % 256
     n_val = n // 10
     return TokenData(ids[: n - n_val], ids[n - n_val:], ByteTokenizer())
 
 
+LAB_FLAGS = {"data": "--data", "batch_size": "--batch-size"}  # how a lab spells the fix
 CASES = {
     "world size mismatch": (
         lambda tmp: ParallelConfig(dp=2, tp=2).validate(MINI, world_size=2),
@@ -100,6 +116,38 @@ CASES = {
     "non-positive batch": (
         lambda tmp: check_fits(_tokens(5000), batch_size=0, block_size=8),
         r"batch_size=0 must be a positive integer", r"use batch_size >= 1"),
+    "data path is a directory": (  # was reported as "not found"
+        lambda tmp: load_text(str(tmp)),
+        r"data path '.*' is a directory", r"pass a UTF-8 text file or one of the embedded corpora"),
+    "9-byte text, fix in the lab's flags": (  # named block_size, which the labs have no flag for
+        lambda tmp: check_fits(_tokens(9), 16, 128, flags=LAB_FLAGS),
+        r"training text has 9 tokens but a sample needs block_size\+1 = 129",
+        r"pass --data a longer text \(at least 1,300 tokens"),
+    "batch larger than the corpus, fix in the lab's flags": (
+        lambda tmp: check_fits(_tokens(5000), 64, 128, flags=LAB_FLAGS),
+        r"one batch of 64 x 128", r"use --batch-size <= 35 or pass --data a longer text"),
+    "results root is a file": (
+        lambda tmp: labkit.check_writable_dir(Path(_text_file(tmp, b"x", "runs")) / "02_data_parallel",
+                                              "pass --out DIR"),
+        r"cannot write results to .*runs/02_data_parallel: .*runs is a file, not a directory",
+        r"move it away, or pass --out DIR"),
+    "someone's directory as the lab's --dir": (
+        lambda tmp: labkit.claim_dir(_thesis(tmp), "10_reliability", "--dir"),
+        r"--dir .*thesis already holds files this lab did not create \(figures, thesis.txt\)",
+        r"pass a new one, e.g. --dir .*thesis/10_reliability"),
+    "a file as the lab's --dir": (
+        lambda tmp: labkit.claim_dir(_text_file(tmp, b"x", "ckpt"), "10_reliability", "--dir"),
+        r"ckpt is a file, not a directory", r"pass --dir with a new directory, e.g. --dir .*/10_reliability"),
+    "not a device": (
+        lambda tmp: labkit.resolve_device("gpu"),
+        r"--device 'gpu' is not a device", r"use cpu or cuda"),
+    "DeepSpeed stages asked for, DeepSpeed not installed": (
+        lambda tmp: choose_stages([2], None, False, available=False),
+        r"DeepSpeed is not installed, so --stages/--ds-config cannot run",
+        r'pip install -e "\.\[deepspeed\]", or pass --skip-deepspeed'),
+    "--skip-deepspeed with --ds-config": (  # --ds-config was silently ignored
+        lambda tmp: choose_stages(None, "launch/deepspeed/zero2.json", True),
+        r"--skip-deepspeed leaves out the DeepSpeed stages", r"pass one or the other"),
 }
 
 
@@ -134,26 +182,226 @@ def test_cli_reports_config_errors_without_a_traceback(capsys, tmp_path):
     assert "seq_len=0 must be in 1..block_size=128" in capsys.readouterr().err
 
 
-def test_lab_rejects_bad_arguments_before_spawning(tmp_path):
-    """Lab 02 with a batch that dp=2 cannot split: ConfigError, exit 1, and no rank started."""
-    proc = subprocess.run([sys.executable, str(ROOT / "labs/02_data_parallel.py"), "--batch-size", "7"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode != 0
-    assert "ConfigError: global batch 7 is not divisible by dp*microbatches = 2*1" in proc.stderr
-    assert "ranks (" not in proc.stdout  # rank_main never ran
+# ------------------------------------------------------------------ the labs, run as a learner runs them
+
+
+def _run_lab(tmp_path: Path, lab: str, args: list[str], env: dict[str, str] | None = None,
+             timeout_s: float = 180):
+    """labs/<lab> with `args` ({thesis}, {nine_bytes}, {a_dir} filled in), from a scratch directory."""
+    paths = {"thesis": lambda: _thesis(tmp_path), "nine_bytes": lambda: _text_file(tmp_path, b"x" * 9),
+             "a_dir": lambda: tmp_path}
+    argv = [str(paths[a[1:-1]]()) if a[1:-1] in paths else a for a in args]
+    full_env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JOURNEY_RUNS_DIR": str(tmp_path / "runs"),
+                **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "labs" / lab), *argv], capture_output=True, text=True,
+                          timeout=timeout_s, cwd=tmp_path, env=full_env)
+
+
+def _runs_file(tmp_path: Path) -> dict[str, str]:
+    return {"JOURNEY_RUNS_DIR": _text_file(tmp_path, b"not a directory\n", "runs")}
+
+
+slow = pytest.mark.slow
+# (lab, arguments, problem, fix, environment); before this change each of these trained anyway,
+# crashed in every rank with a traceback, or failed only after the whole run. Arguments in braces
+# are paths made per test. The slow-marked rows repeat a mechanism a fast row already covers.
+LAB_CASES = [
+    pytest.param("03_tensor_parallel.py", ["--tp", "4"], r"unrecognized arguments: --tp 4",
+                 r"did you mean --ranks\?", None, id="lab03 unknown --tp"),
+    pytest.param("07_memory_profile.py", ["--batch-size", "4"], r"unrecognized arguments: --batch-size 4",
+                 r"did you mean --batch\?", None, id="lab07 unknown --batch-size", marks=slow),
+    pytest.param("02_data_parallel.py", ["--lr", "-1"], r"argument --lr: -1 must be a positive number",
+                 r"\(> 0\)", None, id="lab02 --lr -1"),
+    pytest.param("02_data_parallel.py", ["--lr", "nan"], r"argument --lr: nan is not a finite number",
+                 r"pass a finite value", None, id="lab02 --lr nan", marks=slow),
+    pytest.param("04_pipeline_parallel.py", ["--sleep-ms", "-5"],
+                 r"argument --sleep-ms: -5 must be a positive", r"\(> 0\)", None, id="lab04 --sleep-ms -5",
+                 marks=slow),
+    pytest.param("02_data_parallel.py", ["--data", "{nine_bytes}"], r"training text has 9 tokens",
+                 r"pass --data a longer text", None, id="lab02 9-byte --data"),
+    pytest.param("00_tokens_and_ngrams.py", ["--data", "{nine_bytes}"], r"training text has 9 tokens",
+                 r"pass --data a longer text", None, id="lab00 9-byte --data", marks=slow),
+    pytest.param("02_data_parallel.py", ["--data", "{a_dir}"], r"data path .* is a directory",
+                 r"pass a UTF-8 text file", None, id="lab02 directory as --data", marks=slow),
+    pytest.param("08_lora_finetune.py", ["--base", "/nonexistent.pt"], r"--base /nonexistent.pt not found",
+                 r"pass the model.pt lab 01 writes .*, or leave --base out to pretrain here", None,
+                 id="lab08 missing --base"),
+    # batch 512 does not fit any machine this runs on (~3 TB estimated), so the guard is what stops it
+    pytest.param("07_memory_profile.py", ["--preset", "gpt2-xl", "--batch", "512"],
+                 r"estimated peak .* is more than .* free to use", r"pass --force to measure anyway", None,
+                 id="lab07 gpt2-xl does not fit"),
+    pytest.param("01_single_device.py", [], r"cannot write results to .*/01_single_device: .*runs is a file",
+                 r"pass --out DIR \(or set JOURNEY_RUNS_DIR\)", _runs_file, id="lab01 runs/ is a file",
+                 marks=slow),
+]
+
+
+@pytest.mark.parametrize("lab, args, problem, fix, env", LAB_CASES)
+def test_lab_fails_in_setup_with_one_error_line(tmp_path, lab, args, problem, fix, env):
+    proc = _run_lab(tmp_path, lab, args, env(tmp_path) if env else None)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"{lab}: error: "), errors
+    assert re.search(problem, errors[0]) and re.search(fix, errors[0]), errors[0]
+    assert proc.stdout == "", proc.stdout[-2000:]  # nothing ran: no rank, no training, no output
+
+
+def _tree(root: Path) -> list:
+    """Every path under `root` with its bytes (None for a directory)."""
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None)
+                  for p in root.rglob("*"))
+
+
+def test_lab10_leaves_someone_elses_directory_untouched(tmp_path):
+    """`--dir X` used to empty X first (`--dir .` would have taken the repository with it)."""
+    work = _thesis(tmp_path)
+    before = _tree(work)
+    proc = _run_lab(tmp_path, "10_reliability.py", ["--dir", str(work)])
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"^10_reliability.py: error: --dir .*thesis already holds files this lab did not "
+                     r"create \(figures, thesis.txt\).* pass a new one, e.g. --dir .*thesis/10_reliability$",
+                     errors[0])
+    assert _tree(work) == before and proc.stdout == ""
+
+
+def test_lab_deletes_only_what_it_created(tmp_path):
+    lab = "10_reliability"
+    own = labkit.claim_dir(tmp_path / "ckpt", lab, "--dir")  # new: created, with an owner file
+    (own / "file").mkdir()
+    (own / "file" / "step_00000005.pt").write_bytes(b"an old run's checkpoint")
+    (own / "notes.txt").write_text("the learner's own file\n")
+    assert labkit.claim_dir(own, lab, "--dir") == own  # its own directory, not empty: accepted
+    labkit.clear_owned(own, lab, ["file", "dcp"])
+    assert sorted(p.name for p in own.iterdir()) == [labkit.OWNER_FILE, "notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert labkit.claim_dir(empty, lab, "--dir") == empty  # an empty directory is adopted
+    with pytest.raises(ConfigError, match="belongs to another lab"):
+        labkit.claim_dir(own, "99_other", "--dir")
+    with pytest.raises(ConfigError, match="refusing to delete in it"):
+        labkit.clear_owned(_thesis(tmp_path), lab, ["thesis.txt"])
+    with pytest.raises(ValueError, match="entry names"):
+        labkit.clear_owned(own, lab, [".."])
+    assert (tmp_path / "thesis" / "thesis.txt").is_file()
+
+
+def test_memory_guard_is_journey_estimates(monkeypatch):
+    """gpt2-xl, batch 8 x 128, fp32 AdamW: ~23.8 GiB estimated; on a machine with 23 GiB available
+    `journey estimate` will not measure it, and neither will lab 07 nor a training lab (unless --force)."""
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=23 * 2**30))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    xl = get_preset("gpt2-xl")
+    too_big = r"estimated peak 23.\d+ GiB is more than 5.75 GiB free to use.*--force"
+    with pytest.raises(ConfigError, match=too_big):
+        labkit.check_memory(False, xl, 8, 128)
+    labkit.check_memory(True, xl, 8, 128)  # --force
+    with pytest.raises(ConfigError, match=r"2 ranks x 9.05 GiB of this model"):  # ranks share the RAM
+        labkit.check_memory(False, MINI, 2048, ranks=2)
+    labkit.check_memory(False, MINI, 16, ranks=2)  # the labs' defaults fit
+
+
+# The argv of a notebook kernel, in which a lab's cells run (sys.argv[0] is the kernel's launcher).
+KERNEL_ARGVS = {
+    "jupyter": ["/usr/lib/python3/site-packages/ipykernel_launcher.py", "-f",
+                "/root/.local/share/jupyter/runtime/kernel-3f2a.json"],
+    "colab": ["/usr/local/lib/python3.10/dist-packages/colab_kernel_launcher.py", "-f",
+              "/root/.local/share/jupyter/runtime/kernel-9c1e.json"],
+    "vscode": ["/home/u/.venv/lib/python3.11/site-packages/ipykernel_launcher.py", "--ip=127.0.0.1",
+               "--stdin=9003", "--control=9001", "--hb=9000", '--Session.signature_scheme="hmac-sha256"',
+               '--Session.key=b"5af3178f"', "--shell=9002", '--transport="tcp"', "--iopub=9004",
+               "--f=/tmp/tmp-767twhenXI72afC.json"],
+    "python -m ipykernel": ["/usr/lib/python3/site-packages/ipykernel/__main__.py", "-f", "k-1.json"],
+}
+
+
+def _parser():
+    """A lab's parser in miniature."""
+    parser = labkit.lab_parser("a lab")
+    parser.add_argument("--batch-size", type=labkit.positive_int, default=16)
+    parser.add_argument("--ranks", type=labkit.positive_int, default=2, help="tp ranks to spawn")
+    return parser
+
+
+@pytest.fixture
+def lab_env(monkeypatch, tmp_path):
+    """parse() exports --out and installs an excepthook: both are undone after the test."""
+    monkeypatch.setenv(labkit.RUNS_ENV, str(tmp_path / "runs"))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    return tmp_path
+
+
+@pytest.mark.parametrize("kernel", KERNEL_ARGVS)
+def test_a_notebook_kernels_argv_is_not_the_labs(lab_env, capsys, kernel):
+    argv = KERNEL_ARGVS[kernel]
+    assert labkit.parse(_parser(), "lab", argv).batch_size == 16
+    # a notebook may set sys.argv for the lab: those flags count, strictly
+    assert labkit.parse(_parser(), "lab", [*argv, "--batch-size", "4"]).batch_size == 4
+    with pytest.raises(SystemExit) as exit_:
+        labkit.parse(_parser(), "lab", [*argv, "--tp", "4"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --tp 4 (--tp: did you mean --ranks?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lab.py", "--batch", "4"], "unrecognized arguments: --batch 4 (--batch: did you mean --batch-size?"),
+    (["lab.py", "-f", "kernel.json"], "unrecognized arguments: -f kernel.json"),  # not in a kernel
+    (["lab.py", "--batch-size", "0"], "argument --batch-size: 0 must be a positive integer (>= 1)"),
+    (["lab.py", "--batch-size", "4.5"], "argument --batch-size: '4.5' is not an integer"),
+])
+def test_the_command_line_is_parsed_strictly(lab_env, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        labkit.parse(_parser(), "lab", argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_out_redirects_results_before_anything_runs(lab_env):
+    out = lab_env / "elsewhere"
+    labkit.parse(_parser(), "lab", ["lab.py", "--out", str(out)])
+    assert os.environ[labkit.RUNS_ENV] == str(out)  # runtime.runs_dir, and so every rank, writes there
+    with pytest.raises(ConfigError, match="runs is a file, not a directory"):
+        labkit.parse(_parser(), "lab", ["lab.py", "--out", _text_file(lab_env, b"x", "runs")])
+
+
+def test_journey_estimate_checks_its_output_directory_first(tmp_path, capsys, monkeypatch):
+    """It used to estimate (and measure) first, then crash writing runs/estimate/ with a traceback."""
+    monkeypatch.delenv(labkit.RUNS_ENV, raising=False)
+    runs = _text_file(tmp_path, b"x", "runs")
+    assert journey(["estimate", "--preset", "tiny", "--measure", "no", "--out", runs]) == 2
+    err = capsys.readouterr().err
+    assert "journey: error: cannot write results to" in err and "pass --out DIR" in err
+    assert journey(["estimate", "--preset", "tiny", "--measure", "no", "--out", str(tmp_path / "ok")]) == 0
+    assert list((tmp_path / "ok" / "estimate").glob("tiny_*.json"))
 
 
 @pytest.mark.parametrize("lab, args, message", [
-    ("03_tensor_parallel.py", ["--batch-size", "0"], "global batch 0 must be a positive integer"),
-    ("02_data_parallel.py", ["--steps", "0"], "TrainConfig.steps=0 must be a positive integer"),
-    ("04_pipeline_parallel.py", ["--sweep", "1,x"], "--sweep '1,x': want comma-separated microbatch counts"),
+    ("03_tensor_parallel.py", ["--batch-size", "0"], "argument --batch-size: 0 must be a positive integer"),
+    ("02_data_parallel.py", ["--steps", "0"], "argument --steps: 0 must be a positive integer"),
+    ("02_data_parallel.py", ["--batch-size", "7"], "global batch 7 is not divisible by dp*microbatches"),
+    ("04_pipeline_parallel.py", ["--sweep", "1,x"], "argument --sweep: '1,x': want comma-separated integers"),
     ("10_reliability.py", ["--keep", "1"], "--keep 1: the truncated-checkpoint step needs a previous"),
 ])
 def test_labs_reject_bad_arguments_before_any_rank_starts(tmp_path, lab, args, message):
     """Each of these used to pass the checks and fail inside a rank (or after the training)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "labs" / lab), *args], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                                                          "JOURNEY_RUNS_DIR": str(tmp_path)})
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
-    assert "rank 0 failed" not in proc.stderr and "RankFailure" not in proc.stderr
+    proc = _run_lab(tmp_path, lab, args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lab10_runs_in_its_own_directory_and_deletes_only_its_entries(tmp_path):
+    """A directory lab 10 owns (as after an earlier run), holding an old checkpoint entry and the
+    learner's notes: the run succeeds, the old entry is replaced, the notes survive."""
+    own = labkit.claim_dir(tmp_path / "ckpt", "10_reliability", "--dir")
+    (own / "file").mkdir()
+    stale = own / "file" / "step_00000099.pt"
+    stale.write_bytes(b"an earlier run's checkpoint")
+    (own / "notes.txt").write_text("the learner's own notes\n")
+    proc = _run_lab(tmp_path, "10_reliability.py", ["--preset", "tiny", "--steps", "4", "--every", "1",
+                                                    "--crash-at", "2", "--dir", str(own)], timeout_s=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (own / "notes.txt").read_text() == "the learner's own notes\n" and not stale.exists()
+    assert sorted(p.name for p in own.iterdir()) == sorted([labkit.OWNER_FILE, "notes.txt", "file", "dcp",
+                                                            "dead_rank"])

@@ -184,4 +184,5 @@ def test_lab_rejects_a_bad_mesh_before_spawning():
     out = subprocess.run([sys.executable, str(root / "labs" / "05_3d_parallel.py"), "--tp", "3"],
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(root)})
-    assert out.returncode != 0 and "ConfigError: tp=3 does not divide n_head=4" in out.stderr
+    assert out.returncode == 2 and "05_3d_parallel.py: error: tp=3 does not divide n_head=4" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -204,11 +204,24 @@ def estimate_command(args) -> dict:
     return result
 
 
-def _why_not_measure(args, est, cfg, single: bool, device: str, seq: int, n_params: int) -> str:
-    """'' when this process can measure the config, else the reason (and the fix)."""
+def too_big_to_measure(estimated_peak: int, device: str) -> str:
+    """'' when a step estimated to peak at `estimated_peak` bytes may be measured on `device`, else why
+    not. The limit: 90% of the GPU's free memory; on CPU a quarter of the available RAM, so that an
+    estimate that is off, the interpreter and the rest of the machine stay clear of the OOM killer."""
     import psutil
     import torch
 
+    if device == "cuda":
+        limit = 0.9 * (torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0)
+    else:
+        limit = 0.25 * psutil.virtual_memory().available
+    if estimated_peak > limit:
+        return f"estimated peak {fmt_bytes(estimated_peak)} is more than {fmt_bytes(limit)} free to use"
+    return ""
+
+
+def _why_not_measure(args, est, cfg, single: bool, device: str, seq: int, n_params: int) -> str:
+    """'' when this process can measure the config, else the reason (and the fix)."""
     if not single:
         return ("dp/tp/pp > 1 needs one process per rank: the data/tensor/pipeline-parallel and "
                 "ZeRO labs measure per rank")
@@ -216,13 +229,8 @@ def _why_not_measure(args, est, cfg, single: bool, device: str, seq: int, n_para
         return f"{args.dtype} keeps fp32 master weights in the optimizer (DeepSpeed: the ZeRO lab)"
     if args.dtype.endswith("-megatron"):
         return f"{args.dtype} is Megatron-LM's optimizer (fp32 main params and grads): estimate only"
-    if device == "cuda":
-        free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
-        limit = 0.9 * free
-    else:
-        limit = 0.25 * psutil.virtual_memory().available
-    if est.total > limit:
-        return f"estimated peak {fmt_bytes(est.total)} is more than {fmt_bytes(limit)} free to use"
+    if too_big := too_big_to_measure(est.total, device):
+        return too_big
     flops = 6 * n_params * args.batch * seq * 2  # warm-up + measured step
     if args.measure == "auto" and flops > _FLOP_LIMIT[device]:
         return f"~{flops:.1e} FLOP would take long on {device}; pass --measure yes to run it anyway"

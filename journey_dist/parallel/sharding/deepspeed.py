@@ -26,6 +26,7 @@ deleted and the ranks must meet at a barrier before the process group is destroy
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -43,6 +44,37 @@ from journey_dist.parity import RunResult, fresh_model, measure_one_step, run_an
 from journey_dist.train import Batch, StepHooks, StepResult, TrainConfig, make_optimizer
 
 STAGES = (1, 2, 3)
+INSTALL = 'pip install -e ".[deepspeed]"'  # DeepSpeed is an optional extra (pyproject.toml)
+
+
+def installed() -> bool:
+    """Whether `import deepspeed` can find the package (without importing it: that takes seconds)."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def choose_stages(stages: list[int] | None, ds_config: str | None, skip: bool,
+                  available: bool | None = None) -> tuple[list[int], str]:
+    """The DeepSpeed ZeRO stages a run asked for (--stages, --ds-config, --skip-deepspeed), and a
+    note when they are left out because DeepSpeed is not installed.
+
+    No request means every stage if DeepSpeed is installed, else none (with the note naming the
+    install command); an explicit request DeepSpeed cannot serve, or that contradicts --skip-deepspeed,
+    is a ConfigError.
+    """
+    if skip and (stages or ds_config):
+        raise ConfigError("--skip-deepspeed leaves out the DeepSpeed stages that --stages/--ds-config "
+                          "choose; pass one or the other")
+    if skip:
+        return [], ""
+    if stages and set(stages) - set(STAGES):
+        raise ConfigError(f"--stages {','.join(map(str, stages))}: ZeRO stages are 1, 2, 3; use e.g. "
+                          "--stages 1,2,3 (or --skip-deepspeed)")
+    if installed() if available is None else available:
+        return list(stages or STAGES), ""
+    if stages or ds_config:
+        raise ConfigError(f"DeepSpeed is not installed, so --stages/--ds-config cannot run; install it with "
+                          f"{INSTALL}, or pass --skip-deepspeed")
+    return [], f"DeepSpeed is not installed, so its ZeRO stages are left out; add them with {INSTALL}"
 
 
 def deepspeed_config(stage: int, *, micro_batch: int = 4, grad_accum: int = 1, grad_clip: float = 1.0,
