@@ -198,7 +198,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(_at_least_fp32(x))
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
         return weight * (xf * rstd).to(x.dtype)  # HF's LlamaRMSNorm: same ops, same order
@@ -206,11 +206,16 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
-        gw = grad.float() * weight.float()
-        dweight = (grad.float() * xhat).flatten(0, -2).sum(0).to(weight.dtype)
+        up = _at_least_fp32(x)
+        xhat = x.to(up) * rstd
+        gw = grad.to(up) * weight.to(up)
+        dweight = (grad.to(up) * xhat).flatten(0, -2).sum(0).to(weight.dtype)
         dx = gw.sub_(xhat.mul_((gw * xhat).mean(-1, keepdim=True))).mul_(rstd)
         return dx.to(x.dtype), dweight, None
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # 16-bit -> fp32; fp64 stays
 
 
 class RMSNorm(nn.Module):
@@ -251,6 +256,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# The sinusoidal table's values have RMS 1/sqrt(2); scaled to RMS 0.02, the token embeddings'
+# init std, so neither drowns the other at the start (the original Transformer instead scales the
+# embeddings up by sqrt(n_embd), with embeddings initialised near RMS 1/sqrt(n_embd)).
+SINUSOIDAL_SCALE = 0.02 * math.sqrt(2)
 # Residual-stream output projections: initialised with std 0.02 / sqrt(2 * n_layer) (GPT-2).
 RESIDUAL_PROJECTIONS = ("c_proj.weight", "o_proj.weight", "down_proj.weight")
 
@@ -299,7 +308,7 @@ class GPT(nn.Module):
         if self.config.positions in ("learned", "sinusoidal"):
             pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
             x = x + (self.transformer.wpe(pos) if self.config.positions == "learned"
-                     else sinusoidal_table(pos, self.config.n_embd).to(x.dtype))
+                     else SINUSOIDAL_SCALE * sinusoidal_table(pos, self.config.n_embd).to(x.dtype))
         return self.transformer.drop(x)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
