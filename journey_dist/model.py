@@ -189,11 +189,13 @@ class SwiGLU(nn.Module):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = w * x / rms(x), rms(x) = sqrt(mean(x^2) + eps) over channels, computed in fp32.
+    """y = w * x / rms(x), rms(x) = sqrt(mean(x^2) + eps) over channels, computed in fp32 (or fp64).
 
     Keeps only x and 1/rms (one fp32 value per token) for backward, as fused kernels do; the
     same four ops left to autograd would also keep x/rms (and an fp32 copy of a 16-bit x).
-    Backward: dx = (g w - x̂ mean(g w x̂)) / rms with x̂ = x / rms; dw = sum over tokens of g x̂.
+    Backward, with x̂ = x / rms and g the output's gradient:
+        dw = sum over tokens of g x̂,   dx = (g w - x̂ mean(g w x̂)) / rms,
+    holding at most two fp32 (b, s, C) tensors besides g (memory/activations.py counts them).
     """
 
     @staticmethod
@@ -206,11 +208,14 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        up = _at_least_fp32(x)
-        xhat = x.to(up) * rstd
-        gw = grad.to(up) * weight.to(up)
-        dweight = (grad.to(up) * xhat).flatten(0, -2).sum(0).to(weight.dtype)
-        dx = gw.sub_(xhat.mul_((gw * xhat).mean(-1, keepdim=True))).mul_(rstd)
+        w = weight.to(rstd.dtype)
+        xhat = x * rstd  # mixed dtypes promote to rstd's fp32 without a copy of x
+        g_xhat = grad * xhat
+        dweight = g_xhat.flatten(0, -2).sum(0).to(weight.dtype)
+        mean_gwx = (g_xhat @ w).unsqueeze(-1) / x.size(-1)  # mean over channels of g w x̂
+        del g_xhat
+        dx = (grad * w).sub_(xhat.mul_(mean_gwx)).mul_(rstd)
+        del xhat
         return dx.to(x.dtype), dweight, None
 
 
@@ -278,12 +283,17 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one (V, C) matrix, two uses
+        if not self.lm_head.weight.is_meta:  # on the meta device there are no values to set
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2's init: N(0, 0.02) for Linear and Embedding weights, zero biases, norms at 1, and
+        residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does
+        not grow with depth. A model built on the meta device calls it after to_empty()."""
         self.apply(self._init_weights)
-        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual
-        # stream's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith(RESIDUAL_PROJECTIONS):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -293,6 +303,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()  # weight 1, bias 0 (no random draws)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (tied weights once); optionally without position embeddings."""
