@@ -94,19 +94,21 @@ class CausalSelfAttention(nn.Module):
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), H and K this module's head counts."""
         B, T, _ = x.shape
-        if hasattr(self, "c_attn"):
+        if hasattr(self, "c_attn"):  # three equal parts: k and v have H heads too
             q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=2)  # 3 x (B, T, H*D)
+            kv_heads = self.n_head
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            kv_heads = self.n_kv_head
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        k, v = (t.view(B, T, kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         # H and K are the local head counts, so a tensor-parallel copy of this module (fewer
-        # heads per rank) runs the same code.
+        # heads per rank: n_head, and n_kv_head for the Llama layout, divided by t) runs the same code.
         start = cache.pos if cache is not None else 0
         if self.positions == "rope":
             cos, sin = rope_tables(start, T, self.head_dim, self.rope_theta, x.device, q.dtype)
