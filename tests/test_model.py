@@ -220,6 +220,24 @@ def test_trace_shapes():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_forward_backward_reaches_every_parameter_and_steps_lower_the_loss(family):
+    torch.manual_seed(0)
+    cfg = FAMILIES[family]
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, cfg.vocab_size, (4, 17))
+    losses = []
+    for _ in range(15):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5  # memorising one batch
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_initial_loss_near_uniform(family):
     torch.manual_seed(0)
     cfg = FAMILIES[family]
