@@ -27,7 +27,10 @@ columns. Separate projections (not one fused (H+2K)·D matrix) keep these splits
 as in HF and torchtitan.
 
 The model knows nothing about parallelism; journey_dist.parallel.* wraps or
-rewrites a plain GPT built from the same GPTConfig and state dict.
+rewrites a plain GPT built from the same GPTConfig and state dict. A wrapper that rebuilds the
+first stage calls `GPT.embed` (token embeddings plus learned or sinusoidal positions); RoPE and
+ALiBi live inside the attention (ALiBi's slopes are per global head: a tensor-parallel copy
+needs its rank's slice of `alibi_slopes(n_head)`).
 """
 
 from __future__ import annotations
