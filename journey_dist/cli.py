@@ -21,12 +21,14 @@ def _cmd_presets(_args: argparse.Namespace) -> None:
 
     from journey_dist.model import GPT
 
-    print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'d_model':>7} {'vocab':>6} {'ctx':>5} {'params':>14}")
+    print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'kv':>3} {'d_model':>7} {'mlp':>6} {'vocab':>7} "
+          f"{'ctx':>5} {'norm / mlp / positions':<26} {'params':>15}")
     for name, cfg in PRESETS.items():
         with torch.device("meta"):  # count without allocating
             n = GPT(cfg).num_params()
-        print(f"{name:<12} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.n_embd:>7} {cfg.vocab_size:>6} "
-              f"{cfg.block_size:>5} {n:>14,}")
+        arch = f"{cfg.norm} / {cfg.mlp} / {cfg.positions}"
+        print(f"{name:<12} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.kv_heads:>3} {cfg.n_embd:>7} "
+              f"{cfg.mlp_dim:>6} {cfg.vocab_size:>7} {cfg.block_size:>5} {arch:<26} {n:>15,}")
 
 
 def _cmd_estimate(args: argparse.Namespace) -> None:

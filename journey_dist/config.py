@@ -14,9 +14,20 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the problem and the fix."""
 
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
-    """GPT-2 architecture hyper-parameters (pre-LN, GELU MLP, learned positions)."""
+    """One decoder-only transformer, GPT-2 by default, the Llama family by switches.
+
+    GPT-2: LayerNorm, GELU MLP (4 x n_embd), learned positions, multi-head attention with one
+    fused c_attn, biases, tied head. Llama: norm="rmsnorm", mlp="swiglu" (gate/up/down),
+    positions="rope", n_kv_head < n_head (grouped-query attention), bias=False, untied head.
+    model.py documents the module names and shapes of both layouts.
+    """
 
     n_layer: int = 4
     n_head: int = 4
@@ -24,10 +35,18 @@ class GPTConfig:
     vocab_size: int = 256  # byte-level by default
     block_size: int = 128  # maximum context length
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True  # biases in every Linear and LayerNorm (RMSNorm has none)
     tie_embeddings: bool = True  # lm_head.weight is wte.weight, as in GPT-2
     attn_impl: str = "sdpa"  # "sdpa" (fused, F.scaled_dot_product_attention) or "eager"
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # eps of every norm layer (LayerNorm or RMSNorm)
+    norm: str = "layernorm"  # or "rmsnorm"
+    mlp: str = "gelu"  # or "swiglu"
+    mlp_hidden: int | None = None  # MLP width; None: see mlp_dim
+    positions: str = "learned"  # "sinusoidal", "rope" or "alibi"
+    rope_theta: float = 10000.0  # RoPE base: pair i turns by pos * rope_theta^(-2i/head_dim)
+    # None: GPT-2's multi-head attention (fused c_attn). A number: separate q/k/v/o projections
+    # with n_kv_head key/value heads, each shared by n_head / n_kv_head query heads (GQA; 1 is MQA).
+    n_kv_head: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
@@ -44,10 +63,57 @@ class GPTConfig:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1); use 0.0 (off) or e.g. 0.1")
         if self.attn_impl not in ("sdpa", "eager"):
             raise ConfigError(f"attn_impl={self.attn_impl!r}; use 'sdpa' or 'eager'")
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is unknown; use one of "
+                                  f"{', '.join(repr(a) for a in allowed)}")
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1):
+            raise ConfigError(f"mlp_hidden={self.mlp_hidden!r} must be a positive integer, or None for the "
+                              "default width (4 x n_embd for gelu, Llama's rule for swiglu)")
+        if self.n_kv_head is not None:
+            if not isinstance(self.n_kv_head, int) or self.n_kv_head < 1:
+                raise ConfigError(f"n_kv_head={self.n_kv_head!r} must be a positive integer (or None: "
+                                  f"GPT-2's fused multi-head attention); use one of {_divisors(self.n_head)}")
+            if self.n_head % self.n_kv_head:
+                raise ConfigError(
+                    f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: every key/value "
+                    f"head serves the same number of query heads; use n_kv_head in {_divisors(self.n_head)}"
+                )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(
+                f"positions='rope' rotates pairs of channels, but head_dim = n_embd/n_head = "
+                f"{self.n_embd}/{self.n_head} = {self.head_dim} is odd; pick n_embd as a multiple of "
+                f"2*n_head (e.g. {2 * self.n_head * -(-self.head_dim // 2)})"
+            )
+        if self.positions == "sinusoidal" and self.n_embd % 2:
+            raise ConfigError(f"positions='sinusoidal' pairs sin and cos channels, but n_embd={self.n_embd} "
+                              f"is odd; use an even n_embd (e.g. {self.n_embd + self.n_head})")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta={self.rope_theta!r} must be > 0 (10,000 in the RoPE paper, "
+                              "500,000 in Llama 3)")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head for GPT-2's multi-head attention."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def separate_qkv(self) -> bool:
+        """Llama layout (q_proj, k_proj, v_proj, o_proj) rather than GPT-2's fused c_attn, c_proj."""
+        return self.n_kv_head is not None
+
+    @property
+    def mlp_dim(self) -> int:
+        """The MLP's hidden width: mlp_hidden, else 4 x n_embd (GELU) or, for SwiGLU, Llama's
+        2/3 of that rounded up to a multiple of 32 (three matrices instead of two, about the
+        same parameters)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 4 * self.n_embd if self.mlp == "gelu" else llama_ffn_dim(self.n_embd, multiple_of=32)
 
     def with_(self, **changes) -> GPTConfig:
         """A copy with some fields changed (validated again)."""
@@ -56,6 +122,22 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+def llama_ffn_dim(n_embd: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """Llama's SwiGLU width (meta-llama's model.py): 2/3 of 4 x n_embd, times
+    ffn_dim_multiplier, rounded up to a multiple of multiple_of. Llama 3 8B: 4096, 1024, 1.3 ->
+    14,336; 70B: 8192, 4096, 1.3 -> 28,672; 405B: 16384, 4096, 1.2 -> 53,248."""
+    hidden = int(2 * 4 * n_embd / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return -(-hidden // multiple_of) * multiple_of  # round up
+
+
+# The Llama family's switches; the real shapes add theirs (Llama 3: 128,256-token vocabulary,
+# head_dim 128, 8 key/value heads, rope_theta 500,000, 8,192-token context; 405B shipped as
+# Llama 3.1, whose 128K context also rescales RoPE: not modelled here).
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=False)
+_LLAMA3 = dict(_LLAMA, vocab_size=128_256, block_size=8192, rope_theta=500_000.0, n_kv_head=8)
 
 PRESETS: dict[str, GPTConfig] = {
     # Tests: builds and runs in milliseconds.
@@ -66,6 +148,15 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024),
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024),
+    # gpt-mini's size as a Llama: RMSNorm, SwiGLU (352 = llama_ffn_dim(128, 32)), RoPE, 2 kv heads.
+    "llama-mini": GPTConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, vocab_size=256, block_size=128,
+                            mlp_hidden=llama_ffn_dim(128, multiple_of=32), **_LLAMA),
+    "llama3-8b": GPTConfig(n_layer=32, n_head=32, n_embd=4096, mlp_hidden=llama_ffn_dim(4096, 1024, 1.3),
+                           **_LLAMA3),
+    "llama3-70b": GPTConfig(n_layer=80, n_head=64, n_embd=8192, mlp_hidden=llama_ffn_dim(8192, 4096, 1.3),
+                            **_LLAMA3),
+    "llama3-405b": GPTConfig(n_layer=126, n_head=128, n_embd=16384,
+                             mlp_hidden=llama_ffn_dim(16384, 4096, 1.2), **_LLAMA3),
 }
 
 
@@ -148,6 +239,17 @@ class ParallelConfig:
                 raise ConfigError(
                     f"tp={self.tp} does not divide n_head={model.n_head}; "
                     f"use a tp in {_divisors(model.n_head)}"
+                )
+            if model.kv_heads % self.tp:
+                raise ConfigError(
+                    f"tp={self.tp} does not divide n_kv_head={model.kv_heads}: each rank keeps whole "
+                    f"key/value heads (k_proj and v_proj are split by kv heads); use a tp in "
+                    f"{_divisors(model.kv_heads)} or more kv heads (n_kv_head a multiple of {self.tp})"
+                )
+            if model.mlp_dim % self.tp:
+                raise ConfigError(
+                    f"tp={self.tp} does not divide the MLP width {model.mlp_dim} (its columns are split "
+                    f"over tp); use a tp in {_divisors(model.mlp_dim)} or mlp_hidden a multiple of {self.tp}"
                 )
             if model.vocab_size % self.tp and not self.pad_vocab:
                 raise ConfigError(

@@ -1,11 +1,36 @@
-"""GPT-mini: the GPT-2 architecture in one readable file.
+"""GPT-mini: one decoder-only transformer, the GPT-2 and Llama families by config switches.
 
-Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H head size,
-V vocab size. Names follow Hugging Face's GPT2LMHeadModel (transformer.h.0.attn.c_attn,
-...), so its state dict loads after transposing its Conv1D weights.
+Shapes: B batch, T sequence length, C = n_embd, H = n_head query heads, K = kv_heads key/value
+heads, D = C // H head size, F = mlp_dim, V vocab size.
+
+GPT-2 layout (the default; names as Hugging Face's GPT2LMHeadModel, whose state dict loads after
+transposing its Conv1D weights):
+
+    transformer.wte (V, C), transformer.wpe (block_size, C)     [positions="learned"]
+    transformer.h.<i>.ln_1, .ln_2                               LayerNorm(C)
+    transformer.h.<i>.attn.c_attn (3C, C): q, k, v fused; .attn.c_proj (C, C)
+    transformer.h.<i>.mlp.c_fc (F, C), GELU, .mlp.c_proj (C, F)  F = 4C
+    transformer.ln_f, lm_head (V, C) tied to wte
+
+Llama layout (n_kv_head set; presets llama-mini, llama3-*): the same tree, with
+norm="rmsnorm" (ln_1/ln_2/ln_f are RMSNorm(C)), positions="rope" (no wpe) and
+
+    transformer.h.<i>.attn.q_proj (H·D, C), .k_proj (K·D, C), .v_proj (K·D, C), .o_proj (C, H·D)
+    transformer.h.<i>.mlp.gate_proj (F, C), .up_proj (F, C), .down_proj (C, F)   SwiGLU
+    lm_head (V, C) untied
+
+Query head h reads key/value head h // (H/K). Tensor parallel over t ranks therefore splits
+q_proj's rows by query heads (H/t each), k_proj's and v_proj's rows by kv heads (K/t each, so t
+must divide K), o_proj's columns by query heads; rank r's query heads r·H/t.. then find their
+kv heads r·K/t.. on the same rank. gate_proj and up_proj split by rows (F/t), down_proj by
+columns. Separate projections (not one fused (H+2K)·D matrix) keep these splits one slice each,
+as in HF and torchtitan.
 
 The model knows nothing about parallelism; journey_dist.parallel.* wraps or
-rewrites a plain GPT built from the same GPTConfig and state dict.
+rewrites a plain GPT built from the same GPTConfig and state dict. A wrapper that rebuilds the
+first stage calls `GPT.embed` (token embeddings plus learned or sinusoidal positions); RoPE and
+ALiBi live inside the attention (ALiBi's slopes are per global head: a tensor-parallel copy
+needs its rank's slice of `alibi_slopes(n_head)`).
 """
 
 from __future__ import annotations
@@ -17,21 +42,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from journey_dist import hf_interop
 from journey_dist.config import GPTConfig
+from journey_dist.positions import alibi_bias, alibi_slopes, apply_rope, rope_tables, sinusoidal_table
 
 
 class KVCache:
     """Pre-allocated keys and values for incremental decoding.
 
-    k[layer], v[layer]: (B, H, max_len, D). `pos` counts the tokens already cached.
-    Bytes = 2 (K,V) x layers x B x max_len x H x D x element size.
+    k[layer], v[layer]: (B, K, max_len, D), K = config.kv_heads (grouped-query attention caches
+    only its key/value heads). `pos` counts the tokens already cached.
+    Bytes = 2 (K,V) x layers x B x max_len x K x D x element size.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  n_head: int | None = None):
-        # n_head: heads cached here (default all; a tensor-parallel rank caches only its own)
-        shape = (batch_size, config.n_head if n_head is None else n_head, max_len, config.head_dim)
+        # n_head: kv heads cached here (default all; a tensor-parallel rank caches only its own)
+        shape = (batch_size, config.kv_heads if n_head is None else n_head, max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
@@ -42,101 +70,235 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention; GPT-2's fused c_attn or Llama's q/k/v/o projections with GQA.
+
+    RoPE and ALiBi are applied here, from the absolute positions start..start+T-1 (start =
+    cache.pos), so a copy of this module on another rank or stage needs nothing passed in.
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        C, D, bias = config.n_embd, config.head_dim, config.bias
+        if config.separate_qkv:
+            self.q_proj = nn.Linear(C, self.n_head * D, bias=bias)
+            self.k_proj = nn.Linear(C, self.n_kv_head * D, bias=bias)
+            self.v_proj = nn.Linear(C, self.n_kv_head * D, bias=bias)
+            self.o_proj = nn.Linear(self.n_head * D, C, bias=bias)
+        else:
+            self.c_attn = nn.Linear(C, 3 * C, bias=bias)  # q, k, v
+            self.c_proj = nn.Linear(C, C, bias=bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
+        self.positions, self.rope_theta = config.positions, config.rope_theta
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), H and K this module's head counts."""
+        B, T, _ = x.shape
+        if hasattr(self, "c_attn"):  # three equal parts: k and v have H heads too
+            q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=2)  # 3 x (B, T, H*D)
+            kv_heads = self.n_head
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            kv_heads = self.n_kv_head
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
+        return q, k, v
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=2)  # 3 x (B, T, H*D)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        # q, k, v: (B, H, T, D). H is the local head count, so a tensor-parallel copy
-        # of this module (fewer heads per rank) runs the same code.
-        start = 0
+        q, k, v = self.qkv(x)
+        # H and K are the local head counts, so a tensor-parallel copy of this module (fewer
+        # heads per rank: n_head, and n_kv_head for the Llama layout, divided by t) runs the same code.
+        start = cache.pos if cache is not None else 0
+        if self.positions == "rope":
+            cos, sin = rope_tables(start, T, self.head_dim, self.rope_theta, x.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            start = cache.pos
             cache.k[layer][:B, :, start:start + T] = k
             cache.v[layer][:B, :, start:start + T] = v
             k, v = cache.k[layer][:B, :, :start + T], cache.v[layer][:B, :, :start + T]
+        bias = None
+        if self.positions == "alibi":
+            bias = alibi_bias(alibi_slopes(self.n_head).to(x.device), start, T, k.size(-2)).to(q.dtype)
         y = attention(q, k, v, start, self.attn_impl, self.dropout if self.training else 0.0,
-                      self.attn_dropout)  # (B, H, T, D)
+                      self.attn_dropout, bias)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
-        return self.resid_dropout(self.c_proj(y))
+        out = self.c_proj if hasattr(self, "c_proj") else self.o_proj
+        return self.resid_dropout(out(y))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, impl: str,
-              dropout_p: float, dropout: nn.Module) -> torch.Tensor:
-    """Causal attention of T queries (positions start..start+T-1) over S = start+T keys."""
+              dropout_p: float, dropout: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of T queries (positions start..start+T-1) over S = start+T keys.
+
+    q (B, H, T, D); k, v (B, K, S, D) with K dividing H: query head h reads kv head h // (H/K).
+    `bias` (H, T, S), e.g. ALiBi's, is added to the scores before the causal mask.
+    """
     T, S = q.size(-2), k.size(-2)
+    group = q.size(1) // k.size(1)  # query heads per kv head (1: multi-head attention)
     mask = None
-    if start > 0 and T > 1:  # chunked prefill: query i sees keys 0..start+i
+    if (start > 0 and T > 1) or bias is not None:  # chunked prefill: query i sees keys 0..start+i
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    if bias is not None:
+        mask = bias.masked_fill(~mask, float("-inf"))  # (H, T, S) additive
     if impl == "sdpa":
+        gqa = {"enable_gqa": True} if group > 1 else {}
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=start == 0 and T > 1
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T > 1, **gqa
         )
+    if group > 1:  # every kv head serves `group` consecutive query heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S): the T x S matrix
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
     if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
+        att = att + mask if mask.dtype != torch.bool else att.masked_fill(~mask, float("-inf"))
     att = dropout(F.softmax(att, dim=-1))
     return att @ v  # (B, H, T, D)
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP: c_proj(GELU(c_fc(x))), (B,T,C) -> (B,T,F) -> (B,T,C)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B,T,C)->(B,T,4C)->(B,T,C)
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B,T,C)->(B,T,F)->(B,T,C)
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class SwiGLU(nn.Module):
+    """Llama's MLP: down_proj(SiLU(gate_proj(x)) * up_proj(x)), (B,T,C) -> 2 x (B,T,F) -> (B,T,C).
+
+    The gate multiplies the up projection channel by channel; three matrices of F x C, so Llama
+    takes F about 2/3 of GPT-2's 4C for the same parameters (config.llama_ffn_dim).
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        C, F_, bias = config.n_embd, config.mlp_dim, config.bias
+        self.gate_proj = nn.Linear(C, F_, bias=bias)
+        self.up_proj = nn.Linear(C, F_, bias=bias)
+        self.down_proj = nn.Linear(F_, C, bias=bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = w * x / rms(x), rms(x) = sqrt(mean(x^2) + eps) over channels, computed in fp32 (or fp64).
+
+    Keeps only x and 1/rms (one fp32 value per token) for backward, as fused kernels do; the
+    same four ops left to autograd would also keep x/rms (and an fp32 copy of a 16-bit x).
+    Backward, with x̂ = x / rms and g the output's gradient:
+        dw = sum over tokens of g x̂,   dx = (g w - x̂ mean(g w x̂)) / rms,
+    holding at most two fp32 (b, s, C) tensors besides g (memory/activations.py counts them).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(_at_least_fp32(x))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)  # HF's LlamaRMSNorm: same ops, same order
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        w = weight.to(rstd.dtype)
+        xhat = x * rstd  # mixed dtypes promote to rstd's fp32 without a copy of x
+        g_xhat = grad * xhat
+        dweight = g_xhat.flatten(0, -2).sum(0).to(weight.dtype)
+        mean_gwx = (g_xhat @ w).unsqueeze(-1) / x.size(-1)  # mean over channels of g w x̂
+        del g_xhat
+        dx = (grad * w).sub_(xhat.mul_(mean_gwx)).mul_(rstd)
+        del xhat
+        return dx.to(x.dtype), dweight, None
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # 16-bit -> fp32; fp64 stays
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang and Sennrich 2019), Llama's: LayerNorm without the mean
+    subtraction and without a bias; one weight per channel, initialised to 1."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.size(0)}, eps={self.eps}"
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The config's norm layer over n_embd channels."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
+# The sinusoidal table's values have RMS 1/sqrt(2); scaled to RMS 0.02, the token embeddings'
+# init std, so neither drowns the other at the start (the original Transformer instead scales the
+# embeddings up by sqrt(n_embd), with embeddings initialised near RMS 1/sqrt(n_embd)).
+SINUSOIDAL_SCALE = 0.02 * math.sqrt(2)
+# Residual-stream output projections: initialised with std 0.02 / sqrt(2 * n_layer) (GPT-2).
+RESIDUAL_PROJECTIONS = ("c_proj.weight", "o_proj.weight", "down_proj.weight")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(drop=nn.Dropout(config.dropout),
+                       h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                       ln_f=make_norm(config))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one (V, C) matrix, two uses
+        if not self.lm_head.weight.is_meta:  # on the meta device there are no values to set
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2's init: N(0, 0.02) for Linear and Embedding weights, zero biases, norms at 1, and
+        residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does
+        not grow with depth. A model built on the meta device calls it after to_empty()."""
         self.apply(self._init_weights)
-        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual
-        # stream's variance does not grow with depth.
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith(RESIDUAL_PROJECTIONS):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -146,14 +308,30 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()  # weight 1, bias 0 (no random draws)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (tied weights once); optionally without position embeddings."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(B, T) token ids at positions start..start+T-1 -> (B, T, C): token embeddings plus
+        learned or sinusoidal positions (RoPE and ALiBi act inside attention), then dropout."""
+        x = self.transformer.wte(idx)
+        if self.config.positions in ("learned", "sinusoidal"):
+            pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+            x = x + (self.transformer.wpe(pos) if self.config.positions == "learned"
+                     else SINUSOIDAL_SCALE * sinusoidal_table(pos, self.config.n_embd).to(x.dtype))
+        return self.transformer.drop(x)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, C) final-LayerNorm output."""
+        """(B, T) token ids -> (B, T, C) final-norm output."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -161,8 +339,7 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}; "
                 f"crop the input to its last {self.config.block_size} tokens or use a larger block_size"
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B,T,C)
+        x = self.embed(idx, start)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
         if cache is not None:
@@ -210,28 +387,28 @@ class GPT(nn.Module):
     # ------------------------------------------------------------ HF interop
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict in GPT2LMHeadModel's layout (Conv1D weights are (in, out))."""
-        return {k: (v.t().contiguous() if _is_conv1d(k) else v.clone())
-                for k, v in self.state_dict().items()}
+        """State dict under Hugging Face's names: GPT2LMHeadModel (Conv1D weights (in, out)) or
+        LlamaForCausalLM (hf_interop.py has the mapping)."""
+        return hf_interop.to_hf(self.config, self.state_dict())
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load a GPT2LMHeadModel state dict (HF names; Conv1D weights transposed)."""
+        """Load a GPT2LMHeadModel or LlamaForCausalLM state dict (HF names), weight for weight."""
         own = self.state_dict()
-        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd = hf_interop.from_hf(self.config, sd)
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
         if missing or unexpected:
             raise KeyError(f"HF state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for k, v in sd.items():
-                v = v.t() if _is_conv1d(k) else v
                 if own[k].shape != v.shape:
                     raise ValueError(f"{k}: HF shape {tuple(v.shape)} != ours {tuple(own[k].shape)}")
                 own[k].copy_(v)
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module) -> GPT:
-        """Build a GPT with the same config and weights as a transformers GPT2LMHeadModel."""
+        """Build a GPT with the same config and weights as a transformers GPT2LMHeadModel or
+        LlamaForCausalLM."""
         model = cls(config_from_hf(hf_model.config))
         model.load_hf_state_dict(hf_model.state_dict())
         return model
@@ -250,33 +427,8 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
-def _is_conv1d(key: str) -> bool:
-    return key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
-
-
-def config_from_hf(hf_config) -> GPTConfig:
-    """GPTConfig from a transformers GPT2Config."""
-    return GPTConfig(
-        n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd,
-        vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions,
-        dropout=0.0, bias=True, tie_embeddings=getattr(hf_config, "tie_word_embeddings", True),
-        layer_norm_eps=hf_config.layer_norm_epsilon,
-    )
-
-
-def hf_config_from(config: GPTConfig, attn_implementation: str = "eager"):
-    """transformers GPT2Config matching a GPTConfig (imports transformers lazily)."""
-    from transformers import GPT2Config
-
-    hf = GPT2Config(
-        n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-        vocab_size=config.vocab_size, n_positions=config.block_size,
-        resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-        layer_norm_epsilon=config.layer_norm_eps, activation_function="gelu_new",
-        tie_word_embeddings=config.tie_embeddings,
-    )
-    hf._attn_implementation = attn_implementation
-    return hf
+config_from_hf = hf_interop.config_from_hf  # transformers config -> GPTConfig
+hf_config_from = hf_interop.hf_config_from  # GPTConfig -> transformers GPT2Config / LlamaConfig
 
 
 # ------------------------------------------------------------ shape tracing

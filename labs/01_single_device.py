@@ -8,8 +8,9 @@ free (81 s in all); on a shared machine it stretches (8.6 minutes at a load aver
 
 What to look at: the shapes through one block, the loss falling from ln(256) = 5.55
 (a uniform guess over bytes) to about 2.3 in 300 steps, and a sample with English-like
-words and spacing (more steps help: try --steps 1500).
-Results: runs/01_single_device/{train,result}.json; the checkpoint is reused by later labs.
+words and spacing (more steps help: try --steps 1500). Last, RoPE's rotation on one vector,
+and four position schemes trained at 32 tokens and read at 64 (--positions-steps 0 skips it).
+Results: runs/01_single_device/{train,result,positions}.json; the checkpoint is reused by later labs.
 """
 
 # %% Setup: arguments and every check that can fail, before the work starts
@@ -19,16 +20,19 @@ import torch
 
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
+from journey_dist.extrapolation import extrapolation_config, position_extrapolation, positions_table
 from journey_dist.labkit import (
     check_data,
     check_memory,
     lab_parser,
+    nonnegative_int,
     parse,
     positive_float,
     positive_int,
     resolve_device,
 )
 from journey_dist.model import GPT, trace_shapes
+from journey_dist.positions import rope_shift_invariance
 from journey_dist.runtime import runs_dir, save_json, seed_everything
 from journey_dist.train import TrainConfig, train
 
@@ -40,6 +44,8 @@ parser.add_argument("--steps", type=positive_int, default=300)
 parser.add_argument("--batch-size", type=positive_int, default=16)
 parser.add_argument("--lr", type=positive_float, default=3e-3)
 parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+parser.add_argument("--positions-steps", type=nonnegative_int, default=150,
+                    help="training steps per position scheme in the last cell (0 skips it)")
 args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
 seed_everything(0)
@@ -89,3 +95,22 @@ path = save_json("01_single_device", "result", {
     "sample": sample, "checkpoint": str(ckpt),
 })
 print(f"wrote {path} and {ckpt}")
+
+# %% Position encodings: rotate q and k (RoPE), then see which schemes carry past the training length
+if args.positions_steps > 0:
+    demo = rope_shift_invariance(head_dim=8, m=3, n=7, shift=100)
+    print("\nRoPE turns each pair of q's (and k's) channels by position x its own angle per token:")
+    print(f"  q                     {[round(v, 3) for v in demo['q'].tolist()]}")
+    print(f"  q at position 3       {[round(v, 3) for v in demo['q_at_m'].tolist()]}")
+    print(f"  q at position 103     {[round(v, 3) for v in demo['q_at_m_shifted'].tolist()]}")
+    print(f"  q.k unrotated {demo['dot_unrotated']:.4f}; q at 3, k at 7: {demo['dot']:.4f}; "
+          f"q at 103, k at 107: {demo['dot_shifted']:.4f} (same offset, same score)")
+    small = extrapolation_config(data.vocab_size)
+    print(f"\nllama-mini's switches at {small.n_layer} layers x {small.n_embd} channels, one model per "
+          f"scheme, {args.positions_steps} steps at 32 tokens; loss on 64-token windows, split at 32:")
+    rows = position_extrapolation(data, small, steps=args.positions_steps, device=device)
+    print(positions_table(rows))
+    path = save_json("01_single_device", "positions", {
+        "rope_demo": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in demo.items()},
+        "config": small.to_dict(), "rows": rows})
+    print(f"wrote {path}")

@@ -76,6 +76,21 @@ CASES = {
     "heads do not divide width": (
         lambda tmp: GPTConfig(n_embd=100, n_head=3),
         r"n_embd=100 is not divisible by n_head=3", r"multiple of n_head"),
+    "kv heads do not divide query heads": (
+        lambda tmp: GPTConfig(n_head=6, n_embd=192, n_kv_head=4),
+        r"n_head=6 is not divisible by n_kv_head=4", r"use n_kv_head in \[1, 2, 3, 6\]"),
+    "rope with an odd head dim": (
+        lambda tmp: get_preset("llama-mini", n_embd=132),
+        r"head_dim = n_embd/n_head = 132/4 = 33 is odd", r"multiple of 2\*n_head \(e.g. 136\)"),
+    "tp does not divide kv heads": (
+        lambda tmp: ParallelConfig(tp=4).validate(get_preset("llama-mini"), world_size=4),
+        r"tp=4 does not divide n_kv_head=2", r"use a tp in \[1, 2\]"),
+    "tp does not divide the MLP width": (
+        lambda tmp: ParallelConfig(tp=4).validate(MINI.with_(mlp="swiglu", mlp_hidden=350), world_size=4),
+        r"tp=4 does not divide the MLP width 350", r"mlp_hidden a multiple of 4"),
+    "unknown norm": (
+        lambda tmp: GPTConfig(norm="batchnorm"),
+        r"norm='batchnorm' is unknown", r"use one of 'layernorm', 'rmsnorm'"),
     "unknown preset": (
         lambda tmp: get_preset("gpt5"),
         r"unknown preset 'gpt5'", r"choose one of: tiny, gpt-mini"),

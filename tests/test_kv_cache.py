@@ -18,6 +18,10 @@ from journey_dist.memory.estimate import kv_cache_bytes
 from journey_dist.model import GPT
 from tests.labs import run_lab
 
+# GPT-2 layout, and Llama's at tiny size (4 query heads on 2 cached kv heads, RoPE, SwiGLU)
+FAMILIES = {"gpt2": get_preset("tiny"),
+            "llama": get_preset("llama-mini", n_layer=2, n_embd=32, mlp_hidden=64, block_size=32)}
+
 
 @pytest.fixture(scope="module")
 def tiny() -> GPT:
@@ -25,17 +29,21 @@ def tiny() -> GPT:
     return GPT(get_preset("tiny")).eval()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_greedy_tokens_identical_with_and_without_cache(tiny, batch):
-    cmp = compare_generation(tiny, batch=batch, prompt_len=5, new_tokens=20, repeats=1)
+def test_greedy_tokens_identical_with_and_without_cache(family, batch):
+    torch.manual_seed(0)
+    model = GPT(FAMILIES[family]).eval()
+    cmp = compare_generation(model, batch=batch, prompt_len=5, new_tokens=20, repeats=1)
     assert cmp.identical
     assert cmp.seconds_cache > 0 and cmp.seconds_no_cache > 0
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
-def test_cached_logits_equal_full_forward(attn_impl):
+def test_cached_logits_equal_full_forward(family, attn_impl):
     torch.manual_seed(0)
-    model = GPT(get_preset("tiny", attn_impl=attn_impl))
+    model = GPT(FAMILIES[family].with_(attn_impl=attn_impl))
     ids = torch.randint(0, 256, (2, 30))
     assert cached_logits_max_diff(model, ids, prefill=7) < 1e-5  # fp32 rounding only
 
@@ -57,13 +65,15 @@ def test_cache_makes_generation_linear_not_quadratic(tiny):
     assert without == sum(4 + t for t in range(new))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_measured_cache_bytes_equal_formula(dtype):
+def test_measured_cache_bytes_equal_formula(family, dtype):
     torch.manual_seed(0)
-    model = GPT(get_preset("tiny")).to(dtype)
+    model = GPT(FAMILIES[family]).to(dtype)
     m = measure_cache_bytes(model, batch=3, tokens=24)
     cfg = model.config
-    by_hand = 2 * cfg.n_layer * 3 * 24 * cfg.n_head * cfg.head_dim * (4 if dtype == torch.float32 else 2)
+    heads = {"gpt2": 4, "llama": 2}[family]  # GQA caches its kv heads only
+    by_hand = 2 * cfg.n_layer * 3 * 24 * heads * cfg.head_dim * (4 if dtype == torch.float32 else 2)
     assert m["measured_bytes"] == m["formula_bytes"] == by_hand
     assert m["filled"] == 24 and m["tensors"] == 2 * cfg.n_layer
 

@@ -3,6 +3,8 @@ on the claims it prints (read back from its JSON). Tiny settings keep each to se
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.labs import assert_lab03_claims, run_lab
@@ -12,9 +14,14 @@ TOL = 1e-5  # fp32 parity with one process, tiny config, a few AdamW steps
 
 
 def test_lab01_trains_and_samples(tmp_path):
-    out, r = run_lab("01_single_device", "--preset", "tiny", "--steps", "40", runs_dir=tmp_path)
+    out, r = run_lab("01_single_device", "--preset", "tiny", "--steps", "40", "--positions-steps", "10",
+                     runs_dir=tmp_path)
     assert r["last_loss"] < r["first_loss"] - 0.5 and r["val_loss"] < r["first_loss"]
     assert r["sample"] and "shape" in out.lower()
+    pos = json.loads((tmp_path / "01_single_device" / "positions.json").read_text())
+    assert [row["positions"] for row in pos["rows"]] == ["learned", "sinusoidal", "rope", "alibi"]
+    demo = pos["rope_demo"]
+    assert abs(demo["dot"] - demo["dot_shifted"]) < 1e-4 and f"{demo['dot']:.4f}" in out
 
 
 @pytest.mark.parametrize("torchrun", [0, 2], ids=["python", "torchrun"])

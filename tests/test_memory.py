@@ -6,18 +6,20 @@ import pytest
 import torch
 
 from journey_dist.cli import main
-from journey_dist.config import ConfigError, ParallelConfig, get_preset
+from journey_dist.config import ConfigError, ParallelConfig, get_preset, llama_ffn_dim
 from journey_dist.memory.estimate import (
     activation_bytes_per_layer,
     estimate_memory,
     kv_cache_bytes,
+    layer_param_count,
     model_state_bytes,
+    model_tensors,
     param_count,
 )
 from journey_dist.memory.measure import TensorLedger, measure_config
 from journey_dist.memory.report import compare
 from journey_dist.model import GPT, KVCache
-from journey_dist.plan import make_plan
+from journey_dist.plan import make_plan, parse_bytes
 
 # ---------------------------------------------------------------------- reference points
 
@@ -26,12 +28,24 @@ def test_gpt2_small_has_124_439_808_parameters():
     assert param_count(get_preset("gpt2-small")) == 124_439_808
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gpt-mini", "gpt2-medium"])
-@pytest.mark.parametrize("change", [{}, {"bias": False}, {"tie_embeddings": False}])
+@pytest.mark.parametrize("preset", ["tiny", "gpt-mini", "gpt2-medium", "llama-mini"])
+@pytest.mark.parametrize("change", [{}, {"bias": False}, {"bias": True}, {"tie_embeddings": False},
+                                    {"tie_embeddings": True}, {"n_kv_head": 1}])
 def test_param_count_matches_the_model(preset, change):
     cfg = get_preset(preset, **change)
     with torch.device("meta"):
-        assert param_count(cfg) == GPT(cfg).num_params()
+        model = GPT(cfg)
+    assert param_count(cfg) == model.num_params()
+    assert [(p.name, p.numel) for p in model_tensors(cfg)] == [
+        (k, p.numel()) for k, p in model.named_parameters()]
+
+
+def test_llama3_parameter_counts():
+    assert param_count(get_preset("llama3-8b")) == 8_030_261_248
+    assert param_count(get_preset("llama3-70b")) == 70_553_706_496
+    assert param_count(get_preset("llama3-405b")) == 405_853_388_800
+    widths = [llama_ffn_dim(4096, 1024, 1.3), llama_ffn_dim(8192, 4096, 1.3), llama_ffn_dim(16384, 4096, 1.2)]
+    assert widths == [14336, 28672, 53248]  # Llama 3's SwiGLU widths from meta-llama's rule
 
 
 def test_adamw_keeps_16_bytes_per_parameter_mixed_and_fp32():
@@ -114,11 +128,19 @@ def test_layer_terms_are_the_paper_plus_documented_extras(tp, sp):
     assert sum(terms.values()) == pytest.approx(paper)
 
 
-def test_kv_cache_bytes_match_the_model_cache():
-    cfg = get_preset("tiny")
+@pytest.mark.parametrize("preset", ["tiny", "llama-mini"])
+def test_kv_cache_bytes_match_the_model_cache(preset):
+    cfg = get_preset(preset)
     assert kv_cache_bytes(cfg, 3, 20, "fp32") == KVCache(cfg, 3, 20).nbytes()
     assert kv_cache_bytes(cfg, 3, 20, "bf16") == KVCache(cfg, 3, 20, dtype=torch.bfloat16).nbytes()
-    assert kv_cache_bytes(cfg, 3, 20, "bf16", kv_heads=1) * cfg.n_head == kv_cache_bytes(cfg, 3, 20, "bf16")
+    assert kv_cache_bytes(cfg, 3, 20, "bf16", kv_heads=1) * cfg.kv_heads == kv_cache_bytes(cfg, 3, 20, "bf16")
+    assert kv_cache_bytes(cfg, 3, 20, "fp32") == 2 * cfg.n_layer * 3 * 20 * cfg.kv_heads * cfg.head_dim * 4
+
+
+def test_llama3_8b_kv_cache_is_one_gib_at_8k_tokens():
+    cfg = get_preset("llama3-8b")  # 2 (K, V) x 32 layers x 1 x 8,192 tokens x 8 kv heads x 128 x 2 bytes
+    assert kv_cache_bytes(cfg, 1, 8192, "bf16") == 2 * 32 * 8192 * 8 * 128 * 2 == 1_073_741_824
+    assert kv_cache_bytes(cfg, 1, 8192, "bf16", kv_heads=cfg.n_head) == 4 * 1_073_741_824  # without GQA
 
 
 def test_estimate_divides_by_tp_pp_and_recompute_shrinks_activations():
@@ -152,20 +174,29 @@ def test_bad_layouts_raise_config_errors():
 # ---------------------------------------------------------------------- tensor parallel shards
 
 
+COLUMN = ("c_fc", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output rows
+ROW = ("c_proj", "o_proj", "down_proj")  # weights split by input columns, biases replicated
+
+
 def _megatron_rank_numel(model: GPT, tp: int, rank: int) -> int:
-    """Elements one TP rank holds if a plain GPT is split as Megatron does (checked to partition)."""
-    C, n = model.config.n_embd, 0
+    """Elements one TP rank holds if a plain GPT is split as Megatron does (checked to partition).
+    k_proj and v_proj split by kv heads: rank r keeps kv heads r·K/t.., the ones its queries read."""
+    C, D, n = model.config.n_embd, model.config.head_dim, 0
     for name, p in model.named_parameters():
-        if name == "transformer.wte.weight":  # vocab-parallel embedding (lm_head is tied to it)
+        layer = name.split(".")[-2]
+        if name in ("transformer.wte.weight", "lm_head.weight"):  # vocab-parallel (tied: counted once)
             n += p.chunk(tp, dim=0)[rank].numel()
-        elif name.endswith("c_attn.weight") or name.endswith("c_attn.bias"):
+        elif layer == "c_attn":
             q, k, v = p.split(C, dim=0)  # column-parallel, split by heads inside each of q, k, v
             n += sum(t.chunk(tp, dim=0)[rank].numel() for t in (q, k, v))
-        elif name.endswith("c_fc.weight") or name.endswith("c_fc.bias"):
-            n += p.chunk(tp, dim=0)[rank].numel()  # column-parallel
-        elif name.endswith("c_proj.weight"):
+        elif layer in ("k_proj", "v_proj"):
+            heads = p.view(-1, D, *p.shape[1:])  # (K, D, C) or (K, D): whole kv heads per rank
+            n += heads.chunk(tp, dim=0)[rank].numel()
+        elif layer in COLUMN:
+            n += p.chunk(tp, dim=0)[rank].numel()
+        elif layer in ROW and name.endswith("weight"):
             n += p.chunk(tp, dim=1)[rank].numel()  # row-parallel: split the input dimension
-        else:  # LayerNorms, row-parallel biases, positions: replicated
+        else:  # norms, row-parallel biases, positions: replicated
             n += p.numel()
     return n
 
@@ -184,6 +215,21 @@ def test_tp2_rank_param_bytes_match_megatron_slicing_of_plain_gpt():
     replicated = model.num_params() - cfg.vocab_size * cfg.n_embd - cfg.n_layer * 12 * cfg.n_embd**2 - (
         cfg.n_layer * 7 * cfg.n_embd)
     assert 2 * param_count(cfg, tp=2) - replicated == model.num_params()  # shards + replicas = the model
+
+
+@pytest.mark.parametrize("change", [{}, {"bias": True, "tie_embeddings": True}])
+def test_llama_tp_rank_params_split_kv_by_kv_heads(change):
+    cfg = get_preset("llama-mini", **change)  # 4 query heads, 2 kv heads, SwiGLU 352
+    with torch.device("meta"):
+        model = GPT(cfg)
+    for tp in (1, 2):
+        est = estimate_memory(cfg, batch_size=2, seq_len=16, dtype="bf16-mixed", tp=tp)
+        assert [_megatron_rank_numel(model, tp, r) * 2 for r in range(tp)] == [est.params] * tp
+    h, d = cfg.n_embd, cfg.head_dim  # on 2 ranks: 2 query heads and 1 kv head each
+    split = h * (2 + 1 + 1) * d + (2 * d) * h + 3 * h * (352 // 2)  # q, k, v; o; gate, up, down
+    assert layer_param_count(cfg, tp=2) - layer_param_count(cfg.with_(bias=False), tp=2) == (
+        (2 * d + 2 * 1 * d + 2 * 176 + h + h) if cfg.bias else 0)  # column biases split, row ones not
+    assert layer_param_count(cfg.with_(bias=False), tp=2) == split + 2 * h
 
 
 # ---------------------------------------------------------------------- measurement
@@ -206,6 +252,8 @@ def test_ledger_counts_storages_once_and_follows_frees():
 @pytest.mark.parametrize("preset,batch,seq,dtype,attn,dropout", [
     ("tiny", 4, 32, "fp32", "sdpa", 0.0),
     ("gpt-mini", 2, 64, "bf16-autocast", "eager", 0.1),
+    ("llama-mini", 4, 32, "fp32", "sdpa", 0.0),
+    ("llama-mini", 2, 64, "bf16-autocast", "eager", 0.1),
 ])
 def test_cpu_measured_matches_estimate(preset, batch, seq, dtype, attn, dropout):
     cfg = get_preset(preset, attn_impl=attn, dropout=dropout)
@@ -237,6 +285,41 @@ def test_cli_estimate_parallel_layout_is_estimate_only(tmp_path, monkeypatch, ca
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "assuming --dp 2" in out and "padded to 50258" in out and "not run" in out
+
+
+def test_cli_estimate_llama3_8b_per_rank(tmp_path, monkeypatch, capsys):
+    """dp 8 x tp 8, ZeRO-1, one 8,192-token sequence per rank (--batch is the global batch)."""
+    monkeypatch.setenv("JOURNEY_RUNS_DIR", str(tmp_path))
+    argv = ["estimate", "--preset", "llama3-8b", "--batch", "8", "--seq", "8192", "--dtype", "bf16-mixed",
+            "--tp", "8", "--zero", "1", "--dp", "8", "--device", "cuda", "--measure", "no", "-v"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 1" in out and "not run" in out
+    data = json.loads(next((tmp_path / "estimate").glob("llama3-8b*.json")).read_text())
+    rows = {r["component"]: r["estimated"] for r in data["rows"]}
+    cfg, n = get_preset("llama3-8b"), 1 * 8192
+    per_rank = param_count(cfg, tp=8)  # 32 query heads, 8 kv heads, 14,336 SwiGLU columns over 8 ranks
+    assert per_rank == 128_256 * 4096 * 2 // 8 + 32 * (4096 * (4096 + 2 * 1024 + 4096 + 3 * 14336) // 8
+                                                         + 2 * 4096) + 4096
+    assert (rows["params"], rows["grads"], rows["optimizer"]) == (2 * per_rank, 2 * per_rank,
+                                                                   12 * per_rank / 8 + 0)
+    terms = {t["name"]: t["nbytes"] for t in data["estimate"]["terms"]["per layer"]}
+    # fused attention keeps q (4 heads per rank) and k, v (1 kv head per rank) after RoPE: 2·n·(4 + 2)·128
+    assert terms["q, k, v (after RoPE, k and v with kv heads, kept by SDPA)"] == 2 * n * (4 + 2) * 128
+    assert terms["SiLU output"] == 2 * n * 14336 // 8
+    assert 10 * 2**30 < rows["total"] < 30 * 2**30  # fits an 80 GB GPU with room for the workspace
+
+
+def test_plan_llama3_8b_stages_are_the_estimate():
+    cfg = get_preset("llama3-8b")
+    pcfg = ParallelConfig(dp=8, tp=8, pp=2, microbatches=8, zero=1)
+    plan = make_plan(cfg, pcfg, batch=64, seq=8192, dtype="bf16-mixed", gpu_mem=parse_bytes("80GB"))
+    kw = dict(batch_size=64, seq_len=8192, dtype="bf16-mixed", dp=8, tp=8, pp=2, microbatches=8, zero=1)
+    for s, row in enumerate(plan["stages"]):
+        est = estimate_memory(cfg, stage=s, **kw)
+        assert (row["memory"]["params"], row["memory"]["peak"]) == (est.params, est.total)
+        assert row["params"] == param_count(cfg, 8, 2, s)
+    assert plan["fits"]  # stage 0: 16 layers x 2 micro-batches in flight (1F1B), 14.9 GiB
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from journey_dist.config import LORA_LINEARS, GPTConfig, LoRAConfig
-from journey_dist.memory.sizes import Precision
+from journey_dist.memory.sizes import Precision, layer_matrix_params, model_tensors
 
 # ---------------------------------------------------------------------- activations
 
@@ -62,6 +62,32 @@ class Shape:
     attn: str  # "sdpa" or "eager"
     dropout: bool
     device: str  # "cpu" or "cuda"
+    model: GPTConfig  # the switches: norm, mlp (width f), positions, kv heads
+
+    @property
+    def kv(self) -> int:  # key/value heads (GQA: fewer than a)
+        return self.model.kv_heads
+
+    @property
+    def d(self) -> int:  # head dim
+        return self.model.head_dim
+
+    @property
+    def f(self) -> int:  # MLP width (4h for GPT-2)
+        return self.model.mlp_dim
+
+    @property
+    def swiglu(self) -> bool:
+        return self.model.mlp == "swiglu"
+
+    @property
+    def norm_stats(self) -> int:  # bytes per token one norm keeps: LayerNorm mean + rstd, RMSNorm rstd
+        return 2 * self.stat if self.model.norm == "layernorm" else 4
+
+    def copies(self, readers: int) -> int:
+        """How many 16-bit copies of a norm's output are kept: one per Linear reading it under
+        autocast (each casts its fp32 input itself), else the one output they share."""
+        return readers if self.prec.autocast else 1
 
     @property
     def rep(self) -> float:  # LayerNorm-region tensors: split over t only with sequence parallel
@@ -90,31 +116,50 @@ class Shape:
         return 1 if self.device == "cuda" else self.score_bytes
 
     @property
-    def stat(self) -> int:  # LayerNorm mean/rstd: fp32, except pure 16-bit on CPU
+    def stat(self) -> int:  # LayerNorm mean/rstd: fp32, except pure 16-bit on CPU (RMSNorm: fp32)
         return 2 if (self.device == "cpu" and self.prec.residual == 2) else 4
 
 
 def layer_terms(x: Shape) -> list[Term]:
-    """Bytes one transformer block keeps for backward (one micro-batch, one rank)."""
+    """Bytes one transformer block keeps for backward (one micro-batch, one rank).
+
+    GPT-2 and Llama differ in: the norms' statistics (LayerNorm mean and rstd, RMSNorm rstd);
+    the number of Linears reading a norm's output (c_attn: 1, q/k/v_proj: 3; c_fc: 1,
+    gate/up_proj: 2), which matters under autocast only; fused attention's k and v (kv heads);
+    RoPE's cos and sin tables; the MLP (GELU: 2 tensors of width f, SwiGLU: 4).
+    """
     b, s, h, a, t, v, r = x.b, x.s, x.h, x.a, x.t, x.prec.values, x.prec.residual
-    n = b * s
+    n, llama_attn = b * s, x.model.separate_qkv
+    qkv_in = x.copies(3 if llama_attn else 1)
+    out_proj = "o_proj" if llama_attn else "c_proj"
     terms = [
         Term("ln_1 input (residual stream)", r * n * h * x.rep, "r·bsh [/t with SP]"),
-        Term("ln_1 output (c_attn input)", v * n * h * x.rep, "v·bsh [/t with SP]"),
+        Term("ln_1 output (" + ("q/k/v_proj" if llama_attn else "c_attn") + " input"
+             + (f", {qkv_in} autocast copies" if qkv_in > 1 else "") + ")",
+             qkv_in * v * n * h * x.rep, f"{qkv_in}v·bsh [/t with SP]".replace("1v", "v")),
     ]
     if x.fused:
+        if llama_attn:
+            rope = "after RoPE, " if x.model.positions == "rope" else ""
+            terms.append(Term(f"q, k, v ({rope}k and v with kv heads, kept by SDPA)",
+                              v * n * (a + 2 * x.kv) * x.d / t, "v·bs(a + 2kv)d/t"))
+        elif x.model.positions == "rope":  # v is a view of c_attn's output: the whole output stays
+            terms.append(Term("q, k after RoPE and c_attn's whole output (v is a view of it), kept by SDPA",
+                              5 * v * n * h / t, "5v·bsh/t"))
+        else:
+            terms.append(Term("q, k, v (c_attn output, kept by SDPA)", 3 * v * n * h / t, "3v·bsh/t"))
         terms += [
-            Term("q, k, v (c_attn output, kept by SDPA)", 3 * v * n * h / t, "3v·bsh/t"),
-            Term("attention output (SDPA output = c_proj input)", v * n * h / t, "v·bsh/t"),
+            Term(f"attention output (SDPA output = {out_proj} input)", v * n * h / t, "v·bsh/t"),
             Term("SDPA log-sum-exp (fp32)", 4 * b * a * s / t, "4·bas/t"),
         ]
     else:
         sv, qv = x.score_bytes, (4 if x.cpu_math else v)
         scores = b * a * s * s / t
+        repeated = " (k, v repeated to a heads)" if x.kv != a else ""
         terms += [
-            Term("q, k^T, v copies for the two batched matmuls", 3 * qv * n * h / t,
+            Term("q, k^T, v copies for the two batched matmuls" + repeated, 3 * qv * n * h / t,
                  "3v·bsh/t" + (" (fp32: CPU math SDPA)" if qv != v else "")),
-            Term("attention output copy (c_proj input)", v * n * h / t, "v·bsh/t"),
+            Term(f"attention output copy ({out_proj} input)", v * n * h / t, "v·bsh/t"),
             Term("softmax output (b·a·s·s scores)", sv * scores, f"{sv}·as²b/t"),
         ]
         if x.dropout:
@@ -125,37 +170,75 @@ def layer_terms(x: Shape) -> list[Term]:
             terms.append(Term("attention dropout output", sv * scores, f"{sv}·as²b/t"))
         if x.attn == "eager":
             terms.append(Term("causal mask (bool, made per layer)", s * s, "s²"))
+    if x.model.positions == "rope":
+        terms.append(Term("RoPE cos and sin tables (made per layer)", 2 * v * s * x.d, "2v·s·d"))
+    mlp_in = x.copies(2 if x.swiglu else 1)
+    rms = x.model.norm == "rmsnorm"
     terms += [
         Term("ln_2 input (residual stream)", r * n * h * x.rep, "r·bsh [/t with SP]"),
-        Term("ln_2 output (c_fc input)", v * n * h * x.rep, "v·bsh [/t with SP]"),
-        Term("LayerNorm mean and rstd (ln_1, ln_2)", 2 * 2 * n * x.stat * x.rep, "2·2·bs·4 bytes"),
-        Term("c_fc output (GELU input)", 4 * v * n * h / t, "4v·bsh/t"),
-        Term("GELU output (c_proj input)", 4 * v * n * h / t, "4v·bsh/t"),
+        Term("ln_2 output (" + ("gate/up_proj" if x.swiglu else "c_fc") + " input"
+             + (f", {mlp_in} autocast copies" if mlp_in > 1 else "") + ")",
+             mlp_in * v * n * h * x.rep, f"{mlp_in}v·bsh [/t with SP]".replace("1v", "v")),
+        Term("RMSNorm 1/rms (ln_1, ln_2; fp32)" if rms else "LayerNorm mean and rstd (ln_1, ln_2)",
+             2 * n * x.norm_stats * x.rep, "2·bs·4 bytes" if rms else "2·2·bs·4 bytes"),
     ]
+    terms += mlp_terms(x)
     if x.dropout:
         terms.append(Term("residual dropout masks (attention, MLP)", 2 * x.mask * n * h * x.rep,
                           "2m·bsh [/t with SP]"))
     if x.prec.autocast:
-        terms.append(Term("autocast 16-bit weight copies (kept by each Linear)", 2 * 12 * h * h / t,
-                          "2·12h²/t"))
+        terms.append(Term("autocast 16-bit weight copies (kept by each Linear)",
+                          2 * layer_matrix_params(x.model, t), "2·(the block's weight matrices)/t"))
     return terms
+
+
+def mlp_terms(x: Shape) -> list[Term]:
+    """The MLP's own activations, each (b·s, f/t): GELU's input and output; SwiGLU's gate output
+    (SiLU's input), SiLU's output, up_proj's output and their product (down_proj's input)."""
+    one = x.prec.values * x.b * x.s * x.f / x.t
+    if x.swiglu:
+        return [Term("gate_proj output (SiLU input)", one, "v·bsf/t"), Term("SiLU output", one, "v·bsf/t"),
+                Term("up_proj output", one, "v·bsf/t"),
+                Term("SiLU(gate)·up (down_proj input)", one, "v·bsf/t")]
+    return [Term("c_fc output (GELU input)", one, "v·bsf/t (f = 4h)"),
+            Term("GELU output (c_proj input)", one, "v·bsf/t (f = 4h)")]
 
 
 def mlp_saved(x: Shape) -> float:
     """What a block's MLP half keeps (freed once the MLP's backward is done)."""
     n, h, t, v, r = x.b * x.s, x.h, x.t, x.prec.values, x.prec.residual
-    saved = (r + v) * n * h * x.rep + 2 * n * x.stat * x.rep + 8 * v * n * h / t
+    saved = (r + x.copies(2 if x.swiglu else 1) * v) * n * h * x.rep + n * x.norm_stats * x.rep
+    saved += sum(tm.nbytes for tm in mlp_terms(x))
     saved += (x.mask * n * h * x.rep) if x.dropout else 0
-    return saved + (2 * 8 * h * h / t if x.prec.autocast else 0)
+    return saved + (2 * (3 if x.swiglu else 2) * h * x.f / t if x.prec.autocast else 0)
 
 
 def mlp_transient(x: Shape) -> float:
-    """c_proj's backward: the gradient of the GELU output (4v·bsh/t) and the weight gradient in the
-    compute dtype (4h²·v/t), next to everything the block still keeps; under autocast also the
-    16-bit copy of the fp32 residual gradient that c_proj's backward consumes (v·bsh)."""
+    """The MLP's output projection's backward (c_proj or down_proj): the gradient of its input
+    (v·bsf/t) and its weight gradient in the compute dtype (fh·v/t), next to everything the block
+    still keeps; under autocast also the 16-bit copy of the fp32 residual gradient it consumes."""
     v, n = x.prec.values, x.b * x.s
     cast = v * n * x.h * x.rep if x.prec.residual != v else 0
-    return 4 * v * n * x.h / x.t + 4 * x.h * x.h * v / x.t + cast
+    return v * n * x.f / x.t + x.f * x.h * v / x.t + cast
+
+
+def swiglu_freed(x: Shape) -> float:
+    """By the backward of SiLU(gate)·up, down_proj's input (their product) has been freed."""
+    return x.prec.values * x.b * x.s * x.f / x.t
+
+
+def swiglu_transient(x: Shape) -> float:
+    """The backward of SiLU(gate)·up: its output's gradient and the gradients of both factors,
+    three (b·s, f/t) tensors at once."""
+    return 3 * x.prec.values * x.b * x.s * x.f / x.t
+
+
+def rms_norm_transient(x: Shape) -> float:
+    """RMSNorm's backward (model._RMSNormFunction): x̂ and g·x̂ (two fp32 (b·s, h) tensors) and
+    the per-token mean of g w x̂ (two fp32 (b·s) vectors), next to the incoming gradient;
+    LayerNorm's fused kernel makes only dx."""
+    n = x.b * x.s * x.rep
+    return 2 * 4 * n * x.h + 2 * 4 * n
 
 
 def attn_freed(x: Shape) -> float:
@@ -168,13 +251,15 @@ def attn_freed(x: Shape) -> float:
 
 
 def attn_transient(x: Shape) -> float:
-    """Attention's backward. Fused: the output's gradient and dq, dk, dv (4v·bsh/t; on CUDA flash
-    attention's fp32 dq accumulator, 4·bsh/t, assumed from its implementation). Unfused: the
+    """Attention's backward. Fused: the output's gradient and dq, dk, dv (v·bs(2a + 2kv)d/t, 4v·bsh/t
+    without GQA; on CUDA flash attention's fp32 dq accumulator, 4·bsh/t, assumed from its
+    implementation). Unfused (k and v already repeated to a heads, so GQA changes nothing): the
     softmax's input and output gradients (2 score matrices) and dv; with dropout one score
     gradient next to the still-kept dropout output, dv and the output gradient's copy."""
     n, h, t, v = x.b * x.s, x.h, x.t, x.prec.values
     if x.fused:  # CUDA flash backward (16-bit) also accumulates dq in fp32
-        return 4 * v * n * h / t + (4 * n * h / t if (x.device == "cuda" and v == 2) else 0)
+        grads = v * n * (2 * x.a + 2 * x.kv) * x.d / t
+        return grads + (4 * n * h / t if (x.device == "cuda" and v == 2) else 0)
     sv, scores, qv = x.score_bytes, x.b * x.a * x.s * x.s / t, (4 if x.cpu_math else v)
     extra = 2 * scores if (sv != v and x.device == "cuda") else 0  # CUDA autocast: 16-bit score grad
     if x.dropout:  # the dropout output's gradient appears while that output is still kept
@@ -183,18 +268,23 @@ def attn_transient(x: Shape) -> float:
 
 
 def outer_terms(x: Shape, cfg: GPTConfig, first: bool, last: bool) -> list[Term]:
-    """Kept outside the blocks: token ids, embedding dropout, ln_f."""
+    """Kept outside the blocks: token ids (and learned positions), embedding dropout, ln_f."""
     n, h, v, r = x.b * x.s, x.h, x.prec.values, x.prec.residual
     terms = []
     if first:
-        terms += [Term("token ids and positions (int64, kept by the embeddings)", 8 * n + 8 * x.s,
-                       "8·bs + 8·s")]
+        if cfg.positions == "learned":
+            terms.append(Term("token ids and positions (int64, kept by the embeddings)", 8 * n + 8 * x.s,
+                              "8·bs + 8·s"))
+        else:  # sinusoidal tables are added (nothing kept); RoPE's are made in every layer
+            terms.append(Term("token ids (int64, kept by the embedding)", 8 * n, "8·bs"))
         if x.dropout:
             terms.append(Term("embedding dropout mask", (r if x.device == "cpu" else 1) * n * h * x.rep,
                               "m·bsh"))
     if last:
+        rms = cfg.norm == "rmsnorm"
         terms += [Term("ln_f input", r * n * h * x.rep, "r·bsh"),
-                  Term("ln_f mean and rstd", 2 * n * x.stat * x.rep, "2·bs·4 bytes")]
+                  Term("ln_f 1/rms (fp32)" if rms else "ln_f mean and rstd", n * x.norm_stats * x.rep,
+                       "bs·4 bytes" if rms else "2·bs·4 bytes")]
         if not x.prec.autocast:
             terms.append(Term("ln_f output (lm_head input)", v * n * h * x.rep, "v·bsh"))
     return terms
@@ -227,11 +317,7 @@ def optimizer_temporaries(cfg: GPTConfig, optimizer: str, device: str, w: int, t
     make_optimizer's order (matrices first, then vectors). SGD with momentum works in place."""
     if optimizer != "adamw" or device == "cuda":
         return 0.0
-    h, t = cfg.n_embd, tp
-    matrices = [cfg.vocab_size * h // t, cfg.block_size * h] + [3 * h * h // t, h * h // t, 4 * h * h // t,
-                                                                 4 * h * h // t] * cfg.n_layer
-    if not cfg.tie_embeddings:
-        matrices.append(cfg.vocab_size * h // t)
+    matrices = [p.numel for p in model_tensors(cfg, tp) if p.matrix]
     worst = max(prev + 2 * cur for prev, cur in zip([0] + matrices, matrices))
     return worst * w
 

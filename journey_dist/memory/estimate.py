@@ -48,6 +48,9 @@ from journey_dist.memory.activations import (  # noqa: F401 (re-exported: the es
     mlp_transient,
     optimizer_temporaries,
     outer_terms,
+    rms_norm_transient,
+    swiglu_freed,
+    swiglu_transient,
 )
 from journey_dist.memory.sizes import (  # noqa: F401 (re-exported)
     BYTES_PER_PARAM,
@@ -57,7 +60,10 @@ from journey_dist.memory.sizes import (  # noqa: F401 (re-exported)
     Precision,
     kv_cache_bytes,
     layer_param_count,
+    layer_tensors,
     model_state_bytes,
+    model_tensors,
+    norm_params,
     param_count,
     param_tensor_count,
     stage_layers,
@@ -149,7 +155,13 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=microbatches, zero=zero,
                    sequence_parallel=sequence_parallel, schedule=schedule).validate(
                        cfg, global_batch=batch_size)
+    if cfg.positions == "alibi":
+        raise ConfigError("positions='alibi' is not modelled by the estimate (its (a, s, s) score bias per "
+                          "layer); estimate with positions 'learned', 'sinusoidal' or 'rope'")
     if lora is not None:
+        if cfg.separate_qkv or cfg.mlp != "gelu":
+            raise ConfigError("the LoRA estimate models GPT-2's layout (c_attn, c_proj, c_fc); the Llama "
+                              "layout's q/k/v/o and gate/up/down adapters are not modelled yet")
         lora.validate(cfg)
         if tp > 1:
             raise ConfigError("the LoRA estimate models tp=1 only (adapters on tensor-parallel shards "
@@ -159,7 +171,7 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     dropout = cfg.dropout > 0 if dropout is None else dropout
     x = Shape(b=batch_size // (dp * microbatches), s=seq_len, h=cfg.n_embd, a=cfg.n_head,
                V=cfg.vocab_size, t=tp, sp=sequence_parallel, prec=prec, attn=attn, dropout=dropout,
-               device=device)
+               device=device, model=cfg)
     stages = [stage] if stage is not None else ([0] if pp == 1 else [0, pp - 1])
     results = [_estimate_stage(cfg, x, dtype, optimizer, trainable_params, dp, zero, pp, stage,
                                microbatches, recompute, schedule, lora) for stage in stages]
@@ -211,8 +223,11 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
 
     n, h, r = x.b * x.s, x.h, x.prec.residual
     g_layer = layer_param_count(cfg, x.t) * gw * frac / gdiv
-    g_proj = (h * h / x.t + (h if cfg.bias else 0)) * gw * frac / gdiv  # attention's c_proj
-    g_mlp = (8 * h * h / x.t + (4 * h / x.t + h + 2 * h if cfg.bias else h)) * gw * frac / gdiv
+    block = layer_tensors(cfg, x.t)
+    g_proj = sum(p.numel for p in block if p.name.startswith(("attn.c_proj", "attn.o_proj"))) \
+        * gw * frac / gdiv  # attention's output projection
+    g_mlp = sum(p.numel for p in block if p.name.startswith(("mlp.", "ln_2."))) * gw * frac / gdiv
+    g_down = sum(p.numel for p in block if p.name.startswith("mlp.down_proj")) * gw * frac / gdiv
     tied_tmp = cfg.vocab_size * h / x.t * w * frac if (cfg.tie_embeddings and pp == 1) else 0.0
     dx = r * n * h * x.rep  # gradient of the residual stream, alive through the whole backward
     # ZeRO-3 all-gathers a block's full weights for its forward and backward (one block at a time)
@@ -230,11 +245,15 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
             0, A, logits_saved(x), 2 * 4 * n * x.V / x.t)
     # backward of the last block on this stage, then of its first block (the extremes)
     head_freed = sum(tm.nbytes for tm in outer if tm.name.startswith("ln_f")) if last else 0.0
-    g_head = (2 * h if cfg.bias else h) * gw * frac / gdiv if last else 0.0
+    g_head = norm_params(cfg) * gw * frac / gdiv if last else 0.0  # ln_f
     if last and (not cfg.tie_embeddings or pp > 1):  # the head's own weight (untied or a pp copy)
         g_head += cfg.vocab_size * h / x.t * gw * frac / gdiv
     recomputed = (a_layer - a_stored) if recompute else 0.0
     a_top = A - head_freed + recomputed
+    if last and cfg.norm == "rmsnorm":  # ln_f's backward, right after the head's: all blocks still kept
+        head_in = sum(tm.nbytes for tm in outer if tm.name.startswith("ln_f output"))
+        phases["backward: ln_f (RMSNorm: two fp32 b·s·h buffers)"] = phase(
+            g_head, A - head_in, 0, r * n * h * x.rep + rms_norm_transient(x) + tied_tmp)
     for name, k in (("last", 0), ("first", n_layers - 1)):
         if k and n_layers < 2:
             continue
@@ -246,7 +265,12 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
             f = lora_fractions(cfg, lora)["mlp.c_proj"] * (0.0 if lora.dropout else 1.0)
             mlp_acts -= f * x.prec.values * x.b * x.s * (4 * h + lora.rank)
             mlp_temps = lora_mlp_transient(x, cfg, lora)
-        phases[f"backward: {name} block's MLP (c_proj grads)"] = phase(grads, mlp_acts, 0, temps + mlp_temps)
+        out_proj = "down_proj" if x.swiglu else "c_proj"
+        phases[f"backward: {name} block's MLP ({out_proj} grads)"] = phase(grads, mlp_acts, 0,
+                                                                          temps + mlp_temps)
+        if x.swiglu:  # then the product's backward: down_proj's input freed, its grads made
+            phases[f"backward: {name} block's MLP (SiLU(gate)·up grads)"] = phase(
+                grads + g_down, mlp_acts - swiglu_freed(x), 0, temps + swiglu_transient(x))
         phases[f"backward: {name} block's attention"] = phase(
             grads + g_mlp + g_proj, acts - mlp_saved(x) - attn_freed(x), 0, temps + attn_transient(x))
     if first:

@@ -94,30 +94,97 @@ def model_state_bytes(n_params: int, dtype: str = "fp32", optimizer: str = "adam
 # ---------------------------------------------------------------------- parameters
 
 
-def layer_param_count(cfg: GPTConfig, tp: int = 1) -> int:
-    """Parameters of one block on one tensor-parallel rank (Megatron split).
+@dataclass(frozen=True)
+class ParamTensor:
+    """One parameter tensor of model.GPT on one tensor-parallel rank."""
 
-    c_attn and c_fc are column-parallel (weight and bias split by t), the two c_proj are
-    row-parallel (weight split, bias replicated), LayerNorms are replicated:
-    12h²/t + (3h + 4h)/t + 2h (c_proj biases) + 4h (two LayerNorms) with biases.
+    name: str
+    numel: int
+    matrix: bool  # 2-D (AdamW decays it; make_optimizer puts matrices first)
+
+
+def _norm_tensors(cfg: GPTConfig, prefix: str) -> list[ParamTensor]:
+    """LayerNorm: weight (+ bias); RMSNorm: weight only. Replicated over tp."""
+    h = cfg.n_embd
+    with_bias = cfg.norm == "layernorm" and cfg.bias
+    bias = [ParamTensor(f"{prefix}.bias", h, False)] if with_bias else []
+    return [ParamTensor(f"{prefix}.weight", h, False)] + bias
+
+
+def norm_params(cfg: GPTConfig) -> int:
+    """Parameters of one norm layer: LayerNorm h weights (+ h biases), RMSNorm h weights."""
+    return sum(p.numel for p in _norm_tensors(cfg, "norm"))
+
+
+def _linear(name: str, fan_in: int, fan_out: int, bias: bool, t: int, column: bool) -> list[ParamTensor]:
+    """Column-parallel: weight rows and bias split by t; row-parallel: weight columns split, bias
+    replicated (added once after the all-reduce)."""
+    w = ParamTensor(f"{name}.weight", fan_in * fan_out // t, True)
+    return [w] + ([ParamTensor(f"{name}.bias", fan_out // t if column else fan_out, False)] if bias else [])
+
+
+def layer_tensors(cfg: GPTConfig, tp: int = 1) -> list[ParamTensor]:
+    """A block's parameter tensors on one tensor-parallel rank, in model order (Megatron split).
+
+    GPT-2: c_attn (3h, h) and c_fc (4h, h) column-parallel, the two c_proj row-parallel:
+    12h²/t weights, (3h + 4h)/t + 2h biases, 4h in two LayerNorms. Llama: q_proj (a·d, h), k_proj
+    and v_proj (kv·d, h) (split by kv heads), gate_proj and up_proj (f, h) column-parallel,
+    o_proj and down_proj row-parallel, two RMSNorm weights.
     """
-    h, t = cfg.n_embd, tp
-    if cfg.bias:
-        return 12 * h * h // t + 7 * h // t + 2 * h + 4 * h
-    return 12 * h * h // t + 2 * h
+    h, t, b, f = cfg.n_embd, tp, cfg.bias, cfg.mlp_dim
+    q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    out = _norm_tensors(cfg, "ln_1")
+    if cfg.separate_qkv:
+        out += (_linear("attn.q_proj", h, q, b, t, True) + _linear("attn.k_proj", h, kv, b, t, True)
+                + _linear("attn.v_proj", h, kv, b, t, True) + _linear("attn.o_proj", q, h, b, t, False))
+    else:
+        out += _linear("attn.c_attn", h, 3 * h, b, t, True) + _linear("attn.c_proj", h, h, b, t, False)
+    out += _norm_tensors(cfg, "ln_2")
+    if cfg.mlp == "swiglu":
+        out += (_linear("mlp.gate_proj", h, f, b, t, True) + _linear("mlp.up_proj", h, f, b, t, True)
+                + _linear("mlp.down_proj", f, h, b, t, False))
+    else:
+        out += _linear("mlp.c_fc", h, f, b, t, True) + _linear("mlp.c_proj", f, h, b, t, False)
+    return out
+
+
+def model_tensors(cfg: GPTConfig, tp: int = 1) -> list[ParamTensor]:
+    """Every parameter tensor of GPT(cfg) on one tp rank, in model.named_parameters() order
+    (the tied head once, as wte): wte (vocab-parallel: V/t rows), wpe (learned positions only),
+    the blocks, ln_f, lm_head when untied (vocab-parallel)."""
+    h = cfg.n_embd
+    out = [ParamTensor("transformer.wte.weight", cfg.vocab_size * h // tp, True)]
+    if cfg.positions == "learned":
+        out.append(ParamTensor("transformer.wpe.weight", cfg.block_size * h, True))
+    for i in range(cfg.n_layer):
+        out += [ParamTensor(f"transformer.h.{i}.{p.name}", p.numel, p.matrix) for p in layer_tensors(cfg, tp)]
+    out += _norm_tensors(cfg, "transformer.ln_f")
+    if not cfg.tie_embeddings:
+        out.append(ParamTensor("lm_head.weight", cfg.vocab_size * h // tp, True))
+    return out
+
+
+def layer_param_count(cfg: GPTConfig, tp: int = 1) -> int:
+    """Parameters of one block on one tensor-parallel rank (`layer_tensors`)."""
+    return sum(p.numel for p in layer_tensors(cfg, tp))
+
+
+def layer_matrix_params(cfg: GPTConfig, tp: int = 1) -> int:
+    """A block's weight-matrix elements on one tp rank: what autocast keeps a 16-bit copy of."""
+    return sum(p.numel for p in layer_tensors(cfg, tp) if p.matrix)
 
 
 def param_count(cfg: GPTConfig, tp: int = 1, pp: int = 1, stage: int | None = None) -> int:
     """Exact parameter count (tied embeddings counted once); per tensor-parallel rank for tp > 1.
 
-    N = Vh (wte, vocab-parallel: Vh/t) + (block_size)h (wpe) + L·layer + 2h (ln_f) [+ Vh/t lm_head
-    if untied]. With pp > 1 pass `stage`: stage 0 holds the embeddings, the last stage ln_f and
-    the output head (a copy of wte when tied, as Megatron does), each stage its share of layers.
+    N = Vh (wte, vocab-parallel: Vh/t) [+ (block_size)h (wpe, learned positions)] + L·layer
+    + ln_f [+ Vh/t lm_head if untied]. With pp > 1 pass `stage`: stage 0 holds the embeddings,
+    the last stage ln_f and the output head (a copy of wte when tied, as Megatron does), each
+    stage its share of layers.
     """
     h, t = cfg.n_embd, tp
-    ln = 2 * h if cfg.bias else h
-    emb = cfg.vocab_size * h // t + cfg.block_size * h
-    head = ln + (0 if cfg.tie_embeddings else cfg.vocab_size * h // t)
+    emb = cfg.vocab_size * h // t + (cfg.block_size * h if cfg.positions == "learned" else 0)
+    head = norm_params(cfg) + (0 if cfg.tie_embeddings else cfg.vocab_size * h // t)
     if pp == 1 or stage is None:
         return emb + cfg.n_layer * layer_param_count(cfg, t) + head
     n = stage_layers(cfg.n_layer, pp, stage) * layer_param_count(cfg, t)
@@ -130,8 +197,7 @@ def param_count(cfg: GPTConfig, tp: int = 1, pp: int = 1, stage: int | None = No
 
 def param_tensor_count(cfg: GPTConfig) -> int:
     """Number of parameter tensors (AdamW keeps one fp32 step counter per tensor)."""
-    per_layer = 12 if cfg.bias else 6
-    return 2 + cfg.n_layer * per_layer + (2 if cfg.bias else 1) + (0 if cfg.tie_embeddings else 1)
+    return len(model_tensors(cfg))
 
 
 def stage_layers(n_layer: int, pp: int, stage: int) -> int:
@@ -141,9 +207,12 @@ def stage_layers(n_layer: int, pp: int, stage: int) -> int:
 
 def kv_cache_bytes(cfg: GPTConfig, batch: int, tokens: int, dtype: str | int = "fp32",
                    kv_heads: int | None = None) -> int:
-    """KV cache = 2 (K, V) x layers x batch x tokens x kv_heads x head_dim x bytes per value."""
+    """KV cache = 2 (K, V) x layers x batch x tokens x kv_heads x head_dim x bytes per value.
+
+    kv_heads defaults to the model's (cfg.kv_heads: n_kv_head with GQA, else n_head); a
+    tensor-parallel rank passes its own share."""
     nbytes = dtype if isinstance(dtype, int) else DTYPE_BYTES[_base_dtype(dtype)]
-    heads = cfg.n_head if kv_heads is None else kv_heads
+    heads = cfg.kv_heads if kv_heads is None else kv_heads
     return 2 * cfg.n_layer * batch * tokens * heads * cfg.head_dim * nbytes
 
 
