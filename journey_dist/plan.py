@@ -28,10 +28,10 @@ from journey_dist.memory.estimate import (
     fmt_bytes,
     model_state_bytes,
     param_count,
-    stage_layers,
 )
 from journey_dist.mesh import layout_text
 from journey_dist.parallel.compose import expected_comm_per_step
+from journey_dist.parallel.pipeline.stage import stage_layers
 from journey_dist.parallel.pipeline.timeline import bubble_formula
 from journey_dist.parallel.sharding.zero import padded_numel
 from journey_dist.parallel.tensor.parallelize import analytic_collectives, padded_vocab_size
@@ -128,7 +128,7 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
                               device=device, schedule=pcfg.schedule, stage=s)
         comm, missing = comm_per_step(cfg, pcfg, batch=batch, seq=seq, stage=s, dtype=dtype,
                                       grad_clip=grad_clip)
-        row = {"stage": s, "layers": stage_layers(cfg.n_layer, pcfg.pp, s),
+        row = {"stage": s, "layers": len(stage_layers(cfg.n_layer, pcfg.pp)[s]),
                "params": param_count(cfg, pcfg.tp, pcfg.pp, s),
                "memory": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
                           "model_states": est.params + est.grads + est.optimizer,

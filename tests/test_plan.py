@@ -150,3 +150,28 @@ def test_a_plan_that_does_not_fit_exits_3(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--help"])
     assert "exit status is 3 when the plan does not fit" in " ".join(capsys.readouterr().out.split())
+
+
+def test_plan_rows_are_the_stages_a_run_builds_when_pp_does_not_divide_the_layers():
+    """One layer split (pipeline/stage.stage_layers) for the model, the estimator and the plan: the plan
+    of gpt2-small (12 layers) on pp=5 used to give stage 0 three layers (the estimator's rule) but the
+    tp bytes of the built split's two."""
+    import torch
+
+    from journey_dist.model import GPT
+    from journey_dist.parallel.pipeline.stage import GPTStage
+
+    cfg = get_preset("gpt2-small")
+    for tp in (1, 2):
+        plan = make_plan(cfg, ParallelConfig(tp=tp, pp=5, microbatches=8), batch=16)
+        with torch.device("meta"):
+            model = GPT(cfg.with_(vocab_size=plan["model"]["vocab_size"]))
+        built = [GPTStage(model, s, 5) for s in range(5)]
+        assert [r["layers"] for r in plan["stages"]] == [len(b.layers) for b in built] == [2, 3, 3, 2, 2]
+        if tp == 1:  # parameters per stage, the last stage's copy of the tied embedding included
+            assert [r["params"] for r in plan["stages"]] == [sum(p.numel() for p in b.parameters())
+                                                            for b in built]
+        else:  # tp bytes follow each stage's own layer count: 4 activations per layer per microbatch
+            a = 16 // 8 * cfg.block_size * cfg.n_embd * 4
+            tp_bytes = [r["comm"]["tp"]["all_reduce"]["bytes"] for r in plan["stages"]]
+            assert tp_bytes[1] - tp_bytes[3] == 8 * 4 * a  # stage 1 has one layer more than stage 3

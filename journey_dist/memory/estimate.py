@@ -66,8 +66,8 @@ from journey_dist.memory.sizes import (  # noqa: F401 (re-exported)
     norm_params,
     param_count,
     param_tensor_count,
-    stage_layers,
 )
+from journey_dist.parallel.pipeline.stage import stage_layers
 
 # ---------------------------------------------------------------------- the estimate
 
@@ -194,7 +194,7 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
                                None if trainable is None else round(n_params * frac))
     n_adapters = 0
     if lora is not None:  # adapter weights on this stage (their share of the layers)
-        n_adapters = lora_param_count(cfg, lora) * stage_layers(cfg.n_layer, pp, stage) / cfg.n_layer
+        n_adapters = lora_param_count(cfg, lora) * len(stage_layers(cfg.n_layer, pp)[stage]) / cfg.n_layer
         states["params"] += n_adapters * PRECISIONS[dtype].weights / (dp if zero >= 3 else 1)
     w = PRECISIONS[dtype].weights
     gw = BYTES_PER_PARAM[(dtype, "adamw" if optimizer == "none" else optimizer)][1]  # Megatron bf16: 4
@@ -209,7 +209,7 @@ def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, traina
     gdiv = dp if zero >= 2 else 1
 
     # activations kept per block; in-flight micro-batches on this stage (1F1B: pp - stage)
-    n_layers = stage_layers(cfg.n_layer, pp, stage)
+    n_layers = len(stage_layers(cfg.n_layer, pp)[stage])
     lt = layer_terms(x) + (lora_layer_terms(x, cfg, lora) if lora is not None else [])
     a_layer = sum(tm.nbytes for tm in lt)
     a_stored = lt[0].nbytes if recompute else a_layer  # full recompute keeps the block input only

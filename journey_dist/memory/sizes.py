@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from journey_dist.config import ConfigError, GPTConfig
+from journey_dist.parallel.pipeline.stage import stage_layers
 
 BYTES_PER_PARAM = {
     # fp32 training: fp32 weights and grads; AdamW keeps two fp32 moments
@@ -187,7 +188,7 @@ def param_count(cfg: GPTConfig, tp: int = 1, pp: int = 1, stage: int | None = No
     head = norm_params(cfg) + (0 if cfg.tie_embeddings else cfg.vocab_size * h // t)
     if pp == 1 or stage is None:
         return emb + cfg.n_layer * layer_param_count(cfg, t) + head
-    n = stage_layers(cfg.n_layer, pp, stage) * layer_param_count(cfg, t)
+    n = len(stage_layers(cfg.n_layer, pp)[stage]) * layer_param_count(cfg, t)
     if stage == 0:
         n += emb
     if stage == pp - 1:
@@ -198,11 +199,6 @@ def param_count(cfg: GPTConfig, tp: int = 1, pp: int = 1, stage: int | None = No
 def param_tensor_count(cfg: GPTConfig) -> int:
     """Number of parameter tensors (AdamW keeps one fp32 step counter per tensor)."""
     return len(model_tensors(cfg))
-
-
-def stage_layers(n_layer: int, pp: int, stage: int) -> int:
-    """Layers on a pipeline stage: as even as possible, earlier stages take the remainder."""
-    return n_layer // pp + (1 if stage < n_layer % pp else 0)
 
 
 def kv_cache_bytes(cfg: GPTConfig, batch: int, tokens: int, dtype: str | int = "fp32",
