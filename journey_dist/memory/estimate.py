@@ -173,8 +173,9 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
                V=cfg.vocab_size, t=tp, sp=sequence_parallel, prec=prec, attn=attn, dropout=dropout,
                device=device, model=cfg)
     stages = [stage] if stage is not None else ([0] if pp == 1 else [0, pp - 1])
-    results = [_estimate_stage(cfg, x, dtype, optimizer, trainable_params, dp, zero, pp, stage,
-                               microbatches, recompute, schedule, lora) for stage in stages]
+    results = [_Stage(cfg, x, dtype, optimizer, trainable_params, dp=dp, zero=zero, pp=pp, stage=s,
+                      microbatches=microbatches, recompute=recompute, schedule=schedule,
+                      lora=lora).estimate() for s in stages]
     est = max(results, key=lambda e: e.total)
     est.inputs = dict(config=cfg.to_dict(), batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                       optimizer=optimizer, trainable_params=trainable_params, dp=dp, zero=zero, tp=tp,
@@ -184,119 +185,189 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     return est
 
 
-def _estimate_stage(cfg: GPTConfig, x: Shape, dtype: str, optimizer: str, trainable: int | None,
-                    dp: int, zero: int, pp: int, stage: int, m: int, recompute: bool,
-                    schedule: str, lora: LoRAConfig | None = None) -> MemoryEstimate:
-    first, last = stage == 0, stage == pp - 1
-    n_params = param_count(cfg, x.t, pp, stage)
-    frac = 1.0 if trainable is None else trainable / param_count(cfg)
-    states = model_state_bytes(n_params, dtype, optimizer, dp, zero,
-                               None if trainable is None else round(n_params * frac))
-    n_adapters = 0
-    if lora is not None:  # adapter weights on this stage (their share of the layers)
-        n_adapters = lora_param_count(cfg, lora) * len(stage_layers(cfg.n_layer, pp)[stage]) / cfg.n_layer
-        states["params"] += n_adapters * PRECISIONS[dtype].weights / (dp if zero >= 3 else 1)
-    w = PRECISIONS[dtype].weights
-    gw = BYTES_PER_PARAM[(dtype, "adamw" if optimizer == "none" else optimizer)][1]  # Megatron bf16: 4
-    # AdamW's per-tensor step counters: 4 bytes each (a 512-byte block each on CUDA)
-    steps = 0
-    if optimizer == "adamw" and zero == 0 and pp == 1:
-        steps = (512 if x.device == "cuda" else 4) * param_tensor_count(cfg)
-    if lora is not None and optimizer == "adamw" and zero == 0 and pp == 1:  # A and B: 2 per linear
-        steps = (512 if x.device == "cuda" else 4) * 2 * len(lora.matched(cfg))
-    P, G, O = states["params"], states["grads"], states["optimizer"] + (
-        steps if (trainable is None or lora is not None) else 0)
-    gdiv = dp if zero >= 2 else 1
+@dataclass
+class _Stage:
+    """One pipeline stage's step, phase by phase: what its rank holds while it runs (bytes).
 
-    # activations kept per block; in-flight micro-batches on this stage (1F1B: pp - stage)
-    n_layers = len(stage_layers(cfg.n_layer, pp)[stage])
-    lt = layer_terms(x) + (lora_layer_terms(x, cfg, lora) if lora is not None else [])
-    a_layer = sum(tm.nbytes for tm in lt)
-    a_stored = lt[0].nbytes if recompute else a_layer  # full recompute keeps the block input only
-    in_flight = 1 if pp == 1 else (min(pp - stage, m) if schedule == "1f1b" else m)
-    outer = outer_terms(x, cfg, first, last) + (
-        lora_outer_terms(x, cfg, first, last) if lora is not None else [])
-    a_outer = sum(tm.nbytes for tm in outer)
-    A = in_flight * (n_layers * a_stored + a_outer)
-    lg = logits_terms(x) if last else []
-    logits_hw = sum(tm.nbytes for tm in lg)
+    The methods follow the step in order: model states; activations kept for backward; the loss;
+    the backward of ln_f, of the stage's last and first blocks (the two extremes) and of the
+    embeddings; the optimizer step. Each phase is {category: bytes}; the peak is the largest sum.
+    """
 
-    n, h, r = x.b * x.s, x.h, x.prec.residual
-    g_layer = layer_param_count(cfg, x.t) * gw * frac / gdiv
-    block = layer_tensors(cfg, x.t)
-    g_proj = sum(p.numel for p in block if p.name.startswith(("attn.c_proj", "attn.o_proj"))) \
-        * gw * frac / gdiv  # attention's output projection
-    g_mlp = sum(p.numel for p in block if p.name.startswith(("mlp.", "ln_2."))) * gw * frac / gdiv
-    g_down = sum(p.numel for p in block if p.name.startswith("mlp.down_proj")) * gw * frac / gdiv
-    tied_tmp = cfg.vocab_size * h / x.t * w * frac if (cfg.tie_embeddings and pp == 1) else 0.0
-    dx = r * n * h * x.rep  # gradient of the residual stream, alive through the whole backward
-    # ZeRO-3 all-gathers a block's full weights for its forward and backward (one block at a time)
-    gathered = layer_param_count(cfg, x.t) * w if zero >= 3 else 0.0
-    acc = m > 1  # accumulating: the grads of earlier micro-batches are alive during this one
+    cfg: GPTConfig
+    x: Shape
+    dtype: str
+    optimizer: str
+    trainable: int | None  # LoRA: trainable parameters of the whole model (None: all)
+    dp: int
+    zero: int
+    pp: int
+    stage: int
+    microbatches: int
+    recompute: bool
+    schedule: str
+    lora: LoRAConfig | None = None
 
-    def phase(grads: float, acts: float, logits: float, temps: float) -> dict[str, float]:
-        return {"params": P, "grads": G if acc else grads, "optimizer": O, "activations": acts,
-                "logits": logits, "temporaries": temps}
+    def __post_init__(self) -> None:
+        self.first, self.last = self.stage == 0, self.stage == self.pp - 1
+        self.frac = 1.0 if self.trainable is None else self.trainable / param_count(self.cfg)
+        self.w = PRECISIONS[self.dtype].weights
+        self.gw = BYTES_PER_PARAM[(self.dtype, "adamw" if self.optimizer == "none" else self.optimizer)][1]
+        self.gdiv = self.dp if self.zero >= 2 else 1  # ZeRO-2/3: this rank keeps 1/dp of the gradients
+        self.n_layers = len(stage_layers(self.cfg.n_layer, self.pp)[self.stage])
+        self.phases: dict[str, dict[str, float]] = {}
 
-    phases: dict[str, dict[str, float]] = {}
-    if last:
-        phases["forward: loss (logits, fp32 copy, log-softmax)"] = phase(0, A, logits_hw, 0)
-        phases["backward: log-softmax (two fp32 b·s·V gradients)"] = phase(
-            0, A, logits_saved(x), 2 * 4 * n * x.V / x.t)
-    # backward of the last block on this stage, then of its first block (the extremes)
-    head_freed = sum(tm.nbytes for tm in outer if tm.name.startswith("ln_f")) if last else 0.0
-    g_head = norm_params(cfg) * gw * frac / gdiv if last else 0.0  # ln_f
-    if last and (not cfg.tie_embeddings or pp > 1):  # the head's own weight (untied or a pp copy)
-        g_head += cfg.vocab_size * h / x.t * gw * frac / gdiv
-    recomputed = (a_layer - a_stored) if recompute else 0.0
-    a_top = A - head_freed + recomputed
-    if last and cfg.norm == "rmsnorm":  # ln_f's backward, right after the head's: all blocks still kept
-        head_in = sum(tm.nbytes for tm in outer if tm.name.startswith("ln_f output"))
-        phases["backward: ln_f (RMSNorm: two fp32 b·s·h buffers)"] = phase(
-            g_head, A - head_in, 0, r * n * h * x.rep + rms_norm_transient(x) + tied_tmp)
-    for name, k in (("last", 0), ("first", n_layers - 1)):
-        if k and n_layers < 2:
-            continue
-        grads = g_head + k * g_layer
-        acts = a_top - k * a_stored
-        temps = dx + gathered + tied_tmp
-        mlp_acts, mlp_temps = acts, mlp_transient(x)
-        if lora is not None:  # the two input gradients are summed once A's backward freed its input
-            f = lora_fractions(cfg, lora)["mlp.c_proj"] * (0.0 if lora.dropout else 1.0)
-            mlp_acts -= f * x.prec.values * x.b * x.s * (4 * h + lora.rank)
-            mlp_temps = lora_mlp_transient(x, cfg, lora)
-        out_proj = "down_proj" if x.swiglu else "c_proj"
-        phases[f"backward: {name} block's MLP ({out_proj} grads)"] = phase(grads, mlp_acts, 0,
-                                                                          temps + mlp_temps)
-        if x.swiglu:  # then the product's backward: down_proj's input freed, its grads made
-            phases[f"backward: {name} block's MLP (SiLU(gate)·up grads)"] = phase(
-                grads + g_down, mlp_acts - swiglu_freed(x), 0, temps + swiglu_transient(x))
-        phases[f"backward: {name} block's attention"] = phase(
-            grads + g_mlp + g_proj, acts - mlp_saved(x) - attn_freed(x), 0, temps + attn_transient(x))
-    if first:
-        emb_acts = sum(tm.nbytes for tm in outer if tm.name.startswith("token ids"))
-        # wte's gradient = the head's (waiting in autograd's buffer) + the embedding's dense one,
-        # summed out of place: three V·h buffers at once next to every other gradient
-        phases["backward: embeddings"] = phase(G - tied_tmp / gdiv, emb_acts, 0, dx + gathered + 3 * tied_tmp)
-    if optimizer != "none":
-        phases["optimizer step"] = {"params": P, "grads": G, "optimizer": O, "activations": 0.0,
-                                    "logits": 0.0, "temporaries": optimizer_temporaries(
-                                        cfg, optimizer, x.device, w, x.t) * frac / gdiv}
-    o_bytes = 0 if optimizer == "none" else BYTES_PER_PARAM[(dtype, optimizer)][2]
-    totals = {k: sum(v.values()) for k, v in phases.items()}
-    peak_phase = max(totals, key=totals.get)
-    return MemoryEstimate(
-        params=P, grads=G, optimizer=O, activations=A, logits=logits_hw,
-        temporaries=phases[peak_phase]["temporaries"], total=totals[peak_phase], peak_phase=peak_phase,
-        phases=phases,
-        terms={"model states": [
-            Term("params", P, f"N·{w}" + (" / dp (ZeRO-3)" if zero >= 3 else "")),
-            Term("grads", G, f"N_trainable·{gw}" + (" / dp (ZeRO-2)" if zero >= 2 else "")),
-            Term("optimizer", O, f"N_trainable·{o_bytes}" + (" / dp (ZeRO-1)" if zero >= 1 else "")
-                 + (" + 4 B step counter per tensor" if steps else "")),
-        ], "per layer": lt, "outside the blocks": outer,
-            "logits and loss": lg},
-    )
+    # ----------------------------------------------------------------- what is held all step
+    def model_states(self) -> None:
+        """Weights, gradients and optimizer state of this stage's parameters (and LoRA adapters),
+        with AdamW's 4-byte step counter per tensor (a 512-byte block each on CUDA)."""
+        cfg, x, lora = self.cfg, self.x, self.lora
+        n_params = param_count(cfg, x.t, self.pp, self.stage)
+        states = model_state_bytes(n_params, self.dtype, self.optimizer, self.dp, self.zero,
+                                   None if self.trainable is None else round(n_params * self.frac))
+        if lora is not None:  # adapter weights on this stage (their share of the layers)
+            n_adapters = lora_param_count(cfg, lora) * self.n_layers / cfg.n_layer
+            states["params"] += n_adapters * self.w / (self.dp if self.zero >= 3 else 1)
+        self.steps = 0
+        if self.optimizer == "adamw" and self.zero == 0 and self.pp == 1:
+            counters = 2 * len(lora.matched(cfg)) if lora is not None else param_tensor_count(cfg)
+            self.steps = (512 if x.device == "cuda" else 4) * counters  # LoRA: A and B per linear
+        self.P, self.G = states["params"], states["grads"]
+        self.O = states["optimizer"] + (self.steps if (self.trainable is None or lora is not None) else 0)
+
+    def activations(self) -> None:
+        """What forward keeps for backward: per block (full recompute: the block input only) times
+        the micro-batches in flight on this stage (1F1B: pp - stage), plus outside the blocks."""
+        cfg, x, lora = self.cfg, self.x, self.lora
+        self.layer = layer_terms(x) + (lora_layer_terms(x, cfg, lora) if lora is not None else [])
+        self.a_layer = sum(tm.nbytes for tm in self.layer)
+        self.a_stored = self.layer[0].nbytes if self.recompute else self.a_layer
+        in_flight = 1 if self.pp == 1 else (min(self.pp - self.stage, self.microbatches)
+                                            if self.schedule == "1f1b" else self.microbatches)
+        self.outer = outer_terms(x, cfg, self.first, self.last) + (
+            lora_outer_terms(x, cfg, self.first, self.last) if lora is not None else [])
+        self.A = in_flight * (self.n_layers * self.a_stored + sum(tm.nbytes for tm in self.outer))
+        self.logit_terms = logits_terms(x) if self.last else []
+        self.logits_hw = sum(tm.nbytes for tm in self.logit_terms)
+
+    def phase(self, name: str, grads: float, acts: float, logits: float, temps: float) -> None:
+        """Record one moment of the step. While accumulating micro-batches every gradient is alive."""
+        self.phases[name] = {"params": self.P, "grads": self.G if self.microbatches > 1 else grads,
+                             "optimizer": self.O, "activations": acts, "logits": logits,
+                             "temporaries": temps}
+
+    # ----------------------------------------------------------------- the moments of the step
+    def loss(self) -> None:
+        """The last stage's loss: logits, their fp32 copy and log-softmax; then its backward."""
+        x = self.x
+        self.phase("forward: loss (logits, fp32 copy, log-softmax)", 0, self.A, self.logits_hw, 0)
+        self.phase("backward: log-softmax (two fp32 b·s·V gradients)", 0, self.A, logits_saved(x),
+                   2 * 4 * x.b * x.s * x.V / x.t)
+
+    def gradient_sizes(self) -> None:
+        """Bytes of the gradients made by each part of the backward (this rank's share)."""
+        cfg, x, scale = self.cfg, self.x, self.gw * self.frac / self.gdiv
+        block = layer_tensors(cfg, x.t)
+
+        def grads_of(*prefixes: str) -> float:
+            return sum(p.numel for p in block if p.name.startswith(prefixes)) * scale
+
+        self.g_layer = layer_param_count(cfg, x.t) * scale
+        self.g_proj = grads_of("attn.c_proj", "attn.o_proj")  # attention's output projection
+        self.g_mlp = grads_of("mlp.", "ln_2.")
+        self.g_down = grads_of("mlp.down_proj")
+        self.g_head = norm_params(cfg) * scale if self.last else 0.0  # ln_f
+        if self.last and (not cfg.tie_embeddings or self.pp > 1):  # the head's own weight (untied, pp copy)
+            self.g_head += cfg.vocab_size * x.h / x.t * scale
+        # the tied head's gradient waits in autograd's buffer until the embedding's backward
+        self.tied_tmp = (cfg.vocab_size * x.h / x.t * self.w * self.frac
+                         if (cfg.tie_embeddings and self.pp == 1) else 0.0)
+        # the gradient of the residual stream, alive through the whole backward
+        self.dx = x.prec.residual * x.b * x.s * x.h * x.rep
+        # ZeRO-3 all-gathers a block's full weights for its forward and backward (one block at a time)
+        self.gathered = layer_param_count(cfg, x.t) * self.w if self.zero >= 3 else 0.0
+
+    def head_norm_backward(self) -> None:
+        """RMSNorm's ln_f backward, right after the head's: every block's activations still kept."""
+        x = self.x
+        head_in = sum(tm.nbytes for tm in self.outer if tm.name.startswith("ln_f output"))
+        self.phase("backward: ln_f (RMSNorm: two fp32 b·s·h buffers)", self.g_head, self.A - head_in, 0,
+                   x.prec.residual * x.b * x.s * x.h * x.rep + rms_norm_transient(x) + self.tied_tmp)
+
+    def block_backward(self) -> None:
+        """The backward of the stage's last block, then of its first (the extremes): the MLP
+        (its output projection, SwiGLU's product), then attention, with the gradients made so far."""
+        x, lora = self.x, self.lora
+        head_freed = sum(tm.nbytes for tm in self.outer if tm.name.startswith("ln_f")) if self.last else 0.0
+        recomputed = (self.a_layer - self.a_stored) if self.recompute else 0.0
+        a_top = self.A - head_freed + recomputed
+        for name, k in (("last", 0), ("first", self.n_layers - 1)):
+            if k and self.n_layers < 2:
+                continue
+            grads = self.g_head + k * self.g_layer
+            acts = a_top - k * self.a_stored
+            temps = self.dx + self.gathered + self.tied_tmp
+            mlp_acts, mlp_temps = acts, mlp_transient(x)
+            if lora is not None:  # the two input gradients are summed once A's backward freed its input
+                f = lora_fractions(self.cfg, lora)["mlp.c_proj"] * (0.0 if lora.dropout else 1.0)
+                mlp_acts -= f * x.prec.values * x.b * x.s * (4 * x.h + lora.rank)
+                mlp_temps = lora_mlp_transient(x, self.cfg, lora)
+            out_proj = "down_proj" if x.swiglu else "c_proj"
+            self.phase(f"backward: {name} block's MLP ({out_proj} grads)", grads, mlp_acts, 0,
+                       temps + mlp_temps)
+            if x.swiglu:  # then the product's backward: down_proj's input freed, its grads made
+                self.phase(f"backward: {name} block's MLP (SiLU(gate)·up grads)", grads + self.g_down,
+                           mlp_acts - swiglu_freed(x), 0, temps + swiglu_transient(x))
+            self.phase(f"backward: {name} block's attention", grads + self.g_mlp + self.g_proj,
+                       acts - mlp_saved(x) - attn_freed(x), 0, temps + attn_transient(x))
+
+    def embedding_backward(self) -> None:
+        """wte's gradient = the head's (waiting in autograd's buffer) + the embedding's dense one,
+        summed out of place: three V·h buffers at once next to every other gradient."""
+        emb_acts = sum(tm.nbytes for tm in self.outer if tm.name.startswith("token ids"))
+        self.phase("backward: embeddings", self.G - self.tied_tmp / self.gdiv, emb_acts, 0,
+                   self.dx + self.gathered + 3 * self.tied_tmp)
+
+    def optimizer_step(self) -> None:
+        """Every state alive, plus the optimizer's scratch."""
+        scratch = optimizer_temporaries(self.cfg, self.optimizer, self.x.device, self.w, self.x.t)
+        self.phases["optimizer step"] = {"params": self.P, "grads": self.G, "optimizer": self.O,
+                                         "activations": 0.0, "logits": 0.0,
+                                         "temporaries": scratch * self.frac / self.gdiv}
+
+    # ----------------------------------------------------------------- the whole step
+    def estimate(self) -> MemoryEstimate:
+        self.model_states()
+        self.activations()
+        if self.last:
+            self.loss()
+        self.gradient_sizes()
+        if self.last and self.cfg.norm == "rmsnorm":
+            self.head_norm_backward()
+        self.block_backward()
+        if self.first:
+            self.embedding_backward()
+        if self.optimizer != "none":
+            self.optimizer_step()
+        return self.summary()
+
+    def summary(self) -> MemoryEstimate:
+        totals = {k: sum(v.values()) for k, v in self.phases.items()}
+        peak = max(totals, key=totals.get)
+        o_bytes = 0 if self.optimizer == "none" else BYTES_PER_PARAM[(self.dtype, self.optimizer)][2]
+        zero = self.zero
+        return MemoryEstimate(
+            params=self.P, grads=self.G, optimizer=self.O, activations=self.A, logits=self.logits_hw,
+            temporaries=self.phases[peak]["temporaries"], total=totals[peak], peak_phase=peak,
+            phases=self.phases,
+            terms={"model states": [
+                Term("params", self.P, f"N·{self.w}" + (" / dp (ZeRO-3)" if zero >= 3 else "")),
+                Term("grads", self.G, f"N_trainable·{self.gw}" + (" / dp (ZeRO-2)" if zero >= 2 else "")),
+                Term("optimizer", self.O, f"N_trainable·{o_bytes}" + (" / dp (ZeRO-1)" if zero >= 1 else "")
+                     + (" + 4 B step counter per tensor" if self.steps else "")),
+            ], "per layer": self.layer, "outside the blocks": self.outer,
+                "logits and loss": self.logit_terms},
+        )
 
 
 def fmt_bytes(n: float) -> str:
