@@ -193,6 +193,12 @@ def analytic(op: str, buffers: Sequence[int], n: int) -> dict[str, float]:
     return {"calls": len(buffers), "bytes": total, "wire_bytes": ring_factor(op, n) * total}
 
 
+def calls_and_bytes(comm: dict[str, dict[str, float]]) -> dict[str, dict[str, int]]:
+    """{op: {"calls", "bytes"}}: a ledger summary (or an analytic count) without the wire bytes, the
+    two numbers a formula predicts exactly."""
+    return {op: {"calls": int(row["calls"]), "bytes": int(row["bytes"])} for op, row in comm.items()}
+
+
 def ledger_by_op(ledger: CommLedger, group: dist.ProcessGroup | None = None) -> dict[str, dict[str, float]]:
     """{op: {calls, bytes, wire_bytes}} of the ledger's collectives on one group (default: the world)."""
     ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))

@@ -109,3 +109,14 @@ def bytes_table(rows: dict[str, dict[str, tuple[float | None, float | None]]]) -
     cols: list[Column] = [("name", "MiB: measured / estimated", str)]
     cols += [(k, k, lambda x: x or "-") for k in keys]
     return table(flat, cols)
+
+
+def generation_line(gen: dict, new_tokens: int) -> str:
+    """tensor/generate.compare_tp_generation's result in two lines: tokens and logits vs one process,
+    and this rank's KV cache next to its formula."""
+    ok = {True: "yes", False: "NO"}
+    return (f"generate {new_tokens} tokens (KV cache): greedy tokens identical to one process: "
+            f"{ok[gen['greedy_identical']]}, max|logit| {gen['max_logit_diff']:.1e}; sampled alike on every "
+            f"rank: {ok[gen['sampled_same_on_ranks']]}\nKV cache per rank {gen['cache_bytes_per_rank']:,} B "
+            f"= formula {gen['cache_bytes_formula']:,} B ({gen['heads_per_rank']} heads) = "
+            f"{gen['cache_bytes_per_rank'] / gen['cache_bytes_one_process']:.2f} x one process's")

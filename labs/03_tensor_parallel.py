@@ -24,27 +24,28 @@ Results: runs/03_tensor_parallel/result.json
 """
 
 # %% Setup: arguments, model config, and every check that can fail, before any process starts
-import time
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from journey_dist.comm import calls_and_bytes
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
-from journey_dist.data import get_batch, load_tokens
+from journey_dist.data import TokenData, get_batch, load_tokens
 from journey_dist.labkit import check_data, check_memory, lab_parser, parse, positive_float, positive_int
 from journey_dist.memory.estimate import param_count
-from journey_dist.parallel.tensor.dtensor import (
-    run_dtensor_tp,
-)
+from journey_dist.parallel.tensor.dtensor import run_dtensor_tp
 from journey_dist.parallel.tensor.generate import compare_tp_generation
 from journey_dist.parallel.tensor.parallelize import (
+    TensorParallelGPT,
     parallelize,
     run_tensor_parallel,
+    shard_shapes,
 )
-from journey_dist.parity import fresh_model, max_abs_diff, reference_run
-from journey_dist.runtime import launch, print0, requested_world_size, save_json
+from journey_dist.parity import RunResult, fresh_model, max_abs_diff, reference_run, worst_diffs
+from journey_dist.report import generation_line, ledger_table, losses_table, parity_table, table
+from journey_dist.runtime import comm_device, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
 LAB = "03_tensor_parallel"
@@ -65,6 +66,7 @@ config = get_preset(args.preset)
 for sp in (False, True):  # tp must divide heads and vocab; with SP also the sequence
     ParallelConfig(tp=world, sequence_parallel=sp and world > 1).validate(config, world, args.batch_size)
 PROMPT_LEN = 16
+TOL = 1e-5  # fp32 parity with one process: float rounding only
 if not 1 <= args.new_tokens <= config.block_size - PROMPT_LEN:
     raise ConfigError(f"--new-tokens {args.new_tokens}: prompt ({PROMPT_LEN}) + new tokens must fit "
                       f"block_size={config.block_size}; use --new-tokens 1..{config.block_size - PROMPT_LEN}")
@@ -75,111 +77,76 @@ cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                   warmup_steps=max(1, args.steps // 5), eval_batches=1)
 
 
-# %% What every rank runs
-def _calls_bytes(comm: dict) -> dict:
-    """{op: {"calls", "bytes"}} of a ledger summary (what the table compares)."""
-    return {op: {"calls": row["calls"], "bytes": row["bytes"]} for op, row in comm.items()}
-
-
-def rank_main(data) -> dict:
-    n = dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    print0(f"tp={n} ranks ({dist.get_backend()}) | {args.preset}: n_head={config.n_head} -> "
-           f"{config.n_head // n} heads per rank, vocab {config.vocab_size} -> {config.vocab_size // n} "
-           f"per rank | global batch {cfg.batch_size} x {config.block_size} tokens (every rank sees "
-           f"all of it) | {cfg.steps} AdamW steps")
-
-    # The reference: one process, fresh model from seed 0, the whole batch every step.
+# %% 1. One process: the reference, and how far float rounding alone moves it
+def reference(data: TokenData, device: torch.device) -> tuple[RunResult, float]:
+    """The fresh model trained on the whole batch, and the parameter difference to one process
+    that sums the same batch in 2 micro-batches (another summation order, as TP's partial sums)."""
     ref = reference_run(config, data, cfg, first_grads=True, device=device)
-    # How far float rounding alone moves one process: the same batch in 2 micro-batches. AdamW
-    # divides by sqrt(v), so grad entries that are ~rounding noise still move their param ~lr.
-    floor = max_abs_diff(reference_run(config, data, replace(cfg, grad_accum=2), device=device).params,
-                         ref.params)
-    rows = {}
+    split = reference_run(config, data, replace(cfg, grad_accum=2), device=device)
+    return ref, max_abs_diff(split.params, ref.params)
+
+
+# %% 2. The same model split over the tp ranks: ours (sequence parallel off and on) and DTensor's
+def tensor_parallel(data: TokenData, device: torch.device) -> dict[str, RunResult]:
+    runs = {}
     for sp in (False, True):
-        name = "tp+sp" if sp else "tp"
         run = run_tensor_parallel(config, data, cfg, sequence_parallel=sp, device=device)
-        model = run.model
-        if not sp:  # shard shapes, rank by rank
-            shapes = {k: tuple(p.shape) for k, p in model.named_parameters()
-                      if k.startswith(("transformer.wte", "transformer.h.0."))}
-            everyone = [None] * n
-            dist.all_gather_object(everyone, shapes)
-            full = {k: tuple(v.shape) for k, v in ref.params.items()}
-            print0(f"\n{'parameter (layer 0)':<32} {'full':>12}  " + "  ".join(f"{'rank ' + str(r):>12}"
-                                                                         for r in range(n)))
-            for k in shapes:
-                print0(f"{k:<32} {str(full[k]):>12}  " + "  ".join(f"{str(s[k]):>12}" for s in everyone))
-        rows[name] = {"run": run, "bytes": run.state_bytes["params"], "measured": _calls_bytes(run.comm),
-                      "analytic": _calls_bytes(run.analytic)}
+        runs[run.name] = run
     if not args.no_dtensor:
-        mesh = init_device_mesh("cuda" if device is not None else "cpu", (n,))
-        run = run_dtensor_tp(config, data, cfg, mesh)
-        rows["dtensor"] = {"run": run, "bytes": None, "measured": _calls_bytes(run.comm),
-                           "analytic": _calls_bytes(run.analytic)}
+        runs["dtensor"] = run_dtensor_tp(config, data, cfg, init_device_mesh(device.type, (world,)))
+    return runs
 
-    # Loss by step, and the worst difference from one process over all ranks.
-    print0(f"\n{'step':>4} {'1 process':>10} " + " ".join(f"{k:>10}" for k in rows))
-    for s in range(cfg.steps):
-        losses = " ".join(f"{r['run'].losses[s]:>10.5f}" for r in rows.values())
-        print0(f"{s:>4} {ref.losses[s]:>10.5f} {losses}")
-    print0(f"\n1 process, batch in 2 micro-batches: max|param-ref| {floor:.1e} (the rounding floor: "
-           "TP sums partial products in another order, a comparable change)")
-    print0(f"{'variant':<8} {'max|loss-ref|':>14} {'max|grad-ref|':>14} {'max|param-ref|':>15} "
-           f"{'train s':>8}   (fp32; float rounding only)")
-    result_rows = {}
-    for name, r in rows.items():
-        run = r["run"]
-        diffs = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ref.losses)),
-                              max_abs_diff(run.grads, ref.grads), max_abs_diff(run.params, ref.params)],
-                             device=device)
-        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
-        print0(f"{name:<8} {diffs[0]:>14.1e} {diffs[1]:>14.1e} {diffs[2]:>15.1e} {run.seconds:>8.1f}")
-        result_rows[name] = {"losses": run.losses, "loss_diff": diffs[0].item(), "grad_diff": diffs[1].item(),
-                             "param_diff": diffs[2].item(), "seconds": run.seconds,
-                             "param_bytes": r["bytes"], "measured": r["measured"], "analytic": r["analytic"]}
 
-    # Memory: parameters per rank, measured vs the analytic count.
-    est, whole = param_count(config, tp=n) * 4, param_count(config) * 4
-    mine = rows["tp"]["bytes"]
-    print0(f"\nparameter bytes per rank: measured {mine:,} | param_count(cfg, tp={n}) x 4 = {est:,} | "
-           f"one process {whole:,} ({mine / whole:.2f}x; LayerNorms, row biases and wpe are replicated)")
+# %% 3. What each rank holds: the embedding and layer 0, shard by shard
+def shards_table(tp_model: TensorParallelGPT, ref: RunResult) -> str:
+    shapes = shard_shapes(tp_model)
+    rows = [{"name": k, "full": tuple(ref.params[k].shape), **{f"rank {r}": s for r, s in enumerate(v)}}
+            for k, v in shapes.items()]
+    return table(rows, [("name", "parameter", str), ("full", "full", str),
+                        *((f"rank {r}", f"rank {r}", str) for r in range(world))])
 
-    # Communication of one step: measured by the ledger vs analytic (ours; DTensor against ours).
-    print0(f"\ncollectives in one step (rank 0, tp group of {n}); all-reduce sends 2(n-1)/n x bytes, "
-           "all-gather/reduce-scatter (n-1)/n")
-    print0(f"{'variant':<8} {'collective':<15} {'calls':>6} {'analytic':>9} {'bytes':>12} "
-           f"{'analytic':>12}  match")
-    for name, r in rows.items():
-        for op, m in r["measured"].items():
-            a = r["analytic"].get(op, {"calls": 0, "bytes": 0})
-            print0(f"{name:<8} {op:<15} {m['calls']:>6} {a['calls']:>9} {m['bytes']:>12,} {a['bytes']:>12,}  "
-                   f"{'yes' if m == a else 'NO'}")
-    if "dtensor" in rows:
-        print0("dtensor: the same activation and loss all-reduces as ours; its grad-norm (DTensor .norm() "
-               "per parameter) adds one scalar all-reduce per sharded parameter where ours takes one in all")
 
-    # Generation: the tp model's generate(), each rank caching only its own heads.
-    t0 = time.perf_counter()
-    prompt = get_batch(data.val, 2, PROMPT_LEN, 0, cfg.seed)[0].to(device or "cpu")  # 2 prompts
-    gen = compare_tp_generation(fresh_model(config, device=device),
-                                parallelize(fresh_model(config, device=device)), prompt, args.new_tokens)
-    print0(f"\ngenerate ({args.new_tokens} new tokens, batch 2, KV cache; fresh seed-0 weights): "
-           f"greedy tokens identical to one process: {'yes' if gen['greedy_identical'] else 'NO'} | "
-           f"max|logit diff| {gen['max_logit_diff']:.1e} (tol 1e-5) | sampled with a different generator "
-           f"per rank, same tokens on every rank: {'yes' if gen['sampled_same_on_ranks'] else 'NO'}")
-    print0(f"KV cache per rank: {gen['cache_bytes_per_rank']:,} B = kv_cache_bytes(cfg, 2, "
-           f"{prompt.size(1) + args.new_tokens}, kv_heads={gen['heads_per_rank']}) = "
-           f"{gen['cache_bytes_formula']:,} B; one process {gen['cache_bytes_one_process']:,} B "
-           f"({gen['cache_bytes_per_rank'] / gen['cache_bytes_one_process']:.2f}x = 1/tp) | "
-           f"check took {time.perf_counter() - t0:.1f} s")
+# %% 4. generate(): the tp model decodes with a KV cache of its own heads
+def generation(data: TokenData, device: torch.device) -> dict:
+    prompt = get_batch(data.val, 2, PROMPT_LEN, 0, cfg.seed)[0].to(device)  # 2 prompts
+    return compare_tp_generation(fresh_model(config, device=device),
+                                 parallelize(fresh_model(config, device=device)), prompt, args.new_tokens)
 
-    result = {"tp": n, "preset": args.preset, "config": config.to_dict(), "train": cfg.to_dict(),
+
+# %% Every rank runs the steps in order and prints what to look at
+def rank_main(data: TokenData) -> dict:
+    device = comm_device()
+    ref, floor = reference(data, device)
+    runs = tensor_parallel(data, device)
+    print0(f"tp={world} ({dist.get_backend()}), {args.preset}: {config.n_head // world} of {config.n_head} "
+           f"heads per rank; every rank sees the whole batch of {cfg.batch_size} x {config.block_size}")
+    print0(shards_table(runs["tp"].model, ref))
+
+    parity = {name: worst_diffs(run, ref) for name, run in runs.items()}  # the worst rank
+    print0(losses_table(ref.losses, {name: run.losses for name, run in runs.items()}))
+    print0(parity_table(parity, tol=TOL, seconds={n: r.seconds for n, r in runs.items()}))
+    print0(f"rounding floor (one process, batch in 2 micro-batches): max|param| {floor:.1e}")
+
+    mine, est = runs["tp"].state_bytes["params"], param_count(config, tp=world) * 4
+    print0(f"parameter bytes per rank: measured {mine:,}, param_count(cfg, tp={world}) x 4 = {est:,}, "
+           f"one process {param_count(config) * 4:,}")
+
+    ledger = {name: (calls_and_bytes(run.comm), calls_and_bytes(run.analytic)) for name, run in runs.items()}
+    print0(ledger_table(ledger, wire=False))
+
+    gen = generation(data, device)
+    print0(generation_line(gen, args.new_tokens))
+
+    variants = {name: {"losses": run.losses, "loss_diff": parity[name]["loss"],
+                       "grad_diff": parity[name]["grad"], "param_diff": parity[name]["param"],
+                       "seconds": run.seconds, "param_bytes": run.state_bytes.get("params"),
+                       "measured": ledger[name][0], "analytic": ledger[name][1]}
+                for name, run in runs.items()}
+    result = {"tp": world, "preset": args.preset, "config": config.to_dict(), "train": cfg.to_dict(),
               "reference_losses": ref.losses, "rounding_floor_param_diff": floor,
-              "param_bytes_estimate": est, "variants": result_rows, "generate": gen}
-    path = save_json(LAB, "result", result)
-    print0(f"\nwrote {path}")
-    return {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in result_rows.items()}
+              "param_bytes_estimate": est, "variants": variants, "generate": gen}
+    print0(f"wrote {save_json(LAB, 'result', result)}")
+    return {k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in variants.items()}
 
 
 # %% Launch: under torchrun this process is one rank; under python it spawns --ranks ranks

@@ -237,6 +237,18 @@ def gather_tensors(tp_model: nn.Module, tensors: dict[str, torch.Tensor],
     return {name: _unshard(t, params[name], group) for name, t in tensors.items()}
 
 
+def shard_shapes(tp_model: nn.Module, prefixes: tuple[str, ...] = ("transformer.wte", "transformer.h.0."),
+                 group: Group = None) -> dict[str, list[tuple[int, ...]]]:
+    """{parameter name: [its shape on tp rank 0, 1, ...]} for the names starting with `prefixes`.
+
+    Collective: an all-gather of the shapes (Python objects) over the tp group."""
+    group = group if group is not None else getattr(tp_model, "group", None)
+    mine = {k: tuple(p.shape) for k, p in tp_model.named_parameters() if k.startswith(prefixes)}
+    everyone: list = [None] * tp_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return {k: [ranks[k] for ranks in everyone] for k in mine}
+
+
 def gather_params(tp_model: nn.Module, group: Group = None) -> dict[str, torch.Tensor]:
     """Every parameter, full, under the plain GPT's names (collective on the tp group)."""
     return gather_tensors(tp_model, {n: p.detach() for n, p in tp_model.named_parameters()}, group)
