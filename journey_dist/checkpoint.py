@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -114,13 +115,8 @@ def capture_rng() -> dict:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss]
-    except ImportError:
-        pass
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss]
     return state
 
 
@@ -131,8 +127,6 @@ def restore_rng(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
-        import numpy as np
-
         name, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
@@ -340,6 +334,7 @@ def save_sharded(directory: str | Path, step: int, model: nn.Module,
     """Every rank writes its shards with torch.distributed.checkpoint (replicated tensors are
     written once), plus its own RNG state; rank 0 renames the finished directory into place and
     writes the manifest. Collective: all ranks must call it."""
+    # deferred: torch.distributed.checkpoint takes seconds to import and most runs never save DCP
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

@@ -7,20 +7,27 @@ computed a plan that does not fit in M per GPU, so a launch script can gate on i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
-from journey_dist.config import PRESETS, ConfigError
+import torch
+
+from journey_dist.checkpoint import latest_valid, list_checkpoints
+from journey_dist.config import PRESETS, ConfigError, ParallelConfig, get_preset
+from journey_dist.labkit import RUNS_ENV, check_writable_dir
+from journey_dist.memory.estimate import DTYPES
+from journey_dist.memory.report import add_estimate_arguments, estimate_command
+from journey_dist.model import GPT
+from journey_dist.plan import make_plan, parse_bytes, plan_text
+from journey_dist.runtime import runs_dir
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3  # journey plan --gpu-mem: some pipeline stage peaks above the memory given
 
 
 def _cmd_presets(_args: argparse.Namespace) -> None:
-    import torch
-
-    from journey_dist.model import GPT
-
     print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'kv':>3} {'d_model':>7} {'mlp':>6} {'vocab':>7} "
           f"{'ctx':>5} {'norm / mlp / positions':<26} {'params':>15}")
     for name, cfg in PRESETS.items():
@@ -32,10 +39,6 @@ def _cmd_presets(_args: argparse.Namespace) -> None:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> None:
-    from journey_dist.labkit import RUNS_ENV, check_writable_dir
-    from journey_dist.memory.report import estimate_command
-    from journey_dist.runtime import runs_dir
-
     if args.out is not None:
         os.environ[RUNS_ENV] = args.out
     # before estimating or measuring: the results (runs/estimate/<name>.json, .png) must be writable
@@ -44,19 +47,12 @@ def _cmd_estimate(args: argparse.Namespace) -> None:
 
 
 def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
-    from journey_dist.memory.report import add_estimate_arguments
-
     add_estimate_arguments(parser)
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write results under DIR/estimate/ (default: $JOURNEY_RUNS_DIR or ./runs)")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from journey_dist.config import ParallelConfig, get_preset
-    from journey_dist.plan import make_plan, parse_bytes, plan_text
-
     pcfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, microbatches=args.microbatches,
                           zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule)
     plan = make_plan(get_preset(args.preset), pcfg, batch=args.batch, seq=args.seq, dtype=args.dtype,
@@ -67,8 +63,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
-    from journey_dist.memory.estimate import DTYPES
-
     parser.add_argument("--preset", default="gpt-mini")
     for name in ("dp", "tp", "pp", "microbatches"):
         parser.add_argument(f"--{name}", type=int, default=1)
@@ -90,10 +84,6 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_checkpoints(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from journey_dist.checkpoint import latest_valid, list_checkpoints
-
     if not Path(args.dir).is_dir():
         raise ConfigError(f"checkpoint directory {args.dir!r} does not exist; pass the directory "
                           "a run saved into (e.g. runs/10_reliability/ckpt/file)")
@@ -116,8 +106,6 @@ def _checkpoints_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_notebooks(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     # deferred: jupytext and nbformat come with the optional [notebooks] extra
     from journey_dist.notebooks import ARGS_ENV, SOURCE_ENV, find_labs, write_notebooks
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -228,8 +229,6 @@ def ddp_allreduce_hook(process_group, bucket):  # no annotations: DDP compares t
     i.e. the mean gradient; forward: nothing. Register with
     `ddp_model.register_comm_hook(group, ddp_allreduce_hook)`.
     """
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
     group = process_group if process_group is not None else dist.group.WORLD
     buf = bucket.buffer()
     record_in_open_ledgers("all_reduce", tuple(dist.get_process_group_ranks(group)),

@@ -107,8 +107,8 @@ def config_from_hf(hf_config) -> GPTConfig:
 
 
 def hf_config_from(config: GPTConfig, attn_implementation: str = "eager"):
-    """transformers GPT2Config or LlamaConfig matching a GPTConfig (imports transformers lazily:
-    an optional dependency)."""
+    """transformers GPT2Config or LlamaConfig matching a GPTConfig."""
+    # deferred: transformers is optional (the [test] extra) and takes seconds to import
     if hf_family(config) == "llama":
         from transformers import LlamaConfig
 
@@ -121,7 +121,7 @@ def hf_config_from(config: GPTConfig, attn_implementation: str = "eager"):
             attention_bias=config.bias, mlp_bias=config.bias, attention_dropout=config.dropout,
         )
     else:
-        from transformers import GPT2Config
+        from transformers import GPT2Config  # deferred, as above
 
         hf = GPT2Config(
             n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,

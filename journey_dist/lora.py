@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from journey_dist.config import GPTConfig, LoRAConfig
 from journey_dist.data import TokenData
@@ -43,8 +44,8 @@ ADAPTER_FILE, BASE_FILE, CONFIG_FILE = "adapter.safetensors", "base.pt", "config
 
 
 def peft_config(spec: LoRAConfig):
-    """The peft.LoraConfig for a LoRAConfig (imported lazily: peft is an optional extra)."""
-    import peft
+    """The peft.LoraConfig for a LoRAConfig."""
+    import peft  # deferred: peft (transformers behind it) takes seconds to import; only PEFT needs it
 
     return peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                            target_modules=list(spec.targets), bias="none")
@@ -56,7 +57,7 @@ def apply_peft_lora(model: GPT, spec: LoRAConfig, seed: int = 0) -> GPT:
     The spec is validated first (ConfigError listing the valid names). A's random init is drawn
     from `seed` without touching the caller's RNG, so every rank starts from the same adapters.
     """
-    import peft
+    import peft  # deferred, as in peft_config
 
     spec.validate(model.config)
     with torch.random.fork_rng(devices=[]):
@@ -206,8 +207,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def save_lora(model: nn.Module, spec: LoRAConfig, directory: str | Path) -> dict[str, Path]:
     """Write config.json (GPT + LoRA), base.pt (the base weights: trained here, so not on a hub)
     and adapter.safetensors (A and B only; the file a user would share)."""
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     gpt = unwrap(model)
@@ -225,8 +224,6 @@ def save_lora(model: nn.Module, spec: LoRAConfig, directory: str | Path) -> dict
 def load_lora(directory: str | Path, impl: str = "peft") -> tuple[GPT, LoRAConfig]:
     """Rebuild a LoRA GPT from save_lora's files (impl "peft" or "scratch"); loads tensors only
     (torch.load(weights_only=True), safetensors), never pickled code."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     meta = json.loads((d / CONFIG_FILE).read_text())
     spec = LoRAConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})

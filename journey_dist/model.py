@@ -47,6 +47,16 @@ from journey_dist.config import GPTConfig
 from journey_dist.positions import alibi_bias, alibi_slopes, apply_rope, rope_tables, sinusoidal_table
 
 
+def kv_cache_bytes(config: GPTConfig, batch: int, tokens: int, nbytes: int = 4,
+                   kv_heads: int | None = None) -> int:
+    """KV cache = 2 (K, V) x layers x batch x tokens x kv_heads x head_dim x bytes per value.
+
+    kv_heads defaults to the model's (config.kv_heads: n_kv_head with GQA, else n_head); a
+    tensor-parallel rank passes its own share."""
+    heads = config.kv_heads if kv_heads is None else kv_heads
+    return 2 * config.n_layer * batch * tokens * heads * config.head_dim * nbytes
+
+
 class KVCache:
     """Pre-allocated keys and values for incremental decoding.
 

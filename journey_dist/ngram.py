@@ -24,10 +24,9 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
+import torch.nn.functional as F
 
 Context = tuple[int, ...]
 
@@ -116,9 +115,6 @@ def model_stream_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor,
     The stream is cut into windows of block_size + 1 that overlap by one token, so each
     token is predicted exactly once, from the tokens before it in its window.
     """
-    import torch
-    import torch.nn.functional as F
-
     ids = torch.as_tensor(ids, dtype=torch.long)
     block_size = block_size or model.config.block_size
     device = next(model.parameters()).device

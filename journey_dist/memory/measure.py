@@ -34,11 +34,17 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import psutil
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
+
+from journey_dist.config import ConfigError
+from journey_dist.model import GPT
+from journey_dist.train import TrainConfig, autocast_context, make_optimizer
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "logits", "temporaries")
 # A storage only moves to a higher-priority category: a saved log-softmax stays "logits".
@@ -191,8 +197,6 @@ class TensorLedger(TorchDispatchMode):
 
 def rss_bytes() -> dict[str, int]:
     """Process resident set size now and its high-water mark (OS view: interpreter, libs, caches)."""
-    import psutil
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak *= 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
     return {"rss": psutil.Process().memory_info().rss, "rss_high_water": peak}
@@ -249,8 +253,6 @@ def _default_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 def checkpointed(model: nn.Module):
     """Full activation recompute: each block keeps only its input and re-runs its forward in
     backward (torch.utils.checkpoint, non-reentrant). Restores the blocks on exit."""
-    from torch.utils.checkpoint import checkpoint
-
     blocks = list(model.transformer.h)
     originals = [b.forward for b in blocks]
     for block, fwd in zip(blocks, originals):
@@ -264,8 +266,6 @@ def checkpointed(model: nn.Module):
 
 def _step(model, optimizer, x, y, autocast, loss_fn, ledger: TensorLedger | None = None,
           microbatches: int = 1) -> None:
-    from journey_dist.train import autocast_context
-
     for xm, ym in zip(x.chunk(microbatches), y.chunk(microbatches)):
         with autocast_context(x.device, autocast):
             loss = loss_fn(model, xm, ym) / microbatches
@@ -346,10 +346,6 @@ def measure_config(cfg, *, batch_size: int, seq_len: int, dtype: str = "fp32", o
     (fp32 model under torch.autocast). The *-mixed modes need a mixed-precision optimizer
     with fp32 master weights (DeepSpeed, the ZeRO lab) and are not measured here.
     """
-    from journey_dist.config import ConfigError
-    from journey_dist.model import GPT
-    from journey_dist.train import TrainConfig, make_optimizer
-
     if dtype not in MEASURABLE:
         raise ConfigError(f"dtype={dtype!r} is not measurable with a plain PyTorch step; measure one of "
                           f"{', '.join(MEASURABLE)} (mixed precision with fp32 master weights is "

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from journey_dist.memory.estimate import MemoryEstimate, fmt_bytes
-from journey_dist.memory.measure import Measurement
+import psutil
+import torch
+
+from journey_dist.config import ConfigError, get_preset, padded_vocab_size
+from journey_dist.memory.estimate import DTYPES, MemoryEstimate, estimate_memory, fmt_bytes, param_count
+from journey_dist.memory.measure import MEASURABLE, Measurement, measure_config
+from journey_dist.runtime import runs_dir, save_json
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "temporaries", "total")
 
@@ -63,7 +68,7 @@ def table(rows: list[dict], markdown: bool = False) -> str:
 
 def plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Grouped bars (MiB): estimated next to measured for every component."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib's import takes ~1 s and only plotting needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -106,8 +111,6 @@ _FLOP_LIMIT = {"cpu": 2e11, "cuda": 1e16}  # auto-measure only what finishes in 
 
 
 def add_estimate_arguments(p) -> None:
-    from journey_dist.memory.estimate import DTYPES
-
     p.add_argument("--preset", default="gpt-mini")
     p.add_argument("--batch", type=int, default=8, help="global batch in sequences (split over dp)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
@@ -134,13 +137,6 @@ def add_estimate_arguments(p) -> None:
 
 def estimate_command(args) -> dict:
     """Print estimated (and, for one device, measured) memory; write runs/estimate/<name>.{json,png}."""
-    import torch
-
-    from journey_dist.config import ConfigError, get_preset, padded_vocab_size
-    from journey_dist.memory.estimate import estimate_memory, param_count
-    from journey_dist.memory.measure import MEASURABLE, measure_config
-    from journey_dist.runtime import runs_dir, save_json
-
     overrides = {k: v for k, v in (("attn_impl", args.attn), ("dropout", args.dropout)) if v is not None}
     cfg = get_preset(args.preset, **overrides)
     if args.tp > 1 and cfg.vocab_size % args.tp and cfg.n_head % args.tp == 0:
@@ -208,9 +204,6 @@ def too_big_to_measure(estimated_peak: int, device: str) -> str:
     """'' when a step estimated to peak at `estimated_peak` bytes may be measured on `device`, else why
     not. The limit: 90% of the GPU's free memory; on CPU a quarter of the available RAM, so that an
     estimate that is off, the interpreter and the rest of the machine stay clear of the OOM killer."""
-    import psutil
-    import torch
-
     if device == "cuda":
         limit = 0.9 * (torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0)
     else:
@@ -243,10 +236,6 @@ def _why_not_measure(args, est, cfg, single: bool, device: str, seq: int, n_para
 def grid_row(spec: dict, device: str = "cpu", ledger: bool | None = None) -> dict:
     """Estimate and measure one config; spec keys: preset, batch, seq, dtype, attn, and optionally
     dropout, optimizer, microbatches, recompute, overrides (GPTConfig fields)."""
-    from journey_dist.config import get_preset
-    from journey_dist.memory.estimate import estimate_memory
-    from journey_dist.memory.measure import measure_config
-
     cfg = get_preset(spec["preset"], attn_impl=spec["attn"], dropout=spec.get("dropout", 0.0),
                      **spec.get("overrides", {}))
     kw = dict(batch_size=spec["batch"], seq_len=spec["seq"], dtype=spec["dtype"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from journey_dist.config import ConfigError, GPTConfig
+from journey_dist.model import kv_cache_bytes as model_kv_cache_bytes
 from journey_dist.parallel.pipeline.stage import stage_layers
 
 BYTES_PER_PARAM = {
@@ -208,8 +209,7 @@ def kv_cache_bytes(cfg: GPTConfig, batch: int, tokens: int, dtype: str | int = "
     kv_heads defaults to the model's (cfg.kv_heads: n_kv_head with GQA, else n_head); a
     tensor-parallel rank passes its own share."""
     nbytes = dtype if isinstance(dtype, int) else DTYPE_BYTES[_base_dtype(dtype)]
-    heads = cfg.kv_heads if kv_heads is None else kv_heads
-    return 2 * cfg.n_layer * batch * tokens * heads * cfg.head_dim * nbytes
+    return model_kv_cache_bytes(cfg, batch, tokens, nbytes, kv_heads)
 
 
 def _base_dtype(dtype: str) -> str:

@@ -190,6 +190,7 @@ class Pipeline:
         return total
 
     def _run_torch(self, micro: list[Batch]) -> torch.Tensor:
+        # deferred: importing torch.distributed.pipelining costs ~1 s and only this comparison uses it
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         m = len(micro)

@@ -68,7 +68,7 @@ def order_text(timeline: Timeline) -> str:
 
 def plot_timelines(panels: dict[str, list[Timeline]], path: str | Path) -> Path:
     """A Gantt chart per panel (one row per stage) saved as PNG; returns the path."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib's import takes ~1 s and only plotting needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

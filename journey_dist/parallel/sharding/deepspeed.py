@@ -147,6 +147,7 @@ def import_deepspeed(device: torch.device):
     if device.type == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"  # read once, at import
     os.environ.setdefault("DS_BUILD_OPS", "0")
+    # deferred: an optional extra, and DS_ACCELERATOR must be set before the import reads it
     import deepspeed
     import deepspeed.ops
 

@@ -1,7 +1,7 @@
 """KV-cache generation on a tensor-parallel GPT: `TensorParallelGPT.generate` (= GPT.generate).
 
 Each rank runs its H/t heads and caches only their keys and values, so a rank's cache is 1/t of
-the single-process one (memory.estimate.kv_cache_bytes(cfg, B, tokens, kv_heads=H/t)). The logits
+the single-process one (model.kv_cache_bytes(cfg, B, tokens, kv_heads=H/t)). The logits
 of the last position are vocab-split, (B, V/t) per rank: one all-gather per step makes the full
 (B, V) row, identical bytes on every rank, so greedy argmax agrees everywhere without more
 communication. Sampling draws from a generator that may differ per rank (or have advanced
@@ -21,8 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from journey_dist.memory.estimate import kv_cache_bytes
-from journey_dist.model import GPT, KVCache, next_token
+from journey_dist.model import GPT, KVCache, kv_cache_bytes, next_token
 from journey_dist.parallel.tensor.mappings import gather_from_region
 
 __all__ = ["compare_tp_generation", "full_last_logits", "sequence_parallel_off", "tp_generate"]
@@ -114,6 +113,6 @@ def compare_tp_generation(model: GPT, tp_model: nn.Module, prompt: torch.Tensor,
     heads = tp_model.transformer.h[0].attn.n_head
     return {"greedy_identical": bool(torch.equal(want, got)), "max_logit_diff": diff,
             "cache_bytes_per_rank": cache.nbytes(),
-            "cache_bytes_formula": kv_cache_bytes(cfg, B, total, kv_heads=heads),
+            "cache_bytes_formula": kv_cache_bytes(cfg, B, total, cache.k[0].element_size(), kv_heads=heads),
             "cache_bytes_one_process": ref_cache.nbytes(), "heads_per_rank": heads,
             "sampled_same_on_ranks": all(torch.equal(t, everyone[0]) for t in everyone)}
