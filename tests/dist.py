@@ -19,9 +19,11 @@ __all__ = ["RankFailure", "run_ranks"]
 
 
 def run_ranks(fn, world_size: int, *args: Any, timeout_s: float = 120.0,
-              collective_timeout_s: float = 60.0, failure_grace_s: float = 3.0) -> list[Any]:
+              collective_timeout_s: float = 60.0, hang_timeout_s: float | None = None,
+              failure_grace_s: float = 3.0) -> list[Any]:
     """Run fn(*args) on `world_size` gloo ranks; return the per-rank results in rank order.
 
-    After a rank fails, the others get `failure_grace_s` to report their own errors."""
-    return spawn(fn, world_size, args, timeout_s=timeout_s,
-                 collective_timeout_s=collective_timeout_s, failure_grace_s=failure_grace_s)
+    After a rank fails, the others get `failure_grace_s` to report their own errors. A rank
+    frozen for `hang_timeout_s` (default: $JOURNEY_HANG_TIMEOUT or 30) is named by the heartbeat."""
+    return spawn(fn, world_size, args, timeout_s=timeout_s, collective_timeout_s=collective_timeout_s,
+                 hang_timeout_s=hang_timeout_s, failure_grace_s=failure_grace_s)
