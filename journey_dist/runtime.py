@@ -4,10 +4,17 @@
 job torchrun made; under plain `python` (or a notebook) it spawns `world_size`
 local ranks on a free port. The same `spawn` is the test harness's engine, so
 tests exercise exactly what users run.
+
+No silent hangs: every collective has a timeout ($JOURNEY_TIMEOUT, default 120 s), every
+multi-rank job runs a heartbeat that names a frozen or dead peer within $JOURNEY_HANG_TIMEOUT
+(default 30 s; `add_timeout_flags` gives a lab the matching flags), the error path runs no
+collective, and spawned ranks die with their launcher.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -29,7 +36,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("JOURNEY_TIMEOUT", "120"))
+from journey_dist.config import ConfigError
+from journey_dist.fault_tolerance import Heartbeat, exit_with_parent
+
+COLLECTIVE_TIMEOUT_ENV = "JOURNEY_TIMEOUT"
+HANG_TIMEOUT_ENV = "JOURNEY_HANG_TIMEOUT"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
+DEFAULT_HANG_TIMEOUT_S = 30.0  # + torchrun's 30 s SIGTERM grace for a frozen rank: the job ends in ~60 s
+_HEARTBEAT_PREFIX = "journey/job-heartbeat"  # apart from any Heartbeat a lab starts itself
+_job_heartbeat: Heartbeat | None = None
 
 
 class RankFailure(RuntimeError):
@@ -101,6 +116,80 @@ def default_backend() -> str:
     return "gloo"
 
 
+# --------------------------------------------------------------------- timeouts
+
+
+def _parse_seconds(text: str, what: str, allow_zero: bool) -> float:
+    """`text` as seconds (> 0, or >= 0 with allow_zero); ValueError naming `what` and the fix."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        floor = "a number of seconds >= 0 (0 turns it off)" if allow_zero else "a number of seconds > 0"
+        raise ValueError(f"{what}={text!r} is not a valid timeout; use {floor}, e.g. 60")
+    return value
+
+
+def _seconds_from_env(name: str, default: float, allow_zero: bool) -> float:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return _parse_seconds(text, name, allow_zero)
+    except ValueError as e:
+        raise ConfigError(f"{e} (or unset {name} for the default {default:g})") from None
+
+
+def configured_collective_timeout() -> float:
+    """Seconds a collective waits for its peers before failing: $JOURNEY_TIMEOUT (set by the
+    --collective-timeout flag), default 120. Above the longest legitimate wait (a checkpoint save,
+    a first-step compilation). Read at call time; ConfigError for a bad value."""
+    return _seconds_from_env(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S, allow_zero=False)
+
+
+def configured_hang_timeout() -> float:
+    """Seconds without a heartbeat after which a peer counts as frozen or dead: $JOURNEY_HANG_TIMEOUT
+    (set by the --hang-timeout flag), default 30; 0 turns the job heartbeat off (e.g. to stop a rank
+    in gdb). The beats come from a thread, so a rank that is merely slow is never declared dead."""
+    return _seconds_from_env(HANG_TIMEOUT_ENV, DEFAULT_HANG_TIMEOUT_S, allow_zero=True)
+
+
+class _ExportSeconds(argparse.Action):
+    """Store a timeout flag in its environment variable, the one place every reader looks
+    (launch/spawn in this process, and spawned ranks, which inherit the environment)."""
+
+    def __init__(self, *args: Any, env: str, **kwargs: Any):
+        self.env = env
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        os.environ[self.env] = repr(values)
+
+
+def add_timeout_flags(parser: argparse.ArgumentParser) -> None:
+    """Add --hang-timeout and --collective-timeout to a lab's parser. Parsing one sets its
+    environment variable (JOURNEY_HANG_TIMEOUT / JOURNEY_TIMEOUT), so the flag wins over the
+    environment and reaches launch(), spawn() and every rank; a bad value is argparse's error."""
+    def seconds(flag: str, allow_zero: bool) -> Callable[[str], float]:
+        def parse(text: str) -> float:
+            try:
+                return _parse_seconds(text, flag, allow_zero)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return parse
+
+    parser.add_argument("--hang-timeout", type=seconds("--hang-timeout", True), metavar="S",
+                        action=_ExportSeconds, env=HANG_TIMEOUT_ENV,
+                        help=f"seconds without a heartbeat before a rank is named as hung and the job "
+                             f"stops (default {DEFAULT_HANG_TIMEOUT_S:g}, env {HANG_TIMEOUT_ENV}; 0: off)")
+    parser.add_argument("--collective-timeout", type=seconds("--collective-timeout", False), metavar="S",
+                        action=_ExportSeconds, env=COLLECTIVE_TIMEOUT_ENV,
+                        help=f"seconds a collective waits for its peers (default "
+                             f"{DEFAULT_COLLECTIVE_TIMEOUT_S:g}, env {COLLECTIVE_TIMEOUT_ENV})")
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join (or create) the default process group from torchrun-style env variables.
 
@@ -122,7 +211,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
             if world_size > 1:
                 raise RankFailure("MASTER_PORT is not set; start with torchrun or launch()")
             os.environ["MASTER_PORT"] = str(find_free_port())
-        timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+        timeout = datetime.timedelta(seconds=timeout_s or configured_collective_timeout())
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs
@@ -130,12 +219,50 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 
-def shutdown() -> None:
-    """Barrier then destroy the process group (a missing barrier can abort at exit)."""
-    if dist.is_available() and dist.is_initialized():
-        try:
+def start_job_heartbeat(hang_timeout: float | None = None,
+                        on_abort: Callable[[str], None] | None = None) -> Heartbeat | None:
+    """Start this rank's job heartbeat (every rank of a multi-rank job; launch/spawn call it).
+
+    A peer silent for `hang_timeout` seconds (default: configured_hang_timeout()) is named on stderr and
+    to `on_abort`, and this rank exits with EXIT_PEER_FAILED at once, running no collective; its
+    launcher then stops the rest. Returns None for one rank or a timeout of 0 (off)."""
+    global _job_heartbeat
+    timeout = configured_hang_timeout() if hang_timeout is None else hang_timeout
+    if timeout == 0 or get_world_size() == 1:
+        return None
+    hint = f" [hang timeout {timeout:g}s: {HANG_TIMEOUT_ENV} or --hang-timeout; 0 turns it off]"
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # set by torchrun
+    host = f"torchrun's agent on {os.environ.get('MASTER_ADDR', '?')}" if agent_store else "rank 0"
+    _job_heartbeat = Heartbeat(interval_s=min(1.0, timeout / 5), stale_s=timeout, abort=True,
+                               prefix=_HEARTBEAT_PREFIX, on_abort=on_abort, hint=hint,
+                               store_host=host).start()
+    return _job_heartbeat
+
+
+def job_heartbeat() -> Heartbeat | None:
+    """The heartbeat launch()/spawn() started in this rank (None when off or single-rank);
+    `job_heartbeat().beat(step)` adds the last finished step to a failure report."""
+    return _job_heartbeat
+
+
+def shutdown(failed: bool = False) -> None:
+    """End this rank's part of the job: stop its heartbeat, then destroy the process group.
+
+    Normally a barrier comes first (a rank that leaves early can make a peer's last collective
+    abort); the heartbeat marks this rank done before it, and keeps naming peers that freeze while
+    it waits. With `failed=True` (an exception, a dead peer) no collective runs: a barrier on a
+    broken group would wait out the collective timeout a second time."""
+    global _job_heartbeat
+    heartbeat, _job_heartbeat = _job_heartbeat, None
+    try:
+        if heartbeat is not None and not failed:
+            heartbeat.finish()
+        if dist.is_available() and dist.is_initialized() and not failed:
             dist.barrier()
-        finally:
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -150,8 +277,9 @@ def find_free_port() -> int:
 
 def _rank_main(
     fn: Callable, rank: int, world_size: int, port: int, args: tuple, out_dir: str,
-    timeout_s: float, threads: int,
+    timeout_s: float, hang_timeout: float, threads: int, parent_pid: int,
 ) -> None:
+    exit_with_parent(parent_pid)  # no orphans: a killed launcher takes its ranks with it
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -160,12 +288,15 @@ def _rank_main(
     out = Path(out_dir)
     try:
         init_distributed(timeout_s=timeout_s)
+        start_job_heartbeat(hang_timeout, on_abort=(out / f"rank{rank}.err").write_text)
         result = fn(*args)
         shutdown()
         torch.save(result, out / f"rank{rank}.tmp")
         os.replace(out / f"rank{rank}.tmp", out / f"rank{rank}.pt")
     except BaseException:  # report everything, including KeyboardInterrupt
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        with contextlib.suppress(Exception):  # reported above; what matters now is exiting
+            shutdown(failed=True)
         sys.exit(1)
 
 
@@ -183,6 +314,7 @@ def spawn(
     *,
     timeout_s: float = 300.0,
     collective_timeout_s: float | None = None,
+    hang_timeout_s: float | None = None,
     failure_grace_s: float = 3.0,
 ) -> list[Any]:
     """Run `fn(*args)` on `world_size` fresh local ranks; return each rank's return value.
@@ -192,17 +324,23 @@ def spawn(
     The process group is initialised before `fn` runs and destroyed after. If a
     rank raises or dies, the others get `failure_grace_s` to report their own errors, then
     are stopped, and RankFailure carries the tracebacks; a rank still running at `timeout_s`
-    is named and killed.
+    is named and killed. A rank frozen for `hang_timeout_s` (default $JOURNEY_HANG_TIMEOUT or 30;
+    0: off) is named by a peer's heartbeat, which ends the job the same way. The ranks die
+    with this process (kill -9 included). Bad timeouts are a ConfigError before any rank starts.
     """
+    coll_timeout = collective_timeout_s or min(configured_collective_timeout(), timeout_s)
+    hang_timeout = configured_hang_timeout() if hang_timeout_s is None else hang_timeout_s
+    if not hang_timeout >= 0:
+        raise ConfigError(f"hang_timeout_s={hang_timeout_s} is not a timeout; use seconds > 0, or 0 for none")
     ctx = mp.get_context(_start_method(fn))
     port = find_free_port()
     out_dir = tempfile.mkdtemp(prefix="journey-ranks-")
     threads = max(1, (os.cpu_count() or 1) // world_size)
-    coll_timeout = collective_timeout_s or min(DEFAULT_TIMEOUT_S, timeout_s)
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, r, world_size, port, tuple(args), out_dir, coll_timeout, threads),
+            args=(fn, r, world_size, port, tuple(args), out_dir, coll_timeout, hang_timeout, threads,
+                  os.getpid()),
             daemon=False,
         )
         for r in range(world_size)
@@ -255,26 +393,43 @@ def _failure_message(out_dir: str, procs: list, failed: list[int], hung: list[in
     return "\n".join(parts)
 
 
+def _write_torchrun_error_file(message: str) -> None:
+    """Hand `message` to torchrun's failure report ("Root Cause ... traceback: <message>"), in the
+    error-file format torch.distributed.elastic reads; a no-op outside torchelastic."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+
+
 def launch(fn: Callable, world_size: int, *args: Any, timeout_s: float = 1800.0) -> list[Any]:
     """Run `fn(*args)` on every rank: torchrun's ranks if under torchrun, else spawn them.
 
     Under torchrun this process *is* one rank, and the returned list holds only its
-    own result. A single-rank run stays in this process (no spawn cost).
+    own result; its heartbeat names a frozen peer in torchrun's failure report. A single-rank
+    run stays in this process (no spawn cost). Timeouts are read (and checked) first.
     """
+    configured_collective_timeout(), configured_hang_timeout()  # a bad value fails before any group
     if under_torchrun():
         init_distributed()
+        failed = True
         try:
-            return [fn(*args)]
+            start_job_heartbeat(on_abort=_write_torchrun_error_file)
+            result = [fn(*args)]
+            failed = False
+            return result
         finally:
-            shutdown()
+            shutdown(failed=failed)
     if world_size == 1:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(find_free_port()))
         init_distributed()
+        failed = True
         try:
-            return [fn(*args)]
+            result = [fn(*args)]
+            failed = False
+            return result
         finally:
-            shutdown()
+            shutdown(failed=failed)
             for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 os.environ.pop(key, None)
     return spawn(fn, world_size, args, timeout_s=timeout_s)
