@@ -30,7 +30,7 @@ from journey_dist.config import ConfigError, GPTConfig
 from journey_dist.data import TokenData, check_fits
 from journey_dist.memory.estimate import estimate_memory, fmt_bytes
 from journey_dist.memory.report import too_big_to_measure
-from journey_dist.runtime import runs_dir
+from journey_dist.runtime import add_timeout_flags, runs_dir
 
 RUNS_ENV = "JOURNEY_RUNS_DIR"  # runtime.runs_dir reads it; --out sets it, so spawned ranks inherit it
 
@@ -43,14 +43,16 @@ KERNEL_OPTIONS = ("f", "ip", "stdin", "control", "hb", "shell", "iopub", "transp
 
 
 def lab_parser(doc: str | None) -> argparse.ArgumentParser:
-    """An ArgumentParser for a lab: its docstring as help, --out, and no abbreviated flags
-    (`--batch` must not silently mean `--batch-size`)."""
+    """An ArgumentParser for a lab: its docstring as help, --out, --force, the timeouts
+    (--hang-timeout, --collective-timeout) and no abbreviated flags (`--batch` must not silently
+    mean `--batch-size`)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"write results under DIR/<lab>/ (default: ${RUNS_ENV} or ./runs)")
     parser.add_argument("--force", action="store_true",
                         help="run even when the memory estimate says it does not fit in free memory")
+    add_timeout_flags(parser)  # --hang-timeout, --collective-timeout (they set the env the ranks read)
     return parser
 
 

@@ -420,3 +420,17 @@ def test_lab10_runs_in_its_own_directory_and_deletes_only_its_entries(tmp_path):
     assert (own / "notes.txt").read_text() == "the learner's own notes\n" and not stale.exists()
     assert sorted(p.name for p in own.iterdir()) == sorted([labkit.OWNER_FILE, "notes.txt", "file", "dcp",
                                                             "dead_rank"])
+
+
+def test_labs_take_the_timeout_flags(monkeypatch):
+    """Every lab's parser has --hang-timeout and --collective-timeout (runtime.add_timeout_flags);
+    parsing them exports the environment the ranks read (restored by monkeypatch afterwards)."""
+    from journey_dist.labkit import lab_parser
+
+    monkeypatch.setenv("JOURNEY_HANG_TIMEOUT", "30")
+    monkeypatch.setenv("JOURNEY_TIMEOUT", "120")
+    parser = lab_parser("doc")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--hang-timeout", "-3"])
+    assert parser.parse_args(["--hang-timeout", "0", "--collective-timeout", "30"]).hang_timeout == 0
+    assert os.environ["JOURNEY_HANG_TIMEOUT"] == "0" and float(os.environ["JOURNEY_TIMEOUT"]) == 30
