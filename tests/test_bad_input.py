@@ -433,4 +433,4 @@ def test_labs_take_the_timeout_flags(monkeypatch):
     with pytest.raises(SystemExit):
         parser.parse_args(["--hang-timeout", "-3"])
     assert parser.parse_args(["--hang-timeout", "0", "--collective-timeout", "30"]).hang_timeout == 0
-    assert os.environ["JOURNEY_HANG_TIMEOUT"] == "0" and float(os.environ["JOURNEY_TIMEOUT"]) == 30
+    assert float(os.environ["JOURNEY_HANG_TIMEOUT"]) == 0 and float(os.environ["JOURNEY_TIMEOUT"]) == 30
