@@ -478,6 +478,18 @@ def save_json(lab: str, name: str, data: Any) -> Path | None:
     return path
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG (creating the folder), close it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.clf()
+    import matplotlib.pyplot as plt  # deferred: matplotlib's import takes ~1 s; its caller imported it
+
+    plt.close(fig)
+    return path
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()

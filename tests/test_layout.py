@@ -14,12 +14,13 @@ PACKAGE = ROOT / "journey_dist"
 
 LAYERS = [  # bottom first; a module is named by its first component under journey_dist/
     {"config"},
-    {"runtime", "mesh", "data", "comm", "tokenizer", "numerics", "scaling", "compression", "dcp_safe"},
+    {"fault_tolerance", "numerics", "scaling", "compression", "dcp_safe"},
+    {"runtime", "mesh", "data", "comm", "tokenizer"},
     {"model", "positions", "hf_interop", "ngram"},
     {"train"},
     {"parity", "extrapolation"},
     {"parallel"},
-    {"lora", "memory", "serving", "kv_cache", "checkpoint", "resumable", "fault_tolerance", "vocab_growth"},
+    {"lora", "memory", "serving", "kv_cache", "checkpoint", "resumable", "vocab_growth"},
     {"plan", "report", "notebooks", "labkit"},
     {"cli"},
 ]

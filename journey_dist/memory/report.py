@@ -16,7 +16,7 @@ import torch
 from journey_dist.config import ConfigError, get_preset, padded_vocab_size
 from journey_dist.memory.estimate import DTYPES, MemoryEstimate, estimate_memory, fmt_bytes, param_count
 from journey_dist.memory.measure import MEASURABLE, Measurement, measure_config
-from journey_dist.runtime import runs_dir, save_json
+from journey_dist.runtime import runs_dir, save_figure, save_json
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "temporaries", "total")
 
@@ -89,11 +89,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def phases_table(est: MemoryEstimate) -> str:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from journey_dist.parallel.pipeline.schedules import Pipeline, Timeline
-from journey_dist.runtime import comm_device, gather_objects
+from journey_dist.runtime import comm_device, gather_objects, save_figure
 
 
 def bubble_formula(p: int, m: int) -> float:
@@ -91,11 +91,7 @@ def plot_timelines(panels: dict[str, list[Timeline]], path: str | Path) -> Path:
         ax.set_title(f"{title}: measured bubble {bubble(timelines)['mean']:.1%}", fontsize=9)
     axes[-1, 0].set_xlabel("ms since the step started (white gaps: idle)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- synthetic stages
