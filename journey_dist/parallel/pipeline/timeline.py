@@ -174,4 +174,3 @@ def bubble_row(result: dict) -> dict:
     return {"schedule": result["schedule"], "m": result["m"], "measured": result["bubble"]["mean"],
             "per_rank": result["bubble"]["per_rank"], "formula": result["formula"],
             "peak_inflight": result["peak_inflight"], "step_s": result["bubble"]["window_s"]}
-
