@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from journey_dist.config import GPTConfig
-from journey_dist.memory.estimate import kv_cache_bytes
+from journey_dist.memory.estimate import fmt_bytes, kv_cache_bytes
 from journey_dist.model import GPT, KVCache
+from journey_dist.report import fixed, table
 
 
 @dataclass
@@ -171,6 +172,64 @@ def paged_vs_preallocated(cfg: GPTConfig, lengths: Sequence[int], max_len: int, 
         out["fit_paged"] = int(budget_bytes // (paged_slots / len(lengths) * per_token))
     return out
 
+
+def token_forwards(prompt_len: int, new_tokens: int) -> dict[str, int]:
+    """Token positions run through the model to generate `new_tokens` after a prompt: without a
+    cache step t re-runs all P + t tokens; with one the prompt once, then one token per step."""
+    return {"without_cache": sum(prompt_len + t for t in range(new_tokens)),
+            "with_cache": prompt_len + new_tokens - 1}
+
+
+# ----------------------------------------------------------------------------- text (lab 09)
+
+
+def speed_table(speed: Sequence[dict]) -> str:
+    """GenerationComparison.to_dict() rows: seconds without and with the cache, both speedups, the
+    cached tokens per second, and whether the greedy tokens were identical."""
+    return table(speed, [("batch", "batch", str), ("seconds_no_cache", "no cache s", fixed(2)),
+                         ("seconds_cache", "cache s", fixed(2)), ("speedup", "speedup", fixed(1)),
+                         ("cpu_speedup", "CPU-time speedup", fixed(1)),
+                         ("tokens_per_s_cache", "tokens/s (cache)", fixed(0)),
+                         ("identical", "same tokens", lambda x: "yes" if x else "NO")])
+
+
+def cache_bytes_table(rows: Sequence[dict]) -> str:
+    """measure_cache_bytes rows: the cache's tensors' bytes next to the formula."""
+    rows = [{**r, "equal": r["measured_bytes"] == r["formula_bytes"]} for r in rows]
+    return table(rows, [("batch", "batch", str), ("tokens", "tokens", str),
+                        ("measured_bytes", "cache bytes (its K, V tensors)", "{:,}".format),
+                        ("formula_bytes", "2 x L x B x S x H x D x bytes", "{:,}".format),
+                        ("equal", "equal", lambda x: "yes" if x else "NO")])
+
+
+def scale_table(rows: Sequence[dict], weight_bytes: int) -> str:
+    """kv_memory_table rows: the cache's bytes per token, then per (batch, tokens) its bytes and how
+    many times `weight_bytes` (the model's weights) that is."""
+    first = rows[0]
+    per_token = first["bytes"] // (first["batch"] * first["tokens"])
+    head = f"KV cache {fmt_bytes(per_token)} per token ({first['dtype']}), weights {fmt_bytes(weight_bytes)}"
+    body = table([{**r, "cache": fmt_bytes(r["bytes"]), "x": r["bytes"] / weight_bytes} for r in rows],
+                 [("batch", "batch", str), ("tokens", "tokens", str), ("cache", "KV cache", str),
+                  ("x", "x the weights", fixed(1))])
+    return f"{head}\n{body}"
+
+
+def paging_table(paged: dict, lengths: Sequence[int]) -> str:
+    """paged_vs_preallocated's result for `lengths`: the sample, then the bytes and waste of each
+    scheme and how many such requests fit in its budget."""
+    head = (f"{len(lengths)} requests (lengths: median {statistics.median_high(lengths)}, mean "
+            f"{paged['mean_len']:.0f}, max {max(lengths)}), window {paged['max_len']}, {paged['dtype']}: "
+            f"paging saves {paged['saving']:.0%}")
+    rows = [{"scheme": "needed (tokens actually held)", "bytes": paged["needed_bytes"]},
+            {"scheme": "pre-allocated max_len each", "bytes": paged["preallocated_bytes"],
+             "waste": paged["preallocated_waste"], "fit": paged.get("fit_preallocated")},
+            {"scheme": f"paged, {paged['block_size']}-token blocks", "bytes": paged["paged_bytes"],
+             "waste": paged["paged_waste"], "fit": paged.get("fit_paged")}]
+    body = table(rows, [("scheme", "scheme", str), ("bytes", "cache", fmt_bytes),
+                        ("waste", "waste", lambda x: "-" if x is None else f"{x:.1%}"),
+                        ("fit", f"requests in {fmt_bytes(paged.get('budget_bytes', 0))}",
+                         lambda x: "-" if x is None else f"{x:,}")])
+    return f"{head}\n{body}"
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

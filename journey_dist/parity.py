@@ -167,21 +167,28 @@ def measure_one_step(module: nn.Module, optimizer: torch.optim.Optimizer, data: 
     return ledger
 
 
-def worst_diffs(run: RunResult, ref: RunResult, *, subset: bool = False,
+def worst_diffs(run: RunResult, ref: RunResult, *, subset: bool = False, val_loss: bool = False,
                 group: dist.ProcessGroup | None = None) -> dict[str, float | None]:
     """The worst |run - ref| over the group's ranks: per-step loss, first-step gradients (where the
-    run kept them), parameters after the last step; with `subset`, this rank holds part of the model
-    (a pipeline stage) and every one of its parameters must have a gradient compared.
+    run kept them), parameters after the last step, and with `val_loss` the final validation loss;
+    with `subset`, this rank holds part of the model (a pipeline stage) and every one of its
+    parameters must have a gradient compared.
 
-    Collective: one all-reduce (MAX) of three floats, so every rank returns the same numbers.
+    Collective: one all-reduce (MAX) of three (four) floats, so every rank returns the same numbers.
     """
     grads = (max_abs_diff(run.grads, ref.grads, subset=subset, cover=run.params if subset else None)
              if run.grads and ref.grads else -1.0)
-    d = torch.tensor([loss_diff(run.losses, ref.losses), grads,
-                      max_abs_diff(run.params, ref.params, subset=subset)], device=comm_device(group))
+    diffs = [loss_diff(run.losses, ref.losses), grads, max_abs_diff(run.params, ref.params, subset=subset)]
+    if val_loss:
+        if run.val_loss is None or ref.val_loss is None:
+            raise ValueError(f"val_loss=True but {run.name if run.val_loss is None else ref.name} has no "
+                             "validation loss: train with cfg.eval_batches > 0")
+        diffs.append(abs(run.val_loss - ref.val_loss))
+    d = torch.tensor(diffs, device=comm_device(group))
     dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
-    loss, grad, param = d.tolist()
-    return {"loss": loss, "grad": None if grad < 0 else grad, "param": param}
+    loss, grad, param, *val = d.tolist()
+    return {"loss": loss, "grad": None if grad < 0 else grad, "param": param,
+            **({"val_loss": val[0]} if val_loss else {})}
 
 
 def reference_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, seed: int = 0,

@@ -120,3 +120,12 @@ def generation_line(gen: dict, new_tokens: int) -> str:
             f"rank: {ok[gen['sampled_same_on_ranks']]}\nKV cache per rank {gen['cache_bytes_per_rank']:,} B "
             f"= formula {gen['cache_bytes_formula']:,} B ({gen['heads_per_rank']} heads) = "
             f"{gen['cache_bytes_per_rank'] / gen['cache_bytes_one_process']:.2f} x one process's")
+
+
+def bubble_table(rows: Sequence[dict]) -> str:
+    """Pipeline bubble per (schedule, m): measured idle fraction next to (p-1)/(m+p-1), their
+    difference, and the activations each stage held at once (pipeline/timeline.bubble_row rows)."""
+    rows = [{**r, "diff": r["measured"] - r["formula"]} for r in rows]
+    return table(rows, [("schedule", "schedule", str), ("m", "m", str), ("measured", "measured", fixed(3)),
+                        ("formula", "(p-1)/(m+p-1)", fixed(3)), ("diff", "diff", lambda x: f"{x:+.3f}"),
+                        ("peak_inflight", "activations held per stage", str)])

@@ -5,21 +5,23 @@
     python labs/04_pipeline_parallel.py --microbatches 8 --steps 20
 
 Each rank holds a slice of the layers (the first also embeds, the last also runs the head and
-loss) and passes (micro_B, T, C) activations forward and their gradients back. What to look at:
-both schedules (ours and torch.distributed.pipelining's) track the single-process run (gradients
-within ~1e-8, parameters ~1e-5 after 10 AdamW steps: float rounding); each stage's timeline,
-where the idle gaps are the bubble; the measured bubble of balanced (sleeping) stages next to
-(p-1)/(m+p-1), shrinking as microbatches grow; and the activations each stage holds at once:
-GPipe all m, 1F1B at most p - stage.
+loss, with its own copy of the tied wte) and passes (micro_B, T, C) activations forward and their
+gradients back. What to look at, in order: what each stage holds; both schedules, ours and
+torch.distributed.pipelining's (ScheduleGPipe, Schedule1F1B running the same stage modules), track
+the single-process run (gradients within ~1e-8, parameters ~1e-5 after 10 AdamW steps: float
+rounding); each stage's timeline of the last step, where the idle gaps are the bubble (real stages
+are unequal, the last also runs the head and loss, and ranks share the CPU); so the bubble is
+measured on balanced sleeping stages, next to (p-1)/(m+p-1), shrinking as microbatches grow; and
+the activations each stage holds at once: GPipe all m, 1F1B at most p - stage whatever m is (same
+bubble, less memory). notes/parallelism.md § pipeline parallel has the arithmetic.
 Results: runs/04_pipeline_parallel/result.json and timeline.png
 """
 
 # %% Setup: arguments and every check that can fail, before any process starts
-import torch
 import torch.distributed as dist
 
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
-from journey_dist.data import load_tokens
+from journey_dist.data import TokenData, load_tokens
 from journey_dist.labkit import (
     check_data,
     check_memory,
@@ -29,17 +31,26 @@ from journey_dist.labkit import (
     positive_float,
     positive_int,
 )
-from journey_dist.parallel.pipeline.schedules import SCHEDULES, pipeline_run
-from journey_dist.parallel.pipeline.stage import stage_layers
+from journey_dist.parallel.pipeline.schedules import SCHEDULES, Pipeline, Timeline, pipeline_run
+from journey_dist.parallel.pipeline.stage import GPTStage, stage_layers, stage_summary
 from journey_dist.parallel.pipeline.timeline import (
+    bubble_row,
+    bubble_sweep,
     gather_timelines,
-    measure_bubble,
-    order_text,
     plot_timelines,
-    render_text,
+    timelines_text,
 )
-from journey_dist.parity import max_abs_diff, reference_run
-from journey_dist.runtime import gather_objects, launch, print0, requested_world_size, runs_dir, save_json
+from journey_dist.parity import RunResult, reference_run, worst_diffs
+from journey_dist.report import bubble_table, losses_table, num, parity_table, table
+from journey_dist.runtime import (
+    gather_objects,
+    is_rank0,
+    launch,
+    print0,
+    requested_world_size,
+    runs_dir,
+    save_json,
+)
 from journey_dist.train import TrainConfig
 
 LAB = "04_pipeline_parallel"
@@ -74,6 +85,7 @@ if sweep_s > MAX_SWEEP_S:
                       f"sleep about {sweep_s:,.0f} s; use a smaller --sleep-ms or --sweep (at most "
                       f"{MAX_SWEEP_S} s)")
 sweep = args.sweep
+m_show = args.microbatches if args.microbatches in sweep else sweep[-1]  # balanced timelines shown
 data = load_tokens(args.data)
 check_data(parser, data, args.batch_size, config.block_size)
 check_memory(args.force, config, args.batch_size, ranks=world)
@@ -81,98 +93,77 @@ cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.
                   warmup_steps=max(1, args.steps // 5), eval_batches=2)
 
 
-# %% What every rank runs
-def rank_main(data) -> dict:
-    p = dist.get_world_size()
-    layers = stage_layers(config.n_layer, p)
-    micro_b = cfg.batch_size // cfg.grad_accum
-    print0(f"{p} stages ({dist.get_backend()}) | {args.preset}, {config.n_layer} layers | batch "
-           f"{cfg.batch_size} = {cfg.grad_accum} microbatches of {micro_b} x {config.block_size} tokens")
-    for s, r in enumerate(layers):
-        extra = (["embedding"] if s == 0 else []) + (["ln_f, head, loss"] if s == p - 1 else [])
-        print0(f"  stage {s}: layers {r.start}..{r.stop - 1}" + (f" + {', '.join(extra)}" if extra else ""))
-    print0(f"  between stages: activations/gradients of shape ({micro_b}, {config.block_size}, "
-           f"{config.n_embd}); the last stage keeps a copy of wte for the tied head")
+# %% 1. The cut: the layers each stage holds, and the ends of the model the first and last also run
+def stages_table(stage: GPTStage) -> str:
+    rows = gather_objects(stage_summary(stage))  # every stage describes what it built
+    return table(rows, [("stage", "stage", str), ("layers", "layers", str), ("also", "also", str),
+                        ("parameters", "parameters", num)])
 
-    # %% The reference (one process) and both schedules, from the same seed on the same batches
+
+# %% 2. One process, then both schedules (ours and torch.distributed.pipelining's) from the same seed
+def train_all(data: TokenData) -> tuple[RunResult, dict[str, RunResult], dict[str, Pipeline]]:
     ref = reference_run(config, data, cfg, first_grads=True)
-    runs, pipes, rows = {}, {}, {}
-    for schedule in SCHEDULES:
-        runs[schedule], pipes[schedule] = pipeline_run(config, data, cfg, schedule=schedule)
-    torch_runs = {s: pipeline_run(config, data, cfg, schedule=s, engine="torch")[0] for s in SCHEDULES}
-    for name, run in [*runs.items(), *((f"torch {s}", r) for s, r in torch_runs.items())]:
-        d = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ref.losses)),
-                          max_abs_diff(run.grads, ref.grads, subset=True, cover=run.params),
-                          max_abs_diff(run.params, ref.params, subset=True),
-                          abs(run.val_loss - ref.val_loss)])
-        dist.all_reduce(d, op=dist.ReduceOp.MAX)  # the worst stage
-        rows[name] = dict(zip(("loss", "grad", "param", "val_loss"), d.tolist()))
-    print0(f"\nloss per step: 1 process vs pipeline ({cfg.steps} AdamW steps, grad clip {cfg.grad_clip})")
-    print0(f"{'step':>4} {'1 process':>10} {'gpipe':>10} {'1f1b':>10}")
-    for i in range(cfg.steps):
-        print0(f"{i:>4} {ref.losses[i]:>10.4f} {runs['gpipe'].losses[i]:>10.4f} "
-               f"{runs['1f1b'].losses[i]:>10.4f}")
-    print0(f"\n{'vs 1 process':<12} {'max|loss|':>10} {'max|grad|':>10} {'max|param|':>11} "
-           f"{'|val loss|':>11}")
-    for name, r in rows.items():
-        print0(f"{name:<12} {r['loss']:>10.1e} {r['grad']:>10.1e} {r['param']:>11.1e} "
-               f"{r['val_loss']:>11.1e}")
-    print0("(torch = the same stage modules run by torch.distributed.pipelining's ScheduleGPipe and "
-           "Schedule1F1B)")
+    runs, pipes = {}, {}
+    for engine, prefix in (("ours", ""), ("torch", "torch ")):
+        for s in SCHEDULES:
+            runs[prefix + s], pipes[prefix + s] = pipeline_run(config, data, cfg, schedule=s, engine=engine)
+    return ref, runs, pipes
 
-    # %% Timelines of the last training step: compute (F, B) and idle (.) per stage
-    real = {s: gather_timelines(pipes[s].timeline) for s in SCHEDULES}
-    real_peaks = {s: gather_objects(pipes[s].peak_inflight) for s in SCHEDULES}
-    for s in SCHEDULES:
-        print0(f"\n{s}, GPT-mini, m={cfg.grad_accum} (last step; digits mark where microbatch j starts):")
-        print0(render_text(real[s]))
-        for t in real[s]:
-            print0(f"  stage {t.stage} order: {order_text(t)}")
-    print0("Real stages are not equal (the last one also runs the head and loss), and ranks share the CPU,"
-           "\nso the bubble is measured below on stages that are equal by construction.")
 
-    # %% The bubble, measured on balanced synthetic stages (forward sleeps f, backward 2f)
+# %% 3. Each stage's timeline of the last step: forwards, backwards, and the idle gaps (the bubble)
+def stage_timelines(pipes: dict[str, Pipeline]) -> tuple[dict[str, list[Timeline]], dict[str, list[int]]]:
+    """Every stage's timeline, and the most microbatch activations each stage held at once."""
+    return ({s: gather_timelines(pipes[s].timeline) for s in SCHEDULES},
+            {s: gather_objects(pipes[s].peak_inflight) for s in SCHEDULES})
+
+
+# %% 4. The bubble on balanced stages (forward sleeps f, backward 2f), shrinking as m grows
+def balanced_bubble() -> dict[tuple[str, int], dict]:
     f = args.sleep_ms / 1e3
-    synthetic, table = {}, []
-    print0(f"\nbubble = idle / step time, balanced stages (F {f * 1e3:.0f} ms, B {2 * f * 1e3:.0f} ms), "
-           f"p={p}:")
-    print0(f"{'schedule':<9} {'m':>3} {'measured':>9} {'(p-1)/(m+p-1)':>14} {'diff':>7}   "
-           f"peak activations held per stage (measured)")
-    for s in SCHEDULES:
-        for m in sweep:
-            if s == "1f1b" and m < p:
-                continue  # 1F1B needs m >= p (ConfigError); GPipe just idles more
-            r = measure_bubble(s, m, f=f, b=2 * f)
-            synthetic[s, m] = r
-            row = {"schedule": s, "m": m, "measured": r["bubble"]["mean"],
-                   "per_rank": r["bubble"]["per_rank"], "formula": r["formula"],
-                   "peak_inflight": r["peak_inflight"], "step_s": r["bubble"]["window_s"]}
-            table.append(row)
-            print0(f"{s:<9} {m:>3} {row['measured']:>9.3f} {row['formula']:>14.3f} "
-                   f"{row['measured'] - row['formula']:>+7.3f}   {row['peak_inflight']}")
-    print0(f"GPipe holds all m microbatches' activations on every stage; 1F1B at most p - stage "
-           f"({[p - s for s in range(p)]}), whatever m is. Same bubble, less memory.")
-    m_show = args.microbatches if ("gpipe", args.microbatches) in synthetic else sweep[-1]
-    for s in SCHEDULES:
-        if (s, m_show) in synthetic:
-            print0(f"\n{s}, synthetic, m={m_show}:\n" + render_text(synthetic[s, m_show]["timelines"]))
+    return bubble_sweep(SCHEDULES, sweep, f=f, b=2 * f)
 
-    # %% Save: JSON and the timeline picture
+
+# %% 5. Save: the JSON, and a picture of the timelines
+def save(ref: RunResult, runs: dict[str, RunResult], parity: dict, real: dict, peaks: dict,
+         synthetic: dict) -> str:
+    p = len(real[SCHEDULES[0]])
     result = {"world_size": p, "preset": args.preset, "train": cfg.to_dict(),
-              "layers": [[r.start, r.stop] for r in layers], "reference_losses": ref.losses,
-              "losses": {s: r.losses for s, r in runs.items()}, "parity": rows,
-              "peak_inflight_gpt": real_peaks, "bubble": table,
+              "layers": [[r.start, r.stop] for r in stage_layers(config.n_layer, p)],
+              "reference_losses": ref.losses, "losses": {s: runs[s].losses for s in SCHEDULES},
+              "parity": parity, "peak_inflight_gpt": peaks,
+              "bubble": [bubble_row(r) for r in synthetic.values()],
               "timelines_gpt": {s: [t.to_dict() for t in ts] for s, ts in real.items()},
               "timelines_synthetic": {f"{s}_m{m}": [t.to_dict() for t in r["timelines"]]
                                       for (s, m), r in synthetic.items()}}
     path = save_json(LAB, "result", result)
-    if dist.get_rank() == 0:
-        panels = {f"GPT-mini {s}, m={cfg.grad_accum}": real[s] for s in SCHEDULES}
-        panels.update({f"balanced synthetic {s}, m={m_show}": synthetic[s, m_show]["timelines"]
-                       for s in SCHEDULES if (s, m_show) in synthetic})
-        png = plot_timelines(panels, runs_dir(LAB) / "timeline.png")
-        print0(f"\nwrote {path} and {png}")
-    return result
+    if not is_rank0():
+        return ""
+    panels = {f"{args.preset} {s}, m={cfg.grad_accum}": real[s] for s in SCHEDULES}
+    panels.update({f"balanced {s}, m={m_show}": synthetic[s, m_show]["timelines"]
+                   for s in SCHEDULES if (s, m_show) in synthetic})
+    return f"wrote {path} and {plot_timelines(panels, runs_dir(LAB) / 'timeline.png')}"
+
+
+# %% Every rank runs the steps in order and prints what to look at
+def rank_main(data: TokenData) -> None:
+    p, micro_b = dist.get_world_size(), cfg.batch_size // cfg.grad_accum
+    ref, runs, pipes = train_all(data)
+    print0(f"{p} stages ({dist.get_backend()}), {args.preset}: batch {cfg.batch_size} = {cfg.grad_accum} "
+           f"microbatches; stages pass ({micro_b}, {config.block_size}, {config.n_embd}) activations")
+    print0(stages_table(pipes["1f1b"].stage))
+
+    parity = {name: worst_diffs(run, ref, subset=True, val_loss=True) for name, run in runs.items()}
+    print0("\n" + losses_table(ref.losses, {name: run.losses for name, run in runs.items()}, digits=4))
+    print0(parity_table(parity))
+
+    real, peaks = stage_timelines(pipes)
+    print0("\n" + timelines_text({f"{s}, last step": real[s] for s in SCHEDULES}, orders=True))
+
+    synthetic = balanced_bubble()
+    print0("\n" + bubble_table([bubble_row(r) for r in synthetic.values()]))
+    print0("\n" + timelines_text({f"{s}, balanced, m={m}": r["timelines"] for (s, m), r in synthetic.items()
+                                  if m == m_show}))
+    print0("\n" + save(ref, runs, parity, real, peaks, synthetic))
 
 
 # %% Launch: under torchrun this process is one rank; under python it spawns --ranks stages

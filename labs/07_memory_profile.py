@@ -5,11 +5,14 @@
     torchrun --nproc_per_node=1 labs/07_memory_profile.py
 
 What to look at: (1) each term of the estimate with its formula, and the paper's 16-bit count
-next to what PyTorch really keeps; (2) measured vs estimated per component - on CPU the tensor
-ledger counts every live tensor exactly, on CUDA the caching allocator's peak; (3) the moment
-of the step where memory peaks (often the loss's backward: three fp32 batch x seq x vocab
-buffers); (4) activations growing linearly with sequence length for SDPA and quadratically for
-eager attention; (5) what dp/ZeRO/tp/pp/recompute do to GPT-2's memory per GPU.
+next to what PyTorch really keeps (the gap: LayerNorm statistics, SDPA's log-sum-exp, the causal
+mask and, under autocast, the fp32 residual stream and 16-bit weight copies; notes/memory.md);
+(2) measured vs estimated per component - on CPU the tensor ledger counts every live tensor
+exactly, on CUDA the caching allocator's peak; the process RSS is the OS view (interpreter,
+libraries, allocator caches), for context only; (3) the moment of the step where memory peaks
+(often the loss's backward: three fp32 batch x seq x vocab buffers); (4) activations growing
+linearly with sequence length for SDPA and quadratically for eager attention; (5) what
+dp/ZeRO/tp/pp/recompute do to GPT-2's memory per GPU (analytic estimates, not measured).
 Results: runs/07_memory_profile/{result.json,measured_vs_estimated.png}.
 """
 
@@ -18,9 +21,22 @@ import os
 
 from journey_dist.config import ConfigError, get_preset
 from journey_dist.labkit import lab_parser, parse, positive_int, resolve_device
-from journey_dist.memory.estimate import activation_bytes_per_layer, estimate_memory, fmt_bytes
+from journey_dist.memory.estimate import estimate_memory
 from journey_dist.memory.measure import measure_config
-from journey_dist.memory.report import compare, phases_table, plot, table, too_big_to_measure
+from journey_dist.memory.report import (
+    compare,
+    layout_plans,
+    measurement_text,
+    peak_text,
+    per_layer_vs_paper,
+    plans_table,
+    plot,
+    seq_sweep,
+    sweep_table,
+    table,
+    terms_table,
+    too_big_to_measure,
+)
 from journey_dist.runtime import (
     init_distributed,
     is_rank0,
@@ -65,72 +81,35 @@ print0(f"{args.preset}: batch {args.batch} x {seq} tokens, {args.dtype}, {args.a
 
 
 # %% 1. The estimate, term by term (bytes per layer; b micro-batch, s seq, h width, a heads)
-for group, terms in est.terms.items():
-    print0(f"\n{group}:")
-    for t in terms:
-        print0(f"  {fmt_bytes(t.nbytes):>12}  {t.name:<58} {t.formula}")
-per_layer = sum(t.nbytes for t in est.terms["per layer"])
-paper = activation_bytes_per_layer(seq, args.batch, cfg.n_embd, cfg.n_head, dropout=False,
-                                   fused_attention=args.attn == "sdpa",
-                                   bytes_per_value=4 if args.dtype == "fp32" else 2)
-print0(f"\nper layer: PyTorch keeps {fmt_bytes(per_layer)}; Korthikanti et al.'s count for the same "
-       f"config (16 values/token/channel, no dropout) is {fmt_bytes(paper)}. The gap is LayerNorm "
-       "statistics, SDPA's log-sum-exp, the causal mask and, under autocast, the fp32 residual stream "
-       "and 16-bit weight copies.")
+print0("\n" + terms_table(est))
+print0("\n" + per_layer_vs_paper(est))
 
 # %% 2. Measure one step after a warm-up step (AdamW creates its state at the first step)
 meas = measure_config(cfg, device=device, ledger=True, **kw)
-print0(f"\nmeasured with: {meas.instrument}")
-if meas.cuda:
-    print0(f"CUDA max reserved {fmt_bytes(meas.cuda['max_reserved'])}; allocated outside tensors "
-           f"(cuBLAS workspaces) {fmt_bytes(meas.cuda['workspace'])}")
-print0(f"process RSS {fmt_bytes(meas.rss['rss'])} (the OS view: interpreter, libraries, allocator caches)")
+print0("\n" + measurement_text(meas))
 
 # %% 3. Measured vs estimated per component; the moments of the step
 rows = compare(est, meas)
-print0("\n" + table(rows))
-print0("\nmodelled moments of the step (the largest is the peak):")
-print0(phases_table(est))
-print0("measured at the peak: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in meas.at_peak.items() if v))
-png = runs_dir("07_memory_profile") / "measured_vs_estimated.png"
+print0("\n" + table(rows) + "\n\n" + peak_text(est, meas))
+png = runs_dir(LAB) / "measured_vs_estimated.png"
 if is_rank0():
     plot(rows, png, f"{args.preset} b{args.batch} s{seq} {args.dtype} {args.attn} on {device.type}")
 
 # %% 4. Activations vs sequence length: linear for SDPA, quadratic for eager attention
-print0("\nseq   attn   activations measured   estimated   peak error")
-sweep = []
-for s in SEQS:
-    for attn in ("sdpa", "eager"):
-        c = cfg.with_(attn_impl=attn)
-        e = estimate_memory(c, batch_size=args.batch, seq_len=s, dtype=args.dtype, device=device.type)
-        m = measure_config(c, batch_size=args.batch, seq_len=s, dtype=args.dtype, device=device,
-                           ledger=True)
-        err = 100 * (e.total - m.peak) / m.peak
-        sweep.append({"seq": s, "attn": attn, "activations_measured": m.high_water["activations"],
-                      "activations_estimated": e.activations, "peak_error_pct": err})
-        print0(f"{s:<5} {attn:<6} {fmt_bytes(m.high_water['activations']):>20} "
-               f"{fmt_bytes(e.activations):>11} {err:+10.2f}%")
+sweep = seq_sweep(cfg, SEQS, batch_size=args.batch, dtype=args.dtype, device=device)
+print0("\n" + sweep_table(sweep))
 
 # %% 5. Planning GPT-2 on GPUs: memory per rank (estimates; bf16 mixed precision, AdamW, 8 x 1024 tokens)
 gpt2 = get_preset("gpt2-medium", vocab_size=50304)  # 50257 padded to a multiple of 128 (as nanoGPT does)
-print0("\ngpt2-medium, global batch 8 x 1024, bf16-mixed AdamW, per rank (analytic estimates, not measured):")
-plans = []
 layouts = (dict(), dict(dp=2), dict(dp=2, zero=1), dict(dp=2, zero=3), dict(tp=2),
            dict(tp=2, sequence_parallel=True), dict(pp=2, microbatches=4), dict(recompute=True))
-for layout in layouts:
-    e = estimate_memory(gpt2, batch_size=8, seq_len=1024, dtype="bf16-mixed", **layout)
-    name = ", ".join(f"{k}={v}" for k, v in layout.items()) or "one GPU"
-    plans.append({"layout": name, "total": e.total, "activations": e.activations,
-                  "model_states": e.params + e.grads + e.optimizer, "peak_phase": e.peak_phase})
-    states = e.params + e.grads + e.optimizer
-    print0(f"  {name:<30} {fmt_bytes(e.total):>12}  (model states {fmt_bytes(states)}, "
-           f"activations {fmt_bytes(e.activations)}, peak at {e.peak_phase})")
+plans = layout_plans(gpt2, layouts, batch_size=8, seq_len=1024, dtype="bf16-mixed")
+print0("\ngpt2-medium 8 x 1024, bf16-mixed AdamW, per rank (estimated, not measured):\n" + plans_table(plans))
 
 # %% Save
-path = save_json("07_memory_profile", "result", {
+path = save_json(LAB, "result", {
     "args": {**vars(args), "seq": seq}, "device": str(device), "rows": rows, "estimate": est,
-    "measurement": meas,
-    "sweep": sweep, "plans": plans,
+    "measurement": meas, "sweep": sweep, "plans": plans,
 })
 print0(f"\nwrote {path} and {png}")
 if under_torchrun():

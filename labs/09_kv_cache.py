@@ -5,13 +5,17 @@
 
 What to look at:
 * generation with and without the cache gives the same greedy tokens (logits equal to fp32
-  rounding), and the cache turns sum_t (P + t) token-forwards into P + N - 1: the speedup,
-  larger at batch 8 than at batch 1 (per-step overheads are shared by the batch);
+  rounding), and the cache turns sum_t (P + t) token-forwards into P + N - 1 (kv_cache.token_forwards;
+  tests/test_kv_cache.py counts them with a hook): the speedup, larger at batch 8 than at batch 1
+  (per-step overheads are shared by the batch);
 * the cache's bytes, summed over its tensors, equal 2 x layers x batch x tokens x heads x
   head_dim x bytes (memory.estimate.kv_cache_bytes);
-* at GPT-2 small size the cache for a long context and a large batch outgrows the weights;
-* pre-allocating max_len per request wastes most of that memory for a realistic (long-tailed)
-  mix of request lengths; a paged cache with 16-token blocks wastes under one block each.
+* at GPT-2 small size the cache for a long context and a large batch outgrows the weights
+  (positions beyond 1024 need a longer-context variant: this is the estimate);
+* pre-allocating max_len per request wastes most of that memory for a realistic (long-tailed,
+  log-normal around max_len / 8) mix of request lengths; a paged cache with 16-token blocks wastes
+  under one block each, so more requests fit in the 40 GiB left for the cache on an 80 GB GPU.
+notes/kv_cache.md has the arithmetic.
 Results: runs/09_kv_cache/result.json.
 """
 
@@ -20,15 +24,20 @@ import torch
 
 from journey_dist.config import ConfigError, GPTConfig, get_preset
 from journey_dist.kv_cache import (
+    cache_bytes_table,
     cached_logits_max_diff,
     compare_generation,
     kv_memory_table,
     measure_cache_bytes,
     paged_vs_preallocated,
+    paging_table,
     sample_lengths,
+    scale_table,
+    speed_table,
+    token_forwards,
 )
 from journey_dist.labkit import lab_parser, parse, positive_int, resolve_device
-from journey_dist.memory.estimate import estimate_memory, fmt_bytes, kv_cache_bytes, param_count
+from journey_dist.memory.estimate import estimate_memory, param_count
 from journey_dist.memory.report import too_big_to_measure
 from journey_dist.model import GPT
 from journey_dist.runtime import runs_dir, save_json, seed_everything
@@ -68,74 +77,52 @@ if too_big := too_big_to_measure(peak, device.type):
 seed_everything(0)
 
 
-# %% A model: lab 01's trained checkpoint if present (speed does not depend on the weights)
-ckpt = runs_dir("01_single_device") / "model.pt"
-if args.preset == "gpt-mini" and ckpt.is_file():
-    saved = torch.load(ckpt, map_location="cpu")
-    model = GPT(GPTConfig(**saved["config"]))
-    model.load_state_dict(saved["model"])
-    source = f"lab 01 checkpoint {ckpt}"
-else:
-    model = GPT(config)
-    source = "untrained (run lab 01 for trained weights)"
-model = model.to(device).eval()
+# %% 1. A model: lab 01's trained checkpoint if present (speed does not depend on the weights)
+def load_model() -> tuple[GPT, str]:
+    ckpt = runs_dir("01_single_device") / "model.pt"
+    if args.preset == "gpt-mini" and ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu")
+        model = GPT(GPTConfig(**saved["config"]))
+        model.load_state_dict(saved["model"])
+        return model.to(device).eval(), f"lab 01 checkpoint {ckpt}"
+    return GPT(config).to(device).eval(), "untrained (run lab 01 for trained weights)"
+
+
+model, source = load_model()
 print(f"{args.preset} on {device}: {model.num_params():,} parameters, {source}")
 
-# %% Same logits, same tokens: prefill + one token at a time vs one full forward
+# %% 2. Same logits: prefill, then one token at a time through the cache, vs one full forward
 ids = torch.randint(0, config.vocab_size, (2, args.prompt + args.new), device=device)
 logit_diff = cached_logits_max_diff(model, ids, prefill=args.prompt)
 print(f"\nmax |logits cached - logits full forward| = {logit_diff:.1e} (fp32 rounding; tolerance 1e-4)")
 if logit_diff > 1e-4:
     raise RuntimeError("cached logits differ from the full forward: the cache is wrong")
 
-# %% Speed: greedy generation with and without the cache
+# %% 3. Speed: greedy generation with and without the cache (positions through the model by formula)
 P, N = args.prompt, args.new
-print(f"\nprompt {P} + {N} new tokens: {sum(P + t for t in range(N)):,} positions through the model "
-      f"without a cache, {P + N - 1} with one (by formula; tests/test_kv_cache.py counts them with a hook)")
-speed = []
-for b in args.batches:
-    cmp = compare_generation(model, b, P, N, repeats=args.repeats)
-    speed.append(cmp.to_dict())
-    print(f"  batch {b}: {cmp.seconds_no_cache:.2f} s -> {cmp.seconds_cache:.2f} s, "
-          f"speedup {cmp.speedup:.1f}x (CPU time {cmp.cpu_speedup:.1f}x), "
-          f"{cmp.tokens_per_s_cache:,.0f} tokens/s, same tokens: {cmp.identical}")
+work = token_forwards(P, N)
+speed = [compare_generation(model, b, P, N, repeats=args.repeats).to_dict() for b in args.batches]
+print(f"\nprompt {P} + {N} new tokens: {work['without_cache']:,} positions through the model without a "
+      f"cache, {work['with_cache']} with one\n{speed_table(speed)}")
 
-# %% Bytes: the cache's tensors vs the formula
+# %% 4. Bytes: the cache's tensors vs the formula
 mem = [measure_cache_bytes(model, b, P + N) for b in args.batches]
-print("\ncache bytes (sum over its K and V tensors) vs 2 x L x B x S x H x D x bytes:")
-for m in mem:
-    verdict = "equal" if m["measured_bytes"] == m["formula_bytes"] else "DIFFER"
-    print(f"  batch {m['batch']} x {m['tokens']} tokens: measured {m['measured_bytes']:,} "
-          f"formula {m['formula_bytes']:,} ({verdict})")
+print("\n" + cache_bytes_table(mem))
 
-# %% At scale: GPT-2 small in bf16, long contexts and large batches (estimate)
+# %% 5. At scale: GPT-2 small in bf16, long contexts and large batches (estimate)
 gpt2 = get_preset("gpt2-small")
-weights = param_count(gpt2) * 2
 scale = kv_memory_table(gpt2, batches=[1, 8, 64], lengths=[1024, 8192, 32768], dtype="bf16")
-print(f"\nGPT-2 small, bf16: {fmt_bytes(kv_cache_bytes(gpt2, 1, 1, 'bf16'))} per token; weights "
-      f"{fmt_bytes(weights)} (positions beyond 1024 need a longer-context variant)")
-for r in scale:
-    print(f"  batch {r['batch']:3d} x {r['tokens']:6d} tokens: {fmt_bytes(r['bytes']):>10}"
-          f"  = {r['bytes'] / weights:6.1f} x the weights")
+print("\nGPT-2 small (estimate): " + scale_table(scale, weight_bytes=param_count(gpt2) * 2))
 
-# %% Paged vs pre-allocated: a realistic mix of request lengths
+# %% 6. Paged vs pre-allocated: a realistic (long-tailed) mix of request lengths, GPT-2 small in bf16
 lengths = sample_lengths(args.requests, args.max_len)
 budget = 40 * 2**30  # 40 GiB of an 80 GB GPU left for the cache
 paged = paged_vs_preallocated(gpt2, lengths, args.max_len, block_size=args.block, dtype="bf16",
                               budget_bytes=budget)
-print(f"\n{args.requests} requests, log-normal lengths drawn around median {args.max_len // 8} (sample: "
-      f"median {sorted(lengths)[len(lengths) // 2]}, mean {paged['mean_len']:.0f}, max {max(lengths)}), "
-      f"window {args.max_len}, GPT-2 small bf16:")
-print(f"  needed (tokens actually held)  {fmt_bytes(paged['needed_bytes']):>10}")
-print(f"  pre-allocated max_len each     {fmt_bytes(paged['preallocated_bytes']):>10}  "
-      f"waste {paged['preallocated_waste']:.0%}")
-print(f"  paged, {args.block}-token blocks         {fmt_bytes(paged['paged_bytes']):>10}  "
-      f"waste {paged['paged_waste']:.1%}  (saves {paged['saving']:.0%})")
-print(f"  requests that fit in {fmt_bytes(budget)} of cache: {paged['fit_preallocated']} pre-allocated, "
-      f"{paged['fit_paged']} paged")
+print("\n" + paging_table(paged, lengths))
 
 # %% Save
-path = save_json("09_kv_cache", "result", {
+path = save_json(LAB, "result", {
     "preset": args.preset, "device": str(device), "weights": source, "logit_max_diff": logit_diff,
     "speed": speed, "cache_bytes": mem, "gpt2_small_scale": scale, "paged": paged,
 })

@@ -7,14 +7,19 @@ import torch
 
 from journey_dist.config import get_preset
 from journey_dist.kv_cache import (
+    cache_bytes_table,
     cached_logits_max_diff,
     compare_generation,
     kv_memory_table,
     measure_cache_bytes,
     paged_vs_preallocated,
+    paging_table,
     sample_lengths,
+    scale_table,
+    speed_table,
+    token_forwards,
 )
-from journey_dist.memory.estimate import kv_cache_bytes
+from journey_dist.memory.estimate import fmt_bytes, kv_cache_bytes
 from journey_dist.model import GPT
 from tests.labs import run_lab
 
@@ -63,6 +68,7 @@ def test_cache_makes_generation_linear_not_quadratic(tiny):
         hook.remove()
     assert with_cache == 4 + new - 1
     assert without == sum(4 + t for t in range(new))
+    assert token_forwards(4, new) == {"without_cache": without, "with_cache": with_cache}  # lab 09 prints it
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -98,6 +104,29 @@ def test_paged_vs_preallocated_by_hand():
     assert r["preallocated_bytes"] == 4 * 128 * per_token
     assert math.isclose(r["saving"], 1 - 176 / 512)
     assert r["fit_paged"] > r["fit_preallocated"] == int(1e9 // (128 * per_token))
+
+
+def test_lab09_tables_carry_the_numbers(tiny):
+    cfg = get_preset("gpt2-small")
+    lengths = [1, 16, 17, 100]
+    r = paged_vs_preallocated(cfg, lengths, max_len=128, block_size=16, dtype="bf16", budget_bytes=1e9)
+    head, _, needed, pre, paged = paging_table(r, lengths).splitlines()
+    assert needed.split()[-4:] == [*fmt_bytes(r["needed_bytes"]).split(), "-", "-"]
+    assert head.startswith("4 requests (lengths: median 17, mean 34, max 100), window 128, bf16")
+    assert pre.split()[-4:] == [*fmt_bytes(r["preallocated_bytes"]).split(), f"{r['preallocated_waste']:.1%}",
+                                f"{r['fit_preallocated']:,}"]
+    assert paged.split()[-3:] == [fmt_bytes(r["paged_bytes"]).split()[1], f"{r['paged_waste']:.1%}",
+                                  f"{r['fit_paged']:,}"]
+    rows = kv_memory_table(cfg, batches=[1], lengths=[1024, 8192], dtype="bf16")
+    scale = scale_table(rows, weight_bytes=2**30).splitlines()
+    assert scale[0] == "KV cache 36.00 KiB per token (bf16), weights 1.00 GiB"
+    assert scale[-1].split()[-1] == f"{8192 * 36_864 / 2**30:.1f}"  # the cache over the weights
+    m = measure_cache_bytes(tiny, batch=2, tokens=8)
+    assert [line.split() for line in cache_bytes_table([m, {**m, "formula_bytes": 1}]).splitlines()[1:]] == [
+        ["2", "8", f"{m['measured_bytes']:,}", f"{m['formula_bytes']:,}", "yes"],
+        ["2", "8", f"{m['measured_bytes']:,}", "1", "NO"]]
+    same = compare_generation(tiny, batch=1, prompt_len=3, new_tokens=4, repeats=1).to_dict()
+    assert speed_table([same, {**same, "identical": False}]).split()[-1] == "NO"
 
 
 def test_paging_wastes_under_one_block_per_request():

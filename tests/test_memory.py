@@ -10,6 +10,7 @@ from journey_dist.config import ConfigError, ParallelConfig, get_preset, llama_f
 from journey_dist.memory.estimate import (
     activation_bytes_per_layer,
     estimate_memory,
+    fmt_bytes,
     kv_cache_bytes,
     layer_param_count,
     model_state_bytes,
@@ -17,7 +18,17 @@ from journey_dist.memory.estimate import (
     param_count,
 )
 from journey_dist.memory.measure import TensorLedger, measure_config
-from journey_dist.memory.report import compare
+from journey_dist.memory.report import (
+    compare,
+    layout_plans,
+    measurement_text,
+    peak_text,
+    per_layer_vs_paper,
+    plans_table,
+    seq_sweep,
+    sweep_table,
+    terms_table,
+)
 from journey_dist.model import GPT, KVCache
 from journey_dist.plan import make_plan, parse_bytes
 
@@ -265,6 +276,41 @@ def test_cpu_measured_matches_estimate(preset, batch, seq, dtype, attn, dropout)
     assert abs(rows["total"]["error_pct"]) < 5, rows["total"]
     assert abs(rows["activations"]["error_pct"]) < 5, rows["activations"]
     assert meas.rss["rss"] > meas.peak  # the OS view includes the interpreter
+
+
+def test_lab07_report_pieces_carry_the_measured_and_estimated_numbers():
+    cfg = get_preset("tiny")
+    est = estimate_memory(cfg, batch_size=2, seq_len=16, dtype="fp32", device="cpu")
+    text = terms_table(est)
+    assert all(t.name in text and t.formula in text for terms in est.terms.values() for t in terms)
+    per_layer = sum(t.nbytes for t in est.terms["per layer"])
+    paper = activation_bytes_per_layer(16, 2, cfg.n_embd, cfg.n_head, dropout=False, fused_attention=True,
+                                       bytes_per_value=4)
+    assert per_layer > paper and f"keeps {fmt_bytes(per_layer)};" in per_layer_vs_paper(est)
+    assert per_layer_vs_paper(est).endswith(f"is {fmt_bytes(paper)}")
+    tp2 = estimate_memory(cfg, batch_size=2, seq_len=16, dtype="fp32", device="cpu", tp=2)  # the paper's /t
+    assert per_layer_vs_paper(tp2).endswith(fmt_bytes(activation_bytes_per_layer(
+        16, 2, cfg.n_embd, cfg.n_head, tp=2, dropout=False, fused_attention=True, bytes_per_value=4)))
+
+    sweep = seq_sweep(cfg, [8, 16], batch_size=2, dtype="fp32", device=torch.device("cpu"))
+    assert [(r["seq"], r["attn"]) for r in sweep] == [(8, "sdpa"), (8, "eager"), (16, "sdpa"), (16, "eager")]
+    for r in sweep:  # exact on CPU, and each row is its own measurement
+        e = estimate_memory(cfg.with_(attn_impl=r["attn"]), batch_size=2, seq_len=r["seq"], dtype="fp32")
+        assert r["activations_measured"] == r["activations_estimated"] == e.activations, r
+    assert len(sweep_table(sweep).splitlines()) == 1 + len(sweep)
+    meas = measure_config(cfg, batch_size=2, seq_len=16, dtype="fp32", device="cpu")
+    assert meas.instrument in measurement_text(meas) and fmt_bytes(meas.rss["rss"]) in measurement_text(meas)
+    assert f"{est.peak_phase}  <- peak" in peak_text(est, meas)
+    assert f"activations {fmt_bytes(meas.at_peak['activations'])}" in peak_text(est, meas)
+
+    layouts = [{}, {"dp": 2, "zero": 1}, {"tp": 2}]
+    plans = layout_plans(cfg, layouts, batch_size=4, seq_len=16, dtype="bf16-mixed")
+    assert [p["layout"] for p in plans] == ["one GPU", "dp=2, zero=1", "tp=2"]
+    for layout, plan in zip(layouts, plans):
+        e = estimate_memory(cfg, batch_size=4, seq_len=16, dtype="bf16-mixed", **layout)
+        assert (plan["total"], plan["model_states"]) == (e.total, e.params + e.grads + e.optimizer)
+    assert plans[1]["model_states"] < plans[0]["model_states"]  # ZeRO-1 shards the optimizer state
+    assert len(plans_table(plans).splitlines()) == len(plans)
 
 
 def test_cli_estimate_measures_one_device_and_writes_json(tmp_path, monkeypatch, capsys):

@@ -19,9 +19,10 @@ from journey_dist.mesh import build_mesh
 from journey_dist.model import GPT
 from journey_dist.parallel.pipeline.p2p import P2P, ShapeMismatchError
 from journey_dist.parallel.pipeline.schedules import Pipeline, check_schedule, pipeline_run, schedule_order
-from journey_dist.parallel.pipeline.stage import GPTStage, build_stage, stage_layers
-from journey_dist.parallel.pipeline.timeline import bubble_formula, measure_bubble
-from journey_dist.parity import fresh_model, max_abs_diff, reference_run
+from journey_dist.parallel.pipeline.stage import GPTStage, build_stage, stage_layers, stage_summary
+from journey_dist.parallel.pipeline.timeline import bubble_formula, bubble_row, bubble_sweep, timelines_text
+from journey_dist.parity import fresh_model, max_abs_diff, reference_run, worst_diffs
+from journey_dist.report import bubble_table
 from journey_dist.train import TrainConfig
 from tests.dist import RankFailure, run_ranks
 
@@ -97,6 +98,8 @@ def _parity_rank(config, cfg, engines):
     for engine, schedule in engines:
         run, pipe = pipeline_run(config, data, cfg, schedule=schedule, engine=engine)
         out[engine, schedule] = (run, pipe.peak_inflight)
+        out["worst", engine, schedule] = worst_diffs(run, out["ref"], subset=True, val_loss=True)
+    out["summary"] = stage_summary(pipe.stage)
     return out
 
 
@@ -137,6 +140,27 @@ def test_torch_pipelining_agrees(two_stages, schedule):
         assert max_abs_diff(ours.params, theirs.params, subset=True) < TOL
 
 
+def test_worst_diffs_are_the_worst_stage_on_every_rank(two_stages):
+    key = ("ours", "1f1b")
+    local = [{"loss": max(abs(a - b) for a, b in zip(res[key][0].losses, res["ref"].losses)),
+              "grad": max_abs_diff(res[key][0].grads, res["ref"].grads, subset=True),
+              "param": max_abs_diff(res[key][0].params, res["ref"].params, subset=True),
+              "val_loss": abs(res[key][0].val_loss - res["ref"].val_loss)} for res in two_stages]
+    worst = {k: max(d[k] for d in local) for k in local[0]}
+    assert max(worst["grad"], worst["param"]) > 0  # something to take the worst of
+    for res in two_stages:  # the same on both ranks: the larger stage's diff, in float32
+        assert res["worst", "ours", "1f1b"] == pytest.approx(worst, rel=1e-6, abs=0)
+
+
+def test_stage_summary_counts_what_each_stage_built(two_stages):
+    config = get_preset("tiny")
+    s0, s1 = (res["summary"] for res in two_stages)
+    assert (s0["layers"], s1["layers"]) == ("0..0", "1..1")
+    assert s0["also"] == "embedding" and s1["also"].startswith("ln_f, head, loss, its own copy of wte")
+    full = sum(p.numel() for p in GPT(config).parameters())  # wte counted once
+    assert s0["parameters"] + s1["parameters"] == full + config.vocab_size * config.n_embd
+
+
 def test_peak_inflight_is_measured(two_stages):
     m = CFG.grad_accum
     assert [res["ours", "gpipe"][1] for res in two_stages] == [m, m]
@@ -172,11 +196,14 @@ def test_pipeline_with_data_parallel_replicas_matches_single_process():
 
 
 def _bubble_rank(ms):
-    return [measure_bubble(s, m, f=0.02, b=0.04) for s in ("gpipe", "1f1b") for m in ms]
+    return bubble_sweep(("gpipe", "1f1b"), ms, f=0.02, b=0.04)
 
 
 def test_measured_bubble_matches_formula():
-    results = run_ranks(_bubble_rank, 2, (2, 4, 8))[0]
+    sweep = run_ranks(_bubble_rank, 2, [1, 2, 4, 8])[0]
+    # 1F1B needs m >= p: the sweep leaves out (1f1b, 1)
+    assert list(sweep) == [("gpipe", m) for m in (1, 2, 4, 8)] + [("1f1b", m) for m in (2, 4, 8)]
+    results = [r for (s, m), r in sweep.items() if m > 1]
     for r in results:
         assert r["formula"] == bubble_formula(2, r["m"])
         assert abs(r["bubble"]["mean"] - r["formula"]) <= 0.06, (r["schedule"], r["m"], r["bubble"])
@@ -185,6 +212,15 @@ def test_measured_bubble_matches_formula():
         assert by_m[s, 2] > by_m[s, 4] > by_m[s, 8]  # more microbatches, smaller bubble
     assert [r["peak_inflight"] for r in results if r["schedule"] == "gpipe"] == [[2, 2], [4, 4], [8, 8]]
     assert all(r["peak_inflight"] == [2, 1] for r in results if r["schedule"] == "1f1b")
+    rows = [bubble_row(r) for r in sweep.values()]  # what lab 04 prints and saves
+    assert [(row["measured"], row["formula"], row["peak_inflight"]) for row in rows] == [
+        (r["bubble"]["mean"], r["formula"], r["peak_inflight"]) for r in sweep.values()]
+    text = bubble_table(rows).splitlines()
+    assert len(text) == 1 + len(rows) and text[2].split()[:5] == ["gpipe", "2", f"{by_m['gpipe', 2]:.3f}",
+                                                                 "0.333", f"{by_m['gpipe', 2] - 1 / 3:+.3f}"]
+    shown = timelines_text({"1f1b m=2": sweep["1f1b", 2]["timelines"]}, orders=True).splitlines()
+    assert shown[0] == "1f1b m=2:"
+    assert shown[-2:] == ["  stage 0 order: F0 F1 B0 B1", "  stage 1 order: F0 B0 F1 B1"]
 
 
 # ----------------------------------------------------------------------------- failing fast

@@ -8,12 +8,14 @@ never peak together.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 import torch
 
-from journey_dist.config import ConfigError, get_preset, padded_vocab_size
+from journey_dist.config import ConfigError, GPTConfig, get_preset, padded_vocab_size
+from journey_dist.memory.activations import activation_bytes_per_layer
 from journey_dist.memory.estimate import DTYPES, MemoryEstimate, estimate_memory, fmt_bytes, param_count
 from journey_dist.memory.measure import MEASURABLE, Measurement, measure_config
 from journey_dist.runtime import runs_dir, save_figure, save_json
@@ -100,6 +102,93 @@ def phases_table(est: MemoryEstimate) -> str:
         lines.append(f"  {fmt_bytes(sum(cats.values())):>12}  {name}{mark}")
     return "\n".join(lines)
 
+
+
+def terms_table(est: MemoryEstimate) -> str:
+    """Every term of the estimate under its group (model states, per layer, ...): bytes, what the
+    tensor is, its formula."""
+    parts = []
+    for group, terms in est.terms.items():
+        parts.append("\n".join([f"{group}:"] + [f"  {fmt_bytes(t.nbytes):>12}  {t.name:<58} {t.formula}"
+                                                for t in terms]))
+    return "\n\n".join(parts)
+
+
+def per_layer_vs_paper(est: MemoryEstimate) -> str:
+    """The activation bytes one layer keeps in this estimate next to Korthikanti et al.'s count
+    (memory.activations.activation_bytes_per_layer, no dropout) for the same micro-batch, sequence,
+    width, heads, tp and attention; notes/memory.md explains the gap."""
+    i, c = est.inputs, est.inputs["config"]
+    mine = sum(t.nbytes for t in est.terms["per layer"])
+    paper = activation_bytes_per_layer(i["seq_len"], i["micro_batch"], c["n_embd"], c["n_head"], tp=i["tp"],
+                                       sequence_parallel=i["sequence_parallel"], dropout=False,
+                                       fused_attention=i["attn"] == "sdpa",
+                                       bytes_per_value=4 if i["dtype"] == "fp32" else 2)
+    return (f"per layer: PyTorch keeps {fmt_bytes(mine)}; Korthikanti et al.'s count (16 values per token "
+            f"and channel, no dropout) is {fmt_bytes(paper)}")
+
+
+def measurement_text(meas: Measurement) -> str:
+    """How a step was measured: the instrument, CUDA's allocator extras, the process RSS."""
+    lines = [f"measured with: {meas.instrument}"]
+    if meas.cuda:
+        lines.append(f"CUDA max reserved {fmt_bytes(meas.cuda['max_reserved'])}; allocated outside tensors "
+                     f"(cuBLAS workspaces) {fmt_bytes(meas.cuda['workspace'])}")
+    lines.append(f"process RSS {fmt_bytes(meas.rss['rss'])} (the OS view: interpreter, libraries, allocator "
+                 "caches)")
+    return "\n".join(lines)
+
+
+def peak_text(est: MemoryEstimate, meas: Measurement) -> str:
+    """phases_table under a title, then what the measurement held at its peak, by category."""
+    held = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in meas.at_peak.items() if v)
+    return (f"modelled moments of the step (the largest is the peak):\n{phases_table(est)}\n"
+            f"measured at the peak: {held}")
+
+
+def seq_sweep(cfg: GPTConfig, seqs: Sequence[int], *, batch_size: int, dtype: str,
+              device: torch.device) -> list[dict]:
+    """Activations measured and estimated at each sequence length with SDPA and eager attention
+    (linear vs quadratic in s), and the error of the estimated peak, one measured step each."""
+    rows = []
+    for s in seqs:
+        for attn in ("sdpa", "eager"):
+            c = cfg.with_(attn_impl=attn)
+            e = estimate_memory(c, batch_size=batch_size, seq_len=s, dtype=dtype, device=device.type)
+            m = measure_config(c, batch_size=batch_size, seq_len=s, dtype=dtype, device=device, ledger=True)
+            rows.append({"seq": s, "attn": attn, "activations_measured": m.high_water["activations"],
+                         "activations_estimated": e.activations,
+                         "peak_error_pct": 100 * (e.total - m.peak) / m.peak})
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """seq_sweep rows as text."""
+    lines = ["seq   attn   activations measured   estimated   peak error"]
+    lines += [f"{r['seq']:<5} {r['attn']:<6} {fmt_bytes(r['activations_measured']):>20} "
+              f"{fmt_bytes(r['activations_estimated']):>11} {r['peak_error_pct']:+10.2f}%" for r in rows]
+    return "\n".join(lines)
+
+
+def layout_plans(cfg: GPTConfig, layouts: Sequence[dict], *, batch_size: int, seq_len: int,
+                 dtype: str) -> list[dict]:
+    """The estimate per rank under each layout (estimate_memory keyword arguments: dp, zero, tp,
+    pp, recompute, ...): total, activations, model states and the moment of the peak."""
+    plans = []
+    for layout in layouts:
+        e = estimate_memory(cfg, batch_size=batch_size, seq_len=seq_len, dtype=dtype, **layout)
+        name = ", ".join(f"{k}={v}" for k, v in layout.items()) or "one GPU"
+        plans.append({"layout": name, "total": e.total,
+                      "activations": e.activations, "model_states": e.params + e.grads + e.optimizer,
+                      "peak_phase": e.peak_phase})
+    return plans
+
+
+def plans_table(plans: list[dict]) -> str:
+    """layout_plans rows as text."""
+    return "\n".join(f"  {p['layout']:<30} {fmt_bytes(p['total']):>12}  (model states "
+                     f"{fmt_bytes(p['model_states'])}, activations {fmt_bytes(p['activations'])}, peak at "
+                     f"{p['peak_phase']})" for p in plans)
 
 # ---------------------------------------------------------------------- `journey estimate`
 

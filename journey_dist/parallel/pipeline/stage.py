@@ -101,3 +101,13 @@ class GPTStage(nn.Module):
 def build_stage(model: GPT, group: dist.ProcessGroup | None = None) -> GPTStage:
     """This rank's stage of `model` on the backend's device; index and count from the pp group."""
     return GPTStage(model, dist.get_rank(group), dist.get_world_size(group)).to(comm_device(group))
+
+
+def stage_summary(stage: GPTStage) -> dict:
+    """What one built stage holds: its layers, the ends of the model it also runs, its parameters
+    (counted from the module, the last stage's copy of a tied wte included)."""
+    also = (["embedding"] if stage.is_first else []) + (["ln_f, head, loss"] if stage.is_last else [])
+    if stage.tied and stage.is_last and not stage.is_first:
+        also.append("its own copy of wte (the tied head)")
+    return {"stage": stage.stage_index, "layers": f"{stage.layers.start}..{stage.layers.stop - 1}",
+            "also": ", ".join(also) or "-", "parameters": sum(p.numel() for p in stage.parameters())}

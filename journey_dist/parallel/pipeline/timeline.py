@@ -66,6 +66,16 @@ def order_text(timeline: Timeline) -> str:
     return " ".join(f"{kind}{mb}" for _, _, kind, mb in sorted(timeline.intervals))
 
 
+def timelines_text(panels: dict[str, list[Timeline]], *, orders: bool = False) -> str:
+    """render_text of each panel under its title; with `orders`, the order each stage ran its work."""
+    parts = []
+    for title, timelines in panels.items():
+        lines = [f"{title}:", render_text(timelines)]
+        lines += [f"  stage {t.stage} order: {order_text(t)}" for t in timelines] if orders else []
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def plot_timelines(panels: dict[str, list[Timeline]], path: str | Path) -> Path:
     """A Gantt chart per panel (one row per stage) saved as PNG; returns the path."""
     import matplotlib  # deferred: matplotlib's import takes ~1 s and only plotting needs it
@@ -143,3 +153,20 @@ def measure_bubble(schedule: str, m: int, group: dist.ProcessGroup | None = None
     peaks = gather_objects(pipe.peak_inflight, group)
     return {"schedule": schedule, "p": pipe.p, "m": m, "f_s": f, "b_s": b, "timelines": timelines,
             "bubble": bubble(timelines), "formula": bubble_formula(pipe.p, m), "peak_inflight": peaks}
+
+
+def bubble_sweep(schedules: tuple[str, ...] | list[str], microbatches: list[int], f: float, b: float,
+                 group: dist.ProcessGroup | None = None) -> dict[tuple[str, int], dict]:
+    """measure_bubble for every (schedule, m) that can run, by (schedule, m) in that order: 1F1B
+    needs m >= p (its schedule raises a ConfigError otherwise), GPipe runs any m (and idles more)."""
+    p = dist.get_world_size(group)
+    return {(s, m): measure_bubble(s, m, group, f, b) for s in schedules for m in microbatches
+            if not (s == "1f1b" and m < p)}
+
+
+def bubble_row(result: dict) -> dict:
+    """One measure_bubble result as a flat row: the mean idle fraction next to (p-1)/(m+p-1), each
+    stage's idle fraction, the most microbatch activations each stage held at once, the step time."""
+    return {"schedule": result["schedule"], "m": result["m"], "measured": result["bubble"]["mean"],
+            "per_rank": result["bubble"]["per_rank"], "formula": result["formula"],
+            "peak_inflight": result["peak_inflight"], "step_s": result["bubble"]["window_s"]}
