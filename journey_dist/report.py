@@ -120,3 +120,18 @@ def generation_line(gen: dict, new_tokens: int) -> str:
             f"rank: {ok[gen['sampled_same_on_ranks']]}\nKV cache per rank {gen['cache_bytes_per_rank']:,} B "
             f"= formula {gen['cache_bytes_formula']:,} B ({gen['heads_per_rank']} heads) = "
             f"{gen['cache_bytes_per_rank'] / gen['cache_bytes_one_process']:.2f} x one process's")
+
+
+
+def buckets_table(caps: dict[float, Sequence[int]], chosen: float | None = None,
+                  ddp: dict[str, Sequence[int]] | None = None, *, show: int = 6) -> str:
+    """Gradient buckets (bytes each; one all-reduce per bucket and step) for each cap in MiB, the
+    `chosen` cap marked, then DDP's own record ({"first_iteration": [...], "rebuilt": [...]}): per
+    layout the number of buckets, their total and the first `show` sizes, in MiB."""
+    layouts = {f"cap {mb:g} MiB" + (" (chosen)" if mb == chosen else ""): sizes for mb, sizes in caps.items()}
+    layouts |= {f"DDP {when.replace('_', ' ')}": sizes for when, sizes in (ddp or {}).items()}
+    rows = [{"name": name, "calls": len(sizes), "total": sum(sizes),
+             "sizes": ", ".join(f"{b / 2**20:.2f}" for b in sizes[:show]) + (", ..." * (len(sizes) > show))}
+            for name, sizes in layouts.items()]
+    return table(rows, [("name", "buckets", str), ("calls", "all-reduces", str), ("total", "MiB", mib),
+                        ("sizes", "bucket MiB", str)])
