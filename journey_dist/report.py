@@ -135,3 +135,26 @@ def buckets_table(caps: dict[float, Sequence[int]], chosen: float | None = None,
             for name, sizes in layouts.items()]
     return table(rows, [("name", "buckets", str), ("calls", "all-reduces", str), ("total", "MiB", mib),
                         ("sizes", "bucket MiB", str)])
+
+
+
+def mesh_comm_table(rows: Sequence[dict], steps: int) -> str:
+    """Bytes per training step each rank handed to collectives, per group kind and op, as
+    'ledger / formula', and whether all of a rank's match: `rows` as parallel.compose.comm_per_rank
+    gathers them ({"rank", "coords", "comm": {kind: {op: {"bytes", ...}}} over `steps` steps,
+    "expected": {kind: {op: bytes}}}); a column per modelled (kind, op), '-' where a rank has none."""
+    cols = list(dict.fromkeys((kind, op) for r in rows for kind, ops in r["expected"].items() for op in ops))
+    flat = []
+    for r in rows:
+        c, same = r["coords"], True
+        row = {"rank": r["rank"], "coords": f"{c['pp']},{c['dp']},{c['tp']}"}
+        for kind, op in cols:
+            want = r["expected"].get(kind, {}).get(op)
+            got = r["comm"].get(kind, {}).get(op, {}).get("bytes", 0) / steps
+            row[f"{kind} {op}"] = None if want is None else f"{got:,.0f} / {want:,}"
+            same &= want is None or got == want
+        flat.append({**row, "match": "yes" if same else "NO"})
+    names = [f"{kind} {op}" for kind, op in cols]
+    return ("bytes per training step handed to collectives, per rank: ledger / formula\n"
+            + table(flat, [("rank", "rank", str), ("coords", "pp,dp,tp", str),
+                           *((n, n, lambda x: x or "-") for n in names), ("match", "match", str)]))
