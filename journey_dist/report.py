@@ -158,3 +158,21 @@ def mesh_comm_table(rows: Sequence[dict], steps: int) -> str:
     return ("bytes per training step handed to collectives, per rank: ledger / formula\n"
             + table(flat, [("rank", "rank", str), ("coords", "pp,dp,tp", str),
                            *((n, n, lambda x: x or "-") for n in names), ("match", "match", str)]))
+
+
+def ledger_tables(runs: dict[str, tuple[dict, dict]], *, wire: bool = True) -> str:
+    """ledger_table for the collectives a formula models, then apart, one line per (run, collective),
+    what the CommLedger measured that no formula here derives (a library's own collectives), so a
+    collective without a formula reads as 'not derived', not as a mismatch."""
+    modelled = {name: ({op: row for op, row in m.items() if op in a}, a)
+                for name, (m, a) in runs.items() if a}
+    rest = [{"run": name, "op": op, **row}
+            for name, (m, a) in runs.items() for op, row in m.items() if op not in a]
+    cols: list[Column] = [("run", "run", str), ("op", "collective", str), ("calls", "calls", str),
+                          ("bytes", "bytes", num)]
+    if wire:
+        cols.append(("wire_bytes", "sent (ring)", num))
+    parts = [ledger_table(modelled, wire=wire)] if modelled else []
+    if rest:
+        parts.append("measured, no formula derived:\n" + table(rest, cols))
+    return "\n".join(parts)
