@@ -191,6 +191,28 @@ def worst_diffs(run: RunResult, ref: RunResult, *, subset: bool = False, val_los
             **({"val_loss": val[0]} if val_loss else {})}
 
 
+def grad_check(run: RunResult, ref: RunResult) -> tuple[str, float | None]:
+    """How `run`'s first-step gradients compare with `ref`'s, on this rank: ("max|g|", max |diff|)
+    where the run kept them; ("rel norm", |norm - ref's norm| / ref's norm) where it reports only
+    the global norm (DeepSpeed keeps partitions); ("-", None) where it has neither. AdamW undoes a
+    constant gradient scale, so equal parameters alone do not prove equal gradients."""
+    if run.grads:
+        return "max|g|", max_abs_diff(run.grads, ref.grads)
+    if run.grad_norm is not None:
+        ref_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in ref.grads.values())).item()
+        return "rel norm", abs(run.grad_norm - ref_norm) / ref_norm
+    return "-", None
+
+
+def worst_over_ranks(values: dict[str, float | None],
+                     group: dist.ProcessGroup | None = None) -> dict[str, float | None]:
+    """Each value's maximum over the group's ranks, so every rank returns the same numbers; a value
+    that is None (on every rank alike) stays None. Collective: one all-reduce (MAX) of len(values) floats."""
+    d = torch.tensor([-1.0 if v is None else v for v in values.values()], device=comm_device(group))
+    dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
+    return {k: None if values[k] is None else x for k, x in zip(values, d.tolist())}
+
+
 def reference_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, seed: int = 0,
                   first_grads: bool = False, device: torch.device | None = None) -> RunResult:
     """Train fresh_model(config, seed) for cfg.steps on the global batches in one process, on

@@ -129,3 +129,57 @@ def bubble_table(rows: Sequence[dict]) -> str:
     return table(rows, [("schedule", "schedule", str), ("m", "m", str), ("measured", "measured", fixed(3)),
                         ("formula", "(p-1)/(m+p-1)", fixed(3)), ("diff", "diff", lambda x: f"{x:+.3f}"),
                         ("peak_inflight", "activations held per stage", str)])
+
+def buckets_table(caps: dict[float, Sequence[int]], chosen: float | None = None,
+                  ddp: dict[str, Sequence[int]] | None = None, *, show: int = 6) -> str:
+    """Gradient buckets (bytes each; one all-reduce per bucket and step) for each cap in MiB, the
+    `chosen` cap marked, then DDP's own record ({"first_iteration": [...], "rebuilt": [...]}): per
+    layout the number of buckets, their total and the first `show` sizes, in MiB."""
+    layouts = {f"cap {mb:g} MiB" + (" (chosen)" if mb == chosen else ""): sizes for mb, sizes in caps.items()}
+    layouts |= {f"DDP {when.replace('_', ' ')}": sizes for when, sizes in (ddp or {}).items()}
+    rows = [{"name": name, "calls": len(sizes), "total": sum(sizes),
+             "sizes": ", ".join(f"{b / 2**20:.2f}" for b in sizes[:show]) + (", ..." * (len(sizes) > show))}
+            for name, sizes in layouts.items()]
+    return table(rows, [("name", "buckets", str), ("calls", "all-reduces", str), ("total", "MiB", mib),
+                        ("sizes", "bucket MiB", str)])
+
+
+
+def mesh_comm_table(rows: Sequence[dict], steps: int) -> str:
+    """Bytes per training step each rank handed to collectives, per group kind and op, as
+    'ledger / formula', and whether all of a rank's match: `rows` as parallel.compose.comm_per_rank
+    gathers them ({"rank", "coords", "comm": {kind: {op: {"bytes", ...}}} over `steps` steps,
+    "expected": {kind: {op: bytes}}}); a column per modelled (kind, op), '-' where a rank has none."""
+    cols = list(dict.fromkeys((kind, op) for r in rows for kind, ops in r["expected"].items() for op in ops))
+    flat = []
+    for r in rows:
+        c, same = r["coords"], True
+        row = {"rank": r["rank"], "coords": f"{c['pp']},{c['dp']},{c['tp']}"}
+        for kind, op in cols:
+            want = r["expected"].get(kind, {}).get(op)
+            got = r["comm"].get(kind, {}).get(op, {}).get("bytes", 0) / steps
+            row[f"{kind} {op}"] = None if want is None else f"{got:,.0f} / {want:,}"
+            same &= want is None or got == want
+        flat.append({**row, "match": "yes" if same else "NO"})
+    names = [f"{kind} {op}" for kind, op in cols]
+    return ("bytes per training step handed to collectives, per rank: ledger / formula\n"
+            + table(flat, [("rank", "rank", str), ("coords", "pp,dp,tp", str),
+                           *((n, n, lambda x: x or "-") for n in names), ("match", "match", str)]))
+
+
+def ledger_tables(runs: dict[str, tuple[dict, dict]], *, wire: bool = True) -> str:
+    """ledger_table for the collectives a formula models, then apart, one line per (run, collective),
+    what the CommLedger measured that no formula here derives (a library's own collectives), so a
+    collective without a formula reads as 'not derived', not as a mismatch."""
+    modelled = {name: ({op: row for op, row in m.items() if op in a}, a)
+                for name, (m, a) in runs.items() if a}
+    rest = [{"run": name, "op": op, **row}
+            for name, (m, a) in runs.items() for op, row in m.items() if op not in a]
+    cols: list[Column] = [("run", "run", str), ("op", "collective", str), ("calls", "calls", str),
+                          ("bytes", "bytes", num)]
+    if wire:
+        cols.append(("wire_bytes", "sent (ring)", num))
+    parts = [ledger_table(modelled, wire=wire)] if modelled else []
+    if rest:
+        parts.append("measured, no formula derived:\n" + table(rest, cols))
+    return "\n".join(parts)

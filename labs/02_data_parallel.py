@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from journey_dist.config import ConfigError, ParallelConfig, check_bucket_mb, get_preset
-from journey_dist.data import load_tokens
+from journey_dist.data import TokenData, load_tokens
 from journey_dist.labkit import check_data, check_memory, lab_parser, parse, positive_float, positive_int
 from journey_dist.model import GPT
 from journey_dist.parallel.data.replicas import VARIANTS, planned_buckets, run_data_parallel
-from journey_dist.parity import max_abs_diff, reference_run
-from journey_dist.runtime import launch, print0, requested_world_size, save_json
+from journey_dist.parity import RunResult, max_abs_diff, reference_run, worst_diffs
+from journey_dist.report import buckets_table, ledger_table, losses_table, parity_table
+from journey_dist.runtime import comm_device, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
 LAB = "02_data_parallel"
@@ -57,77 +58,69 @@ check_data(parser, data, args.batch_size, config.block_size)
 check_memory(args.force, config, args.batch_size, ranks=world)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                   lr=args.lr, warmup_steps=max(1, args.steps // 5))
+BUCKET_SWEEP_MB = (0.05, 0.25, 0.5, 1.0, 2.0, 25.0)
 
 
-# %% What every rank runs
-def rank_main(data) -> dict:
-    n = dist.get_world_size()
-    # gloo works on CPU tensors, NCCL on this rank's GPU (init_distributed picked the backend)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+# %% 1. Buckets: gradients in the order backward produces them (reverse layers), greedy up to a cap
+def buckets(model: GPT) -> dict[float, list[int]]:
+    """The buckets (bytes each; one all-reduce per bucket and step) for each cap swept and --bucket-mb."""
+    return {mb: planned_buckets(model, mb) for mb in sorted({*BUCKET_SWEEP_MB, args.bucket_mb})}
+
+
+# %% 2. One process: the reference, and how far cutting its batch into the ranks' shards moves it
+def reference(data: TokenData, device: torch.device, n: int) -> tuple[RunResult, RunResult]:
+    """The fresh model on the whole global batch, and the same process taking it as the n ranks'
+    shards (gradient accumulation, no communication): the rounding floor any split of the batch pays."""
+    ref = reference_run(config, data, cfg, first_grads=True, device=device)
+    split = reference_run(config, data, replace(cfg, grad_accum=cfg.grad_accum * n), device=device)
+    return ref, split
+
+
+# %% 3. Each variant on the ranks: same seed, same global batches, this rank's shard
+def data_parallel(data: TokenData, device: torch.device) -> dict[str, RunResult]:
+    return {v: run_data_parallel(v, config, data, cfg, bucket_mb=args.bucket_mb, device=device)
+            for v in variants}
+
+
+# %% 4. Parity: the worst rank against one process, and against the one process that split its batch
+def parity(runs: dict[str, RunResult], ref: RunResult, split: RunResult) -> dict[str, dict]:
+    return {v: {**worst_diffs(run, ref), "param vs split": worst_diffs(run, split)["param"]}
+            for v, run in runs.items()}
+
+
+# %% Every rank runs the steps in order and prints what to look at
+def rank_main(data: TokenData) -> dict:
+    device, n = comm_device(), dist.get_world_size()
     model = GPT(config)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print0(f"{n} ranks ({dist.get_backend()}) | {args.preset}: {model.num_params():,} parameters "
-           f"= {grad_bytes / 2**20:.2f} MiB of fp32 gradients | global batch {cfg.batch_size} x "
-           f"{config.block_size} tokens, {cfg.batch_size // n} sequences per rank in "
-           f"{cfg.grad_accum} micro-step(s) | {cfg.steps} AdamW steps")
+    print0(f"{n} ranks ({dist.get_backend()}), {args.preset}: {grad_bytes / 2**20:.2f} MiB of fp32 gradients;"
+           f" {cfg.batch_size // n} of {cfg.batch_size} sequences per rank in {cfg.grad_accum} micro-step(s)")
+    layouts = buckets(model)
 
-    # Buckets: reverse parameter order (the order backward produces gradients), greedy up to the cap.
-    sweep = {mb: len(planned_buckets(model, mb)) for mb in (0.05, 0.25, 0.5, 1.0, 2.0, 25.0)}
-    chosen = planned_buckets(model, args.bucket_mb)
-    print0("\nbucket size (MiB) -> all-reduce calls per step: "
-           + ", ".join(f"{mb:g} -> {k}" for mb, k in sweep.items()))
-    print0(f"--bucket-mb {args.bucket_mb:g}: {len(chosen)} buckets of "
-           + ", ".join(f"{b / 2**20:.2f}" for b in chosen) + " MiB")
+    ref, split = reference(data, device, n)
+    floor = max_abs_diff(split.params, ref.params)
+    runs = data_parallel(data, device)
+    diffs = parity(runs, ref, split)
+    print0(losses_table(ref.losses, {v: run.losses for v, run in runs.items()}))
+    print0(parity_table(diffs, seconds={v: run.seconds for v, run in runs.items()}))
+    print0(f"rounding floor (one process, batch in {n * cfg.grad_accum} micro-batches): {floor:.1e}")
 
-    # The reference: one process, fresh model from seed 0, the whole global batch every step.
-    ref = reference_run(config, data, cfg, first_grads=True, device=device)
-    print0(f"\nreference (1 process): loss {ref.losses[0]:.4f} -> {ref.losses[-1]:.4f}")
-    # The same process with the batch cut into the ranks' shards (gradient accumulation, no
-    # communication): how far float rounding alone moves the result when a batch is split.
-    split = reference_run(config, data, replace(cfg, grad_accum=cfg.grad_accum * n), device=device)
-    split_diff = max_abs_diff(split.params, ref.params)
-    print0(f"1 process, batch in {n * cfg.grad_accum} micro-batches: max|param-ref| {split_diff:.1e} "
-           "(the rounding floor any split of the batch pays)")
+    ddp = runs["ddp"].details["ddp_buckets"] if "ddp" in runs else None  # DDP rebuilds after step 1
+    print0(buckets_table(layouts, args.bucket_mb, ddp))
+    # the ledger of one more step (DDP has rebuilt its buckets by then), measured vs the formula
+    print0(ledger_table({v: (run.comm, run.analytic) for v, run in runs.items()}))
 
-    # Each variant: same seed, same global batches, this rank's shard.
-    rows, ledgers = {}, {}
-    print0(f"\n{'variant':<9} {'loss first -> last':>18} {'max|loss-ref|':>14} {'max|grad-ref|':>14} "
-           f"{'max|param-ref|':>15} {'vs 1-process split':>18} {'train s':>8}")
-    for v in variants:
-        run = run_data_parallel(v, config, data, cfg, bucket_mb=args.bucket_mb, device=device)
-        diffs = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ref.losses)),
-                              max_abs_diff(run.grads, ref.grads), max_abs_diff(run.params, ref.params),
-                              max_abs_diff(run.params, split.params)], device=device)
-        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
-        rows[v] = {"losses": run.losses, "loss_diff": diffs[0].item(), "grad_diff": diffs[1].item(),
-                   "param_diff": diffs[2].item(), "param_diff_vs_split": diffs[3].item(),
-                   "seconds": run.seconds, "buckets": run.buffers["all_reduce"],
-                   "measured": run.comm.get("all_reduce", {}), "analytic": run.analytic["all_reduce"],
-                   "ledger": run.details["ledger"], "ddp_buckets": run.details.get("ddp_buckets")}
-        print0(f"{v:<9} {run.losses[0]:>8.4f} -> {run.losses[-1]:.4f} {diffs[0]:>14.1e} "
-               f"{diffs[1]:>14.1e} {diffs[2]:>15.1e} {diffs[3]:>18.1e} {run.seconds:>8.1f}")
-        ledgers[v] = (rows[v]["measured"], rows[v]["analytic"])
-    if "ddp" in rows:
-        ddp = rows["ddp"]["ddp_buckets"]
-        print0(f"DDP's buckets: first iteration {[round(b / 2**20, 2) for b in ddp['first_iteration']]} "
-               f"MiB (one bucket until it has seen the order grads arrive), rebuilt "
-               f"{[round(b / 2**20, 2) for b in ddp['rebuilt']]} MiB")
-
-    # The ledger of one more step (DDP has rebuilt its buckets by then), measured vs analytic.
-    print0(f"\ncommunication in one step, per rank: all-reduce, ring sends 2(n-1)/n = "
-           f"{2 * (n - 1) / n:g} x bytes")
-    print0(f"{'variant':<9} {'calls meas/analytic':>20} {'bytes measured':>15} {'bytes analytic':>15} "
-           f"{'sent (ring)':>12}  match")
-    for v, (m, e) in ledgers.items():
-        same = m.get("calls") == e["calls"] and m.get("bytes") == e["bytes"]
-        print0(f"{v:<9} {m.get('calls', 0):>9} / {e['calls']:<8} {m.get('bytes', 0):>15,} "
-               f"{e['bytes']:>15,} {m.get('wire_bytes', 0):>12,.0f}  {'yes' if same else 'NO'}")
-
+    rows = {v: {"losses": run.losses, "loss_diff": diffs[v]["loss"], "grad_diff": diffs[v]["grad"],
+                "param_diff": diffs[v]["param"], "param_diff_vs_split": diffs[v]["param vs split"],
+                "seconds": run.seconds, "buckets": run.buffers["all_reduce"],
+                "measured": run.comm.get("all_reduce", {}), "analytic": run.analytic["all_reduce"],
+                "ledger": run.details["ledger"], "ddp_buckets": run.details.get("ddp_buckets")}
+            for v, run in runs.items()}
     result = {"world_size": n, "preset": args.preset, "train": cfg.to_dict(), "bucket_mb": args.bucket_mb,
-              "grad_bytes": grad_bytes, "buckets_by_mb": sweep, "buckets": chosen,
-              "reference_losses": ref.losses, "split_param_diff": split_diff, "variants": rows}
-    path = save_json(LAB, "result", result)
-    print0(f"\nwrote {path}")
+              "grad_bytes": grad_bytes, "buckets_by_mb": {mb: len(layouts[mb]) for mb in BUCKET_SWEEP_MB},
+              "buckets": layouts[args.bucket_mb], "reference_losses": ref.losses, "split_param_diff": floor,
+              "variants": rows}
+    print0(f"wrote {save_json(LAB, 'result', result)}")
     return result
 
 

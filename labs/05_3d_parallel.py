@@ -10,9 +10,13 @@ pipeline stage, split over its tp group; dp replicas of that slice each take par
 What to look at: the layout (which global ranks form each tp, dp and pp group); the loss of every
 step next to the single-process run; the largest |diff| of gradients and parameters over all
 ranks, each rank's slice compared with the single-process tensors cut the same way (fp32:
-within 1e-5, float rounding); and the collective ledger per group kind: tp all-reduces inside
-every block, pp sends of (micro_B, T, C) activations and gradients, and one dp all-reduce of
-every gradient byte per step, after the pipeline flush.
+within 1e-5, float rounding of per-microbatch and per-shard sums; AdamW can grow it over many
+steps, as it turns tiny gradient differences into full-size updates, so the tests hold tiny
+configs to 1e-5 after 3 steps); and the bytes each rank hands to collectives per step, by group
+kind, measured by the CommLedger next to the formula (compose.expected_comm_per_step): tp
+all-reduces inside every block, pp sends of (micro_B, T, C) activations and gradients, and one
+dp all-reduce of every gradient byte per step, after the pipeline flush. The formula term by
+term: notes/parallelism.md, "3D parallel".
 Results: runs/05_3d_parallel/result.json
 """
 
@@ -21,19 +25,14 @@ import torch.distributed as dist
 
 from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
-from journey_dist.data import load_tokens
+from journey_dist.data import TokenData, load_tokens
 from journey_dist.labkit import check_data, check_memory, lab_parser, parse, positive_float, positive_int
-from journey_dist.mesh import build_mesh, layout_text
-from journey_dist.parallel.compose import (
-    check_3d,
-    comm_by_dim,
-    expected_comm_per_step,
-    parity,
-    three_d_run,
-)
+from journey_dist.mesh import Mesh, build_mesh, layout_text
+from journey_dist.parallel.compose import check_3d, comm_matches, comm_per_rank, parity, three_d_run
 from journey_dist.parallel.pipeline.stage import stage_layers
-from journey_dist.parity import reference_run
-from journey_dist.runtime import comm_device, gather_objects, launch, print0, requested_world_size, save_json
+from journey_dist.parity import RunResult, reference_run
+from journey_dist.report import losses_table, mesh_comm_table, parity_table
+from journey_dist.runtime import comm_device, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
 LAB = "05_3d_parallel"
@@ -63,72 +62,53 @@ cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.
                   warmup_steps=max(1, args.steps // 5), eval_batches=2)
 
 
-# %% What every rank runs
-def rank_main(data) -> dict:
-    mesh = build_mesh(pcfg, comm_device().type)
-    micro_b = cfg.batch_size // (pcfg.dp * cfg.grad_accum)
+# %% 1. The mesh: which global ranks form each tp, dp and pp group; the layers each stage holds
+def mesh_and_stages() -> tuple[Mesh, list[str]]:
+    layers = [f"{r.start}..{r.stop - 1}" for r in stage_layers(config.n_layer, pcfg.pp)]
+    return build_mesh(pcfg, comm_device().type), layers
+
+
+# %% 2. One process: the reference, the whole model on the whole batch
+def reference(data: TokenData) -> RunResult:
+    return reference_run(config, data, cfg, first_grads=True)
+
+
+# %% 3. The same model on the mesh, same seed and batches; a ledger records the training steps, and
+# compose.parity compares each rank's slice with the reference cut the same way (the worst rank)
+def three_d(data: TokenData, mesh: Mesh) -> tuple[RunResult, CommLedger]:
+    ledger = CommLedger()
+    run, _pipeline = three_d_run(config, data, cfg, mesh, ledger=ledger)
+    return run, ledger
+
+
+# %% 4. Communication: bytes per step each rank hands to each group kind, ledger vs formula
+def communication(ledger: CommLedger, mesh: Mesh) -> tuple[list[dict], bool]:
+    rows = comm_per_rank(ledger, config, cfg, mesh)  # every rank's, on every rank
+    return rows, comm_matches(rows, cfg.steps)
+
+
+# %% Every rank runs the steps in order and prints what to look at
+def rank_main(data: TokenData) -> dict:
+    mesh, layers = mesh_and_stages()
     print0(layout_text(pcfg))
-    print0(f"  ({dist.get_backend()}) {args.preset}: stages hold layers "
-           f"{[f'{r.start}..{r.stop - 1}' for r in stage_layers(config.n_layer, pcfg.pp)]}; each dp "
-           f"replica takes {cfg.batch_size // pcfg.dp} of {cfg.batch_size} sequences as {cfg.grad_accum} "
-           f"microbatches of {micro_b}; {args.schedule}")
+    print0(f"  ({dist.get_backend()}) {args.preset}: stages hold layers {layers}; {args.schedule}, "
+           f"{cfg.grad_accum} microbatches of {cfg.batch_size // (pcfg.dp * cfg.grad_accum)} per dp replica")
 
-    # %% The reference (one process, whole model, whole batch) and the 3D run, same seed and batches
-    ref = reference_run(config, data, cfg, first_grads=True)
-    ledger = CommLedger()  # records the training steps only
-    run, pipe = three_d_run(config, data, cfg, mesh, ledger=ledger)
+    ref = reference(data)
+    run, ledger = three_d(data, mesh)
     diffs = parity(run, ref, config, mesh)
-    print0(f"\nloss per step ({cfg.steps} AdamW steps, grad clip {cfg.grad_clip}):")
-    print0(f"{'step':>4} {'1 process':>10} {'3D':>10} {'|diff|':>9}")
-    for i, (a, b) in enumerate(zip(ref.losses, run.losses)):
-        print0(f"{i:>4} {a:>10.4f} {b:>10.4f} {abs(a - b):>9.1e}")
-    ok = all(v < TOL for v in diffs.values())
-    print0(f"worst over all {dist.get_world_size()} ranks vs one process: loss {diffs['loss']:.1e}, "
-           f"first-step grads {diffs['grad']:.1e}, params after {cfg.steps} steps {diffs['param']:.1e} "
-           f"({'within' if ok else 'OUTSIDE'} {TOL:.0e}: float rounding of per-microbatch and per-shard "
-           f"sums;\n AdamW can grow it over many steps, as it turns tiny gradient differences into "
-           f"full-size updates; the tests hold tiny configs to {TOL:.0e} after 3 steps)")
+    print0(losses_table(ref.losses, {"3D": run.losses}))
+    print0(parity_table({f"3D, worst of {mesh.pcfg.world_size} ranks": diffs}, tol=TOL))
 
-    # %% The ledger per group kind, every rank: bytes handed to collectives per training step
-    comm = comm_by_dim(ledger, mesh)
-    expected = expected_comm_per_step(config, pcfg, cfg, mesh.coords)
-    rows = gather_objects({"rank": mesh.rank, "coords": mesh.coords, "comm": comm, "expected": expected})
-    cols = [("tp", "all_reduce"), ("dp", "all_reduce"), ("pp", "send")]
-    print0("\nbytes per training step each rank hands to collectives: measured (ledger) / expected (formula)")
-    print0(f"{'rank':>4} {'pp,dp,tp':>8} " + " ".join(f"{d + ' ' + op:>25}" for d, op in cols))
-    all_match = True
-    for r in rows:
-        c, cells = r["coords"], []
-        for d, op in cols:
-            want = r["expected"].get(d, {}).get(op)
-            got = r["comm"].get(d, {}).get(op, {}).get("bytes", 0) / cfg.steps
-            all_match &= want is None or got == want
-            cells.append(f"{got:>12,.0f} / {want:>10,}" if want is not None else f"{'-':>25}")
-        print0(f"{r['rank']:>4} {c['pp']:>4},{c['dp']},{c['tp']} " + " ".join(cells))
-        # every modelled (group, op), not only the columns shown (e.g. pp's 4-byte loss all-reduce)
-        all_match &= all(r["comm"].get(d, {}).get(op, {}).get("bytes", 0) / cfg.steps == want
-                         for d, ops in r["expected"].items() for op, want in ops.items())
-    print0(f"measured {'==' if all_match else '!='} expected on every rank, every modelled collective "
-           f"(not modelled: the pipeline's control messages, a schedule all-gather and a loss broadcast "
-           f"of a few bytes per step). With a = one microbatch's "
-           f"activations ({micro_b}, {config.block_size}, {config.n_embd}) fp32, per microbatch:"
-           "\n  tp: 4a per layer (attention and MLP: g forward, f backward), + a for the embedding "
-           "(first stage), + a and the cross-entropy's 3 per-token floats (last stage);"
-           "\n  pp: a forward and a backward across each stage boundary (+ a 64-byte header each), "
-           "and once per step the tied (V/tp, C) gradient swap between first and last stage"
-           "\n      (each tp rank sends the whole activation: tp copies cross a boundary; Megatron sends "
-           "1/tp each and all-gathers);"
-           "\n  dp: every gradient byte of the rank's slice, once per step, after the pipeline flush."
-           "\nA rank sends 2(n-1)/n of an all-reduce's bytes on a ring (n = group size).")
+    rows, all_match = communication(ledger, mesh)
+    print0(mesh_comm_table(rows, cfg.steps))
 
-    # %% Save
     result = {"pcfg": {"dp": pcfg.dp, "tp": pcfg.tp, "pp": pcfg.pp, "microbatches": cfg.grad_accum,
                        "schedule": args.schedule},
               "preset": args.preset, "train": cfg.to_dict(), "layout": layout_text(pcfg),
               "reference_losses": ref.losses, "losses": run.losses, "parity": diffs, "tolerance": TOL,
               "comm_per_step": rows, "comm_matches_expected": all_match}
-    path = save_json(LAB, "result", result)
-    print0(f"\nwrote {path}")
+    print0(f"wrote {save_json(LAB, 'result', result)}")
     return result
 
 

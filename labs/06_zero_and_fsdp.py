@@ -8,12 +8,18 @@
         labs/06_zero_and_fsdp.py
 
 Every scheme trains the same fresh model on the same global batches, so they must log the same
-losses and end with the same weights as DDP (fp32 on CPU: ~1e-6). What differs is what a rank
-keeps: DDP every weight, gradient and AdamW moment; ZeRO-1 a 1/N slice of the moments; ZeRO-2
-also of the gradients; ZeRO-3 / FSDP2 also of the weights. What to look at: the memory table,
-measured bytes of this rank's tensors next to memory.estimate.model_state_bytes(zero=stage);
-DeepSpeed's extra fp32 master partition (a copy it keeps even in fp32); and the communication of
-one step: ZeRO-1 hands reduce-scatter + all-gather the same bytes DDP hands all-reduce.
+losses and end with the same weights as DDP (fp32 on CPU: ~1e-6), and take the same first step
+(gradients compared where a scheme gathers them, else its global norm: DeepSpeed keeps partitions).
+What differs is what a rank keeps: DDP every weight, gradient and AdamW moment; ZeRO-1 a 1/N
+slice of the moments (+ padding to a multiple of N); ZeRO-2 also of the gradients; ZeRO-3 / FSDP2
+also of the weights. What to look at: the memory table, measured bytes of this rank's tensors next
+to memory.estimate.model_state_bytes(zero=stage). DeepSpeed 0.19 is not the textbook: its stage 1
+also partitions the reduced gradients, and it keeps an fp32 master partition beside the moments
+even in fp32 (its own column in fp32; in 'optimizer' under bf16, where the formula's 12 bytes
+include it). And the communication of one step: ZeRO-1 hands reduce-scatter + all-gather the same
+bytes DDP hands all-reduce; FSDP2 all-gathers each unit twice (forward, backward). DeepSpeed's
+collectives are measured, not derived: stages 1 and 2 all-reduce gradient buckets and keep their
+slice, stage 3 gathers the tied wte for both the embedding and the head. More: notes/zero.md.
 Results: runs/06_zero_and_fsdp/result.json
 """
 
@@ -25,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from journey_dist.config import ParallelConfig, get_preset
-from journey_dist.data import load_tokens
+from journey_dist.data import TokenData, load_tokens
 from journey_dist.labkit import (
     check_data,
     check_memory,
@@ -42,8 +48,17 @@ from journey_dist.parallel.sharding.accelerate import run_accelerate, under_acce
 from journey_dist.parallel.sharding.deepspeed import choose_stages, load_config, run_deepspeed
 from journey_dist.parallel.sharding.fsdp import run_fsdp2
 from journey_dist.parallel.sharding.zero import run_zero1
-from journey_dist.parity import fresh_model, max_abs_diff, reference_run
-from journey_dist.runtime import launch, print0, requested_world_size, save_json
+from journey_dist.parity import (
+    RunResult,
+    fresh_model,
+    grad_check,
+    loss_diff,
+    max_abs_diff,
+    reference_run,
+    worst_over_ranks,
+)
+from journey_dist.report import bytes_table, ledger_tables, losses_table, parity_table
+from journey_dist.runtime import comm_device, launch, print0, requested_world_size, save_json
 from journey_dist.train import TrainConfig
 
 LAB = "06_zero_and_fsdp"
@@ -76,106 +91,96 @@ ds_file = None
 if args.ds_config:
     ds_file = load_config(args.ds_config, cfg, world)  # validated here, before any rank starts
     stages = [ds_file["zero_optimization"]["stage"]]
+ZERO_STAGE = {"ddp": 0, "zero1 (ours)": 1, **{f"deepspeed zero-{s}": s for s in stages}, "fsdp2 (zero-3)": 3}
 
 
-# %% What every rank runs
-def rank_main(data) -> dict:
-    n = dist.get_world_size()
-    # gloo works on CPU tensors, NCCL on this rank's GPU (init_distributed picked the backend)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    dtype = "bf16" if device is not None else "fp32"  # DeepSpeed: bf16 on GPUs, fp32 on CPU
+# %% 1. The references: one process, and DDP (every rank keeps every weight, gradient and moment)
+def references(data: TokenData, device: torch.device) -> tuple[RunResult, RunResult]:
+    return (reference_run(config, data, cfg, device=device),
+            run_data_parallel("ddp", config, data, cfg, device=device))
+
+
+# %% 2. The sharded schemes: our ZeRO-1, DeepSpeed's ZeRO stages, FSDP2 (accelerate under its launcher)
+def sharded(data: TokenData, device: torch.device, dtype: str) -> dict[str, RunResult]:
     ds = None if ds_file is None else {**ds_file, "bf16": {"enabled": dtype == "bf16"}}
-    N = fresh_model(config).num_params()
-    print0(f"{n} ranks ({dist.get_backend()}) | {args.preset}: {N:,} parameters | global batch "
-           f"{cfg.batch_size} x {config.block_size} tokens | {cfg.steps} AdamW steps | fp32 AdamW keeps "
-           f"4 + 4 + 8 = 16 bytes per parameter = {16 * N / 2**20:.2f} MiB per rank under DDP")
-
-    ref = reference_run(config, data, cfg, device=device)
-    ddp = run_data_parallel("ddp", config, data, cfg, device=device)
-    runs = {"ddp": ddp, "zero1 (ours)": run_zero1(config, data, cfg, device=device)}
+    runs = {"zero1 (ours)": run_zero1(config, data, cfg, device=device)}
     for stage in stages:
         runs[f"deepspeed zero-{stage}"] = run_deepspeed(stage, config, data, cfg, device=device,
                                                         ds_config=ds, dtype=dtype)
     runs["fsdp2 (zero-3)"] = run_fsdp2(config, data, cfg, device=device)
-    accel_procs = None
     if under_accelerate():
         runs["accelerate (ddp)"] = run_accelerate(config, data, cfg, device=device)
-        accel_procs = runs["accelerate (ddp)"].details["processes"]
+    return runs
+
+
+# %% 3. Parity: every scheme against DDP, the worst rank: losses, parameters, first-step gradients
+def parity(runs: dict[str, RunResult], ddp: RunResult) -> tuple[dict[str, dict], dict[str, str]]:
+    """The worst |difference| per scheme, and how its gradients were compared (parity.grad_check):
+    max |diff| where a scheme gathers them ("grad"), else the global norm's relative difference."""
+    diffs, kinds = {}, {}
+    for name, run in runs.items():
+        kinds[name], grad = grad_check(run, ddp)
+        diffs[name] = worst_over_ranks({"loss": loss_diff(run.losses, ddp.losses),
+                                        "grad": grad if kinds[name] == "max|g|" else None,
+                                        "rel grad norm": grad if kinds[name] == "rel norm" else None,
+                                        "param": max_abs_diff(run.params, ddp.params)})
+    return diffs, kinds
+
+
+# %% 4. Memory: this rank's model states, measured, next to model_state_bytes for its ZeRO stage
+def memory(runs: dict[str, RunResult], n_params: int, dtype: str) -> tuple[dict, dict]:
+    """Per scheme its stage, measured bytes and the formula's (bf16-mixed for DeepSpeed on GPUs, whose
+    12 optimizer bytes include the fp32 master: the master is then added to the measured optimizer)."""
+    table, cells, n = {}, {}, dist.get_world_size()
+    for name, stage in ZERO_STAGE.items():
+        mixed = name.startswith("deepspeed") and dtype == "bf16"
+        measured = runs[name].state_bytes
+        est = model_state_bytes(n_params, "bf16-mixed" if mixed else "fp32", dp=n, zero=stage)
+        table[name] = {"stage": stage, "measured": measured, "estimate": est}
+        master = measured.get("master")
+        cells[name] = {k: (measured[k], est[k]) for k in ("params", "grads")}
+        cells[name]["optimizer"] = (measured["optimizer"] + (master if mixed else 0), est["optimizer"])
+        if master is not None:
+            cells[name]["+fp32 master"] = (master, None)
+    return table, cells
+
+
+# %% Every rank runs the steps in order and prints what to look at
+def rank_main(data: TokenData) -> dict:
+    device, n = comm_device(), dist.get_world_size()
+    dtype = "bf16" if device.type == "cuda" else "fp32"  # DeepSpeed: bf16 on GPUs, fp32 on CPU
+    n_params = fresh_model(config).num_params()
+    print0(f"{n} ranks ({dist.get_backend()}), {args.preset}: {n_params:,} parameters, {dtype}; DDP keeps "
+           f"4 + 4 + 8 = 16 bytes per parameter = {16 * n_params / 2**20:.2f} MiB per rank (fp32 AdamW)")
+
+    ref, ddp = references(data, device)
+    runs = {"ddp": ddp, **sharded(data, device, dtype)}
+    accel_procs = runs["accelerate (ddp)"].details["processes"] if "accelerate (ddp)" in runs else None
+    if accel_procs is not None:
         print0(f"accelerate launch: Accelerator sees {accel_procs} processes")
 
-    # %% Parity: every scheme against DDP (and DDP against one process)
     tol = 1e-5 if dtype == "fp32" else 5e-2  # bf16 DeepSpeed on GPUs rounds every weight
-    print0(f"\nreference (1 process): loss {ref.losses[0]:.4f} -> {ref.losses[-1]:.4f}")
-    # AdamW undoes a constant gradient scale, so equal parameters do not prove equal gradients: also
-    # compare the first step's gradients (or, where a scheme keeps only shards, its global norm)
-    ddp_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in ddp.grads.values())).item()
-    print0(f"{'scheme':<20} {'loss first -> last':>18} {'max|loss-DDP|':>14} {'max|param-DDP|':>15} "
-           f"{'grads vs DDP':>15} {'train s':>8}")
-    rows = {}
-    for name, run in runs.items():
-        grads = getattr(run, "grads", None)
-        norm = getattr(run, "grad_norm", None)
-        grad_diff = (max_abs_diff(grads, ddp.grads) if grads else
-                     abs(norm - ddp_norm) / ddp_norm if norm is not None else float("nan"))
-        grad_kind = "max|g|" if grads else "rel norm" if norm is not None else "-"
-        diffs = torch.tensor([max(abs(a - b) for a, b in zip(run.losses, ddp.losses)),
-                              max_abs_diff(run.params, ddp.params), grad_diff], device=device)
-        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)  # the worst rank
-        comm, expected = run.comm, run.analytic
-        rows[name] = {"losses": run.losses, "loss_diff": diffs[0].item(), "param_diff": diffs[1].item(),
-                      "grad_diff": None if grad_kind == "-" else diffs[2].item(), "grad_check": grad_kind,
-                      "seconds": run.seconds, "comm": comm, "analytic": expected}
-        grad_text = "-" if grad_kind == "-" else f"{diffs[2]:.1e} {grad_kind}"
-        print0(f"{name:<20} {run.losses[0]:>8.4f} -> {run.losses[-1]:.4f} {diffs[0]:>14.1e} "
-               f"{diffs[1]:>15.1e} {grad_text:>15} {run.seconds:>8.1f}")
-    print0(f"DDP vs one process: max|param| {max_abs_diff(ddp.params, ref.params):.1e}; "
-           f"tolerance for every row: {tol:g} ({dtype})")
+    diffs, kinds = parity(runs, ddp)
+    print0(losses_table(ref.losses, {name: run.losses for name, run in runs.items()}))
+    print0(parity_table(diffs, tol=tol, against="DDP", seconds={k: r.seconds for k, r in runs.items()}))
+    print0(f"DDP vs one process: max|param| {max_abs_diff(ddp.params, ref.params):.1e}")
 
-    # %% Memory: this rank's tensors, measured, next to the formula for its ZeRO stage
-    mem = {"ddp": (ddp.state_bytes, 0)}
-    mem["zero1 (ours)"] = (runs["zero1 (ours)"].state_bytes, 1)
-    for stage in stages:
-        mem[f"deepspeed zero-{stage}"] = (runs[f"deepspeed zero-{stage}"].state_bytes, stage)
-    mem["fsdp2 (zero-3)"] = (runs["fsdp2 (zero-3)"].state_bytes, 3)
-    est_dtype = "fp32" if dtype == "fp32" else "bf16-mixed"
-    print0(f"\nper-rank model states, MiB: measured (estimate = model_state_bytes(N, {est_dtype!r}, "
-           f"dp={n}, zero=stage))")
-    print0(f"{'scheme':<20} {'stage':>5} {'params':>15} {'grads':>15} {'optimizer':>15} {'+fp32 master':>13}")
-    mib = 2**20
-    table = {}
-    for name, (measured, stage) in mem.items():
-        mixed = name.startswith("deepspeed") and est_dtype == "bf16-mixed"
-        est = model_state_bytes(N, "bf16-mixed" if mixed else "fp32", dp=n, zero=stage)
-        master = measured.get("master")
-        shown = {**measured, "optimizer": measured["optimizer"] + (master if mixed else 0)}  # 12 = 4 + 8
-        cells = [f"{shown[k] / mib:6.3f} / {est[k] / mib:6.3f}" for k in ("params", "grads", "optimizer")]
-        print0(f"{name:<20} {stage:>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
-               f"{'' if master is None else f'{master / mib:.3f}':>13}")
-        table[name] = {"stage": stage, "measured": measured, "estimate": est}
-    print0(f"unsharded AdamW moments: {ddp.state_bytes['optimizer'] / mib:.3f} MiB; ZeRO-1 keeps 1/{n} "
-           "(+ padding to a multiple of dp). DeepSpeed's stage 1 (0.19) also partitions the reduced "
-           "gradients, and keeps an fp32 master partition next to the moments (counted in 'optimizer' "
-           "under bf16, where the formula's 12 bytes include it; shown apart in fp32).")
+    table, cells = memory(runs, n_params, dtype)
+    print0(bytes_table(cells))
+    print0(ledger_tables({name: (run.comm, run.analytic) for name, run in runs.items()}))
 
-    # %% Communication of one step, per rank (ledger vs analytic where derived)
-    print0(f"\ncommunication of one step, per rank ({n} ranks; ring: all-reduce 2(n-1)/n, "
-           "reduce-scatter and all-gather (n-1)/n of the buffer)")
-    print0(f"{'scheme':<20} {'collective':<15} {'calls':>6} {'bytes':>12} {'analytic':>12} {'sent':>12}")
-    for name, row in rows.items():
-        for op, m in row["comm"].items():
-            a = row["analytic"].get(op)
-            print0(f"{name:<20} {op:<15} {m['calls']:>6} {m['bytes']:>12,} "
-                   f"{'-' if a is None else format(a['bytes'], ','):>12} {m['wire_bytes']:>12,.0f}")
-    print0("(DeepSpeed 0.19's stages 1 and 2 all-reduce gradient buckets and keep their slice; its "
-           "stage 3 gathers the tied wte for both the embedding and the head; '-': not derived)")
-
-    result = {"world_size": n, "preset": args.preset, "params": N, "dtype": dtype, "train": cfg.to_dict(),
-              "reference_losses": ref.losses, "schemes": rows, "memory": table, "tolerance": tol,
+    rows = {name: {"losses": run.losses, "loss_diff": d["loss"], "param_diff": d["param"],
+                   "grad_diff": d["grad"] if kinds[name] == "max|g|" else d["rel grad norm"],
+                   "grad_check": kinds[name], "seconds": run.seconds, "comm": run.comm,
+                   "analytic": run.analytic}
+            for (name, run), d in zip(runs.items(), diffs.values())}
+    result = {"world_size": n, "preset": args.preset, "params": n_params, "dtype": dtype,
+              "train": cfg.to_dict(), "reference_losses": ref.losses, "schemes": rows, "memory": table,
+              "tolerance": tol,
               "accelerate_processes": accel_procs,
               # who started the ranks: a launcher (torchrun, accelerate, deepspeed) or this lab's spawn
               "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "lab spawn"}
-    path = save_json(LAB, "result", result)
-    print0(f"\nwrote {path}")
+    print0(f"wrote {save_json(LAB, 'result', result)}")
     return result
 
 

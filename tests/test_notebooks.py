@@ -187,7 +187,7 @@ def test_regenerating_rewrites_nothing_and_foreign_or_edited_files_are_left_alon
 def test_cli_writes_notebooks_and_exits_2_on_a_foreign_file_or_unknown_lab(tmp_path, capsys):
     url = "git+https://example.invalid/you/journey-dist.git"
     assert main(["notebooks", "--out", str(tmp_path), "--source", url, "02"]) == 0
-    assert f"wrote {tmp_path / '02_data_parallel.ipynb'}: 3 code cells" in capsys.readouterr().out
+    assert f"wrote {tmp_path / '02_data_parallel.ipynb'}: 7 code cells" in capsys.readouterr().out
     nb = nbformat.read(tmp_path / "02_data_parallel.ipynb", as_version=4)
     assert f'os.environ.get("{SOURCE_ENV}", "{url}")' in _code(nb)[0]
     (tmp_path / "03_tensor_parallel.ipynb").write_text("my notes")

@@ -42,7 +42,7 @@ from journey_dist.parallel.tensor.mappings import copy_to_region
 from journey_dist.parallel.tensor.parallelize import padded_vocab_size, parallelize_block
 from journey_dist.parallel.tensor.rng import model_parallel_seed
 from journey_dist.parity import RunResult, fresh_model, named_params, run_and_capture
-from journey_dist.runtime import comm_device
+from journey_dist.runtime import comm_device, gather_objects
 from journey_dist.train import StepResult, TrainConfig
 
 
@@ -263,6 +263,21 @@ def expected_comm_per_step(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainCo
     if pcfg.dp > 1:
         out["dp"]["all_reduce"] = _slice_param_bytes(config, pcfg, s, bytes_per_value)
     return {dim: ops for dim, ops in out.items() if ops}
+
+
+def comm_per_rank(ledger: CommLedger, config: GPTConfig, cfg: TrainConfig, mesh: Mesh) -> list[dict]:
+    """Every rank's {"rank", "coords", "comm": comm_by_dim(ledger), "expected": expected_comm_per_step},
+    in rank order, on every rank. Collective: one all_gather_object over the world."""
+    return gather_objects({"rank": mesh.rank, "coords": mesh.coords, "comm": comm_by_dim(ledger, mesh),
+                           "expected": expected_comm_per_step(config, mesh.pcfg, cfg, mesh.coords)})
+
+
+def comm_matches(rows: list[dict], steps: int) -> bool:
+    """True when every rank handed every modelled (group kind, op) exactly its formula's bytes per step
+    (`rows` from comm_per_rank over a ledger of `steps` training steps). What the formula leaves out
+    (the pipeline's control messages, a schedule all-gather, a loss broadcast) is not compared."""
+    return all(r["comm"].get(dim, {}).get(op, {}).get("bytes", 0) / steps == want
+               for r in rows for dim, ops in r["expected"].items() for op, want in ops.items())
 
 
 def _slice_param_bytes(config: GPTConfig, pcfg: ParallelConfig, s: int, bytes_per_value: int) -> int:
