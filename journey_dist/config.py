@@ -423,6 +423,10 @@ class LoRAConfig:
 
     def validate(self, model: GPTConfig) -> LoRAConfig:
         """Raise ConfigError naming the problem and the fix; return self when valid."""
+        if model.n_experts:
+            raise ConfigError(f"LoRA on a mixture of experts (n_experts={model.n_experts}) is not "
+                              "implemented: its MLP is E experts, not one c_fc/c_proj; use a dense preset "
+                              "(gpt-mini)")
         if isinstance(self.targets, str) or not self.targets:
             raise ConfigError(f"targets={self.targets!r} must be a non-empty tuple of module names, "
                               f"e.g. {LORA_LINEARS}")

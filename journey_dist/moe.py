@@ -111,7 +111,8 @@ def combine(expert_out: torch.Tensor, d: Dispatch, weights: torch.Tensor, n_toke
     over its kept experts (a token with every pair dropped gets 0: only its residual goes on)."""
     w = weights[d.token, d.slot].to(expert_out.dtype)
     out = expert_out.new_zeros(n_tokens, expert_out.size(1))
-    return out.index_add(0, d.token, expert_out * w[:, None])
+    # index_put keeps only the indices for backward (index_add would keep the (M, C) products too)
+    return out.index_put((d.token,), expert_out * w[:, None], accumulate=True)
 
 
 def balance_loss(probs: torch.Tensor, counts: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
