@@ -58,7 +58,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from journey_dist.plan import make_plan, parse_bytes, plan_text
 
     pcfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, microbatches=args.microbatches,
-                          zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule)
+                          zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule,
+                          ep=args.ep)
     plan = make_plan(get_preset(args.preset), pcfg, batch=args.batch, seq=args.seq, dtype=args.dtype,
                      optimizer=args.optimizer, world=args.world, device=args.device,
                      gpu_mem=None if args.gpu_mem is None else parse_bytes(args.gpu_mem))
@@ -72,6 +73,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt-mini")
     for name in ("dp", "tp", "pp", "microbatches"):
         parser.add_argument(f"--{name}", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel (MoE presets): experts split over "
+                        "ep ranks inside dp (ep divides dp and the number of experts)")
     parser.add_argument("--batch", type=int, default=8, help="global batch in sequences per step")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES,

@@ -224,7 +224,8 @@ def comm_by_group(ledger: CommLedger, names: dict[Ranks, str]) -> Comm:
 
 def expected_collectives(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainConfig,
                          forwards: Iterable[dict], *, dense_numel: int, expert_numel: int,
-                         names: dict[str, str] | None = None, bytes_per_value: int = 4) -> Comm:
+                         names: dict[str, str] | None = None, bytes_per_value: int = 4,
+                         grad_bytes: int | None = None, seq_len: int | None = None) -> Comm:
     """What one rank hands to collectives in a training step: {group: {op: {"calls", "bytes"}}}.
 
     `forwards` are that step's RouterLog records on this rank (one per MoE layer per micro-step): the
@@ -240,8 +241,11 @@ def expected_collectives(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainConf
         layer, the embedding, the head; the MoE layers are whole on every tp rank) and 3 of the
         cross-entropy's per-token fp32 values; per step the clip's fp32 scalar.
     `names` maps "dp", "ep", "edp", "tp" to the names group_names gave their ranks (merged groups).
+    Activations are bytes_per_value per value, gradients grad_bytes (default the same); sequences
+    seq_len tokens (default block_size).
     """
     E, C, v, m = config.n_experts, config.n_embd, bytes_per_value, cfg.grad_accum
+    g = v if grad_bytes is None else grad_bytes
     names = names or {}
     out: Comm = {}
 
@@ -259,15 +263,39 @@ def expected_collectives(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainConf
             add("ep", "all_reduce", 1, 4)
     if pcfg.dp > 1:
         add("dp", "all_gather", len(forwards), len(forwards) * pcfg.dp * (E + 1) * 8)
-        add("dp", "all_reduce", 1, dense_numel * v)
+        add("dp", "all_reduce", 1, dense_numel * g)
     if pcfg.dp // pcfg.ep > 1:
-        add("edp", "all_reduce", 1, expert_numel * v)
+        add("edp", "all_reduce", 1, expert_numel * g)
     if pcfg.tp > 1:
-        tokens = cfg.batch_size // (pcfg.dp * m) * config.block_size
+        tokens = cfg.batch_size // (pcfg.dp * m) * (config.block_size if seq_len is None else seq_len)
         act = tokens * C * v
         per_micro = 2 * config.n_layer + 2  # activation all-reduces
         add("tp", "all_reduce", m * (per_micro + 3) + clip, m * (per_micro * act + 3 * tokens * 4) + 4 * clip)
     return out
+
+
+def even_load_forwards(config: GPTConfig, tokens: int, micro_steps: int) -> list[dict]:
+    """RouterLog-style records of a step whose routing is perfectly even: each of a micro-step's
+    `tokens` tokens (on this rank) sends k pairs, nothing is dropped, and this rank's experts receive
+    as many rows as it sends (what `journey plan` assumes: the real load varies step by step)."""
+    k, E = config.moe_top_k, config.n_experts
+    return [{"layer": layer, "kept": [tokens * k / E] * E, "received": tokens * k}
+            for _ in range(micro_steps) for layer in range(config.n_layer)]
+
+
+def planned_comm(config: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int, dense_numel: int,
+                 expert_numel: int, bytes_per_value: int = 4, grad_bytes: int = 4,
+                 grad_clip: float = 1.0) -> dict[str, dict[str, float]]:
+    """{group kind: {op: bytes}} one rank hands to collectives per step under an even load
+    (expected_collectives with even_load_forwards; pure, for `journey plan`, which passes this
+    rank's dense and expert parameter counts from memory.sizes). Kinds: ep, dp, edp, tp."""
+    m = pcfg.microbatches
+    tokens = batch // (pcfg.dp * m) * seq
+    train = TrainConfig(batch_size=batch, grad_accum=m, grad_clip=grad_clip)
+    comm = expected_collectives(config, pcfg, train, even_load_forwards(config, tokens, m),
+                                dense_numel=dense_numel, expert_numel=expert_numel,
+                                bytes_per_value=bytes_per_value, grad_bytes=grad_bytes, seq_len=seq)
+    return {kind: {op: row["bytes"] for op, row in ops.items()} for kind, ops in comm.items()}
 
 
 # ----------------------------------------------------------------------------- a training run
