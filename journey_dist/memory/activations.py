@@ -82,6 +82,15 @@ class Shape:
         return self.model.mlp == "swiglu"
 
     @property
+    def mlp_readers(self) -> int:
+        """Linears reading ln_2's output: c_fc, or gate_proj and up_proj; a mixture of experts' router
+        (and a shared expert's first Linears: its experts read rows gathered from it)."""
+        per_mlp = 2 if self.swiglu else 1
+        if not self.model.n_experts:
+            return per_mlp
+        return 1 + (per_mlp if self.model.moe_shared_hidden else 0)
+
+    @property
     def norm_stats(self) -> int:  # bytes per token one norm keeps: LayerNorm mean + rstd, RMSNorm rstd
         return 2 * self.stat if self.model.norm == "layernorm" else 4
 
@@ -173,11 +182,12 @@ def layer_terms(x: Shape) -> list[Term]:
             terms.append(Term("causal mask (bool, made per layer)", s * s, "s²"))
     if x.model.positions == "rope":
         terms.append(Term("RoPE cos and sin tables (made per layer)", 2 * v * s * x.d, "2v·s·d"))
-    mlp_in = x.copies(2 if x.swiglu else 1)
+    mlp_in = x.copies(x.mlp_readers)
     rms = x.model.norm == "rmsnorm"
     terms += [
         Term("ln_2 input (residual stream)", r * n * h * x.rep, "r·bsh [/t with SP]"),
-        Term("ln_2 output (" + ("gate/up_proj" if x.swiglu else "c_fc") + " input"
+        Term("ln_2 output (" + ("router" if x.model.n_experts else "gate/up_proj" if x.swiglu else "c_fc")
+             + " input"
              + (f", {mlp_in} autocast copies" if mlp_in > 1 else "") + ")",
              mlp_in * v * n * h * x.rep, f"{mlp_in}v·bsh [/t with SP]".replace("1v", "v")),
         Term("RMSNorm 1/rms (ln_1, ln_2; fp32)" if rms else "LayerNorm mean and rstd (ln_1, ln_2)",
@@ -223,6 +233,7 @@ def moe_terms(x: Shape) -> list[Term]:
     E, k, h = cfg.n_experts, cfg.moe_top_k, x.h
     rows = n * k
     acts = 4 if cfg.mlp == "swiglu" else 2
+    inputs = x.copies(2 if x.swiglu else 1)
     terms = [
         Term("router logits and probabilities (fp32, kept by the z-loss and the softmax)", 2 * 4 * n * E,
              "2·4·bsE"),
@@ -232,7 +243,9 @@ def moe_terms(x: Shape) -> list[Term]:
         Term("dispatch indices (token and slot of every pair, int64)"
              + (", all-to-all regrouping order and inverse" if x.ep > 1 else ""),
              16 * rows * (2 if x.ep > 1 else 1), "16·bsk" + (" x 2" if x.ep > 1 else "")),
-        Term("expert input rows (pairs sorted by expert)", v * rows * h, "v·bsk·h"),
+        Term("expert input rows (pairs sorted by expert"
+             + (", an autocast copy per gate/up_proj" if inputs > 1 else "") + ")",
+             inputs * v * rows * h, f"{inputs}v·bsk·h".replace("1v", "v")),
         Term(f"expert MLP activations ({acts} per row, width f_e)", acts * v * rows * cfg.expert_dim,
              f"{acts}v·bsk·f_e"),
         Term("expert outputs and gate weights (kept by their product)", v * rows * (h + 1), "v·bsk(h + 1)"),
@@ -246,7 +259,7 @@ def moe_terms(x: Shape) -> list[Term]:
 def mlp_saved(x: Shape) -> float:
     """What a block's MLP half keeps (freed once the MLP's backward is done)."""
     n, h, t, v, r = x.b * x.s, x.h, x.t, x.prec.values, x.prec.residual
-    saved = (r + x.copies(2 if x.swiglu else 1) * v) * n * h * x.rep + n * x.norm_stats * x.rep
+    saved = (r + x.copies(x.mlp_readers) * v) * n * h * x.rep + n * x.norm_stats * x.rep
     saved += sum(tm.nbytes for tm in mlp_terms(x))
     saved += (x.mask * n * h * x.rep) if x.dropout else 0
     matrices = sum(p.numel for p in layer_tensors(x.model, t, x.ep) if p.matrix and p.name.startswith("mlp."))
