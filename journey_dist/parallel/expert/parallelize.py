@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from journey_dist.comm import CommLedger
 from journey_dist.config import GPTConfig, ParallelConfig
-from journey_dist.data import TokenData
+from journey_dist.data import TokenData, shard
 from journey_dist.mesh import Mesh, all_groups, build_mesh
 from journey_dist.model import MoE
 from journey_dist.moe import imbalance
@@ -296,6 +296,44 @@ def planned_comm(config: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: in
                                 dense_numel=dense_numel, expert_numel=expert_numel,
                                 bytes_per_value=bytes_per_value, grad_bytes=grad_bytes, seq_len=seq)
     return {kind: {op: row["bytes"] for op, row in ops.items()} for kind, ops in comm.items()}
+
+
+@torch.no_grad()
+def router_parity(model: nn.Module, reference: nn.Module, x: torch.Tensor,
+                  groups: ExpertGroups) -> dict[str, float]:
+    """This rank's dp shard of the global batch `x` through `model` (expert parallel) and the whole
+    batch through `reference` (one process, the same weights), in eval mode: the worst |router logit
+    difference| over every layer and rank, and how many (token, layer) top-k choices differ in all.
+    Collective: the forward's own collectives, then one all-reduce (MAX) and one (SUM) over the world."""
+    mine: list[torch.Tensor] = []
+    theirs: list[torch.Tensor] = []
+
+    def keep(into: list[torch.Tensor]):
+        return lambda _module, _inputs, out: into.append(out)
+
+    handles = [layer.router.register_forward_hook(keep(into))
+               for m, into in ((model, mine), (reference, theirs)) for layer in moe_layers(m)]
+    modes = model.training, reference.training
+    model.eval()
+    reference.eval()
+    try:
+        reference(x)
+        model(shard(x, groups.dp_rank, groups.dp_size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(modes[0])
+        reference.train(modes[1])
+    k, worst, differ = moe_layers(reference)[0].top_k, 0.0, 0
+    for ours, full in zip(mine, theirs, strict=True):
+        rows = full.view(groups.dp_size, -1, full.size(-1))[groups.dp_rank]  # this shard's tokens
+        worst = max(worst, (ours.float() - rows.float()).abs().max().item())
+        same = ours.topk(k).indices.sort(-1).values == rows.topk(k).indices.sort(-1).values
+        differ += int((~same.all(-1)).sum())
+    out = torch.tensor([worst, float(differ)], device=comm_device(groups.dp))
+    dist.all_reduce(out[:1], op=dist.ReduceOp.MAX)
+    dist.all_reduce(out[1:], op=dist.ReduceOp.SUM)
+    return {"router_logits": out[0].item(), "choices_differ": int(out[1].item())}
 
 
 # ----------------------------------------------------------------------------- a training run
