@@ -219,8 +219,10 @@ PRESETS: dict[str, GPTConfig] = {
     # gpt-mini's size as a Llama: RMSNorm, SwiGLU (352 = llama_ffn_dim(128, 32)), RoPE, 2 kv heads.
     "llama-mini": GPTConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, vocab_size=256, block_size=128,
                             mlp_hidden=llama_ffn_dim(128, multiple_of=32), **_LLAMA),
-    # gpt-mini with 8 experts of gpt-mini's MLP width (4 x 128) per block, top-2: CPU-sized MoE.
-    "moe-mini": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=256, block_size=128, **_MOE),
+    # gpt-mini with 8 experts per block, each half gpt-mini's MLP width (256 of 512), top-2: a token
+    # goes through as many MLP weights as in gpt-mini, the model holds 4 times as many.
+    "moe-mini": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=256, block_size=128, moe_hidden=256,
+                          **_MOE),
     # llama-mini with 8 SwiGLU experts (width 352) per block, top-2: Mixtral's layout, CPU-sized.
     "mixtral-mini": GPTConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, vocab_size=256, block_size=128,
                               mlp_hidden=llama_ffn_dim(128, multiple_of=32), **_LLAMA, **_MOE),

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from journey_dist.comm import CommLedger
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
 from journey_dist.memory.estimate import estimate_memory
@@ -35,7 +36,7 @@ from tests.dist import run_ranks
 
 TOL = 1e-5  # loss, router logits, first-step gradients
 PARAM_TOL = 1e-4  # parameters after the AdamW steps (see the module docstring)
-TINY_MOE = get_preset("moe-mini").with_(n_layer=2, n_embd=32, block_size=16, n_experts=4)
+TINY_MOE = get_preset("moe-mini").with_(n_layer=2, n_embd=32, block_size=16, n_experts=4, moe_hidden=64)
 CFG = TrainConfig(steps=2, batch_size=8, lr=3e-3, warmup_steps=1, grad_clip=1.0, eval_batches=1)
 CONFIGS = {"no drop": TINY_MOE, "drop": TINY_MOE.with_(moe_capacity_factor=1.0)}
 
@@ -60,19 +61,22 @@ def _parity(pcfg: ParallelConfig, names: tuple[str, ...]) -> dict:
         out[name] = {"diffs": worst_diffs(run, ref, subset=True), **router,
                      "dropped": sum(s["dropped"] for s in run.details["routing"]),
                      "measured": _calls_bytes(run.comm), "formula": _calls_bytes(run.analytic),
+                     "ledger_matches": run.details["ledger_matches"],
                      "state": run.state_bytes, "estimate": {"params": est.params, "optimizer": est.optimizer}}
     return out
 
 
 def _all_to_all_uneven() -> dict:
-    """Rank r sends r + 1 rows to rank 0 and 2 rows to rank 1; backward returns each row's gradient."""
+    """Rank 0 sends 1 row to itself and 3 to rank 1, rank 1 sends 2 and 2; the receiver weights its
+    i-th row by i + 1 in the loss, so each sent row's gradient says where it went."""
     r = dist.get_rank()
-    send = [r + 1, 2]
-    x = (torch.arange(sum(send), dtype=torch.float32) + 10 * r).requires_grad_()
-    receive = [1, 2] if r == 0 else [2, 2]  # [rank 0's send[r], rank 1's send[r]]
-    got = all_to_all(x[:, None], receive, send, None)
-    (got.squeeze(1) * torch.arange(1, got.size(0) + 1)).sum().backward()
-    return {"got": got.squeeze(1).tolist(), "grad": x.grad.tolist()}
+    send = [[1, 3], [2, 2]]
+    x = (torch.arange(4, dtype=torch.float32) + 10 * r).requires_grad_()
+    with CommLedger() as ledger:
+        got = all_to_all(x[:, None], [send[0][r], send[1][r]], send[r], None)
+        (got.squeeze(1) * torch.arange(1, got.size(0) + 1)).sum().backward()
+    return {"got": got.squeeze(1).tolist(), "grad": x.grad.tolist(),
+            "bytes": ledger.total_bytes("all_to_all")}
 
 
 def _dp2_ep2() -> dict:
@@ -92,7 +96,8 @@ def _check(results: list[dict], pcfg: ParallelConfig, names: tuple[str, ...]) ->
             diffs = row["diffs"]
             assert diffs["loss"] < TOL and diffs["grad"] < TOL, (name, rank, diffs)
             assert diffs["param"] < PARAM_TOL, (name, rank, diffs)
-            assert row["measured"] == row["formula"], (name, rank)  # every collective, calls and bytes
+            assert row["measured"] == row["formula"], (name, rank)  # the last step: calls and bytes
+            assert row["ledger_matches"]  # every step, every rank
             config, state = CONFIGS[name], row["state"]
             assert state["expert_params"] == expert_param_count(config, pcfg.ep) * 4
             assert state["expert_optimizer"] == 2 * state["expert_params"]  # AdamW's two fp32 moments
@@ -110,10 +115,10 @@ def test_ep2_equals_one_process_without_and_with_dropping(dp2_ep2):
 
 def test_all_to_all_moves_uneven_rows_and_returns_their_gradients(dp2_ep2):
     r0, r1 = (r["a2a"] for r in dp2_ep2)
-    # rank 0 sent [0] to itself and [1, 2] to rank 1; rank 1 sent [10, 11] to rank 0 and [12, 13] to itself
-    assert r0["got"] == [0.0, 10.0, 11.0] and r1["got"] == [1.0, 2.0, 12.0, 13.0]
-    # the loss weights received row i by i + 1: each sent row's gradient is its weight at the receiver
-    assert r0["grad"] == [1.0, 1.0, 2.0] and r1["grad"] == [2.0, 3.0, 3.0, 4.0]
+    assert r0["got"] == [0.0, 10.0, 11.0] and r1["got"] == [1.0, 2.0, 3.0, 12.0, 13.0]
+    assert r0["grad"] == [1.0, 1.0, 2.0, 3.0] and r1["grad"] == [2.0, 3.0, 4.0, 5.0]
+    # the ledger counts what each rank hands over: 4 rows forward; the gradients of the rows it got back
+    assert r0["bytes"] == 4 * (4 + 3) and r1["bytes"] == 4 * (4 + 5)
 
 
 def test_expert_groups_sit_inside_data_parallel():

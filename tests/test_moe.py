@@ -13,9 +13,10 @@ from journey_dist.memory.measure import measure_config
 from journey_dist.memory.sizes import active_param_count, expert_param_count, model_tensors
 from journey_dist.model import GPT, MoE, hf_config_from
 from journey_dist.parity import fresh_model
+from journey_dist.report import parity_table
 
 # moe-mini's switches at tiny size: 4 GELU experts, top-2; and the Llama family's (SwiGLU experts)
-TINY_MOE = get_preset("moe-mini").with_(n_layer=2, n_embd=32, block_size=16, n_experts=4)
+TINY_MOE = get_preset("moe-mini").with_(n_layer=2, n_embd=32, block_size=16, n_experts=4, moe_hidden=64)
 TINY_MIXTRAL = get_preset("mixtral-mini").with_(n_layer=2, n_embd=32, mlp_hidden=48, block_size=16,
                                                 moe_z_coef=0.0)
 
@@ -178,3 +179,10 @@ def test_moe_memory_estimate_is_the_cpu_ledger(cfg, dtype):
     for k in ("params", "grads", "optimizer", "activations"):  # one process, no dropping: exact
         assert meas.high_water[k] == getattr(est, k), k
     assert abs(est.total - meas.peak) / meas.peak < 0.005
+
+
+def test_parity_table_holds_each_key_to_its_own_tolerance():
+    diffs = {"ep": {"loss": 1e-6, "grad": 2e-8, "param": 2e-5}}
+    assert parity_table(diffs, tol=1e-5).splitlines()[1].endswith("NO")
+    per_key = {"loss": 1e-5, "grad": 1e-5, "param": 1e-4}
+    assert parity_table(diffs, tol=per_key).splitlines()[1].endswith("yes")

@@ -36,9 +36,9 @@ from journey_dist.parallel.common import ClipFn, clip_by_total_norm, mean_over, 
 from journey_dist.parallel.expert.layer import ExpertGroups, ExpertParallelMoE, build_expert_groups
 from journey_dist.parallel.tensor.parallelize import gather_tensors, parallelize
 from journey_dist.parallel.tensor.rng import model_parallel_seed
-from journey_dist.parity import RunResult, fresh_model, measure_one_step, run_and_capture, storage_bytes
+from journey_dist.parity import RunResult, fresh_model, run_and_capture, storage_bytes
 from journey_dist.runtime import comm_device
-from journey_dist.train import StepHooks, TrainConfig, make_optimizer
+from journey_dist.train import StepHooks, StepResult, TrainConfig, make_optimizer, train_step
 
 
 def expert_groups_of(mesh: Mesh) -> ExpertGroups:
@@ -342,13 +342,15 @@ def router_parity(model: nn.Module, reference: nn.Module, x: torch.Tensor,
 def run_expert_parallel(config: GPTConfig, data: TokenData, cfg: TrainConfig, pcfg: ParallelConfig, *,
                         seed: int = 0) -> RunResult:
     """Train fresh_model(config, seed) with dp x tp ranks, experts split over ep inside dp, with the
-    shared loop; then measure one more step's collectives.
+    shared loop, every training step inside a CommLedger.
 
     The RunResult holds: losses (the dp mean, every step); params and first-step grads of this rank
     (dense ones full, tp shards gathered; its own experts) under the plain GPT's names; state_bytes
-    {"params", "optimizer", "expert_params", "expert_optimizer"} of this rank; comm: the measured
-    step by group name (group_names), analytic: expected_collectives for that step's routing;
-    details["routing"]: per step, the whole batch's routing (RouterLog.global_steps); the model.
+    {"params", "optimizer", "expert_params", "expert_optimizer"} of this rank; comm: the last step's
+    collectives by group name (group_names), analytic: expected_collectives for that step's routing;
+    details: "routing" (per step, the whole batch's: RouterLog.global_steps), "steps" (per step, this
+    rank's measured collectives and their formula), "ledger_matches" (measured == formula for every
+    collective of every step on every rank), "groups"; the model.
     """
     pcfg.validate(config, dist.get_world_size(), cfg.batch_size)
     device = comm_device()
@@ -361,32 +363,51 @@ def run_expert_parallel(config: GPTConfig, data: TokenData, cfg: TrainConfig, pc
         model_parallel_seed(cfg.seed, mesh.tp_rank)
     model = expert_parallel(model, groups).to(device)
     optimizer = make_optimizer(model, cfg)
-    hooks = expert_parallel_hooks(model, groups, tp_group)
     log = RouterLog(model)
+    ledgers: list[CommLedger] = []
+
+    def step_in_ledger(*args, **kwargs) -> StepResult:
+        with CommLedger() as ledger:
+            result = train_step(*args, **kwargs)
+        ledgers.append(ledger)
+        return result
+
+    hooks = expert_parallel_hooks(model, groups, tp_group)
+    hooks = hooks.then_sync(log.end_step).with_(step_fn=step_in_ledger)
     name = f"dp{pcfg.dp} ep{pcfg.ep}" + (f" tp{pcfg.tp}" if pcfg.tp > 1 else "")
-    run = run_and_capture(model, data, cfg, hooks.then_sync(log.end_step), name=name, optimizer=optimizer)
+    run = run_and_capture(model, data, cfg, hooks, name=name, optimizer=optimizer)
     log.close()
     if tp_group is not None:
         run.params, run.grads = gather_tensors(model, run.params), gather_tensors(model, run.grads)
     experts = [p for p in model.parameters() if is_expert(p)]
-    dense = [p for p in model.parameters() if not is_expert(p)]
     run.state_bytes = {"params": storage_bytes(model.parameters()),
                        "optimizer": _moment_bytes(optimizer, model.parameters()),
                        "expert_params": storage_bytes(experts),
                        "expert_optimizer": _moment_bytes(optimizer, experts)}
-    measured = RouterLog(model)
-    ledger = measure_one_step(model, optimizer, data, cfg, hooks)
-    measured.close()
     names = group_names(groups, tp_group)
-    run.comm = comm_by_group(ledger, names)
     by_kind = {kind: name for name in names.values() for kind in name.split("=")}
-    run.analytic = expected_collectives(config, pcfg, cfg, measured.current, names=by_kind,
-                                        dense_numel=sum(p.numel() for p in dense),
-                                        expert_numel=sum(p.numel() for p in experts))
-    run.details = {"routing": log.global_steps(groups.dp, config.n_layer), "groups": sorted(names.values()),
-                   "measured_forwards": measured.current}
+    sizes = {"expert_numel": sum(p.numel() for p in experts),
+             "dense_numel": sum(p.numel() for p in model.parameters() if not is_expert(p))}
+    steps = [{"comm": comm_by_group(ledger, names),
+              "formula": expected_collectives(config, pcfg, cfg, forwards, names=by_kind, **sizes)}
+             for ledger, forwards in zip(ledgers, log.steps, strict=True)]
+    run.comm, run.analytic = steps[-1]["comm"], steps[-1]["formula"]
+    matches = torch.tensor(float(all(_same_calls_bytes(s["comm"], s["formula"]) for s in steps)),
+                           device=device)
+    dist.all_reduce(matches, op=dist.ReduceOp.MIN)
+    run.details = {"routing": log.global_steps(groups.dp, config.n_layer), "steps": steps,
+                   "ledger_matches": bool(matches.item()), "groups": sorted(names.values())}
     run.model = model
     return run
+
+
+def _same_calls_bytes(measured: Comm, formula: Comm) -> bool:
+    """Every group and op in both, with equal calls and bytes."""
+    return measured.keys() == formula.keys() and all(
+        measured[g].keys() == formula[g].keys()
+        and all(measured[g][op]["calls"] == formula[g][op]["calls"]
+                and measured[g][op]["bytes"] == formula[g][op]["bytes"] for op in measured[g])
+        for g in measured)
 
 
 def _moment_bytes(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
