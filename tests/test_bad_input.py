@@ -266,6 +266,14 @@ LAB_CASES = [
     pytest.param("01_single_device.py", [], r"cannot write results to .*/01_single_device: .*runs is a file",
                  r"pass --out DIR \(or set JOURNEY_RUNS_DIR\)", _runs_file, id="lab01 runs/ is a file",
                  marks=slow),
+    pytest.param("12_mixture_of_experts.py", ["--capacity-factor", "0"],
+                 r"moe_capacity_factor=0.0 must be > 0", r"or None \(no token dropped\)", None,
+                 id="lab12 --capacity-factor 0"),
+    pytest.param("12_mixture_of_experts.py", ["--ranks", "6", "--ep", "3"],
+                 r"ep=3 does not divide n_experts=8", r"use an ep in \[1, 2, 4, 8\]", None, id="lab12 --ep 3",
+                 marks=slow),
+    pytest.param("12_mixture_of_experts.py", ["--top-k", "9"], r"moe_top_k=9: each token picks top-k of",
+                 r"use 1 <= moe_top_k <= 8", None, id="lab12 --top-k 9", marks=slow),
 ]
 
 
