@@ -22,13 +22,15 @@ def _cmd_presets(_args: argparse.Namespace) -> None:
     from journey_dist.model import GPT
 
     print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'kv':>3} {'d_model':>7} {'mlp':>6} {'vocab':>7} "
-          f"{'ctx':>5} {'norm / mlp / positions':<26} {'params':>15}")
+          f"{'ctx':>5} {'norm / mlp / positions':<26} {'params':>15}  experts")
     for name, cfg in PRESETS.items():
         with torch.device("meta"):  # count without allocating
             n = GPT(cfg).num_params()
         arch = f"{cfg.norm} / {cfg.mlp} / {cfg.positions}"
+        width = cfg.expert_dim if cfg.n_experts else cfg.mlp_dim  # an MoE: each expert's width
+        experts = f"  {cfg.n_experts}, top-{cfg.moe_top_k}" if cfg.n_experts else ""
         print(f"{name:<12} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.kv_heads:>3} {cfg.n_embd:>7} "
-              f"{cfg.mlp_dim:>6} {cfg.vocab_size:>7} {cfg.block_size:>5} {arch:<26} {n:>15,}")
+              f"{width:>6} {cfg.vocab_size:>7} {cfg.block_size:>5} {arch:<26} {n:>15,}{experts}")
 
 
 def _cmd_estimate(args: argparse.Namespace) -> None:

@@ -59,9 +59,10 @@ class GPTConfig:
     n_experts: int = 0
     moe_top_k: int = 2  # experts per token
     moe_hidden: int | None = None  # each expert's MLP width; None: mlp_dim
-    # None: no token is dropped. A number cf: each expert takes at most ceil(cf * tokens * k / E) of
-    # the (token, expert) pairs of one forward, first come first served in token order; the rest
-    # are dropped (the token keeps its residual and its other experts).
+    # None: no token is dropped. A number cf: while training, each expert takes at most
+    # ceil(cf * tokens * k / E) of the (token, expert) pairs of one forward (over the whole global
+    # batch), first come first served in token order; the rest are dropped (the token keeps its
+    # residual and its other experts). Evaluation and generation drop nothing.
     moe_capacity_factor: float | None = None
     moe_router: str = "topk_softmax"  # or "softmax_topk" (ROUTERS)
     moe_aux_coef: float = 0.01  # Switch/GShard load-balancing loss, added per MoE layer
