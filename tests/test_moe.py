@@ -2,16 +2,20 @@
 token-by-token computation, the auxiliary losses, Hugging Face Mixtral weight for weight, and the
 memory estimate against the CPU tensor ledger."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from journey_dist import moe
-from journey_dist.config import ConfigError, GPTConfig, get_preset
+from journey_dist.cli import main as journey
+from journey_dist.config import ConfigError, GPTConfig, ParallelConfig, get_preset
 from journey_dist.memory.estimate import estimate_memory, param_count
 from journey_dist.memory.measure import measure_config
 from journey_dist.memory.sizes import active_param_count, expert_param_count, model_tensors
 from journey_dist.model import GPT, MoE, hf_config_from
+from journey_dist.parallel.compose import check_3d
 from journey_dist.parity import fresh_model
 from journey_dist.report import parity_table
 
@@ -186,3 +190,22 @@ def test_parity_table_holds_each_key_to_its_own_tolerance():
     assert parity_table(diffs, tol=1e-5).splitlines()[1].endswith("NO")
     per_key = {"loss": 1e-5, "grad": 1e-5, "param": 1e-4}
     assert parity_table(diffs, tol=per_key).splitlines()[1].endswith("yes")
+
+
+def test_journey_plan_and_estimate_take_moe_presets_and_ep(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("JOURNEY_RUNS_DIR", str(tmp_path))
+    assert journey(["plan", "--preset", "moe-mini", "--dp", "4", "--ep", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    mm = get_preset("moe-mini")
+    assert plan["stages"][0]["params"] == param_count(mm, ep=2) == param_count(mm) - expert_param_count(mm, 2)
+    comm = plan["stages"][0]["comm"]
+    tokens = 8 // 4 * 128  # the default batch 8 over dp 4, 128 tokens each
+    a2a = mm.n_layer * (8 * 8 + 2 * 2 * tokens * 2 * 128 * 4)  # 8E + 2(M + R)·C·4, M = R = 2 tokens
+    assert comm["ep"]["all_to_all"]["bytes"] == a2a
+    assert comm["edp"]["all_reduce"]["bytes"] == expert_param_count(mm, 2) * 4  # two owners per expert
+    assert journey(["estimate", "--preset", "moe-mini", "--ep", "2", "--measure", "no"]) == 0
+    out = capsys.readouterr().out
+    assert "assuming --dp 2" in out and f"{active_param_count(mm):,} active per token" in out
+    with pytest.raises(ConfigError, match="3D run's stages have no mixture of experts"):
+        check_3d(ParallelConfig(dp=2), mm)
+
