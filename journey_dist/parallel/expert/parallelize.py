@@ -8,7 +8,10 @@ the dense parts (attention, embeddings, router) data parallel, optionally tensor
 A step equals one process training the whole model on the whole global batch (float rounding
 apart; tests: 1e-5 in fp32), with and without token dropping, because (layer.py, moe.py) the
 capacity and the load-balancing loss are taken over the global batch, tokens are queued at an
-expert in global token order, and the gradients are reduced as below.
+expert in global token order, and the gradients are reduced as below. With gradient accumulation
+the "batch" of a forward is micro-step i of every dp rank together: the one process it equals
+takes those rows as its micro-batch i (not reference_run's rows i·B/m..: capacity and the balance
+loss depend on which tokens share a forward).
 
 After backward (`sync_expert_parallel_grads`): each rank's gradient is that of its own mean loss,
 D = dp times the one-process gradient of its tokens. Dense gradients: all-reduce (sum) over dp, /D.
