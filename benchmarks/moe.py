@@ -37,14 +37,8 @@ from journey_dist.config import ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens, microbatches, shard
 from journey_dist.memory.sizes import expert_param_count, param_count
 from journey_dist.mesh import build_mesh
-from journey_dist.parallel.expert.parallelize import (
-    RouterLog,
-    expected_collectives,
-    expert_groups_of,
-    expert_parallel,
-    expert_parallel_hooks,
-    planned_comm,
-)
+from journey_dist.parallel.expert.accounting import RouterLog, expected_collectives, planned_comm
+from journey_dist.parallel.expert.parallelize import expert_groups_of, expert_parallel, expert_parallel_hooks
 from journey_dist.parity import fresh_model
 from journey_dist.runtime import spawn
 from journey_dist.train import StepHooks, TrainConfig, make_optimizer, train_step

@@ -34,7 +34,7 @@ from journey_dist.memory.estimate import (
 from journey_dist.memory.sizes import expert_param_count
 from journey_dist.mesh import layout_text
 from journey_dist.parallel.compose import expected_comm_per_step
-from journey_dist.parallel.expert.parallelize import planned_comm
+from journey_dist.parallel.expert.accounting import planned_comm
 from journey_dist.parallel.pipeline.stage import stage_layers
 from journey_dist.parallel.pipeline.timeline import bubble_formula
 from journey_dist.parallel.sharding.zero import padded_numel

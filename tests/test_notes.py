@@ -44,7 +44,7 @@ from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, per_byte_perplexity
 from journey_dist.parallel.compose import expected_comm_per_step
 from journey_dist.parallel.data.replicas import bucket_layout, planned_buckets
-from journey_dist.parallel.expert.parallelize import even_load_forwards, expected_collectives, planned_comm
+from journey_dist.parallel.expert.accounting import even_load_forwards, expected_collectives, planned_comm
 from journey_dist.parallel.pipeline.timeline import bubble_formula
 from journey_dist.parallel.sharding.deepspeed import deepspeed_config
 from journey_dist.parallel.sharding.fsdp import unit_bytes

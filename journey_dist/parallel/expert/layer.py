@@ -70,6 +70,11 @@ def build_expert_groups(dp_groups: list[list[int]], ep: int) -> ExpertGroups:
                         dist.get_rank(ep_group), dist.get_world_size(ep_group))
 
 
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The model's MoE layers in block order."""
+    return [block.mlp for block in model.transformer.h if isinstance(block.mlp, MoE)]
+
+
 class ExpertParallelMoE(MoE):
     """`moe`'s router and shared expert, and only this rank's experts (named by their global index,
     so parameter names stay the plain GPT's: mlp.experts.<e>...). Local experts' parameters carry
