@@ -29,13 +29,15 @@ EXIT_DOES_NOT_FIT = 3  # journey plan --gpu-mem: some pipeline stage peaks above
 
 def _cmd_presets(_args: argparse.Namespace) -> None:
     print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'kv':>3} {'d_model':>7} {'mlp':>6} {'vocab':>7} "
-          f"{'ctx':>5} {'norm / mlp / positions':<26} {'params':>15}")
+          f"{'ctx':>5} {'norm / mlp / positions':<26} {'params':>15}  experts")
     for name, cfg in PRESETS.items():
         with torch.device("meta"):  # count without allocating
             n = GPT(cfg).num_params()
         arch = f"{cfg.norm} / {cfg.mlp} / {cfg.positions}"
+        width = cfg.expert_dim if cfg.n_experts else cfg.mlp_dim  # an MoE: each expert's width
+        experts = f"  {cfg.n_experts}, top-{cfg.moe_top_k}" if cfg.n_experts else ""
         print(f"{name:<12} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.kv_heads:>3} {cfg.n_embd:>7} "
-              f"{cfg.mlp_dim:>6} {cfg.vocab_size:>7} {cfg.block_size:>5} {arch:<26} {n:>15,}")
+              f"{width:>6} {cfg.vocab_size:>7} {cfg.block_size:>5} {arch:<26} {n:>15,}{experts}")
 
 
 def _cmd_estimate(args: argparse.Namespace) -> None:
@@ -54,7 +56,8 @@ def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     pcfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, microbatches=args.microbatches,
-                          zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule)
+                          zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule,
+                          ep=args.ep)
     plan = make_plan(get_preset(args.preset), pcfg, batch=args.batch, seq=args.seq, dtype=args.dtype,
                      optimizer=args.optimizer, world=args.world, device=args.device,
                      gpu_mem=None if args.gpu_mem is None else parse_bytes(args.gpu_mem))
@@ -66,6 +69,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt-mini")
     for name in ("dp", "tp", "pp", "microbatches"):
         parser.add_argument(f"--{name}", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel (MoE presets): experts split over "
+                        "ep ranks inside dp (ep divides dp and the number of experts)")
     parser.add_argument("--batch", type=int, default=8, help="global batch in sequences per step")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES,

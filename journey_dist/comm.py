@@ -14,7 +14,8 @@ open ledger and hides its own all-reduce from the dispatcher, so each is counted
 `analytic(op, buffers, n)` is the volume a scheme should hand to collectives, for comparison.
 
 "bytes" is the size of the full buffer handed to the collective (all-reduce: the
-tensor; all-gather: the gathered output; reduce-scatter: the unsharded input).
+tensor; all-gather: the gathered output; reduce-scatter: the unsharded input; all-to-all: the
+input this rank hands over, which with uneven splits is not the size of what it receives).
 "wire" is what one rank sends on a ring for that buffer:
 all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n, all-to-all (n-1)/n,
 broadcast / send 1x (the sender's copy).
@@ -110,7 +111,13 @@ def _group_of(args) -> tuple[int, ...]:
     return tuple(range(dist.get_world_size()))
 
 
+# all-to-all ops: which argument is this rank's input (c10d: (output, input, ...); functional: (input, ...))
+_ALL_TO_ALL_INPUT = {"alltoall_base_": 1, "alltoall_": 1, "all_to_all_single": 0}
+
+
 def _buffer_bytes(kind: str, name: str, args) -> int:
+    if name in _ALL_TO_ALL_INPUT:
+        return sum(t.numel() * t.element_size() for t in _tensors(args[_ALL_TO_ALL_INPUT[name]]))
     tensor_args = [_tensors(a) for a in args]
     sizes = [sum(t.numel() * t.element_size() for t in ts) for ts in tensor_args if ts]
     if not sizes:

@@ -17,6 +17,9 @@ class ConfigError(ValueError):
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi")
+# MoE routers: "topk_softmax" (Mixtral) softmaxes the k chosen logits, so a token's weights sum to 1;
+# "softmax_topk" (Switch, GShard, DeepSeek) softmaxes all E logits and keeps the k largest (sum < 1).
+ROUTERS = ("topk_softmax", "softmax_topk")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,11 @@ class GPTConfig:
     fused c_attn, biases, tied head. Llama: norm="rmsnorm", mlp="swiglu" (gate/up/down),
     positions="rope", n_kv_head < n_head (grouped-query attention), bias=False, untied head.
     model.py documents the module names and shapes of both layouts.
+
+    Mixture of experts (n_experts > 0): every block's MLP becomes model.MoE, a router and
+    n_experts MLPs of the family's kind (GELU or SwiGLU) of width moe_hidden; each token goes
+    through its moe_top_k experts. The moe_* fields mean nothing without experts, so setting one
+    while n_experts=0 is an error.
     """
 
     n_layer: int = 4
@@ -47,6 +55,19 @@ class GPTConfig:
     # None: GPT-2's multi-head attention (fused c_attn). A number: separate q/k/v/o projections
     # with n_kv_head key/value heads, each shared by n_head / n_kv_head query heads (GQA; 1 is MQA).
     n_kv_head: int | None = None
+    # Mixture of experts (model.MoE; journey_dist/moe.py has the routing rules). 0: a dense MLP.
+    n_experts: int = 0
+    moe_top_k: int = 2  # experts per token
+    moe_hidden: int | None = None  # each expert's MLP width; None: mlp_dim
+    # None: no token is dropped. A number cf: while training, each expert takes at most
+    # ceil(cf * tokens * k / E) of the (token, expert) pairs of one forward (over the whole global
+    # batch), first come first served in token order; the rest are dropped (the token keeps its
+    # residual and its other experts). Evaluation and generation drop nothing.
+    moe_capacity_factor: float | None = None
+    moe_router: str = "topk_softmax"  # or "softmax_topk" (ROUTERS)
+    moe_aux_coef: float = 0.01  # Switch/GShard load-balancing loss, added per MoE layer
+    moe_z_coef: float = 0.0  # router z-loss (ST-MoE): mean of logsumexp(logits)^2, per MoE layer
+    moe_shared_hidden: int = 0  # width of a shared expert every token also goes through (0: none)
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
@@ -91,6 +112,42 @@ class GPTConfig:
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta={self.rope_theta!r} must be > 0 (10,000 in the RoPE paper, "
                               "500,000 in Llama 3)")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        """The mixture-of-experts switches: only with experts, and each in its range."""
+        if not isinstance(self.n_experts, int) or self.n_experts < 0:
+            raise ConfigError(f"n_experts={self.n_experts!r} must be an integer >= 0 (0: a dense MLP; "
+                              "Mixtral has 8)")
+        if self.n_experts == 0:
+            defaults = GPTConfig.__dataclass_fields__
+            changed = [n for n in MOE_FIELDS if getattr(self, n) != defaults[n].default]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} set but n_experts=0 (a dense MLP): set n_experts "
+                                  "(e.g. 8) for a mixture of experts, or leave the moe_* fields out")
+            return
+        if not isinstance(self.moe_top_k, int) or not 1 <= self.moe_top_k <= self.n_experts:
+            raise ConfigError(f"moe_top_k={self.moe_top_k!r}: each token picks top-k of n_experts="
+                              f"{self.n_experts} experts, so use 1 <= moe_top_k <= {self.n_experts} "
+                              "(Mixtral: 2 of 8)")
+        if self.moe_capacity_factor is not None and not (
+                isinstance(self.moe_capacity_factor, (int, float)) and self.moe_capacity_factor > 0):
+            raise ConfigError(f"moe_capacity_factor={self.moe_capacity_factor!r} must be > 0 (1.0: room for "
+                              "a perfectly even load; 1.25 is common) or None (no token dropped)")
+        if self.moe_router not in ROUTERS:
+            raise ConfigError(f"moe_router={self.moe_router!r} is unknown; use one of "
+                              f"{', '.join(repr(r) for r in ROUTERS)}")
+        for name in ("moe_aux_coef", "moe_z_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"{name}={value!r} must be >= 0 (0: off; typical 0.01 for the "
+                                  "load-balancing loss, 0.001 for the z-loss)")
+        if self.moe_hidden is not None and (not isinstance(self.moe_hidden, int) or self.moe_hidden < 1):
+            raise ConfigError(f"moe_hidden={self.moe_hidden!r} must be a positive integer, or None (each "
+                              f"expert as wide as the dense MLP, {self.mlp_dim})")
+        if not isinstance(self.moe_shared_hidden, int) or self.moe_shared_hidden < 0:
+            raise ConfigError(f"moe_shared_hidden={self.moe_shared_hidden!r} must be an integer >= 0 "
+                              "(0: no shared expert)")
 
     @property
     def head_dim(self) -> int:
@@ -115,12 +172,21 @@ class GPTConfig:
             return self.mlp_hidden
         return 4 * self.n_embd if self.mlp == "gelu" else llama_ffn_dim(self.n_embd, multiple_of=32)
 
+    @property
+    def expert_dim(self) -> int:
+        """Each expert's MLP width: moe_hidden, else the dense MLP's (mlp_dim)."""
+        return self.mlp_dim if self.moe_hidden is None else self.moe_hidden
+
     def with_(self, **changes) -> GPTConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MOE_FIELDS = ("moe_top_k", "moe_hidden", "moe_capacity_factor", "moe_router", "moe_aux_coef", "moe_z_coef",
+              "moe_shared_hidden")
 
 
 def llama_ffn_dim(n_embd: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -138,6 +204,9 @@ def llama_ffn_dim(n_embd: int, multiple_of: int = 256, ffn_dim_multiplier: float
 # Llama 3.1, whose 128K context also rescales RoPE: not modelled here).
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=False)
 _LLAMA3 = dict(_LLAMA, vocab_size=128_256, block_size=8192, rope_theta=500_000.0, n_kv_head=8)
+# Mixture of experts as Mixtral: 8 experts, each token through 2, no token dropped; Switch's
+# load-balancing coefficient and ST-MoE's z-loss coefficient.
+_MOE = dict(n_experts=8, moe_top_k=2, moe_aux_coef=0.01, moe_z_coef=0.001)
 
 PRESETS: dict[str, GPTConfig] = {
     # Tests: builds and runs in milliseconds.
@@ -151,6 +220,13 @@ PRESETS: dict[str, GPTConfig] = {
     # gpt-mini's size as a Llama: RMSNorm, SwiGLU (352 = llama_ffn_dim(128, 32)), RoPE, 2 kv heads.
     "llama-mini": GPTConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, vocab_size=256, block_size=128,
                             mlp_hidden=llama_ffn_dim(128, multiple_of=32), **_LLAMA),
+    # gpt-mini with 8 experts per block, each half gpt-mini's MLP width (256 of 512), top-2: a token
+    # goes through as many MLP weights as in gpt-mini, the model holds 4 times as many.
+    "moe-mini": GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=256, block_size=128, moe_hidden=256,
+                          **_MOE),
+    # llama-mini with 8 SwiGLU experts (width 352) per block, top-2: Mixtral's layout, CPU-sized.
+    "mixtral-mini": GPTConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, vocab_size=256, block_size=128,
+                              mlp_hidden=llama_ffn_dim(128, multiple_of=32), **_LLAMA, **_MOE),
     "llama3-8b": GPTConfig(n_layer=32, n_head=32, n_embd=4096, mlp_hidden=llama_ffn_dim(4096, 1024, 1.3),
                            **_LLAMA3),
     "llama3-70b": GPTConfig(n_layer=80, n_head=64, n_embd=8192, mlp_hidden=llama_ffn_dim(8192, 4096, 1.3),
@@ -173,7 +249,9 @@ class ParallelConfig:
 
     Rank layout (as in Megatron): tp varies fastest, then cp, dp, pp, so the ranks of one
     tensor-parallel group are neighbours (same node, fastest links). cp (context parallel) splits
-    every sequence over its ranks; 1 means not split.
+    every sequence over its ranks; 1 means not split. ep (expert parallel) splits a mixture of
+    experts' experts over ep consecutive ranks of each dp group (inside dp, as Megatron and
+    DeepSpeed-MoE): it adds no ranks, so ep divides dp.
     """
 
     dp: int = 1
@@ -185,6 +263,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     schedule: str = "1f1b"  # pipeline schedule: "gpipe" or "1f1b"
     pad_vocab: bool = False  # tp: pad the vocabulary to a multiple of tp (padded logits masked)
+    ep: int = 1  # expert parallel, inside dp (parallel/expert)
 
     @property
     def world_size(self) -> int:
@@ -202,7 +281,7 @@ class ParallelConfig:
         global_batch: int | None = None,
     ) -> ParallelConfig:
         """Raise ConfigError naming the problem and the fix; return self when valid."""
-        for name in ("dp", "cp", "tp", "pp", "microbatches"):
+        for name in ("dp", "cp", "tp", "pp", "microbatches", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer; "
@@ -217,6 +296,10 @@ class ParallelConfig:
                 f"has {world_size} ranks; launch with --nproc_per_node={self.world_size} "
                 f"or change dp/tp/pp so their product is {world_size}"
             )
+        if self.dp % self.ep:
+            raise ConfigError(f"ep={self.ep} does not divide dp={self.dp}: expert parallel splits the "
+                              f"experts over ep ranks of each data-parallel group; use an ep in "
+                              f"{_divisors(self.dp)} or dp a multiple of {self.ep}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("sequence_parallel needs tp > 1 (it splits the sequence over tp); use tp >= 2 "
                               "or turn sequence_parallel off")
@@ -246,7 +329,8 @@ class ParallelConfig:
                     f"key/value heads (k_proj and v_proj are split by kv heads); use a tp in "
                     f"{_divisors(model.kv_heads)} or more kv heads (n_kv_head a multiple of {self.tp})"
                 )
-            if model.mlp_dim % self.tp:
+            self._check_experts(model)
+            if not model.n_experts and model.mlp_dim % self.tp:
                 raise ConfigError(
                     f"tp={self.tp} does not divide the MLP width {model.mlp_dim} (its columns are split "
                     f"over tp); use a tp in {_divisors(model.mlp_dim)} or mlp_hidden a multiple of {self.tp}"
@@ -281,6 +365,24 @@ class ParallelConfig:
                     f"{self.dp}*{self.microbatches} = {per_dp}; use a multiple of {per_dp}"
                 )
         return self
+
+    def _check_experts(self, model: GPTConfig) -> None:
+        """What expert parallel needs from the model, and what a mixture of experts runs with."""
+        if self.ep > 1 and not model.n_experts:
+            raise ConfigError(f"ep={self.ep} splits the experts of a mixture of experts, but this model is "
+                              "dense (n_experts=0); use ep=1 or an MoE preset (moe-mini, mixtral-mini)")
+        if not model.n_experts:
+            return
+        if model.n_experts % self.ep:
+            raise ConfigError(f"ep={self.ep} does not divide n_experts={model.n_experts}: every ep rank "
+                              f"holds the same number of experts; use an ep in {_divisors(model.n_experts)}")
+        unsupported = [(self.pp > 1, f"pp={self.pp}"), (self.cp > 1, f"cp={self.cp}"),
+                       (self.sequence_parallel, "sequence_parallel")]
+        for bad, what in unsupported:
+            if bad:
+                raise ConfigError(f"{what} with a mixture of experts (n_experts={model.n_experts}) is not "
+                                  "implemented: MoE runs with dp, ep and tp (lab 12); use pp=1, cp=1 and "
+                                  "sequence_parallel off, or a dense preset")
 
 
 # The linear layers of every GPT-mini block (model.py), the names LoRA can target.
@@ -324,6 +426,10 @@ class LoRAConfig:
 
     def validate(self, model: GPTConfig) -> LoRAConfig:
         """Raise ConfigError naming the problem and the fix; return self when valid."""
+        if model.n_experts:
+            raise ConfigError(f"LoRA on a mixture of experts (n_experts={model.n_experts}) is not "
+                              "implemented: its MLP is E experts, not one c_fc/c_proj; use a dense preset "
+                              "(gpt-mini)")
         if isinstance(self.targets, str) or not self.targets:
             raise ConfigError(f"targets={self.targets!r} must be a non-empty tuple of module names, "
                               f"e.g. {LORA_LINEARS}")

@@ -19,6 +19,14 @@ norm="rmsnorm" (ln_1/ln_2/ln_f are RMSNorm(C)), positions="rope" (no wpe) and
     transformer.h.<i>.mlp.gate_proj (F, C), .up_proj (F, C), .down_proj (C, F)   SwiGLU
     lm_head (V, C) untied
 
+Mixture of experts (n_experts = E > 0; presets moe-mini, mixtral-mini): every block's mlp is an
+MoE, E experts of the family's MLP, width F_e = expert_dim, and a router:
+
+    transformer.h.<i>.mlp.router (E, C)                          no bias
+    transformer.h.<i>.mlp.experts.<e>.c_fc (F_e, C), .c_proj      GPT-2 family (GELU experts)
+    transformer.h.<i>.mlp.experts.<e>.gate_proj, .up_proj, .down_proj    Llama family (Mixtral)
+    transformer.h.<i>.mlp.shared_expert.*                        optional (moe_shared_hidden)
+
 Query head h reads key/value head h // (H/K). Tensor parallel over t ranks therefore splits
 q_proj's rows by query heads (H/t each), k_proj's and v_proj's rows by kv heads (K/t each, so t
 must divide K), o_proj's columns by query heads; rank r's query heads r·H/t.. then find their
@@ -42,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from journey_dist import hf_interop
+from journey_dist import hf_interop, moe
 from journey_dist.config import GPTConfig
 from journey_dist.positions import alibi_bias, alibi_slopes, apply_rope, rope_tables, sinusoidal_table
 
@@ -171,13 +179,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, imp
 
 
 class MLP(nn.Module):
-    """GPT-2's MLP: c_proj(GELU(c_fc(x))), (B,T,C) -> (B,T,F) -> (B,T,C)."""
+    """GPT-2's MLP: c_proj(GELU(c_fc(x))), (B,T,C) -> (B,T,F) -> (B,T,C). `hidden` overrides F
+    (an expert's or a shared expert's width)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: int | None = None):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim, bias=config.bias)
+        F_ = config.mlp_dim if hidden is None else hidden
+        self.c_fc = nn.Linear(config.n_embd, F_, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(F_, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,9 +201,9 @@ class SwiGLU(nn.Module):
     takes F about 2/3 of GPT-2's 4C for the same parameters (config.llama_ffn_dim).
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: int | None = None):
         super().__init__()
-        C, F_, bias = config.n_embd, config.mlp_dim, config.bias
+        C, F_, bias = config.n_embd, config.mlp_dim if hidden is None else hidden, config.bias
         self.gate_proj = nn.Linear(C, F_, bias=bias)
         self.up_proj = nn.Linear(C, F_, bias=bias)
         self.down_proj = nn.Linear(F_, C, bias=bias)
@@ -201,6 +211,85 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def make_mlp(config: GPTConfig, hidden: int | None = None) -> nn.Module:
+    """The family's MLP (GELU or SwiGLU) of width `hidden` (default mlp_dim)."""
+    return SwiGLU(config, hidden) if config.mlp == "swiglu" else MLP(config, hidden)
+
+
+class MoE(nn.Module):
+    """Mixture of experts in place of a block's MLP (config.n_experts > 0); journey_dist/moe.py has
+    the rules. (B, T, C) -> (B, T, C):
+
+        router (E, C), no bias        logits per token; route(): top-k experts and gate weights
+        experts.<e>                   E MLPs of the family's kind, width expert_dim (MLP or SwiGLU)
+        shared_expert (optional)      one more MLP every token goes through (moe_shared_hidden)
+
+    Each token's output is the gate-weighted sum of its k experts' outputs (+ the shared expert's).
+    While training with a capacity factor, pairs beyond an expert's capacity are dropped (evaluation
+    and generation drop nothing). Every expert runs every step, on zero rows if none chose it, so each
+    has a gradient (zero) and AdamW treats all alike.
+
+    After each forward, `aux_loss` holds moe_aux_coef x balance + moe_z_coef x z of this layer
+    (GPT.forward adds the layers' sum to the training loss, see `moe_loss`) and `stats` the router's
+    counts. Expert parallel (parallel/expert) subclasses this: the same forward, with the batch view
+    (counts of every data-parallel rank) and the experts' run (all-to-all to their owners) replaced.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.router_kind = config.n_experts, config.moe_top_k, config.moe_router
+        self.capacity_factor = config.moe_capacity_factor
+        self.aux_coef, self.z_coef = config.moe_aux_coef, config.moe_z_coef
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.experts = nn.ModuleList([make_mlp(config, config.expert_dim) for _ in range(config.n_experts)])
+        self.shared_expert = make_mlp(config, config.moe_shared_hidden) if config.moe_shared_hidden else None
+        self.aux_loss: torch.Tensor | None = None
+        self.stats: moe.RouterStats | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])  # (N, C), token order: row-major over (B, T)
+        n, E, k = tokens.size(0), self.n_experts, self.top_k
+        r = moe.route(self.router(tokens), k, self.router_kind)
+        counts = moe.expert_counts(r.experts, E)
+        batch_counts, offsets, batch_tokens = self.batch_view(counts, n)
+        keep = None
+        if self.capacity_factor is not None and self.training:
+            cap = moe.capacity(batch_tokens, E, k, self.capacity_factor)
+            keep = moe.keep_mask(r.experts, E, cap, offsets)
+        d = moe.plan_dispatch(r.experts, E, keep)
+        y = moe.combine(self.run_experts(tokens[d.token], d.counts), d, r.weights, n)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(tokens)
+        balance = moe.balance_loss(r.probs, batch_counts, batch_tokens, k)
+        z = moe.z_loss(r.logits)
+        self.aux_loss = self.aux_coef * balance + self.z_coef * z
+        self.stats = moe.RouterStats(counts, d.counts, balance.detach(), z.detach())
+        return y.view(shape)
+
+    def batch_view(self, counts: torch.Tensor,
+                   n_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(pairs per expert over the whole batch, pairs of earlier tokens per expert, tokens in the
+        batch). One process sees the whole batch: its own counts, nothing earlier, its tokens."""
+        return counts, None, n_tokens
+
+    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(M, C) rows sorted by expert, counts[e] of them for expert e -> their (M, C) outputs."""
+        chunks = rows.split(counts.tolist())
+        return torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+
+
+def moe_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of every MoE layer's aux_loss from the last forward (each cleared once read); None
+    for a dense model. Added once per forward to the training loss: Megatron's sum over layers."""
+    total = None
+    for module in model.modules():
+        if isinstance(module, MoE) and module.aux_loss is not None:
+            total = module.aux_loss if total is None else total + module.aux_loss
+            module.aux_loss = None
+    return total
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -269,7 +358,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
-        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+        self.mlp = MoE(config) if config.n_experts else make_mlp(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -358,12 +447,17 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (logits (B, T, V), mean cross-entropy or None). targets == -1 are ignored."""
+        """Return (logits (B, T, V), mean cross-entropy or None). targets == -1 are ignored.
+
+        A mixture of experts in training mode adds its layers' auxiliary losses (moe_loss) to the
+        cross-entropy; in eval mode the loss is the cross-entropy alone (a perplexity)."""
         logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
+            if self.config.n_experts and self.training:
+                loss = loss + moe_loss(self)
         return logits, loss
 
     @torch.no_grad()

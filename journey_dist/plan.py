@@ -11,6 +11,8 @@ Every number comes from the function the labs and tests check against a measurem
                  gradients and an all-gather of the weights over dp (sharding/zero.py's flat buffer)
     wire bytes   comm.ring_factor: what one rank sends on a ring for the bytes it hands over
     bubble       parallel/pipeline/timeline.bubble_formula, (p - 1) / (m + p - 1)
+    experts      a mixture of experts (MoE presets, --ep): parallel/expert/parallelize.planned_comm
+                 under an even load (ep all-to-alls, dp counts and dense gradients, edp experts)
 
 Sits at the top of the import flow with cli (it reads memory/* and parallel/*).
 """
@@ -29,8 +31,10 @@ from journey_dist.memory.estimate import (
     model_state_bytes,
     param_count,
 )
+from journey_dist.memory.sizes import expert_param_count
 from journey_dist.mesh import layout_text
 from journey_dist.parallel.compose import expected_comm_per_step
+from journey_dist.parallel.expert.accounting import planned_comm
 from journey_dist.parallel.pipeline.stage import stage_layers
 from journey_dist.parallel.pipeline.timeline import bubble_formula
 from journey_dist.parallel.sharding.zero import padded_numel
@@ -72,6 +76,8 @@ def comm_per_step(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int,
     """
     v = PRECISIONS[dtype].residual
     g = int(model_state_bytes(1, dtype)["grads"])
+    if cfg.n_experts:
+        return _expert_comm(cfg, pcfg, batch=batch, seq=seq, v=v, g=g, grad_clip=grad_clip)
     m, sizes = pcfg.microbatches, {"tp": pcfg.tp, "dp": pcfg.dp, "pp": pcfg.pp}
     train = TrainConfig(batch_size=batch, grad_accum=m, grad_clip=grad_clip)
     plain = replace(pcfg, zero=0, sequence_parallel=False, pad_vocab=False)  # vocab already padded
@@ -103,6 +109,20 @@ def comm_per_step(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int,
     return out, missing
 
 
+def _expert_comm(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int, v: int, g: int,
+                 grad_clip: float) -> tuple[dict, dict[str, str]]:
+    """comm_per_step for a mixture of experts (pp = 1), from planned_comm (an even load)."""
+    experts = expert_param_count(cfg, pcfg.ep)
+    dense = param_count(cfg, pcfg.tp, ep=pcfg.ep) - experts
+    raw = planned_comm(cfg, pcfg, batch=batch, seq=seq, dense_numel=dense, expert_numel=experts,
+                       bytes_per_value=v, grad_bytes=g, grad_clip=grad_clip)
+    sizes = {"tp": pcfg.tp, "dp": pcfg.dp, "ep": pcfg.ep, "edp": pcfg.dp // pcfg.ep}
+    missing = {"dp": "ZeRO with a mixture of experts is not modelled (the plan shows plain data parallel)"
+               } if pcfg.zero else {}
+    return {dim: {op: {"bytes": b, "wire_bytes": ring_factor(op, sizes[dim]) * b} for op, b in ops.items()}
+            for dim, ops in raw.items()}, missing
+
+
 def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | None = None,
               dtype: str = "fp32", optimizer: str = "adamw", gpu_mem: float | None = None,
               world: int | None = None, device: str = "cuda", grad_clip: float = 1.0,
@@ -125,11 +145,11 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
         est = estimate_memory(cfg, batch_size=batch, seq_len=seq, dtype=dtype, optimizer=optimizer,
                               dp=pcfg.dp, zero=pcfg.zero, tp=pcfg.tp, pp=pcfg.pp,
                               microbatches=pcfg.microbatches, sequence_parallel=pcfg.sequence_parallel,
-                              device=device, schedule=pcfg.schedule, stage=s)
+                              device=device, schedule=pcfg.schedule, stage=s, ep=pcfg.ep)
         comm, missing = comm_per_step(cfg, pcfg, batch=batch, seq=seq, stage=s, dtype=dtype,
                                       grad_clip=grad_clip)
         row = {"stage": s, "layers": len(stage_layers(cfg.n_layer, pcfg.pp)[s]),
-               "params": param_count(cfg, pcfg.tp, pcfg.pp, s),
+               "params": param_count(cfg, pcfg.tp, pcfg.pp, s, pcfg.ep),
                "memory": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
                           "model_states": est.params + est.grads + est.optimizer,
                           "activations": est.activations, "logits": est.logits, "peak": est.total,
@@ -143,7 +163,7 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
     busiest = max(stages, key=lambda r: r["memory"]["peak"])
     return {
         "model": cfg.to_dict(), "parallel": {k: getattr(pcfg, k) for k in (
-            "dp", "tp", "pp", "microbatches", "zero", "sequence_parallel", "schedule")},
+            "dp", "tp", "pp", "microbatches", "zero", "sequence_parallel", "schedule", "ep")},
         "world_size": pcfg.world_size, "batch": batch, "seq": seq, "dtype": dtype, "optimizer": optimizer,
         "device": device, "grad_clip": grad_clip, "notes": notes,
         "layout": layout_text(pcfg, limit=layout_limit),
@@ -158,7 +178,7 @@ def plan_text(plan: dict) -> str:
     """The plan as a learner reads it: checks passed, layout, memory and comm per stage, bubble."""
     p, m = plan["parallel"], plan["model"]
     fits_head = f"  fits {fmt_bytes(plan['gpu_mem'])}" if plan["gpu_mem"] else ""
-    zero = f" zero={p['zero']}" if p["zero"] else ""
+    zero = (f" zero={p['zero']}" if p["zero"] else "") + (f" ep={p['ep']}" if p.get("ep", 1) > 1 else "")
     lines = [f"plan: {m['n_layer']} layers x {m['n_embd']} d_model, vocab {m['vocab_size']}; global batch "
              f"{plan['batch']} x {plan['seq']} tokens, {plan['dtype']}, {plan['optimizer']}; "
              f"dp={p['dp']} tp={p['tp']} pp={p['pp']}{zero}" + (" +sp" if p["sequence_parallel"] else ""),

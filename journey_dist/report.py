@@ -50,10 +50,11 @@ def losses_table(reference: Sequence[float], runs: dict[str, Sequence[float]], d
                         *((name, name, f) for name in runs)])
 
 
-def parity_table(diffs: dict[str, dict[str, float | None]], *, tol: float | None = None,
+def parity_table(diffs: dict[str, dict[str, float | None]], *, tol: float | dict[str, float] | None = None,
                  against: str = "1 process", seconds: dict[str, float] | None = None) -> str:
     """Worst |difference| from the reference per run: loss, gradients, parameters (and any other key
-    the rows share), with a last column saying whether all are within `tol`."""
+    the rows share), with a last column saying whether all are within `tol` (one number, or one per
+    key: {"loss": 1e-5, "param": 1e-4})."""
     keys = [k for k in ("loss", "grad", "param", "val_loss") if any(k in d for d in diffs.values())]
     keys += sorted({k for d in diffs.values() for k in d} - set(keys))
     rows = []
@@ -62,13 +63,16 @@ def parity_table(diffs: dict[str, dict[str, float | None]], *, tol: float | None
         if seconds is not None:
             row["seconds"] = seconds.get(name)
         if tol is not None:
-            row["ok"] = "yes" if all(v is None or v <= tol for v in d.values()) else "NO"
+            limit = tol if isinstance(tol, dict) else dict.fromkeys(d, tol)
+            row["ok"] = "yes" if all(v is None or v <= limit[k] for k, v in d.items()) else "NO"
         rows.append(row)
     cols: list[Column] = [("name", f"vs {against}", str), *((k, f"max|{k}|", sci) for k in keys)]
     if seconds is not None:
         cols.append(("seconds", "train s", fixed(1)))
     if tol is not None:
-        cols.append(("ok", f"<= {tol:g}", str))
+        head = (f"<= {tol:g}" if not isinstance(tol, dict) else
+                "<= " + ", ".join(f"{tol[k]:g}" for k in keys if k in tol))
+        cols.append(("ok", head, str))
     return table(rows, cols)
 
 

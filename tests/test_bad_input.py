@@ -163,6 +163,24 @@ CASES = {
     "--skip-deepspeed with --ds-config": (  # --ds-config was silently ignored
         lambda tmp: choose_stages(None, "launch/deepspeed/zero2.json", True),
         r"--skip-deepspeed leaves out the DeepSpeed stages", r"pass one or the other"),
+    "ep does not divide the number of experts": (
+        lambda tmp: ParallelConfig(dp=6, ep=3).validate(get_preset("moe-mini"), world_size=6),
+        r"ep=3 does not divide n_experts=8", r"use an ep in \[1, 2, 4, 8\]"),
+    "ep does not divide dp": (
+        lambda tmp: ParallelConfig(dp=4, ep=3).validate(get_preset("moe-mini"), world_size=4),
+        r"ep=3 does not divide dp=4", r"use an ep in \[1, 2, 4\] or dp a multiple of 3"),
+    "top-k greater than the experts": (
+        lambda tmp: get_preset("moe-mini", moe_top_k=9),
+        r"moe_top_k=9: each token picks top-k of n_experts=8", r"use 1 <= moe_top_k <= 8"),
+    "capacity factor <= 0": (
+        lambda tmp: get_preset("moe-mini", moe_capacity_factor=0.0),
+        r"moe_capacity_factor=0.0 must be > 0", r"or None \(no token dropped\)"),
+    "expert parallel on a dense model": (
+        lambda tmp: ParallelConfig(dp=2, ep=2).validate(MINI, world_size=2),
+        r"ep=2 splits the experts of a mixture of experts, but this model is dense", r"use ep=1 or an MoE"),
+    "an MoE switch without experts": (
+        lambda tmp: GPTConfig(moe_top_k=1),
+        r"moe_top_k set but n_experts=0", r"set n_experts \(e.g. 8\)"),
 }
 
 
@@ -248,6 +266,14 @@ LAB_CASES = [
     pytest.param("01_single_device.py", [], r"cannot write results to .*/01_single_device: .*runs is a file",
                  r"pass --out DIR \(or set JOURNEY_RUNS_DIR\)", _runs_file, id="lab01 runs/ is a file",
                  marks=slow),
+    pytest.param("12_mixture_of_experts.py", ["--capacity-factor", "0"],
+                 r"moe_capacity_factor=0.0 must be > 0", r"or None \(no token dropped\)", None,
+                 id="lab12 --capacity-factor 0"),
+    pytest.param("12_mixture_of_experts.py", ["--ranks", "6", "--ep", "3"],
+                 r"ep=3 does not divide n_experts=8", r"use an ep in \[1, 2, 4, 8\]", None, id="lab12 --ep 3",
+                 marks=slow),
+    pytest.param("12_mixture_of_experts.py", ["--top-k", "9"], r"moe_top_k=9: each token picks top-k of",
+                 r"use 1 <= moe_top_k <= 8", None, id="lab12 --top-k 9", marks=slow),
 ]
 
 

@@ -72,3 +72,19 @@ def test_lab13_serving_claims(tmp_path):
         assert rank["greedy_identical"] and rank["weight_bytes"] == rank["weight_bytes_formula"]
         per_rank = rank["cache_bytes_per_rank"]
         assert per_rank == rank["cache_bytes_formula"] == rank["cache_bytes_one_process"] // 2
+
+
+def test_lab12_mixture_of_experts_claims(tmp_path):
+    args = ("--steps", "2", "--batch-size", "4", "--balance-steps", "20")
+    _, r = run_lab("12_mixture_of_experts", *args, runs_dir=tmp_path)
+    tol = r["tolerance"]
+    assert r["router"]["router_logits"] < tol["loss_grad_router"] and r["router"]["choices_differ"] == 0
+    for name, d in r["parity"].items():  # without and with dropping
+        assert d["loss"] < tol["loss_grad_router"] and d["grad"] < tol["loss_grad_router"], name
+        assert d["param"] < tol["param"], name
+    assert all(run["ledger_matches"] for run in r["runs"].values())
+    assert sum(s["dropped"] for s in r["runs"]["capacity 1.0"]["routing"]) > 0
+    assert all(row["measured"] == row["estimated"] for row in r["memory"].values())
+    off, on = r["balance"].values()  # without, then with the balancing loss: it evens the load out
+    assert on[-1] < off[-1] - 0.5 and on[-1] < max(on)
+

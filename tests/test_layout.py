@@ -16,7 +16,8 @@ LAYERS = [  # bottom first; a module is named by its first component under journ
     {"config"},
     {"fault_tolerance", "numerics", "scaling", "compression", "dcp_safe"},
     {"runtime", "mesh", "data", "comm", "tokenizer", "report"},  # report: tables only, no package imports
-    {"model", "positions", "hf_interop", "ngram"},
+    {"moe", "positions"},
+    {"model", "hf_interop", "ngram"},
     {"train"},
     {"parity", "extrapolation"},
     {"parallel"},

@@ -32,6 +32,8 @@ import torch
 import journey_dist.compression as compression
 import journey_dist.config as config
 import journey_dist.memory.estimate as estimate
+import journey_dist.memory.sizes as sizes
+import journey_dist.moe as moe
 import journey_dist.numerics as numerics
 import journey_dist.scaling as scaling
 from journey_dist.comm import analytic, ring_factor
@@ -42,6 +44,7 @@ from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, per_byte_perplexity
 from journey_dist.parallel.compose import expected_comm_per_step
 from journey_dist.parallel.data.replicas import bucket_layout, planned_buckets
+from journey_dist.parallel.expert.accounting import even_load_forwards, expected_collectives, planned_comm
 from journey_dist.parallel.pipeline.timeline import bubble_formula
 from journey_dist.parallel.sharding.deepspeed import deepspeed_config
 from journey_dist.parallel.sharding.fsdp import unit_bytes
@@ -143,7 +146,8 @@ once per test session), serving's quantized weight bytes, LoRA parameter counts 
 the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
 accounting and DeepSpeed's config builder, number formats (numerics.py), scaling laws
 (scaling.py), communication-reduction bytes (compression.py) and a small model's first
-gradients. None of them needs a process group."""
+gradients; a mixture of experts' routing rules (journey_dist.moe), parameter counts and
+expert-parallel bytes (planned_comm). None of them needs a process group."""
     ns = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")}
     ns.update({k: v for k, v in vars(config).items() if not k.startswith("_")})
     ns.update({k: v for k, v in vars(estimate).items() if not k.startswith("_")})
@@ -175,6 +179,12 @@ gradients. None of them needs a process group."""
     ns.update(padded_numel=padded_numel, shard_range=shard_range,
               unsharded_adamw_state_bytes=unsharded_adamw_state_bytes, unit_bytes=unit_bytes,
               deepspeed_config=deepspeed_config)
+    # mixture of experts: the routing rules, total/active/per-rank parameters, expert-parallel bytes
+    ns.update({k: getattr(moe, k) for k in ("route", "capacity", "keep_mask", "expert_counts", "balance_loss",
+                                            "z_loss", "imbalance")})
+    ns.update({k: getattr(sizes, k) for k in ("active_param_count", "expert_param_count", "expert_params")})
+    ns.update(planned_comm=planned_comm, expected_collectives=expected_collectives,
+              even_load_forwards=even_load_forwards)
     return ns
 
 

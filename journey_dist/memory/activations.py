@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from journey_dist.config import LORA_LINEARS, GPTConfig, LoRAConfig
-from journey_dist.memory.sizes import Precision, layer_matrix_params, model_tensors
+from journey_dist.memory.sizes import Precision, layer_matrix_params, layer_tensors, model_tensors
 
 # ---------------------------------------------------------------------- activations
 
@@ -62,7 +62,8 @@ class Shape:
     attn: str  # "sdpa" or "eager"
     dropout: bool
     device: str  # "cpu" or "cuda"
-    model: GPTConfig  # the switches: norm, mlp (width f), positions, kv heads
+    model: GPTConfig  # the switches: norm, mlp (width f), positions, kv heads, experts
+    ep: int = 1  # expert-parallel ranks (a mixture of experts)
 
     @property
     def kv(self) -> int:  # key/value heads (GQA: fewer than a)
@@ -79,6 +80,15 @@ class Shape:
     @property
     def swiglu(self) -> bool:
         return self.model.mlp == "swiglu"
+
+    @property
+    def mlp_readers(self) -> int:
+        """Linears reading ln_2's output: c_fc, or gate_proj and up_proj; a mixture of experts' router
+        (and a shared expert's first Linears: its experts read rows gathered from it)."""
+        per_mlp = 2 if self.swiglu else 1
+        if not self.model.n_experts:
+            return per_mlp
+        return 1 + (per_mlp if self.model.moe_shared_hidden else 0)
 
     @property
     def norm_stats(self) -> int:  # bytes per token one norm keeps: LayerNorm mean + rstd, RMSNorm rstd
@@ -172,11 +182,12 @@ def layer_terms(x: Shape) -> list[Term]:
             terms.append(Term("causal mask (bool, made per layer)", s * s, "s²"))
     if x.model.positions == "rope":
         terms.append(Term("RoPE cos and sin tables (made per layer)", 2 * v * s * x.d, "2v·s·d"))
-    mlp_in = x.copies(2 if x.swiglu else 1)
+    mlp_in = x.copies(x.mlp_readers)
     rms = x.model.norm == "rmsnorm"
     terms += [
         Term("ln_2 input (residual stream)", r * n * h * x.rep, "r·bsh [/t with SP]"),
-        Term("ln_2 output (" + ("gate/up_proj" if x.swiglu else "c_fc") + " input"
+        Term("ln_2 output (" + ("router" if x.model.n_experts else "gate/up_proj" if x.swiglu else "c_fc")
+             + " input"
              + (f", {mlp_in} autocast copies" if mlp_in > 1 else "") + ")",
              mlp_in * v * n * h * x.rep, f"{mlp_in}v·bsh [/t with SP]".replace("1v", "v")),
         Term("RMSNorm 1/rms (ln_1, ln_2; fp32)" if rms else "LayerNorm mean and rstd (ln_1, ln_2)",
@@ -188,13 +199,16 @@ def layer_terms(x: Shape) -> list[Term]:
                           "2m·bsh [/t with SP]"))
     if x.prec.autocast:
         terms.append(Term("autocast 16-bit weight copies (kept by each Linear)",
-                          2 * layer_matrix_params(x.model, t), "2·(the block's weight matrices)/t"))
+                          2 * layer_matrix_params(x.model, t, x.ep), "2·(the block's weight matrices)/t"))
     return terms
 
 
 def mlp_terms(x: Shape) -> list[Term]:
     """The MLP's own activations, each (b·s, f/t): GELU's input and output; SwiGLU's gate output
-    (SiLU's input), SiLU's output, up_proj's output and their product (down_proj's input)."""
+    (SiLU's input), SiLU's output, up_proj's output and their product (down_proj's input). A
+    mixture of experts: `moe_terms`."""
+    if x.model.n_experts:
+        return moe_terms(x)
     one = x.prec.values * x.b * x.s * x.f / x.t
     if x.swiglu:
         return [Term("gate_proj output (SiLU input)", one, "v·bsf/t"), Term("SiLU output", one, "v·bsf/t"),
@@ -204,33 +218,84 @@ def mlp_terms(x: Shape) -> list[Term]:
             Term("GELU output (c_proj input)", one, "v·bsf/t (f = 4h)")]
 
 
+def moe_terms(x: Shape) -> list[Term]:
+    """A mixture of experts' activations (model.MoE, journey_dist/moe.py) with an even load: each of
+    the n = b·s tokens sends k pairs, and each rank's experts receive as many rows as it sends
+    (M = n·k; exact with ep = 1 and no dropping, the mean otherwise: the load varies step by step).
+    Experts are whole on every tp rank. Per layer:
+    router logits and softmax (fp32 n·E each: the z-loss and the softmax keep them), the top-k ids
+    (int64) and gate weights (fp32), the z-loss's logsumexp; the dispatch's token and slot indices
+    (int64 per pair; with ep > 1 also the regrouping order and its inverse per received row); each
+    expert's input rows and its MLP's activations at width f_e (GELU 2, SwiGLU 4 per row); the
+    expert outputs and gate weights kept by their product; the balance loss's counts; a shared
+    expert's MLP over every token."""
+    cfg, v, n = x.model, x.prec.values, x.b * x.s
+    E, k, h = cfg.n_experts, cfg.moe_top_k, x.h
+    rows = n * k
+    acts = 4 if cfg.mlp == "swiglu" else 2
+    inputs = x.copies(2 if x.swiglu else 1)
+    terms = [
+        Term("router logits and probabilities (fp32, kept by the z-loss and the softmax)", 2 * 4 * n * E,
+             "2·4·bsE"),
+        Term("top-k expert ids (int64) and gate weights (fp32)", 12 * n * k, "12·bsk"),
+        Term("z-loss logsumexp (fp32) and the balance loss's counts (fp32 E-vector)", 4 * n + 4 * E,
+             "4·bs + 4E"),
+        Term("dispatch indices (token and slot of every pair, int64)"
+             + (", all-to-all regrouping order and inverse" if x.ep > 1 else ""),
+             16 * rows * (2 if x.ep > 1 else 1), "16·bsk" + (" x 2" if x.ep > 1 else "")),
+        Term("expert input rows (pairs sorted by expert"
+             + (", an autocast copy per gate/up_proj" if inputs > 1 else "") + ")",
+             inputs * v * rows * h, f"{inputs}v·bsk·h".replace("1v", "v")),
+        Term(f"expert MLP activations ({acts} per row, width f_e)", acts * v * rows * cfg.expert_dim,
+             f"{acts}v·bsk·f_e"),
+        Term("expert outputs and gate weights (kept by their product)", v * rows * (h + 1), "v·bsk(h + 1)"),
+    ]
+    if cfg.moe_shared_hidden:
+        terms.append(Term("shared expert MLP activations", acts * v * n * cfg.moe_shared_hidden,
+                          f"{acts}v·bs·f_shared"))
+    return terms
+
+
 def mlp_saved(x: Shape) -> float:
     """What a block's MLP half keeps (freed once the MLP's backward is done)."""
     n, h, t, v, r = x.b * x.s, x.h, x.t, x.prec.values, x.prec.residual
-    saved = (r + x.copies(2 if x.swiglu else 1) * v) * n * h * x.rep + n * x.norm_stats * x.rep
+    saved = (r + x.copies(x.mlp_readers) * v) * n * h * x.rep + n * x.norm_stats * x.rep
     saved += sum(tm.nbytes for tm in mlp_terms(x))
     saved += (x.mask * n * h * x.rep) if x.dropout else 0
-    return saved + (2 * (3 if x.swiglu else 2) * h * x.f / t if x.prec.autocast else 0)
+    matrices = sum(p.numel for p in layer_tensors(x.model, t, x.ep) if p.matrix and p.name.startswith("mlp."))
+    return saved + (2 * matrices if x.prec.autocast else 0)
+
+
+def _mlp_rows_width(x: Shape) -> tuple[float, float]:
+    """(rows, width) of one MLP whose backward runs: the dense MLP's (b·s, f/t), or one expert's
+    under an even load (b·s·k/E rows, f_e wide)."""
+    if x.model.n_experts:
+        return x.b * x.s * x.model.moe_top_k / x.model.n_experts, x.model.expert_dim
+    return x.b * x.s, x.f / x.t
 
 
 def mlp_transient(x: Shape) -> float:
-    """The MLP's output projection's backward (c_proj or down_proj): the gradient of its input
-    (v·bsf/t) and its weight gradient in the compute dtype (fh·v/t), next to everything the block
-    still keeps; under autocast also the 16-bit copy of the fp32 residual gradient it consumes."""
+    """The MLP's output projection's backward (c_proj or down_proj; an expert's with MoE): the
+    gradient of its input (v·bsf/t) and its weight gradient in the compute dtype (fh·v/t), next to
+    everything the block still keeps; under autocast also the 16-bit copy of the fp32 residual
+    gradient it consumes."""
     v, n = x.prec.values, x.b * x.s
+    rows, width = _mlp_rows_width(x)
     cast = v * n * x.h * x.rep if x.prec.residual != v else 0
-    return v * n * x.f / x.t + x.f * x.h * v / x.t + cast
+    return v * rows * width + width * x.h * v + cast
 
 
 def swiglu_freed(x: Shape) -> float:
     """By the backward of SiLU(gate)·up, down_proj's input (their product) has been freed."""
-    return x.prec.values * x.b * x.s * x.f / x.t
+    rows, width = _mlp_rows_width(x)
+    return x.prec.values * rows * width
 
 
 def swiglu_transient(x: Shape) -> float:
     """The backward of SiLU(gate)·up: its output's gradient and the gradients of both factors,
     three (b·s, f/t) tensors at once."""
-    return 3 * x.prec.values * x.b * x.s * x.f / x.t
+    rows, width = _mlp_rows_width(x)
+    return 3 * x.prec.values * rows * width
 
 
 def rms_norm_transient(x: Shape) -> float:
@@ -310,14 +375,14 @@ def logits_saved(x: Shape) -> float:
     return sum(tm.nbytes for tm in logits_terms(x) if tm.name.startswith(keep))
 
 
-def optimizer_temporaries(cfg: GPTConfig, optimizer: str, device: str, w: int, tp: int) -> float:
+def optimizer_temporaries(cfg: GPTConfig, optimizer: str, device: str, w: int, tp: int, ep: int = 1) -> float:
     """Scratch of optimizer.step(). CUDA: fused AdamW (as train.make_optimizer picks) needs none.
     CPU: single-tensor AdamW computes denom = sqrt(v)/c + eps per parameter while the previous
     parameter's denom is still referenced: max over neighbours (n_prev + 2·n_i)·w, parameters in
     make_optimizer's order (matrices first, then vectors). SGD with momentum works in place."""
     if optimizer != "adamw" or device == "cuda":
         return 0.0
-    matrices = [p.numel for p in model_tensors(cfg, tp) if p.matrix]
+    matrices = [p.numel for p in model_tensors(cfg, tp, ep) if p.matrix]
     worst = max(prev + 2 * cur for prev, cur in zip([0] + matrices, matrices))
     return worst * w
 

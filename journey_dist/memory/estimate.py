@@ -120,7 +120,7 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
                     sequence_parallel: bool = False, recompute: bool = False, attn: str | None = None,
                     dropout: bool | None = None, device: str = "cuda",
                     schedule: str = "1f1b", lora: LoRAConfig | None = None,
-                    stage: int | None = None) -> MemoryEstimate:
+                    stage: int | None = None, ep: int = 1) -> MemoryEstimate:
     """Estimate one training step's memory on the busiest rank (bytes), or on pipeline `stage`.
 
     batch_size is the global batch (sequences per optimizer step, as in TrainConfig); each
@@ -137,6 +137,8 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     Exact vs the CPU tensor ledger when the first block's c_attn is adapted and LoRA dropout is 0;
     otherwise an upper bound (a first block whose attention needs no gradient keeps less).
     `stage` (0..pp-1): that stage's ranks instead of the busiest (the first or the last stage).
+    A mixture of experts (cfg.n_experts > 0): `ep` ranks (inside dp) split the experts; model states
+    are exact per rank; the MoE activations assume an even load (activations.moe_terms).
     Raises ConfigError (config.py's checks) for a layout that cannot work.
     """
     if stage is not None and not 0 <= stage < pp:
@@ -152,14 +154,14 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
         raise ConfigError(f"device={device!r}; use 'cpu' or 'cuda'")
     if seq_len < 1 or seq_len > cfg.block_size:
         raise ConfigError(f"seq_len={seq_len} must be in 1..block_size={cfg.block_size}")
-    ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=microbatches, zero=zero,
+    ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=microbatches, zero=zero, ep=ep,
                    sequence_parallel=sequence_parallel, schedule=schedule).validate(
                        cfg, global_batch=batch_size)
     if cfg.positions == "alibi":
         raise ConfigError("positions='alibi' is not modelled by the estimate (its (a, s, s) score bias per "
                           "layer); estimate with positions 'learned', 'sinusoidal' or 'rope'")
     if lora is not None:
-        if cfg.separate_qkv or cfg.mlp != "gelu":
+        if cfg.separate_qkv or cfg.mlp != "gelu" or cfg.n_experts:
             raise ConfigError("the LoRA estimate models GPT-2's layout (c_attn, c_proj, c_fc); the Llama "
                               "layout's q/k/v/o and gate/up/down adapters are not modelled yet")
         lora.validate(cfg)
@@ -171,17 +173,17 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     dropout = cfg.dropout > 0 if dropout is None else dropout
     x = Shape(b=batch_size // (dp * microbatches), s=seq_len, h=cfg.n_embd, a=cfg.n_head,
                V=cfg.vocab_size, t=tp, sp=sequence_parallel, prec=prec, attn=attn, dropout=dropout,
-               device=device, model=cfg)
+               device=device, model=cfg, ep=ep)
     stages = [stage] if stage is not None else ([0] if pp == 1 else [0, pp - 1])
     results = [_Stage(cfg, x, dtype, optimizer, trainable_params, dp=dp, zero=zero, pp=pp, stage=s,
                       microbatches=microbatches, recompute=recompute, schedule=schedule,
-                      lora=lora).estimate() for s in stages]
+                      lora=lora, ep=ep).estimate() for s in stages]
     est = max(results, key=lambda e: e.total)
     est.inputs = dict(config=cfg.to_dict(), batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                       optimizer=optimizer, trainable_params=trainable_params, dp=dp, zero=zero, tp=tp,
                       pp=pp, microbatches=microbatches, sequence_parallel=sequence_parallel,
                       recompute=recompute, attn=attn, dropout=dropout, device=device, schedule=schedule,
-                      micro_batch=x.b, lora=None if lora is None else asdict(lora))
+                      micro_batch=x.b, lora=None if lora is None else asdict(lora), ep=ep)
     return est
 
 
@@ -207,6 +209,7 @@ class _Stage:
     recompute: bool
     schedule: str
     lora: LoRAConfig | None = None
+    ep: int = 1
 
     def __post_init__(self) -> None:
         self.first, self.last = self.stage == 0, self.stage == self.pp - 1
@@ -222,7 +225,7 @@ class _Stage:
         """Weights, gradients and optimizer state of this stage's parameters (and LoRA adapters),
         with AdamW's 4-byte step counter per tensor (a 512-byte block each on CUDA)."""
         cfg, x, lora = self.cfg, self.x, self.lora
-        n_params = param_count(cfg, x.t, self.pp, self.stage)
+        n_params = param_count(cfg, x.t, self.pp, self.stage, self.ep)
         states = model_state_bytes(n_params, self.dtype, self.optimizer, self.dp, self.zero,
                                    None if self.trainable is None else round(n_params * self.frac))
         if lora is not None:  # adapter weights on this stage (their share of the layers)
@@ -230,7 +233,7 @@ class _Stage:
             states["params"] += n_adapters * self.w / (self.dp if self.zero >= 3 else 1)
         self.steps = 0
         if self.optimizer == "adamw" and self.zero == 0 and self.pp == 1:
-            counters = 2 * len(lora.matched(cfg)) if lora is not None else param_tensor_count(cfg)
+            counters = 2 * len(lora.matched(cfg)) if lora is not None else param_tensor_count(cfg, self.ep)
             self.steps = (512 if x.device == "cuda" else 4) * counters  # LoRA: A and B per linear
         self.P, self.G = states["params"], states["grads"]
         self.O = states["optimizer"] + (self.steps if (self.trainable is None or lora is not None) else 0)
@@ -267,12 +270,12 @@ class _Stage:
     def gradient_sizes(self) -> None:
         """Bytes of the gradients made by each part of the backward (this rank's share)."""
         cfg, x, scale = self.cfg, self.x, self.gw * self.frac / self.gdiv
-        block = layer_tensors(cfg, x.t)
+        block = layer_tensors(cfg, x.t, self.ep)
 
         def grads_of(*prefixes: str) -> float:
             return sum(p.numel for p in block if p.name.startswith(prefixes)) * scale
 
-        self.g_layer = layer_param_count(cfg, x.t) * scale
+        self.g_layer = layer_param_count(cfg, x.t, self.ep) * scale
         self.g_proj = grads_of("attn.c_proj", "attn.o_proj")  # attention's output projection
         self.g_mlp = grads_of("mlp.", "ln_2.")
         self.g_down = grads_of("mlp.down_proj")
@@ -285,7 +288,7 @@ class _Stage:
         # the gradient of the residual stream, alive through the whole backward
         self.dx = x.prec.residual * x.b * x.s * x.h * x.rep
         # ZeRO-3 all-gathers a block's full weights for its forward and backward (one block at a time)
-        self.gathered = layer_param_count(cfg, x.t) * self.w if self.zero >= 3 else 0.0
+        self.gathered = layer_param_count(cfg, x.t, self.ep) * self.w if self.zero >= 3 else 0.0
 
     def head_norm_backward(self) -> None:
         """RMSNorm's ln_f backward, right after the head's: every block's activations still kept."""
@@ -330,7 +333,7 @@ class _Stage:
 
     def optimizer_step(self) -> None:
         """Every state alive, plus the optimizer's scratch."""
-        scratch = optimizer_temporaries(self.cfg, self.optimizer, self.x.device, self.w, self.x.t)
+        scratch = optimizer_temporaries(self.cfg, self.optimizer, self.x.device, self.w, self.x.t, self.ep)
         self.phases["optimizer step"] = {"params": self.P, "grads": self.G, "optimizer": self.O,
                                          "activations": 0.0, "logits": 0.0,
                                          "temporaries": scratch * self.frac / self.gdiv}

@@ -18,6 +18,7 @@ from journey_dist.config import ConfigError, GPTConfig, get_preset, padded_vocab
 from journey_dist.memory.activations import activation_bytes_per_layer
 from journey_dist.memory.estimate import DTYPES, MemoryEstimate, estimate_memory, fmt_bytes, param_count
 from journey_dist.memory.measure import MEASURABLE, Measurement, measure_config
+from journey_dist.memory.sizes import active_param_count, expert_param_count
 from journey_dist.runtime import runs_dir, save_figure, save_json
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "temporaries", "total")
@@ -209,6 +210,8 @@ def add_estimate_arguments(p) -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--ep", type=int, default=1, help="expert parallel (MoE presets): experts split over ep "
+                   "ranks inside dp (default dp = ep)")
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
     p.add_argument("--recompute", action="store_true", help="full activation recompute of every block")
     p.add_argument("--attn", default=None, choices=["sdpa", "eager"], help="default: the preset's")
@@ -232,16 +235,18 @@ def estimate_command(args) -> dict:
     seq = cfg.block_size if args.seq is None else args.seq  # --seq 0 is an error, not the default
     dp = args.dp
     if dp is None:
-        dp = 2 if args.zero else 1
+        dp = max(2 if args.zero else 1, args.ep)
         if args.zero:
-            print(f"note: ZeRO-{args.zero} shards over data-parallel ranks; assuming --dp 2 (pass --dp N)")
+            print(f"note: ZeRO-{args.zero} shards over data-parallel ranks; assuming --dp {dp} (pass --dp N)")
+        elif args.ep > 1:
+            print(f"note: expert parallel runs inside data parallel; assuming --dp {dp} (pass --dp N)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and args.measure == "yes" and not torch.cuda.is_available():
         raise ConfigError("--device cuda --measure yes needs a CUDA GPU; use --device cpu or --measure no")
     est = estimate_memory(cfg, batch_size=args.batch, seq_len=seq, dtype=args.dtype,
                           optimizer=args.optimizer, dp=dp, tp=args.tp, pp=args.pp,
                           microbatches=args.microbatches, zero=args.zero, sequence_parallel=args.sp,
-                          recompute=args.recompute, device=device)
+                          recompute=args.recompute, device=device, ep=args.ep)
     single = dp == 1 and args.tp == 1 and args.pp == 1
     why_not = _why_not_measure(args, est, cfg, single, device, seq, param_count(cfg))
     if args.measure == "yes" and why_not:
@@ -253,11 +258,14 @@ def estimate_command(args) -> dict:
                               optimizer=args.optimizer, device=device, microbatches=args.microbatches,
                               recompute=args.recompute, ledger=True)
     rows = compare(est, meas)
-    layout = f"dp={dp} tp={args.tp} pp={args.pp} zero={args.zero}" + (" sp" if args.sp else "")
+    layout = (f"dp={dp} tp={args.tp} pp={args.pp} zero={args.zero}" + (" sp" if args.sp else "")
+              + (f" ep={args.ep}" if args.ep > 1 else ""))
     title = (f"{args.preset}: batch {args.batch} x {seq} tokens, {args.dtype}, {args.optimizer}, "
              f"{est.inputs['attn']}, {layout}, {device}")
     print(title)
     print(f"per rank (busiest): micro-batch {est.inputs['micro_batch']}; peak at: {est.peak_phase}")
+    if cfg.n_experts:
+        print(moe_params_line(cfg, args.ep))
     print(table(rows))
     if meas is None:
         print(f"measured: not run ({why_not})")
@@ -276,13 +284,22 @@ def estimate_command(args) -> dict:
             for t in terms:
                 print(f"  {fmt_bytes(t.nbytes):>12}  {t.name}  [{t.formula}]")
     name = (f"{args.preset}_b{args.batch}_s{seq}_{args.dtype}_dp{dp}_tp{args.tp}_pp{args.pp}"
-            f"_z{args.zero}")
+            f"_z{args.zero}" + (f"_ep{args.ep}" if args.ep > 1 else ""))
     result = {"title": title, "rows": rows, "estimate": est, "measurement": meas,
               "measured_skipped": why_not}
     path = save_json("estimate", name, result)
     png = plot(rows, runs_dir("estimate") / f"{name}.png", title)
     print(f"wrote {path} and {png}")
     return result
+
+
+def moe_params_line(cfg, ep: int = 1) -> str:
+    """A mixture of experts' parameters: total, active per token, and the experts an ep rank holds."""
+    total, active = param_count(cfg), active_param_count(cfg)
+    return (f"mixture of experts: {total:,} parameters, {active:,} active per token ({cfg.moe_top_k} of "
+            f"{cfg.n_experts} experts: {active / total:.0%}); per ep rank (ep={ep}): "
+            f"{param_count(cfg, ep=ep):,}, of them {expert_param_count(cfg, ep):,} in its "
+            f"{cfg.n_experts // ep} experts per layer")
 
 
 def too_big_to_measure(estimated_peak: int, device: str) -> str:

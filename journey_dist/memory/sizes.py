@@ -1,5 +1,6 @@
 """Sizes the memory estimate builds on: bytes per parameter by precision and optimizer, model
-states per rank under ZeRO, parameter counts (per tp rank and pipeline stage), KV-cache bytes.
+states per rank under ZeRO, parameter counts (per tp rank, pipeline stage and ep rank; a mixture
+of experts' total and active parameters), KV-cache bytes.
 
 Pure arithmetic on a GPTConfig; `estimate.py` combines it with the activation terms."""
 
@@ -125,13 +126,36 @@ def _linear(name: str, fan_in: int, fan_out: int, bias: bool, t: int, column: bo
     return [w] + ([ParamTensor(f"{name}.bias", fan_out // t if column else fan_out, False)] if bias else [])
 
 
-def layer_tensors(cfg: GPTConfig, tp: int = 1) -> list[ParamTensor]:
+def _mlp_tensors(cfg: GPTConfig, prefix: str, f: int, t: int) -> list[ParamTensor]:
+    """An MLP of width f: GELU's c_fc (f, h) and c_proj, or SwiGLU's gate/up/down (split over t)."""
+    h, b = cfg.n_embd, cfg.bias
+    if cfg.mlp == "swiglu":
+        return (_linear(f"{prefix}.gate_proj", h, f, b, t, True)
+                + _linear(f"{prefix}.up_proj", h, f, b, t, True)
+                + _linear(f"{prefix}.down_proj", f, h, b, t, False))
+    return _linear(f"{prefix}.c_fc", h, f, b, t, True) + _linear(f"{prefix}.c_proj", f, h, b, t, False)
+
+
+def moe_tensors(cfg: GPTConfig, ep: int = 1) -> list[ParamTensor]:
+    """A mixture of experts' tensors on one ep rank (the router and the shared expert on every rank,
+    E/ep experts; none split over tp): mlp.router (E, h), mlp.experts.<e>.* (the family's MLP of width
+    expert_dim), mlp.shared_expert.* (moe_shared_hidden wide, if any)."""
+    out = [ParamTensor("mlp.router.weight", cfg.n_experts * cfg.n_embd, True)]
+    for e in range(cfg.n_experts // ep):
+        out += _mlp_tensors(cfg, f"mlp.experts.{e}", cfg.expert_dim, 1)
+    if cfg.moe_shared_hidden:
+        out += _mlp_tensors(cfg, "mlp.shared_expert", cfg.moe_shared_hidden, 1)
+    return out
+
+
+def layer_tensors(cfg: GPTConfig, tp: int = 1, ep: int = 1) -> list[ParamTensor]:
     """A block's parameter tensors on one tensor-parallel rank, in model order (Megatron split).
 
     GPT-2: c_attn (3h, h) and c_fc (4h, h) column-parallel, the two c_proj row-parallel:
     12h²/t weights, (3h + 4h)/t + 2h biases, 4h in two LayerNorms. Llama: q_proj (a·d, h), k_proj
     and v_proj (kv·d, h) (split by kv heads), gate_proj and up_proj (f, h) column-parallel,
-    o_proj and down_proj row-parallel, two RMSNorm weights.
+    o_proj and down_proj row-parallel, two RMSNorm weights. A mixture of experts replaces the MLP by
+    `moe_tensors` (this ep rank's experts, whole on every tp rank).
     """
     h, t, b, f = cfg.n_embd, tp, cfg.bias, cfg.mlp_dim
     q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -142,16 +166,11 @@ def layer_tensors(cfg: GPTConfig, tp: int = 1) -> list[ParamTensor]:
     else:
         out += _linear("attn.c_attn", h, 3 * h, b, t, True) + _linear("attn.c_proj", h, h, b, t, False)
     out += _norm_tensors(cfg, "ln_2")
-    if cfg.mlp == "swiglu":
-        out += (_linear("mlp.gate_proj", h, f, b, t, True) + _linear("mlp.up_proj", h, f, b, t, True)
-                + _linear("mlp.down_proj", f, h, b, t, False))
-    else:
-        out += _linear("mlp.c_fc", h, f, b, t, True) + _linear("mlp.c_proj", f, h, b, t, False)
-    return out
+    return out + (moe_tensors(cfg, ep) if cfg.n_experts else _mlp_tensors(cfg, "mlp", f, t))
 
 
-def model_tensors(cfg: GPTConfig, tp: int = 1) -> list[ParamTensor]:
-    """Every parameter tensor of GPT(cfg) on one tp rank, in model.named_parameters() order
+def model_tensors(cfg: GPTConfig, tp: int = 1, ep: int = 1) -> list[ParamTensor]:
+    """Every parameter tensor of GPT(cfg) on one tp (and ep) rank, in model.named_parameters() order
     (the tied head once, as wte): wte (vocab-parallel: V/t rows), wpe (learned positions only),
     the blocks, ln_f, lm_head when untied (vocab-parallel)."""
     h = cfg.n_embd
@@ -159,37 +178,55 @@ def model_tensors(cfg: GPTConfig, tp: int = 1) -> list[ParamTensor]:
     if cfg.positions == "learned":
         out.append(ParamTensor("transformer.wpe.weight", cfg.block_size * h, True))
     for i in range(cfg.n_layer):
-        out += [ParamTensor(f"transformer.h.{i}.{p.name}", p.numel, p.matrix) for p in layer_tensors(cfg, tp)]
+        out += [ParamTensor(f"transformer.h.{i}.{p.name}", p.numel, p.matrix)
+                for p in layer_tensors(cfg, tp, ep)]
     out += _norm_tensors(cfg, "transformer.ln_f")
     if not cfg.tie_embeddings:
         out.append(ParamTensor("lm_head.weight", cfg.vocab_size * h // tp, True))
     return out
 
 
-def layer_param_count(cfg: GPTConfig, tp: int = 1) -> int:
-    """Parameters of one block on one tensor-parallel rank (`layer_tensors`)."""
-    return sum(p.numel for p in layer_tensors(cfg, tp))
+def layer_param_count(cfg: GPTConfig, tp: int = 1, ep: int = 1) -> int:
+    """Parameters of one block on one tensor-parallel (and ep) rank (`layer_tensors`)."""
+    return sum(p.numel for p in layer_tensors(cfg, tp, ep))
 
 
-def layer_matrix_params(cfg: GPTConfig, tp: int = 1) -> int:
+def layer_matrix_params(cfg: GPTConfig, tp: int = 1, ep: int = 1) -> int:
     """A block's weight-matrix elements on one tp rank: what autocast keeps a 16-bit copy of."""
-    return sum(p.numel for p in layer_tensors(cfg, tp) if p.matrix)
+    return sum(p.numel for p in layer_tensors(cfg, tp, ep) if p.matrix)
 
 
-def param_count(cfg: GPTConfig, tp: int = 1, pp: int = 1, stage: int | None = None) -> int:
+def expert_params(cfg: GPTConfig) -> int:
+    """Parameters of one expert (one MLP of width expert_dim); 0 for a dense model."""
+    return sum(p.numel for p in _mlp_tensors(cfg, "e", cfg.expert_dim, 1)) if cfg.n_experts else 0
+
+
+def expert_param_count(cfg: GPTConfig, ep: int = 1) -> int:
+    """The experts' parameters on one ep rank, all layers: L · E/ep · one expert's."""
+    return cfg.n_layer * cfg.n_experts // ep * expert_params(cfg)
+
+
+def active_param_count(cfg: GPTConfig) -> int:
+    """Parameters one token's forward uses: all but the E - k experts per layer it does not go
+    through (the router, a shared expert, attention and embeddings it does). Dense: param_count."""
+    return param_count(cfg) - cfg.n_layer * (cfg.n_experts - cfg.moe_top_k) * expert_params(cfg)
+
+
+def param_count(cfg: GPTConfig, tp: int = 1, pp: int = 1, stage: int | None = None, ep: int = 1) -> int:
     """Exact parameter count (tied embeddings counted once); per tensor-parallel rank for tp > 1.
 
     N = Vh (wte, vocab-parallel: Vh/t) [+ (block_size)h (wpe, learned positions)] + L·layer
     + ln_f [+ Vh/t lm_head if untied]. With pp > 1 pass `stage`: stage 0 holds the embeddings,
     the last stage ln_f and the output head (a copy of wte when tied, as Megatron does), each
-    stage its share of layers.
+    stage its share of layers. With ep > 1 a mixture of experts' rank holds E/ep experts per layer
+    (the rest of the model whole).
     """
     h, t = cfg.n_embd, tp
     emb = cfg.vocab_size * h // t + (cfg.block_size * h if cfg.positions == "learned" else 0)
     head = norm_params(cfg) + (0 if cfg.tie_embeddings else cfg.vocab_size * h // t)
     if pp == 1 or stage is None:
-        return emb + cfg.n_layer * layer_param_count(cfg, t) + head
-    n = len(stage_layers(cfg.n_layer, pp)[stage]) * layer_param_count(cfg, t)
+        return emb + cfg.n_layer * layer_param_count(cfg, t, ep) + head
+    n = len(stage_layers(cfg.n_layer, pp)[stage]) * layer_param_count(cfg, t, ep)
     if stage == 0:
         n += emb
     if stage == pp - 1:
@@ -197,9 +234,9 @@ def param_count(cfg: GPTConfig, tp: int = 1, pp: int = 1, stage: int | None = No
     return n
 
 
-def param_tensor_count(cfg: GPTConfig) -> int:
-    """Number of parameter tensors (AdamW keeps one fp32 step counter per tensor)."""
-    return len(model_tensors(cfg))
+def param_tensor_count(cfg: GPTConfig, ep: int = 1) -> int:
+    """Number of parameter tensors (AdamW keeps one fp32 step counter per tensor) on one ep rank."""
+    return len(model_tensors(cfg, ep=ep))
 
 
 def kv_cache_bytes(cfg: GPTConfig, batch: int, tokens: int, dtype: str | int = "fp32",

@@ -50,6 +50,9 @@ def check_3d(pcfg: ParallelConfig, model: GPTConfig | None = None, world_size: i
              global_batch: int | None = None) -> ParallelConfig:
     """ParallelConfig.validate plus what this 3D composition does not do; ConfigError before any spawn."""
     pcfg.validate(model, world_size, global_batch)
+    if model is not None and model.n_experts:
+        raise ConfigError(f"n_experts={model.n_experts}: the 3D run's stages have no mixture of experts (no "
+                          "balance loss, no expert parallel); run MoE presets in lab 12 (parallel/expert)")
     if pcfg.cp > 1:
         raise ConfigError(f"cp={pcfg.cp}: this composition splits layers (pp), weights (tp) and data (dp) "
                           "but not sequences; use cp=1 here")

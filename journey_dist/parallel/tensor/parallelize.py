@@ -30,7 +30,7 @@ import torch.nn as nn
 from journey_dist.comm import ledger_by_op
 from journey_dist.config import GPTConfig, ParallelConfig, padded_vocab_size
 from journey_dist.data import TokenData
-from journey_dist.model import GPT, Block, KVCache
+from journey_dist.model import GPT, Block, KVCache, MoE, moe_loss
 from journey_dist.parallel.common import clip_fn, tp_duplicate
 from journey_dist.parallel.tensor.generate import tp_generate
 from journey_dist.parallel.tensor.layers import (
@@ -75,6 +75,8 @@ def parallelize_block(block: Block, group: Group = None, *, sequence_parallel: b
                          f"(ParallelConfig.validate lists them)")
     tp_block = copy.deepcopy(block)
     tp_block.attn = TensorParallelAttention(block.attn, group, sequence_parallel)
+    if isinstance(block.mlp, MoE):  # a mixture of experts stays whole on every tp rank (parallel/expert)
+        return tp_block
     mlp = tp_block.mlp
     mlp.c_fc = ColumnParallelLinear.from_dense(block.mlp.c_fc, group, sequence_parallel=sequence_parallel)
     mlp.c_proj = RowParallelLinear.from_dense(block.mlp.c_proj, group, sequence_parallel=sequence_parallel)
@@ -157,6 +159,8 @@ class TensorParallelGPT(nn.Module):
         if targets is not None:
             loss = vocab_parallel_cross_entropy(logits, targets, self.group,
                                                 vocab_size=self.config.vocab_size)
+            if self.config.n_experts and self.training:  # as GPT.forward: the MoE layers' aux losses
+                loss = loss + moe_loss(self)
         return logits, loss
 
     def kv_cache(self, batch_size: int, max_len: int) -> KVCache:
