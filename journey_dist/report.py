@@ -120,3 +120,24 @@ def generation_line(gen: dict, new_tokens: int) -> str:
             f"rank: {ok[gen['sampled_same_on_ranks']]}\nKV cache per rank {gen['cache_bytes_per_rank']:,} B "
             f"= formula {gen['cache_bytes_formula']:,} B ({gen['heads_per_rank']} heads) = "
             f"{gen['cache_bytes_per_rank'] / gen['cache_bytes_one_process']:.2f} x one process's")
+
+
+def pieces_table(rows: dict[str, dict[str, Sequence[str] | str]], first: str = "word") -> str:
+    """How tokenizers split words: one row per word, a column per tokenizer (or a given split),
+    pieces joined by '|' with a leading space shown as '▁'; text, so every column is left-aligned."""
+    cols = list(dict.fromkeys(c for cells in rows.values() for c in cells))
+    lines = [[first, *cols]] + [[word, *(_pieces(cells.get(c, "-")) for c in cols)]
+                                for word, cells in rows.items()]
+    widths = [max(len(x) for x in col) for col in zip(*lines)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _pieces(p: Sequence[str] | str) -> str:
+    return (p if isinstance(p, str) else "|".join(p)).replace(" ", "▁")
+
+
+def shapes_table(shapes: Sequence[tuple[str, Sequence[int]]], header: str = "module") -> str:
+    """(name, shape) pairs, e.g. model.trace_shapes: one module per line and the shape it outputs."""
+    rows = [{"name": name, "shape": str(tuple(shape))} for name, shape in shapes]
+    return table(rows, [("name", header, str), ("shape", "output shape", str)])
+
