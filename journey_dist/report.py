@@ -141,3 +141,10 @@ def shapes_table(shapes: Sequence[tuple[str, Sequence[int]]], header: str = "mod
     rows = [{"name": name, "shape": str(tuple(shape))} for name, shape in shapes]
     return table(rows, [("name", header, str), ("shape", "output shape", str)])
 
+
+def checks_table(checks: dict[str, float | None], *, tol: float, header: str = "check") -> str:
+    """Named checks of one number each, a max |difference| (None: not run here), with whether each
+    is within `tol`: the equalities a lab claims (merged = unmerged, reloaded = saved, ...)."""
+    rows = [{"name": name, "diff": d, "ok": "-" if d is None else "yes" if d <= tol else "NO"}
+            for name, d in checks.items()]
+    return table(rows, [("name", header, str), ("diff", "max|diff|", sci), ("ok", f"<= {tol:g}", str)])
