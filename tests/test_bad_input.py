@@ -248,6 +248,11 @@ LAB_CASES = [
     pytest.param("01_single_device.py", [], r"cannot write results to .*/01_single_device: .*runs is a file",
                  r"pass --out DIR \(or set JOURNEY_RUNS_DIR\)", _runs_file, id="lab01 runs/ is a file",
                  marks=slow),
+    # lab 13 parsed with parse_known_args: a misspelt flag was ignored and the whole lab ran
+    pytest.param("13_serving.py", ["--request", "4"], r"unrecognized arguments: --request 4",
+                 r"did you mean --requests\?", None, id="lab13 unknown --request"),
+    pytest.param("13_serving.py", ["--blocks", "1"], r"--blocks 1 x --block 16 holds less than one context "
+                 r"window", r"use --blocks >= 8", None, id="lab13 --blocks 1", marks=slow),
 ]
 
 
