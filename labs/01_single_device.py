@@ -72,9 +72,10 @@ shapes = [(name, shape) for name, shape in trace_shapes(model, x, depth=5)
 print(shapes_table(shapes, "module (B=2 sequences of T=16 bytes)"))
 
 # %% 2. Train: the loss starts near ln(vocab), the loss of a uniform guess, and falls
+uniform = math.log(config.vocab_size)  # the loss of a uniform guess over the vocabulary
 history = train(model, data, cfg, lab=LAB)
-print(f"loss {history.first_loss:.3f} (uniform guess {math.log(config.vocab_size):.3f}) -> "
-      f"{history.last_loss:.3f}, validation {history.val_loss:.3f}; {history.tokens_per_s:,.0f} tokens/s")
+print(f"loss {history.first_loss:.3f} (uniform guess {uniform:.3f}) -> {history.last_loss:.3f}, "
+      f"validation {history.val_loss:.3f}; {history.tokens_per_s:,.0f} tokens/s")
 
 # %% 3. Generate: continue a prompt
 ids = torch.tensor([data.tokenizer.encode("Tensor parallelism")], device=device)
