@@ -200,6 +200,23 @@ def latest_valid(directory: str | Path, *, warn: bool = True) -> CheckpointInfo 
     return best
 
 
+def checkpoints_table(directory: str | Path) -> str:
+    """Every checkpoint in `directory`, validated, one per line: name, step, kind, MiB, ok or
+    INVALID with the reason, and which one a resume would load (`journey checkpoints DIR`)."""
+    found = list_checkpoints(directory)
+    if not found:
+        return f"no checkpoints in {directory}"
+    best = latest_valid(directory, warn=False)
+    lines = [f"{'checkpoint':<22} {'step':>6} {'kind':>4} {'MiB':>8}  status"]
+    for c in found:
+        status = "ok" if c.valid else f"INVALID: {c.reason}"
+        mark = "  <- resume point" if best is not None and c.path == best.path else ""
+        lines.append(f"{c.path.name:<22} {c.step:>6} {c.kind:>4} {c.nbytes / 2**20:>8.2f}  {status}{mark}")
+    if best is None:
+        lines.append("no valid checkpoint: a resume would start from step 0")
+    return "\n".join(lines)
+
+
 def _report_skipped(found: list[CheckpointInfo], best: CheckpointInfo | None) -> None:
     """Name each invalid checkpoint newer than `best` and the one used instead."""
     for c in found:

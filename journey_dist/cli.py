@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from journey_dist.checkpoint import latest_valid, list_checkpoints
+from journey_dist.checkpoint import checkpoints_table
 from journey_dist.config import PRESETS, ConfigError, ParallelConfig, get_preset
 from journey_dist.labkit import RUNS_ENV, check_writable_dir
 from journey_dist.memory.estimate import DTYPES
@@ -92,18 +92,7 @@ def _cmd_checkpoints(args: argparse.Namespace) -> None:
     if not Path(args.dir).is_dir():
         raise ConfigError(f"checkpoint directory {args.dir!r} does not exist; pass the directory "
                           "a run saved into (e.g. runs/10_reliability/ckpt/file)")
-    found = list_checkpoints(args.dir)
-    if not found:
-        print(f"no checkpoints in {args.dir}")
-        return
-    best = latest_valid(args.dir, warn=False)
-    print(f"{'checkpoint':<22} {'step':>6} {'kind':>4} {'MiB':>8}  status")
-    for c in found:
-        status = "ok" if c.valid else f"INVALID: {c.reason}"
-        mark = "  <- resume point" if best is not None and c.path == best.path else ""
-        print(f"{c.path.name:<22} {c.step:>6} {c.kind:>4} {c.nbytes / 2**20:>8.2f}  {status}{mark}")
-    if best is None:
-        print("no valid checkpoint: a resume would start from step 0")
+    print(checkpoints_table(args.dir))
 
 
 def _checkpoints_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ adapters, state dicts and files are interchangeable.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict
@@ -32,9 +33,12 @@ from safetensors.torch import load_file, save_file
 
 from journey_dist.config import GPTConfig, LoRAConfig
 from journey_dist.data import TokenData
+from journey_dist.memory.estimate import estimate_memory
+from journey_dist.memory.measure import measure_step
 from journey_dist.model import GPT
 from journey_dist.parallel.data.replicas import make_data_parallel
-from journey_dist.parity import RunResult, run_and_capture, unwrap
+from journey_dist.parity import RunResult, max_abs_diff, run_and_capture, unwrap
+from journey_dist.report import bytes_table
 from journey_dist.train import TrainConfig, make_optimizer
 
 ADAPTER_FILE, BASE_FILE, CONFIG_FILE = "adapter.safetensors", "base.pt", "config.json"
@@ -268,3 +272,86 @@ def max_diff_from_rank0(tensors: dict[str, torch.Tensor], group: dist.ProcessGro
     diff = (flat - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=group)
     return diff.item()
+
+
+def ddp_vs_one_process(base: GPT, spec: LoRAConfig, data: TokenData, cfg: TrainConfig) -> float:
+    """Max |adapter difference| between fresh adapters on `base` trained under DDP (each rank its
+    shard of the batch; `finetune`'s all-reduce of adapter gradients) and trained in this process
+    alone on the whole batch: float rounding when data parallel LoRA is right."""
+    ddp_run = finetune(apply_peft_lora(copy.deepcopy(base), spec), data, cfg)
+    one = finetune(apply_peft_lora(copy.deepcopy(base), spec), data, cfg, ddp=False)
+    adapters = {k: v for k, v in ddp_run.params.items() if ".lora_" in k}
+    return max_abs_diff(adapters, {k: one.params[k] for k in adapters})
+
+
+# ---------------------------------------------------------------------- what lab 08 measures
+
+
+def step_memory(base: GPT, spec: LoRAConfig, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, *,
+                batch_size: int, dp: int = 1) -> dict[str, dict]:
+    """One training step of full fine-tuning and of LoRA, each on a copy of `base`: measured by the
+    exact tensor ledger (on CUDA too) next to memory.estimate_memory for the global `batch_size`
+    on `dp` ranks. {"full fine-tuning" | "LoRA": {measured, estimated, grads_*, optimizer_*,
+    peak_*}}, each * "measured" and "estimated" bytes."""
+    memory = {}
+    for name, model, lora in (("full fine-tuning", copy.deepcopy(base), None),
+                              ("LoRA", apply_peft_lora(copy.deepcopy(base), spec), spec)):
+        meas = measure_step(model, make_optimizer(model, cfg), x, y, ledger=True)
+        est = estimate_memory(base.config, batch_size=batch_size, seq_len=base.config.block_size, dp=dp,
+                              device=x.device.type, lora=lora)  # lora: adapters in, frozen-base savings out
+        memory[name] = {"measured": meas.to_dict(), "estimated": est.to_dict(),
+                        "optimizer_measured": meas.high_water["optimizer"],
+                        "optimizer_estimated": est.optimizer,
+                        "grads_measured": meas.high_water["grads"], "grads_estimated": est.grads,
+                        "peak_measured": meas.peak, "peak_estimated": est.total}
+    return memory
+
+
+def save_and_reload(model: nn.Module, spec: LoRAConfig, directory: str | Path, x: torch.Tensor) -> dict:
+    """save_lora, then load_lora from those files: {config, base, adapter: bytes of each file,
+    round_trip_diff: max |logit difference| on `x` between the reloaded model and `model`}."""
+    files = {k: p.stat().st_size for k, p in save_lora(model, spec, directory).items()}
+    loaded = load_lora(directory)[0].to(x.device)
+    with torch.no_grad():
+        files["round_trip_diff"] = (loaded.eval()(x)[0] - model.eval()(x)[0]).abs().max().item()
+    return files
+
+
+@torch.no_grad()
+def merge_parity(model: nn.Module, base: GPT, spec: LoRAConfig, x: torch.Tensor) -> dict[str, float]:
+    """Max |logit difference| on `x`: a merged copy of `model` (W + (alpha/r) B A) vs `model`, the
+    copy unmerged again vs `model` (rounding of W + BA - BA), and the from-scratch LoRALinear on
+    `base` given `model`'s A and B vs PEFT, unmerged and merged. `model` itself is left as it is."""
+    unmerged = model.eval()(x)[0]
+    merged_model = copy.deepcopy(model)
+    merge_adapters(merged_model)
+    merged = merged_model(x)[0]
+    unmerge_adapters(merged_model)
+    again = merged_model(x)[0]
+    scratch = apply_scratch_lora(copy.deepcopy(base).eval(), spec)
+    load_adapter_state_dict(scratch, adapter_state_dict(model))
+    scratch_out = scratch(x)[0]
+    merge_adapters(scratch)
+    scratch_merged = scratch(x)[0]
+    return {"merge_diff": (merged - unmerged).abs().max().item(),
+            "unmerge_diff": (again - unmerged).abs().max().item(),
+            "scratch_vs_peft_diff": (scratch_out - unmerged).abs().max().item(),
+            "scratch_vs_peft_merged_diff": (scratch_merged - merged).abs().max().item()}
+
+
+def describe(model: nn.Module, spec: LoRAConfig) -> str:
+    """The adapters in three parts: rank, alpha and targets; trainable vs total parameters; the
+    first adapted linear as PEFT (or LoRALinear) wrapped it."""
+    trainable, total = param_counts(model)
+    first = next(iter(lora_layers(model).values()))
+    return (f"LoRA r={spec.rank}, alpha={spec.alpha:g} (scaling {spec.scaling:g}) on "
+            f"{len(spec.matched(unwrap(model).config))} linears: {', '.join(spec.targets)}\n"
+            f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%); the base has "
+            f"{total - trainable:,}\n{first}")
+
+
+def memory_table(memory: dict[str, dict]) -> str:
+    """step_memory's rows as measured / estimated MiB: gradients, optimizer state, peak."""
+    parts = ("grads", "optimizer", "peak")
+    return bytes_table({name: {k: (r[f"{k}_measured"], r[f"{k}_estimated"]) for k in parts}
+                        for name, r in memory.items()})

@@ -28,7 +28,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from journey_dist.report import fixed, table
+
 Context = tuple[int, ...]
+SMOOTHINGS = (("addk", 1.0), ("addk", 0.01), ("kn", 0.0))  # (smoothing, k) lab 00 compares
 
 
 class NGramLM:
@@ -128,3 +131,55 @@ def model_stream_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor,
             total += F.cross_entropy(logits[0].float(), window[1:], reduction="sum").item()
     model.train(was_training)
     return total
+
+
+def perplexity_by_order(streams: dict[str, tuple[Sequence[int], Sequence[int], int]], max_n: int,
+                        held_out_bytes: int, smoothings: Sequence[tuple[str, float]] = SMOOTHINGS
+                        ) -> list[dict]:
+    """Fit every smoothing at every order 1..max_n on each token stream {name: (training ids,
+    held-out ids, vocabulary size)}. Rows {tokens, smoothing, n, train_ppl_token (on the first
+    20,000 training tokens), val_ppl_token, val_ppl_byte (over `held_out_bytes`)}."""
+    rows = []
+    for tokens, (train, held_out, vocab) in streams.items():
+        for smoothing, k in smoothings:
+            for n in range(1, max_n + 1):
+                lm = NGramLM(n, vocab, smoothing, k).fit(train)
+                val_nll = lm.nll(held_out)
+                name = "kn" if smoothing == "kn" else f"add-{k:g}"
+                rows.append({"tokens": tokens, "smoothing": name, "n": n,
+                             "train_ppl_token": lm.perplexity(train[:20000]),
+                             "val_ppl_token": math.exp(val_nll / len(held_out)),
+                             "val_ppl_byte": per_byte_perplexity(val_nll, held_out_bytes)})
+    return rows
+
+
+def best_per_byte(rows: list[dict]) -> list[dict]:
+    """Per tokenization of perplexity_by_order's rows: the unigram, the best add-k and the best
+    Kneser-Ney by held-out perplexity per byte, as rows {model, val_ppl_byte}."""
+    best = []
+    for tokens in dict.fromkeys(r["tokens"] for r in rows):
+        mine = [r for r in rows if r["tokens"] == tokens]
+        for label, pick in (("unigram", [r for r in mine if r["n"] == 1 and r["smoothing"] == "kn"]),
+                            ("best add-k", [r for r in mine if r["smoothing"] != "kn"]),
+                            ("best Kneser-Ney", [r for r in mine if r["smoothing"] == "kn"])):
+            r = min(pick, key=lambda r: r["val_ppl_byte"])
+            best.append({"model": f"{r['n']}-gram {r['smoothing']} ({tokens}, {label})",
+                         "val_ppl_byte": r["val_ppl_byte"]})
+    return best
+
+
+def perplexity_table(rows: list[dict]) -> str:
+    """perplexity_by_order rows: per tokenization, smoothing and n, perplexity per token (train,
+    held-out) and per held-out byte."""
+    return table(rows, [("tokens", "tokens", str), ("smoothing", "smoothing", str), ("n", "n", str),
+                        ("train_ppl_token", "train ppl/token", fixed(2)),
+                        ("val_ppl_token", "held-out ppl/token", fixed(2)),
+                        ("val_ppl_byte", "held-out ppl/byte", fixed(3))])
+
+
+def per_byte_table(rows: list[dict], held_out_bytes: int) -> str:
+    """Rows {model, val_ppl_byte}, worst first, with bits per byte (log2 of the perplexity)."""
+    worst_first = sorted(rows, key=lambda r: -r["val_ppl_byte"])
+    ranked = [{**r, "bits": math.log2(r["val_ppl_byte"])} for r in worst_first]
+    return table(ranked, [("model", f"held-out ({held_out_bytes:,} bytes; uniform: 256)", str),
+                          ("val_ppl_byte", "ppl/byte", fixed(3)), ("bits", "bits/byte", fixed(2))])

@@ -102,3 +102,15 @@ def rope_shift_invariance(head_dim: int = 8, theta: float = 10000.0, m: int = 3,
             "m": m, "n": n, "shift": shift, "dot_unrotated": float(q @ k),
             "dot": float(q_m @ k_n), "dot_shifted": float(q_s @ k_s),
             "norm_kept": float((q_m.norm() - q.norm()).abs())}
+
+
+def rope_demo_text(demo: dict) -> str:
+    """rope_shift_invariance's result in four lines: q unrotated, at m and at m + shift, then the
+    three dot products (the rotated ones equal: the score depends on m - n only)."""
+    m, n, s = demo["m"], demo["n"], demo["shift"]
+    vectors = {"q": demo["q"], f"q at position {m}": demo["q_at_m"],
+               f"q at position {m + s}": demo["q_at_m_shifted"]}
+    lines = [f"  {name:<21} {[round(v, 3) for v in x.tolist()]}" for name, x in vectors.items()]
+    dots = (f"  q.k unrotated {demo['dot_unrotated']:.4f}; q at {m}, k at {n}: {demo['dot']:.4f}; "
+            f"q at {m + s}, k at {n + s}: {demo['dot_shifted']:.4f} (same offset, same score)")
+    return "\n".join([*lines, dots])

@@ -187,3 +187,31 @@ def ledger_tables(runs: dict[str, tuple[dict, dict]], *, wire: bool = True) -> s
     if rest:
         parts.append("measured, no formula derived:\n" + table(rest, cols))
     return "\n".join(parts)
+
+
+def pieces_table(rows: dict[str, dict[str, Sequence[str] | str]], first: str = "word") -> str:
+    """How tokenizers split words: one row per word, a column per tokenizer (or a given split),
+    pieces joined by '|' with a leading space shown as '▁'; text, so every column is left-aligned."""
+    cols = list(dict.fromkeys(c for cells in rows.values() for c in cells))
+    lines = [[first, *cols]] + [[word, *(_pieces(cells.get(c, "-")) for c in cols)]
+                                for word, cells in rows.items()]
+    widths = [max(len(x) for x in col) for col in zip(*lines)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _pieces(p: Sequence[str] | str) -> str:
+    return (p if isinstance(p, str) else "|".join(p)).replace(" ", "▁")
+
+
+def shapes_table(shapes: Sequence[tuple[str, Sequence[int]]], header: str = "module") -> str:
+    """(name, shape) pairs, e.g. model.trace_shapes: one module per line and the shape it outputs."""
+    rows = [{"name": name, "shape": str(tuple(shape))} for name, shape in shapes]
+    return table(rows, [("name", header, str), ("shape", "output shape", str)])
+
+
+def checks_table(checks: dict[str, float | None], *, tol: float, header: str = "check") -> str:
+    """Named checks of one number each, a max |difference| (None: not run here), with whether each
+    is within `tol`: the equalities a lab claims (merged = unmerged, reloaded = saved, ...)."""
+    rows = [{"name": name, "diff": d, "ok": "-" if d is None else "yes" if d <= tol else "NO"}
+            for name, d in checks.items()]
+    return table(rows, [("name", header, str), ("diff", "max|diff|", sci), ("ok", f"<= {tol:g}", str)])

@@ -9,7 +9,10 @@ free (81 s in all); on a shared machine it stretches (8.6 minutes at a load aver
 What to look at: the shapes through one block, the loss falling from ln(256) = 5.55
 (a uniform guess over bytes) to about 2.3 in 300 steps, and a sample with English-like
 words and spacing (more steps help: try --steps 1500). Last, RoPE's rotation on one vector,
-and four position schemes trained at 32 tokens and read at 64 (--positions-steps 0 skips it).
+and four position schemes trained at 32 tokens and read at 64 (--positions-steps 0 skips it): each
+pair of q's (and k's) channels turns by position x its own angle, so q.k depends only on the
+offset; llama-mini's switches at 2 layers train one model per scheme, and the loss on 64-token
+windows is split at position 32.
 Results: runs/01_single_device/{train,result,positions}.json; the checkpoint is reused by later labs.
 """
 
@@ -32,7 +35,8 @@ from journey_dist.labkit import (
     resolve_device,
 )
 from journey_dist.model import GPT, trace_shapes
-from journey_dist.positions import rope_shift_invariance
+from journey_dist.positions import rope_demo_text, rope_shift_invariance
+from journey_dist.report import shapes_table
 from journey_dist.runtime import runs_dir, save_json, seed_everything
 from journey_dist.train import TrainConfig, train
 
@@ -57,38 +61,34 @@ check_memory(args.force, config, args.batch_size)
 cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                   log_every=max(1, args.steps // 10))
 model = GPT(config).to(device)
-print(f"device: {device} | corpus: {args.data}, {len(data.train):,} train / {len(data.val):,} val bytes")
-print(f"model: {args.preset} {config}")
-print(f"parameters: {model.num_params():,} (embedding matrix shared with the output head)")
+print(f"device: {device} | corpus: {args.data}, {len(data.train):,} train / {len(data.val):,} val bytes | "
+      f"{args.preset}: {model.num_params():,} parameters (embedding shared with the output head)\n{config}")
 
 
-# %% Shapes through the model: ids (B, T) -> embeddings (B, T, C) -> logits (B, T, V)
-x = data.train[: 2 * 16].view(2, 16).to(device)
-print("\nshapes for a batch of B=2 sequences of T=16 bytes:")
-for name, shape in trace_shapes(model, x, depth=5):
-    if ".h." in name and not name.startswith("transformer.h.0"):
-        continue  # one block is enough: the others repeat it
-    print(f"  {name:<32} {shape}")
+# %% 1. Shapes through the model: ids (B, T) -> embeddings (B, T, C) -> logits (B, T, V)
+x = data.train[: 2 * 16].view(2, 16).to(device)  # B=2 sequences of T=16 bytes
+shapes = [(name, shape) for name, shape in trace_shapes(model, x, depth=5)
+          if ".h." not in name or name.startswith("transformer.h.0")]  # one block: the others repeat it
+print(shapes_table(shapes, "module (B=2 sequences of T=16 bytes)"))
 
-# %% Train: the loss starts near ln(vocab) and falls
-print(f"\nuniform-guess loss ln({config.vocab_size}) = {math.log(config.vocab_size):.3f}")
+# %% 2. Train: the loss starts near ln(vocab), the loss of a uniform guess, and falls
+uniform = math.log(config.vocab_size)  # the loss of a uniform guess over the vocabulary
 history = train(model, data, cfg, lab=LAB)
-print(f"loss {history.first_loss:.3f} -> {history.last_loss:.3f}; "
-      f"validation loss {history.val_loss:.3f}; {history.tokens_per_s:,.0f} tokens/s")
+print(f"loss {history.first_loss:.3f} (uniform guess {uniform:.3f}) -> {history.last_loss:.3f}, "
+      f"validation {history.val_loss:.3f}; {history.tokens_per_s:,.0f} tokens/s")
 
-# %% Generate: continue a prompt
-prompt = "Tensor parallelism"
-ids = torch.tensor([data.tokenizer.encode(prompt)], device=device)
+# %% 3. Generate: continue a prompt
+ids = torch.tensor([data.tokenizer.encode("Tensor parallelism")], device=device)
 out = model.generate(ids, max_new_tokens=120, temperature=0.8, top_k=40,
                      generator=torch.Generator(device=device).manual_seed(0))
 sample = data.tokenizer.decode(out[0].tolist())
 print(f"\nsample:\n{sample}\n")
 
-# %% Save a checkpoint and the result
-ckpt = runs_dir("01_single_device") / "model.pt"
+# %% 4. Save a checkpoint (labs 00, 08 and 13 reuse it) and the result
+ckpt = runs_dir(LAB) / "model.pt"
 ckpt.parent.mkdir(parents=True, exist_ok=True)
 torch.save({"config": config.to_dict(), "model": model.state_dict()}, ckpt)
-path = save_json("01_single_device", "result", {
+path = save_json(LAB, "result", {
     "preset": args.preset, "params": model.num_params(), "device": str(device),
     "first_loss": history.first_loss, "last_loss": history.last_loss,
     "val_loss": history.val_loss, "tokens_per_s": history.tokens_per_s,
@@ -96,21 +96,12 @@ path = save_json("01_single_device", "result", {
 })
 print(f"wrote {path} and {ckpt}")
 
-# %% Position encodings: rotate q and k (RoPE), then see which schemes carry past the training length
+# %% 5. Position encodings: rotate q and k (RoPE), then see which schemes carry past the training length
 if args.positions_steps > 0:
     demo = rope_shift_invariance(head_dim=8, m=3, n=7, shift=100)
-    print("\nRoPE turns each pair of q's (and k's) channels by position x its own angle per token:")
-    print(f"  q                     {[round(v, 3) for v in demo['q'].tolist()]}")
-    print(f"  q at position 3       {[round(v, 3) for v in demo['q_at_m'].tolist()]}")
-    print(f"  q at position 103     {[round(v, 3) for v in demo['q_at_m_shifted'].tolist()]}")
-    print(f"  q.k unrotated {demo['dot_unrotated']:.4f}; q at 3, k at 7: {demo['dot']:.4f}; "
-          f"q at 103, k at 107: {demo['dot_shifted']:.4f} (same offset, same score)")
     small = extrapolation_config(data.vocab_size)
-    print(f"\nllama-mini's switches at {small.n_layer} layers x {small.n_embd} channels, one model per "
-          f"scheme, {args.positions_steps} steps at 32 tokens; loss on 64-token windows, split at 32:")
     rows = position_extrapolation(data, small, steps=args.positions_steps, device=device)
-    print(positions_table(rows))
-    path = save_json("01_single_device", "positions", {
+    path = save_json(LAB, "positions", {
         "rope_demo": {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in demo.items()},
         "config": small.to_dict(), "rows": rows})
-    print(f"wrote {path}")
+    print(f"\nRoPE on one q and k:\n{rope_demo_text(demo)}\n{positions_table(rows)}\nwrote {path}")

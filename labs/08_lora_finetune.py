@@ -9,9 +9,11 @@ GPT-mini is pretrained on the "handbook" corpus (or lab 01's checkpoint is loade
 then fine-tuned on "dialogues" (STUDENT/MENTOR exchanges) with LoRA adapters on every block's
 linears. What to look at: trainable vs total parameters; the dialogues loss falling while the
 base weights stay bitwise unchanged; gradients and AdamW state only for the adapters (measured
-next to the estimate, full fine-tuning vs LoRA); the adapter file is a few hundred KiB next to
-a multi-MiB base; merged and unmerged models agree to float rounding (~1e-6); PEFT and the
-from-scratch LoRALinear agree exactly; under 2 ranks the adapters stay identical on every rank.
+next to the estimate, full fine-tuning vs LoRA; activations barely shrink, since backward still
+runs through every frozen layer); the adapter file is a few hundred KiB next to a multi-MiB base;
+one table of checks: merged and unmerged models agree to float rounding (~1e-6), PEFT and the
+from-scratch LoRALinear agree exactly, the reloaded files give the same logits, and under 2 ranks
+the adapters stay identical on every rank and equal to one process's on the full batch.
 Results: runs/08_lora_finetune/{result.json, adapter/}.
 """
 
@@ -38,22 +40,31 @@ from journey_dist.labkit import (
 from journey_dist.lora import (
     adapter_state_dict,
     apply_peft_lora,
-    apply_scratch_lora,
     base_state_dict,
+    ddp_vs_one_process,
+    describe,
     finetune,
-    load_adapter_state_dict,
-    load_lora,
     max_diff_from_rank0,
-    merge_adapters,
+    memory_table,
+    merge_parity,
     param_counts,
-    save_lora,
-    unmerge_adapters,
+    save_and_reload,
+    step_memory,
 )
-from journey_dist.memory.estimate import estimate_memory, fmt_bytes
-from journey_dist.memory.measure import measure_step
-from journey_dist.parity import fresh_model, max_abs_diff
-from journey_dist.runtime import is_rank0, launch, print0, requested_world_size, runs_dir, save_json
-from journey_dist.train import TrainConfig, evaluate, make_optimizer
+from journey_dist.memory.estimate import fmt_bytes
+from journey_dist.model import GPT
+from journey_dist.parity import fresh_model
+from journey_dist.report import checks_table
+from journey_dist.runtime import (
+    comm_device,
+    is_rank0,
+    launch,
+    print0,
+    requested_world_size,
+    runs_dir,
+    save_json,
+)
+from journey_dist.train import TrainConfig, evaluate
 
 LAB = "08_lora_finetune"
 parser = lab_parser(__doc__)
@@ -114,151 +125,121 @@ if base_ckpt is not None:
     if what:
         note(f"lab 01's checkpoint {lab01} holds {what}, not {args.preset}: pretraining here instead")
         base_ckpt = None
+BASE = f"loaded {base_ckpt}" if base_ckpt else (
+    f"no checkpoint of {args.preset} at {lab01}; pretraining it on handbook for {pre_cfg.steps} steps (run "
+    "lab 01 first to reuse its checkpoint, or pass --base)")
 
 
-def val_loss(model, tokens) -> float:
-    return evaluate(model, tokens, 8, config.block_size, batches=4)
+def val_losses(model: GPT) -> dict[str, float]:
+    return {name: evaluate(model, d.val, 8, config.block_size, batches=4)
+            for name, d in (("dialogues", dialogues), ("handbook", handbook))}
 
 
-# %% What every rank runs
-def rank_main(handbook, dialogues) -> dict:
-    n = dist.get_world_size()
-    # gloo works on CPU tensors, NCCL on this rank's GPU (init_distributed picked the backend)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
-        torch.device("cpu")
-
-    # 1. A pretrained base: the checkpoint chosen in the setup, else pretrain here (DDP if n > 1)
+# %% 1. A pretrained base: the checkpoint chosen in the setup, else pretrain here (DDP on several ranks)
+def pretrained_base(device: torch.device) -> tuple[GPT, list[float] | None]:
+    """The base model, and its pretraining losses when it was trained here."""
     base = fresh_model(config, device=device)
     if base_ckpt is not None:
         base.load_state_dict(torch.load(base_ckpt, map_location="cpu", weights_only=True)["model"])
-        print0(f"base: loaded {base_ckpt}")
-    else:
-        print0(f"base: no checkpoint of {args.preset} at {lab01}; pretraining {args.preset} on handbook "
-               f"for {pre_cfg.steps} steps on {n} rank(s) (run lab 01 first to reuse its checkpoint, or "
-               "pass --base)")
-        run = finetune(base, handbook, pre_cfg)  # every parameter is trainable here
-        print0(f"pretraining loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f}")
-    before = {"dialogues": val_loss(base, dialogues.val), "handbook": val_loss(base, handbook.val)}
-    print0(f"base model validation loss: dialogues {before['dialogues']:.3f} (new text), "
-           f"handbook {before['handbook']:.3f}")
+        return base, None
+    return base, finetune(base, handbook, pre_cfg).losses  # every parameter is trainable here
 
-    # 2. LoRA through PEFT: adapters on the targeted linears, everything else frozen
-    model = apply_peft_lora(copy.deepcopy(base), spec)
-    trainable, total = param_counts(model)
-    print0(f"\nLoRA r={spec.rank}, alpha={spec.alpha:g} (scaling {spec.scaling:g}) on "
-           f"{len(spec.matched(config))} linears: {', '.join(spec.targets)}")
-    print0(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%); "
-           f"the base has {total - trainable:,}")
-    print0(model.transformer.h[0].attn.c_attn)
 
-    # 3. Memory of one step per rank: full fine-tuning vs LoRA, measured (exact tensor ledger on
-    #    CPU) next to the analytic estimate. Copies, so the runs below start untouched.
-    b = args.batch_size // n
-    x, y = (t.to(device) for t in get_batch(dialogues.train, b, config.block_size, step=0, seed=0))
-    memory = {}
-    for name, m, lora in (("full fine-tuning", copy.deepcopy(base), None),
-                          ("LoRA", apply_peft_lora(copy.deepcopy(base), spec), spec)):
-        opt = make_optimizer(m, ft_cfg)
-        meas = measure_step(m, opt, x, y, ledger=True)  # the ledger on CUDA too: grads, optimizer
-        est = estimate_memory(config, batch_size=args.batch_size, seq_len=config.block_size, dp=n,
-                              device=device.type, lora=lora)  # lora: adapters in, frozen-base savings out
-        memory[name] = {"measured": meas.to_dict(), "estimated": est.to_dict(),
-                        "optimizer_measured": meas.high_water["optimizer"],
-                        "optimizer_estimated": est.optimizer,
-                        "grads_measured": meas.high_water["grads"], "grads_estimated": est.grads,
-                        "peak_measured": meas.peak, "peak_estimated": est.total}
-    print0(f"\nmemory of one training step per rank ({b} x {config.block_size} tokens, fp32 AdamW, "
-           f"{meas.instrument} on {device.type}):")
-    print0(f"{'':<17} {'grads meas/est':>22} {'optimizer meas/est':>22} {'peak measured':>14} "
-           f"{'peak estimated':>15} {'error':>7}")
-    for name, r in memory.items():
-        err = 100 * (r["peak_estimated"] - r["peak_measured"]) / r["peak_measured"]
-        print0(f"{name:<17} {fmt_bytes(r['grads_measured']):>10} / {fmt_bytes(r['grads_estimated']):<10} "
-               f"{fmt_bytes(r['optimizer_measured']):>10} / {fmt_bytes(r['optimizer_estimated']):<10} "
-               f"{fmt_bytes(r['peak_measured']):>14} {fmt_bytes(r['peak_estimated']):>15} {err:+6.2f}%")
-    print0("(activations barely shrink: backward still runs through every frozen layer; the "
-           "saving is gradients and optimizer state)")
+# %% 2. LoRA through PEFT: adapters on the targeted linears, everything else frozen
+def with_lora(base: GPT) -> GPT:
+    return apply_peft_lora(copy.deepcopy(base), spec)
 
-    # 4. Fine-tune the adapters on dialogues (DDP all-reduces only adapter gradients when n > 1)
-    print0(f"\nLoRA fine-tuning on dialogues: {ft_cfg.steps} steps, global batch {ft_cfg.batch_size}")
-    run = finetune(model, dialogues, ft_cfg)
-    after = {"dialogues": val_loss(model, dialogues.val), "handbook": val_loss(model, handbook.val)}
-    print0(f"training loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f} ({run.seconds:.1f} s)")
-    print0(f"validation loss: dialogues {before['dialogues']:.3f} -> {after['dialogues']:.3f}, "
-           f"handbook {before['handbook']:.3f} -> {after['handbook']:.3f}")
+
+# %% 3. Memory of one step per rank, full fine-tuning vs LoRA: measured next to the estimate
+def memory(base: GPT, device: torch.device) -> dict[str, dict]:
+    n = dist.get_world_size()
+    batch = get_batch(dialogues.train, args.batch_size // n, config.block_size, step=0, seed=0)
+    x, y = (t.to(device) for t in batch)
+    return step_memory(base, spec, ft_cfg, x, y, batch_size=args.batch_size, dp=n)  # on copies of the base
+
+
+# %% 4. Fine-tune the adapters on dialogues (under DDP only adapter gradients are all-reduced)
+def fine_tune(model: GPT, base: GPT) -> tuple[list[float], bool]:
+    """The training losses, and whether the base weights are bitwise what they were."""
+    losses = finetune(model, dialogues, ft_cfg).losses
     base_sd, now_sd = base.state_dict(), base_state_dict(model)
-    base_unchanged = all(torch.equal(base_sd[k], now_sd[k]) for k in base_sd)
-    print0(f"base weights bitwise unchanged after fine-tuning: {base_unchanged}")
+    return losses, all(torch.equal(base_sd[k], now_sd[k]) for k in base_sd)
 
-    # 5. Across ranks: identical adapters, and a short run equal to one process on the full batch
-    parity = {}
-    if n > 1:
-        parity["adapter_diff_across_ranks"] = max_diff_from_rank0(adapter_state_dict(model))
-        short = TrainConfig(steps=5, batch_size=args.batch_size, lr=args.lr, warmup_steps=1)
-        ddp_run = finetune(apply_peft_lora(copy.deepcopy(base), spec), dialogues, short)
-        one = finetune(apply_peft_lora(copy.deepcopy(base), spec), dialogues, short, ddp=False)
-        adapters = {k: v for k, v in ddp_run.params.items() if ".lora_" in k}
-        parity["adapter_diff_vs_one_process"] = max_abs_diff(adapters, {k: one.params[k] for k in adapters})
-        print0(f"\nadapters on {n} ranks: max |rank r - rank 0| = {parity['adapter_diff_across_ranks']:.1e}; "
-               f"after 5 DDP steps vs one process on the full batch: "
-               f"{parity['adapter_diff_vs_one_process']:.1e} (tolerance 1e-5)")
 
-    # 6. Save the adapters (and the base, trained here) and load them back
-    files = {}
-    xv = get_batch(dialogues.val, 4, config.block_size, step=0, seed=1)[0].to(device)
-    if is_rank0():
-        paths = save_lora(model, spec, runs_dir(LAB) / "adapter")
-        files = {k: p.stat().st_size for k, p in paths.items()}
-        loaded = load_lora(paths["adapter"].parent)[0].to(device)
-        with torch.no_grad():
-            files["round_trip_diff"] = (loaded.eval()(xv)[0] - model.eval()(xv)[0]).abs().max().item()
-        print0(f"\nadapter file {fmt_bytes(files['adapter'])} ({paths['adapter']}) vs base "
-               f"{fmt_bytes(files['base'])}; reloaded model's logits differ by "
-               f"{files['round_trip_diff']:.1e}")
+# %% 5. Across ranks: identical adapters, and a short run equal to one process on the full batch
+def across_ranks(model: GPT, base: GPT) -> dict[str, float]:
+    if dist.get_world_size() == 1:
+        return {}
+    short = TrainConfig(steps=5, batch_size=args.batch_size, lr=args.lr, warmup_steps=1)
+    return {"adapter_diff_across_ranks": max_diff_from_rank0(adapter_state_dict(model)),
+            "adapter_diff_vs_one_process": ddp_vs_one_process(base, spec, dialogues, short)}
 
-    # 7. Merge W + (alpha/r) B A into W: the same logits without the adapter path. On a copy, so
-    #    `model` keeps its exact base weights (W + BA - BA is W only up to rounding).
-    with torch.no_grad():
-        unmerged = model.eval()(xv)[0]
-        merged_model = copy.deepcopy(model)
-        merge_adapters(merged_model)
-        merged = merged_model(xv)[0]
-        unmerge_adapters(merged_model)
-        again = merged_model(xv)[0]
-        scratch = apply_scratch_lora(copy.deepcopy(base).eval(), spec)
-        load_adapter_state_dict(scratch, adapter_state_dict(model))
-        scratch_out = scratch(xv)[0]
-        merge_adapters(scratch)
-        scratch_merged = scratch(xv)[0]
-    merge_diff = (merged - unmerged).abs().max().item()
-    unmerge_diff = (again - unmerged).abs().max().item()
-    scratch_diff = (scratch_out - unmerged).abs().max().item()
-    scratch_merge_diff = (scratch_merged - merged).abs().max().item()
-    print0(f"\nlogits merged vs unmerged: max |diff| {merge_diff:.1e}; after unmerge {unmerge_diff:.1e} "
-           "(float rounding of W + BA - BA)")
-    print0(f"from-scratch LoRALinear with the same A, B vs PEFT: {scratch_diff:.1e} unmerged, "
-           f"{scratch_merge_diff:.1e} merged")
 
-    # 8. A sample: the fine-tuned model continues a dialogue
+# %% 6. Save the adapters (and the base) and load them back; 7. merge W + (alpha/r) B A into W
+def files_and_merge(model: GPT, base: GPT, device: torch.device) -> tuple[dict, dict]:
+    """Rank 0 writes and reloads the files; every rank checks merging on a copy, so `model` keeps
+    its exact base weights (W + BA - BA is W only up to rounding)."""
+    x = get_batch(dialogues.val, 4, config.block_size, step=0, seed=1)[0].to(device)
+    files = save_and_reload(model, spec, runs_dir(LAB) / "adapter", x) if is_rank0() else {}
+    return files, merge_parity(model, base, spec, x)
+
+
+# %% 8. A sample: the fine-tuned model continues a dialogue
+def sample(model: GPT, device: torch.device) -> str:
     prompt = "STUDENT: Why is my all-reduce so slow?\nMENTOR:"
     ids = torch.tensor([dialogues.tokenizer.encode(prompt)], device=device)
-    out = model.generate(ids, 100, temperature=0.8, top_k=40,
-                         generator=torch.Generator(device=device).manual_seed(0))
-    sample = dialogues.tokenizer.decode(out[0].tolist())
-    print0(f"\nsample (more --pretrain-steps, or lab 01's checkpoint, give more readable text):\n{sample}\n")
+    seeded = torch.Generator(device=device).manual_seed(0)
+    out = model.generate(ids, 100, temperature=0.8, top_k=40, generator=seeded)
+    return dialogues.tokenizer.decode(out[0].tolist())
 
-    result = {"world_size": n, "preset": args.preset, "lora": spec, "trainable_params": trainable,
-              "total_params": total, "pretrain": pre_cfg.to_dict(), "finetune": ft_cfg.to_dict(),
-              "losses": run.losses, "val_before": before, "val_after": after,
-              "base_unchanged": base_unchanged,
-              "memory": memory, "parity": parity, "merge_diff": merge_diff, "unmerge_diff": unmerge_diff,
-              "scratch_vs_peft_diff": scratch_diff, "scratch_vs_peft_merged_diff": scratch_merge_diff,
-              "files": files, "sample": sample}
-    path = save_json(LAB, "result", {**result, "lora": asdict(spec)})
-    print0(f"wrote {path}")
+
+# %% Every rank runs the steps in order and prints what to look at
+def checks(parity: dict, files: dict, merged: dict) -> dict[str, float | None]:
+    """The lab's equalities by name (None: not run with one rank, or not on this rank)."""
+    return {"adapters: every rank vs rank 0": parity.get("adapter_diff_across_ranks"),
+            "adapters: 5 DDP steps vs one process": parity.get("adapter_diff_vs_one_process"),
+            "logits: reloaded files vs trained": files.get("round_trip_diff"),
+            "logits: merged vs unmerged": merged["merge_diff"],
+            "logits: unmerged again vs unmerged": merged["unmerge_diff"],
+            "logits: scratch LoRALinear vs PEFT": merged["scratch_vs_peft_diff"],
+            "logits: the two merged": merged["scratch_vs_peft_merged_diff"]}
+
+
+def shown(before: dict[str, float], after: dict[str, float] | None = None) -> str:
+    return ", ".join(f"{k} {v:.3f}" + (f" -> {after[k]:.3f}" if after else "") for k, v in before.items())
+
+
+def rank_main() -> dict:
+    device = comm_device()  # gloo: the CPU; NCCL: this rank's GPU
+    print0(f"base: {BASE}")
+    base, pretrain = pretrained_base(device)
+    before = val_losses(base)
+    print0(f"base model validation loss: {shown(before)}"
+           + (f" (pretraining loss {pretrain[0]:.3f} -> {pretrain[-1]:.3f})\n" if pretrain else "\n"))
+    model = with_lora(base)
+    trainable, total = param_counts(model)
+    print0(describe(model, spec))
+    mem = memory(base, device)
+    print0(f"\nmemory of one training step per rank, fp32 AdamW:\n{memory_table(mem)}\n")
+    losses, base_unchanged = fine_tune(model, base)
+    after = val_losses(model)
+    print0(f"LoRA on dialogues, {ft_cfg.steps} steps: training loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+           f"validation loss {shown(before, after)}; base weights bitwise unchanged: {base_unchanged}")
+    parity = across_ranks(model, base)
+    files, merged = files_and_merge(model, base, device)
+    print0(f"adapter file {fmt_bytes(files.get('adapter', 0))} vs base {fmt_bytes(files.get('base', 0))}")
+    print0(checks_table(checks(parity, files, merged), tol=1e-5))
+    text = sample(model, device)
+    print0(f"\nsample (more --pretrain-steps, or lab 01's checkpoint, give more readable text):\n{text}\n")
+    result = {"world_size": dist.get_world_size(), "preset": args.preset, "lora": spec,
+              "trainable_params": trainable, "total_params": total, "pretrain": pre_cfg.to_dict(),
+              "finetune": ft_cfg.to_dict(), "losses": losses, "val_before": before, "val_after": after,
+              "base_unchanged": base_unchanged, "memory": mem, "parity": parity, **merged, "files": files,
+              "sample": text}
+    print0(f"wrote {save_json(LAB, 'result', {**result, 'lora': asdict(spec)})}")
     return {k: v for k, v in result.items() if k != "memory"}
 
 
 # %% Launch: one process by default; under torchrun each process is one rank
 if __name__ == "__main__":
-    launch(rank_main, world, handbook, dialogues)
+    launch(rank_main, world)

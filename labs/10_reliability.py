@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from journey_dist.checkpoint import latest_valid, list_checkpoints
+from journey_dist.checkpoint import checkpoints_table, latest_valid, list_checkpoints
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import load_tokens
-from journey_dist.fault_tolerance import Heartbeat, PeerFailure, name_failed_peer
 from journey_dist.labkit import (
     check_data,
     check_memory,
@@ -42,9 +41,7 @@ from journey_dist.labkit import (
     positive_int,
     probability,
 )
-from journey_dist.parallel.data.replicas import make_data_parallel
-from journey_dist.parity import fresh_model
-from journey_dist.resumable import bitwise_equal, run_resumable
+from journey_dist.resumable import bitwise_equal, resume_table, run_resumable, time_to_name_a_dead_rank
 from journey_dist.runtime import (
     RankFailure,
     launch,
@@ -55,7 +52,7 @@ from journey_dist.runtime import (
     spawn,
     under_torchrun,
 )
-from journey_dist.train import TrainConfig, make_optimizer, train
+from journey_dist.train import TrainConfig
 
 LAB = "10_reliability"
 parser = lab_parser(__doc__)
@@ -83,7 +80,7 @@ if not args.crash_at < args.steps:
 if not args.every <= args.crash_at:
     raise ConfigError(f"--every {args.every} must be in [1, --crash-at] so a checkpoint exists before the "
                       f"crash; use --every <= {args.crash_at}")
-if args.keep == 1 or args.keep < 0:  # step (3) truncates the newest and resumes from the one before
+if args.keep == 1 or args.keep < 0:  # step 3 truncates the newest and resumes from the one before
     raise ConfigError(f"--keep {args.keep}: the truncated-checkpoint step needs a previous checkpoint to "
                       "fall back to; use --keep >= 2 (or 0 to keep all)")
 data = load_tokens(args.data)
@@ -97,13 +94,7 @@ RUN_ENTRIES = ("file", "dcp", "dead_rank")  # plain python: one-file checkpoints
 TORCHRUN_ENTRY = "torchrun"  # under torchrun: the restartable job's checkpoints
 
 
-def show_checkpoints(directory: Path) -> None:
-    for c in list_checkpoints(directory):
-        status = "ok" if c.valid else f"INVALID ({c.reason})"
-        print0(f"  {c.path.name:<20} step {c.step:>3}  {c.nbytes / 2**20:6.2f} MiB  {status}")
-
-
-# %% Ranks: an uninterrupted run, a run that dies after --crash-at, and the resumed run
+# %% What the ranks run: an uninterrupted run, a run that dies after --crash-at, a resumed run
 def uninterrupted() -> dict:
     return run_resumable(config, data, cfg).params
 
@@ -118,32 +109,73 @@ def resumed(directory: str) -> tuple:
     return run.params, run.start_step, run.losses
 
 
-# %% Rank 1 dies in the middle of a step; rank 0 is waiting in the gradient all-reduce
-def dead_rank(marks: str) -> None:
-    model = fresh_model(config)
-    dp = make_data_parallel("naive", model)
-    done = {"steps": 0}
+# %% 1. An uninterrupted run on fresh ranks: the parameters every resume must end with
+def reference() -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    return spawn(uninterrupted, world)[0], time.perf_counter() - t0
 
-    def sync_grads() -> None:
-        if dist.get_rank() == 1 and done["steps"] == 3:  # after backward, before the all-reduce
-            Path(marks, "died").write_text(str(time.time()))
-            os._exit(17)
-        done["steps"] += 1
-        dp.sync_grads()
 
-    hb = Heartbeat(interval_s=0.2, stale_s=1.0, abort=False).start()
+# %% 2. Train again, saving a one-file checkpoint and DCP shards every --every steps; die after --crash-at
+def crash(file_dir: Path, dcp_dir: Path) -> str:
+    """The launcher's first lines about the dead ranks."""
     try:
-        with name_failed_peer(hb):
-            train(model, data, TrainConfig(steps=10, batch_size=args.batch_size),
-                  dp.hooks().with_(sync_grads=sync_grads), optimizer=make_optimizer(model, cfg),
-                  verbose=False, block_size=config.block_size, on_step=lambda step, m, o: hb.beat(step))
-    except PeerFailure as e:
-        Path(marks, "detected").write_text(f"{time.time()}\n{e}")
-        raise
+        spawn(crashing, world, (str(file_dir), str(dcp_dir)))
+    except RankFailure as e:
+        return " ".join(str(e).splitlines()[:2])
+    raise SystemExit("the crashing run did not crash")
 
 
+# %% 3. A crash mid-copy: cut the newest one-file checkpoint in half
+def truncate_newest(directory: Path) -> tuple[str, str]:
+    """The truncated checkpoint's name, and the one a resume will use instead."""
+    newest = list_checkpoints(directory)[-1].path
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    return newest.name, latest_valid(directory, warn=False).path.name
+
+
+# %% 4. Resume in fresh processes from each kind: the broken file is named and skipped
+def resume_from(directory: Path, reference: dict) -> dict:
+    t0 = time.perf_counter()
+    params, start, losses = spawn(resumed, world, (str(directory),))[0]
+    worst = max((params[k] - reference[k]).abs().max().item() for k in params)
+    return {"start_step": start, "bitwise_equal": not bitwise_equal(params, reference), "max_abs_diff": worst,
+            "seconds": time.perf_counter() - t0, "losses_after_resume": losses}
+
+
+# %% 5. Rank 1 dies in the middle of a step, rank 0 waits in the gradient all-reduce: how soon is it named?
+def dead_rank() -> tuple[dict, float]:
+    return time_to_name_a_dead_rank(config, data, TrainConfig(steps=10, batch_size=args.batch_size),
+                                    root / "dead_rank", collective_timeout_s=60)
+
+
+# %% Plain python runs the steps in order, each phase a fresh set of processes as after a real crash
+def main() -> dict:
+    clear_owned(root, LAB, RUN_ENTRIES)  # only what an earlier run of this lab wrote
+    file_dir, dcp_dir = root / "file", root / "dcp"
+    print0(f"{world} data-parallel ranks | {args.preset} (dropout {args.dropout}) | {cfg.steps} steps, "
+           f"checkpoint every {args.every}, crash after step {args.crash_at}\n")
+    params, seconds = reference()
+    print0(f"(1) uninterrupted run: {seconds:.1f}s")
+    report = crash(file_dir, dcp_dir)
+    print0(f"(2) crashed as planned after step {args.crash_at}: {report}\none file (rank 0 wrote it):\n"
+           f"{checkpoints_table(file_dir)}\nDCP shards (each rank its part):\n{checkpoints_table(dcp_dir)}")
+    truncated, fallback = truncate_newest(file_dir)
+    print0(f"\n(3) truncated {truncated} to half; a resume will use {fallback}")
+    rows = {"file": resume_from(file_dir, params), "dcp": resume_from(dcp_dir, params)}
+    print0(f"(4) {resume_table(rows)}")
+    dead, launcher_s = dead_rank()
+    print0(f"\n(5) rank 1 killed mid-step (exit 17). Rank 0, waiting in its all-reduce, raised after "
+           f"{dead['detection_s']:.2f}s (collective timeout 60s):\n    {dead['message']}\n    launcher "
+           f"report ({launcher_s:.1f}s incl. start-up): {'; '.join(dead['launcher_report'])}")
+    result = {"world_size": world, "preset": args.preset, "train": cfg.to_dict(), "every": args.every,
+              "crash_at": args.crash_at, "truncated": truncated, "fallback": fallback, "resume": rows,
+              "dead_rank": dead}
+    print0(f"\nwrote {save_json(LAB, 'result', result)}; list checkpoints: `journey checkpoints {file_dir}`")
+    return result
+
+
+# %% Under torchrun: resume if a checkpoint exists, die once (the last rank), finish, compare
 def torchrun_restartable() -> dict:
-    """Under torchrun: resume if a checkpoint exists, die once (rank 1), finish, compare."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     job = root / TORCHRUN_ENTRY
     if restart == 0 and dist.get_rank() == 0:
@@ -169,70 +201,7 @@ def torchrun_restartable() -> dict:
     return result
 
 
-# %% Main (plain python): the crash, the resume, the comparison, the dead rank. Each phase is a
-# fresh set of spawned processes, as after a real crash.
-def main() -> dict:
-    clear_owned(root, LAB, RUN_ENTRIES)  # only what an earlier run of this lab wrote
-    file_dir, dcp_dir = root / "file", root / "dcp"
-    print0(f"{world} data-parallel ranks | {args.preset} (dropout {args.dropout}) | {cfg.steps} steps, "
-           f"checkpoint every {args.every}, crash after step {args.crash_at}\n")
-    t0 = time.perf_counter()
-    reference = spawn(uninterrupted, world)[0]
-    print0(f"(1) uninterrupted run: {time.perf_counter() - t0:.1f}s")
-
-    t0 = time.perf_counter()
-    try:
-        spawn(crashing, world, (str(file_dir), str(dcp_dir)))
-        raise SystemExit("the crashing run did not crash")
-    except RankFailure as e:
-        first = str(e).splitlines()[:2]
-        print0(f"(2) crashed as planned after step {args.crash_at} ({time.perf_counter() - t0:.1f}s): "
-               + " ".join(first))
-    print0("checkpoints on disk (one file, rank 0 wrote):")
-    show_checkpoints(file_dir)
-    print0("DCP shards (every rank wrote its part):")
-    show_checkpoints(dcp_dir)
-
-    newest = list_checkpoints(file_dir)[-1].path
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    fallback = latest_valid(file_dir, warn=False)
-    print0(f"\n(3) truncated {newest.name} to half; a resume will use {fallback.path.name}")
-
-    rows = {}
-    for kind, directory in (("file", file_dir), ("dcp", dcp_dir)):
-        t0 = time.perf_counter()
-        params, start, losses = spawn(resumed, world, (str(directory),))[0]
-        diff = bitwise_equal(params, reference)
-        worst = max((params[k] - reference[k]).abs().max().item() for k in params)
-        rows[kind] = {"start_step": start, "bitwise_equal": not diff, "max_abs_diff": worst,
-                      "seconds": time.perf_counter() - t0, "losses_after_resume": losses}
-        print0(f"(4) resumed from {kind:<4} at step {start:>3}: max|param - uninterrupted| = {worst:.1e}, "
-               f"bitwise equal: {'yes' if not diff else f'NO {diff}'}")
-
-    marks = root / "dead_rank"
-    marks.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    try:
-        spawn(dead_rank, 2, (str(marks),), timeout_s=120, collective_timeout_s=60, failure_grace_s=20)
-    except RankFailure as e:
-        launcher_s = time.perf_counter() - t0
-        failed = [line for line in str(e).splitlines() if line.startswith("--- rank")]
-    died = float((marks / "died").read_text())
-    detected_at, message = (marks / "detected").read_text().split("\n", 1)
-    detection = float(detected_at) - died
-    print0(f"\n(5) rank 1 killed mid-step (exit 17). Rank 0, waiting in its all-reduce, raised after "
-           f"{detection:.2f}s (collective timeout 60s):\n    {message.strip()}\n"
-           f"    launcher report ({launcher_s:.1f}s incl. start-up): {'; '.join(failed)}")
-
-    result = {"world_size": world, "preset": args.preset, "train": cfg.to_dict(), "every": args.every,
-              "crash_at": args.crash_at, "truncated": newest.name, "fallback": fallback.path.name,
-              "resume": rows, "dead_rank": {"detection_s": detection, "message": message.strip(),
-                                            "launcher_report": failed}}
-    path = save_json(LAB, "result", result)
-    print0(f"\nwrote {path}; inspect checkpoints with `journey checkpoints {file_dir}`")
-    return result
-
-
+# %% Launch
 if __name__ == "__main__":
     if under_torchrun():
         launch(torchrun_restartable, world)

@@ -274,6 +274,11 @@ LAB_CASES = [
                  marks=slow),
     pytest.param("12_mixture_of_experts.py", ["--top-k", "9"], r"moe_top_k=9: each token picks top-k of",
                  r"use 1 <= moe_top_k <= 8", None, id="lab12 --top-k 9", marks=slow),
+    # lab 13 parsed with parse_known_args: a misspelt flag was ignored and the whole lab ran
+    pytest.param("13_serving.py", ["--request", "4"], r"unrecognized arguments: --request 4",
+                 r"did you mean --requests\?", None, id="lab13 unknown --request"),
+    pytest.param("13_serving.py", ["--blocks", "1"], r"--blocks 1 x --block 16 holds less than one context "
+                 r"window", r"use --blocks >= 8", None, id="lab13 --blocks 1", marks=slow),
 ]
 
 

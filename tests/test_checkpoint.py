@@ -30,7 +30,7 @@ from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
 from journey_dist.dcp_safe import SafeReader
 from journey_dist.parity import fresh_model
-from journey_dist.resumable import SimulatedCrash, bitwise_equal, run_resumable
+from journey_dist.resumable import SimulatedCrash, bitwise_equal, resume_table, run_resumable
 from journey_dist.train import TrainConfig
 from tests.dist import RankFailure, run_ranks
 
@@ -298,3 +298,11 @@ def test_cli_lists_checkpoints_with_validity(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"step_00000002.pt\s+2\s+pt\s+[\d.]+\s+ok\s+<- resume point", out), out
     assert re.search(r"step_00000004.pt\s+4\s+pt.*INVALID: .*truncated", out), out
+
+
+def test_resume_table_names_each_resume_and_whether_it_is_bitwise_equal():
+    rows = {"file": {"start_step": 3, "bitwise_equal": True, "max_abs_diff": 0.0, "seconds": 1.0},
+            "dcp": {"start_step": 6, "bitwise_equal": False, "max_abs_diff": 2e-7, "seconds": 2.0}}
+    lines = resume_table(rows).splitlines()  # what lab 10 prints
+    assert lines[1].split() == ["file", "3", "0.0e+00", "yes", "1.0"]
+    assert lines[2].split() == ["dcp", "6", "2.0e-07", "NO", "2.0"]

@@ -16,41 +16,26 @@ import torch.distributed as dist
 
 from journey_dist.config import get_preset
 from journey_dist.data import load_tokens
-from journey_dist.fault_tolerance import EXIT_PEER_FAILED, Heartbeat, PeerFailure, name_failed_peer
-from journey_dist.parallel.data.replicas import make_data_parallel
-from journey_dist.parity import fresh_model
-from journey_dist.train import TrainConfig, make_optimizer, train
+from journey_dist.fault_tolerance import EXIT_PEER_FAILED, Heartbeat, PeerFailure
+from journey_dist.resumable import dp_run_with_a_dead_rank
+from journey_dist.train import TrainConfig
 from tests.dist import RankFailure, run_ranks
 
 CFG = TrainConfig(steps=6, batch_size=4, warmup_steps=1, log_every=1)
 
 
-def _dp_rank_dies_mid_step(die_at: int, code: int) -> None:
+def _dp_rank_dies_mid_step(die_at: int, code: int, marks: str) -> None:
     """2-rank naive DP; rank 1 exits inside the gradient sync of step `die_at` (after backward,
-    before its all-reduce), so rank 0 is left waiting in the all-reduce."""
+    before its all-reduce), so rank 0 is left waiting in the all-reduce (lab 10's step 5)."""
     torch.set_num_threads(1)
-    config = get_preset("tiny")
-    model = fresh_model(config)
-    dp = make_data_parallel("naive", model)
-    steps = {"n": 0}
-
-    def sync_grads() -> None:
-        if dist.get_rank() == 1 and steps["n"] == die_at:
-            os._exit(code)
-        steps["n"] += 1
-        dp.sync_grads()
-
-    hb = Heartbeat(interval_s=0.2, stale_s=1.0, abort=False).start()
-    with name_failed_peer(hb):
-        train(model, load_tokens("handbook"), CFG, dp.hooks().with_(sync_grads=sync_grads),
-              optimizer=make_optimizer(model, CFG), verbose=False, block_size=config.block_size,
-              on_step=lambda step, m, o: hb.beat(step))
+    dp_run_with_a_dead_rank(get_preset("tiny"), load_tokens("handbook"), CFG, marks, die_at=die_at,
+                            exit_code=code)
 
 
-def test_rank_killed_mid_step_is_named_quickly():
+def test_rank_killed_mid_step_is_named_quickly(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        run_ranks(_dp_rank_dies_mid_step, 2, 2, 17, timeout_s=90, collective_timeout_s=30,
+        run_ranks(_dp_rank_dies_mid_step, 2, 2, 17, str(tmp_path), timeout_s=90, collective_timeout_s=30,
                   failure_grace_s=20)  # a loaded box: let the survivor report
     elapsed = time.monotonic() - t0
     message = str(info.value)
@@ -59,6 +44,10 @@ def test_rank_killed_mid_step_is_named_quickly():
     assert "rank 0 failed" in message and "PeerFailure" in message, message
     assert re.search(r"stopped responding: rank 1 \(\S+ pid \d+\) silent for [\d.]+s, last step", message)
     assert elapsed < 60, elapsed
+    # the time stamps lab 10 reads: rank 1's death, then rank 0's error, within the collective timeout
+    detected_at, detected = (tmp_path / "detected").read_text().split("\n", 1)
+    assert 0 < float(detected_at) - float((tmp_path / "died").read_text()) < 30
+    assert detected.startswith("rank 0: peer(s) stopped responding: rank 1 ("), detected
 
 
 def _rank1_freezes(marks: str) -> None:

@@ -22,19 +22,24 @@ from journey_dist.lora import (
     apply_peft_lora,
     apply_scratch_lora,
     base_state_dict,
+    describe,
     finetune,
     is_merged,
     load_adapter_state_dict,
     load_lora,
     max_diff_from_rank0,
     merge_adapters,
+    merge_parity,
     param_counts,
+    save_and_reload,
     save_lora,
+    step_memory,
     unmerge_adapters,
 )
 from journey_dist.memory.estimate import estimate_memory, lora_param_count
 from journey_dist.memory.measure import measure_step
 from journey_dist.parity import fresh_model, max_abs_diff
+from journey_dist.report import checks_table
 from journey_dist.train import TrainConfig, make_optimizer
 from tests.dist import run_ranks
 from tests.labs import run_lab
@@ -219,3 +224,27 @@ def test_lab_runs_both_ways(tmp_path, launcher):
     if launcher == "torchrun":
         assert r["parity"]["adapter_diff_across_ranks"] == 0.0
         assert r["parity"]["adapter_diff_vs_one_process"] < 1e-5
+
+
+def test_the_checks_lab_08_prints(data, trained, tmp_path):
+    """merge_parity, save_and_reload and step_memory on a trained adapter: the numbers lab 08
+    prints and writes, each against what it claims."""
+    model, base = trained["peft"]["model"], fresh_model(TINY)  # only the adapters trained
+    x, y = _batch(data, step=5)
+    merged = merge_parity(model, base, SPEC, x)
+    assert merged["merge_diff"] < 1e-5 and merged["unmerge_diff"] < 1e-5
+    assert merged["scratch_vs_peft_diff"] == merged["scratch_vs_peft_merged_diff"] == 0.0
+    assert not is_merged(model)  # the merging happened on a copy
+    files = save_and_reload(model, SPEC, tmp_path, x)
+    assert files["round_trip_diff"] == 0.0
+    assert files["adapter"] == (tmp_path / "adapter.safetensors").stat().st_size
+    memory = step_memory(base, SPEC, CFG, x, y, batch_size=len(x))
+    for row in memory.values():  # gradients and AdamW state: exact on CPU
+        assert row["grads_measured"] == row["grads_estimated"]
+        assert row["optimizer_measured"] == row["optimizer_estimated"]
+    full, lora = memory["full fine-tuning"], memory["LoRA"]
+    assert lora["grads_measured"] == 4 * lora_param_count(TINY, SPEC) < full["grads_measured"]
+    trainable, total = param_counts(model)
+    assert f"trainable {trainable:,} of {total:,} parameters" in describe(model, SPEC)
+    lines = checks_table({"merged": merged["merge_diff"], "bad": 1.0, "skipped": None}, tol=1e-5).splitlines()
+    assert [line.split()[-1] for line in lines[1:]] == ["yes", "NO", "-"]

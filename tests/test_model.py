@@ -8,7 +8,8 @@ import torch
 
 from journey_dist.config import get_preset
 from journey_dist.model import GPT, KVCache, RMSNorm, hf_config_from, trace_shapes
-from journey_dist.positions import alibi_slopes, rope_shift_invariance, sinusoidal_table
+from journey_dist.positions import alibi_slopes, rope_demo_text, rope_shift_invariance, sinusoidal_table
+from journey_dist.report import shapes_table
 
 transformers = pytest.importorskip("transformers")
 
@@ -191,6 +192,9 @@ def test_position_encodings_by_hand():
     assert abs(r["dot"] - r["dot_shifted"]) < 1e-4  # q.k depends on m - n only
     assert abs(r["dot"] - r["dot_unrotated"]) > 1e-2  # but rotation does change it
     assert r["norm_kept"] < 1e-5  # a rotation keeps lengths
+    text = rope_demo_text(r).splitlines()  # what lab 01 prints
+    assert text[1] == f"  q at position 3       {[round(v, 3) for v in r['q_at_m'].tolist()]}"
+    assert f"q at 3, k at 7: {r['dot']:.4f}; q at 103, k at 107: {r['dot_shifted']:.4f}" in text[3]
     assert alibi_slopes(8).tolist() == [2 ** -(k + 1) for k in range(8)]
     assert len(alibi_slopes(6)) == 6
     pe = sinusoidal_table(torch.arange(3), 4)
@@ -211,6 +215,9 @@ def test_trace_shapes():
     assert rows["transformer.h.0.mlp.c_fc"] == (2, 10, 4 * C)
     assert rows["transformer.h.0.attn.c_attn"] == (2, 10, 3 * C)
     assert rows["lm_head"] == (2, 10, TINY.vocab_size)
+    printed = shapes_table(list(rows.items())[:2], "module").splitlines()  # as lab 01 prints them
+    assert printed[0].split() == ["module", "output", "shape"] and printed[1].split(maxsplit=1) == [
+        "transformer.wte", f"(2, 10, {C})"]
     rows = dict(trace_shapes(GPT(TINY_LLAMA), torch.zeros(2, 10, dtype=torch.long)))
     D = TINY_LLAMA.head_dim
     assert rows["transformer.h.0.attn.q_proj"] == (2, 10, 4 * D)

@@ -8,7 +8,14 @@ import torch
 from journey_dist.config import get_preset
 from journey_dist.data import load_text
 from journey_dist.model import GPT
-from journey_dist.ngram import NGramLM, model_stream_nll, per_byte_perplexity
+from journey_dist.ngram import (
+    NGramLM,
+    best_per_byte,
+    model_stream_nll,
+    per_byte_perplexity,
+    per_byte_table,
+    perplexity_by_order,
+)
 from journey_dist.tokenizer import BPETokenizer
 from tests.labs import run_lab
 
@@ -106,3 +113,24 @@ def test_lab_00_runs(tmp_path):
     assert (tmp_path / "00_tokens_and_ngrams" / "vocab_growth.png").is_file()
     held_out = [r["held-out"] for r in result["bpe_vocab_bytes_per_token"]]
     assert held_out == sorted(held_out)
+
+
+def test_perplexity_by_order_fits_each_smoothing_then_keeps_the_best_per_byte(split):
+    """Lab 00's sweep: one row per (smoothing, n), the numbers of an NGramLM fitted alone; the
+    per-byte table keeps the unigram, the best add-k and the best Kneser-Ney, worst first."""
+    train, held_out = split[0][:5000], split[1][:1000]
+    rows = perplexity_by_order({"bytes": (train, held_out, 256)}, 2, held_out_bytes=500)
+    assert [(r["smoothing"], r["n"]) for r in rows] == [("add-1", 1), ("add-1", 2), ("add-0.01", 1),
+                                                        ("add-0.01", 2), ("kn", 1), ("kn", 2)]
+    lm = NGramLM(2, 256, "kn").fit(train)
+    assert rows[-1]["val_ppl_token"] == pytest.approx(lm.perplexity(held_out), rel=1e-12)
+    assert rows[-1]["val_ppl_byte"] == pytest.approx(math.exp(lm.nll(held_out) / 500), rel=1e-12)
+    assert rows[-1]["train_ppl_token"] == pytest.approx(lm.perplexity(train), rel=1e-12)
+    best = best_per_byte(rows)
+    assert [b["model"] for b in best] == ["1-gram kn (bytes, unigram)", "2-gram add-0.01 (bytes, best add-k)",
+                                          "2-gram kn (bytes, best Kneser-Ney)"]
+    unigram, add_k, kn = (b["val_ppl_byte"] for b in best)
+    assert kn == rows[-1]["val_ppl_byte"] < add_k < unigram
+    lines = per_byte_table(best, 500).splitlines()
+    assert [line.split("  ")[0] for line in lines[1:]] == [b["model"] for b in best]  # worst first
+    assert lines[-1].endswith(f"{math.log2(best[2]['val_ppl_byte']):.2f}")  # bits per byte

@@ -10,19 +10,22 @@ import torch
 from journey_dist.config import ConfigError, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.model import GPT, KVCache
+from journey_dist.plots import kv_memory_plot
 from journey_dist.serving.blocks import BlockManager, PagedKVCache
 from journey_dist.serving.paged import AttentionGroup, build_batch, paged_attention, paged_forward
 from journey_dist.serving.quant import (
     model_bytes,
     pack_int4,
+    quantization_table,
     quantize_absmax,
     quantize_model,
     quantized_weight_bytes,
     relative_weight_error,
     unpack_int4,
 )
-from journey_dist.serving.scheduler import ServingEngine, reference_outputs
-from journey_dist.serving.trace import Request, make_trace
+from journey_dist.serving.scheduler import ServingEngine, batching_table, reference_outputs
+from journey_dist.serving.tp import tp_table
+from journey_dist.serving.trace import Request, make_trace, trace_summary
 
 TINY = get_preset("tiny")  # 2 layers, 4 heads, head_dim 8, context 32
 
@@ -258,3 +261,36 @@ def test_full_range_codes_equal_torchao_and_default_within_one_step(tiny, bits, 
     assert 0 < ours["codes_differ"] < 0.5 and ours["max_code_diff"] == 1
     # torchao's layout: one byte per code (int4 unpacked), fp32 scale and int8 zero point per scale
     assert model_bytes(theirs) == quantized_weight_bytes(TINY, bits, group, code_bytes=1, zero_point_bytes=1)
+
+
+def test_the_tables_lab_13_prints(tmp_path):
+    """Lab 13's tables from the rows the package returns: each number where its header says."""
+    run = {"tokens_per_s": 500.0, "ttft_s": {"p50": 0.011, "p90": 0.052},
+           "itl_s": {"p50": 0.0021, "p99": 0.0093}, "mean_requests_per_step": 2.25, "mixed_steps": 3,
+           "preemptions": 1, "kv_used_over_reserved": 0.4,
+           "identical": True, "kv_timeline": [(0.0, 16, 32), (0.1, 24, 32)]}
+    runs = {"static": run, "continuous": {**run, "tokens_per_s": 1000.0, "identical": False}}
+    lines = batching_table(runs).splitlines()
+    assert lines[0].split()[:3] == ["tok/s", "vs", "static"]
+    assert lines[1].split() == ["static", "500", "1.00x", "0.01/0.05", "2.1/9.3", "2.2", "3", "1", "40%",
+                                "yes"]
+    assert lines[2].split()[1:3] == ["1000", "2.00x"] and lines[2].endswith("NO")
+    assert kv_memory_plot(runs, tmp_path / "kv.png").read_bytes()[:4] == b"\x89PNG"
+    rank = {"rank": 1, "heads_per_rank": 2, "weight_bytes": 2048, "weight_bytes_formula": 2048,
+            "weight_bytes_one_process": 4096, "cache_bytes_per_rank": 512, "cache_bytes_formula": 512,
+            "cache_bytes_one_process": 1024, "greedy_identical": True, "max_logit_diff": 1.5e-7}
+    assert tp_table([rank]).splitlines()[1].split() == [
+        "1", "2", "2.00", "KiB", "2.00", "KiB", "4.00", "KiB", "512", "B", "512", "B", "1.00", "KiB", "yes",
+        "1.5e-07"]
+    rows = {"fp32": {"weight_bytes": 4096, "formula_bytes": 4096, "bytes_vs_fp32": 1.0, "perplexity": 10.0,
+                     "perplexity_vs_fp32": 0.0},
+            "int8": {"weight_bytes": 1024, "formula_bytes": 1024, "bytes_vs_fp32": 0.25, "perplexity": 10.1,
+                     "perplexity_vs_fp32": 0.01, "relative_weight_error": 0.005}}
+    quant = {"rows": rows, "held_out_tokens": 99, "torchao": "not asked for", "agreement": {},
+             "noise": {"relative_std": 1.0, "perplexity": 12.0, "perplexity_vs_fp32": 0.2}}
+    text = quantization_table(quant).splitlines()
+    assert text[3].split() == ["int8", "1.00", "KiB", "1.00", "KiB", "25.0%", "10.100", "+1.00%", "0.50%"]
+    assert text[-1].endswith("gives perplexity 12.000 (+20.00%)")
+    trace = [Request(0, [1, 2, 3], 4, 0.0), Request(1, [5], 2, 0.5)]
+    assert trace_summary(trace) == ("2 requests over 0.50 s: prompts 1..3 tokens (mean 2), outputs 2..4 "
+                                    "(mean 3), 6 tokens to generate")

@@ -34,9 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from journey_dist.config import ConfigError, GPTConfig
-from journey_dist.memory.estimate import param_count
+from journey_dist.memory.estimate import fmt_bytes, param_count
 from journey_dist.model import GPT
 from journey_dist.ngram import model_stream_nll
+from journey_dist.report import Column, fixed, table
 
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -274,3 +275,29 @@ def torchao_version() -> str:
     if not torchao_available():
         return "not installed (pip install 'journey-dist[serving]' or pip install torchao --no-deps)"
     return importlib.metadata.version("torchao")
+
+
+def quantization_table(quant: dict) -> str:
+    """quantization_report as a table (weight bytes measured and by formula, perplexity, each
+    against fp32, |W - W_q| / |W|), then the noise baseline and the agreement with torchao."""
+    rows = [{"name": name, **r, "error": r.get("relative_weight_error")} for name, r in quant["rows"].items()]
+    cols: list[Column] = [("name", "", str), ("weight_bytes", "weights", fmt_bytes),
+                          ("formula_bytes", "formula", fmt_bytes),
+                          ("bytes_vs_fp32", "vs fp32", _percent("1")), ("perplexity", "perplexity", fixed(3)),
+                          ("perplexity_vs_fp32", "vs fp32", _percent("+2")),
+                          ("error", "|W-W_q|/|W|", _percent("2"))]
+    noise = quant["noise"]
+    lines = [f"weight-only quantization (held-out {quant['held_out_tokens']:,} tokens; "
+             f"torchao: {quant['torchao']})", table(rows, cols),
+             f"for scale: Gaussian noise of {noise['relative_std']:.0%} of each weight's std on the same "
+             f"layers gives perplexity {noise['perplexity']:.3f} ({noise['perplexity_vs_fp32']:+.2%})"]
+    lines += [f"ours vs torchao, {name}: {a['codes_differ']:.1%} of codes differ (by <= "
+              f"{a['max_code_diff']}), weights within {a['max_weight_diff_steps']:.2f} step, logits within "
+              f"{a['max_logit_diff']:.3f}" for name, a in quant["agreement"].items()]
+    return "\n".join(lines)
+
+
+def _percent(spec: str):
+    """A table format: x as a percentage with format spec `spec` ("+2": signed, 2 digits); '' for None."""
+    sign, digits = (spec[0], spec[1:]) if spec[0] == "+" else ("", spec)
+    return lambda x: "" if x is None else f"{x:{sign}.{digits}%}"

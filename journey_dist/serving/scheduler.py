@@ -37,6 +37,7 @@ import torch
 
 from journey_dist.config import ConfigError
 from journey_dist.model import GPT, next_token
+from journey_dist.report import fixed, table
 from journey_dist.serving.blocks import BlockManager, PagedKVCache
 from journey_dist.serving.paged import build_batch, check_model, paged_forward
 from journey_dist.serving.trace import Request, validate_request
@@ -319,3 +320,22 @@ def compare_batching(model: GPT, trace: list[Request], variants: dict[str, dict]
                       "kv_timeline": [(s["t"], s["kv_used_tokens"], s["kv_reserved_tokens"])
                                       for s in result.steps]}
     return rows
+
+
+def batching_table(runs: dict[str, dict]) -> str:
+    """compare_batching's runs, one line each: tokens/s (and against the first run), time to first
+    token p50/p90, inter-token latency p50/p99, requests per step, mixed steps (prefill chunks and
+    decode tokens together), preemptions, KV cache used over reserved (cached tokens over the
+    slots their blocks hold, summed over steps), and whether the tokens equal one request at a
+    time's."""
+    first, base = next(iter(runs)), next(iter(runs.values()))["tokens_per_s"]
+    rows = [{**r, "name": name, "speedup": r["tokens_per_s"] / base,
+             "ttft": f"{r['ttft_s']['p50']:.2f}/{r['ttft_s']['p90']:.2f}",
+             "itl": f"{r['itl_s']['p50'] * 1e3:.1f}/{r['itl_s']['p99'] * 1e3:.1f}",
+             "same": "yes" if r["identical"] else "NO"} for name, r in runs.items()]
+    return table(rows, [("name", "", str), ("tokens_per_s", "tok/s", fixed(0)),
+                        ("speedup", f"vs {first}", lambda x: f"{x:.2f}x"), ("ttft", "TTFT p50/p90 s", str),
+                        ("itl", "ITL p50/p99 ms", str), ("mean_requests_per_step", "req/step", fixed(1)),
+                        ("mixed_steps", "mixed", str), ("preemptions", "preempt", str),
+                        ("kv_used_over_reserved", "KV used/reserved", "{:.0%}".format),
+                        ("same", "same tokens", str)])

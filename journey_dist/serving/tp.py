@@ -15,10 +15,11 @@ import torch
 import torch.distributed as dist
 
 from journey_dist.config import GPTConfig
-from journey_dist.memory.estimate import param_count
+from journey_dist.memory.estimate import fmt_bytes, param_count
 from journey_dist.model import GPT
 from journey_dist.parallel.tensor.generate import compare_tp_generation
 from journey_dist.parallel.tensor.parallelize import parallelize
+from journey_dist.report import sci, table
 from journey_dist.serving.quant import model_bytes
 
 
@@ -41,3 +42,17 @@ def tp_inference_rank(state: dict[str, torch.Tensor], config: dict, prompt: torc
     return {"rank": dist.get_rank(), "tp": t, "batch": prompt.size(0), "tokens": prompt.size(1) + new_tokens,
             "weight_bytes": model_bytes(tp_model), "weight_bytes_formula": param_count(cfg, tp=t) * element,
             "weight_bytes_one_process": model_bytes(model), **gen}
+
+
+def tp_table(rows: list[dict]) -> str:
+    """tp_inference_rank's rows: per rank its heads, weight and KV cache bytes next to their formula
+    and to one process's, and whether its greedy tokens equal one process's."""
+    flat = [{**r, "same": "yes" if r["greedy_identical"] else "NO"} for r in rows]
+    return table(flat, [("rank", "rank", str), ("heads_per_rank", "heads", str),
+                        ("weight_bytes", "weights", fmt_bytes),
+                        ("weight_bytes_formula", "formula", fmt_bytes),
+                        ("weight_bytes_one_process", "one process", fmt_bytes),
+                        ("cache_bytes_per_rank", "KV cache", fmt_bytes),
+                        ("cache_bytes_formula", "formula", fmt_bytes),
+                        ("cache_bytes_one_process", "one process", fmt_bytes), ("same", "same tokens", str),
+                        ("max_logit_diff", "max|logit|", sci)])

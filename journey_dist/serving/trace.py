@@ -89,3 +89,11 @@ def make_trace(ids: Sequence[int], n: int, context: int, rate: float, prompt_med
         start = rng.randrange(0, len(ids) - p)
         trace.append(Request(i, [int(x) for x in ids[start:start + p]], out, t))
     return trace
+
+
+def trace_summary(trace: list[Request]) -> str:
+    """One line: how many requests over how long, prompt and output lengths, tokens to generate."""
+    prompts, outputs = [len(r.prompt) for r in trace], [r.max_tokens for r in trace]
+    return (f"{len(trace)} requests over {trace[-1].arrival_s:.2f} s: prompts {min(prompts)}..{max(prompts)} "
+            f"tokens (mean {sum(prompts) / len(trace):.0f}), outputs {min(outputs)}..{max(outputs)} "
+            f"(mean {sum(outputs) / len(trace):.0f}), {sum(outputs)} tokens to generate")
