@@ -24,6 +24,7 @@ from journey_dist.parallel.pipeline.timeline import bubble_formula, measure_bubb
 from journey_dist.parity import fresh_model, max_abs_diff, reference_run
 from journey_dist.train import TrainConfig
 from tests.dist import RankFailure, run_ranks
+from tests.families import tiny
 
 TOL = 1e-5
 CFG = TrainConfig(steps=3, batch_size=8, grad_accum=4, warmup_steps=1, eval_batches=1)
@@ -91,23 +92,28 @@ def test_check_schedule_errors():
 # ----------------------------------------------------------------------------- parity (gloo ranks)
 
 
-def _parity_rank(config, cfg, engines):
+def _parity_rank(config, cfg, engines, llama=None):
     data = load_tokens("handbook")
     out = {"ref": reference_run(config, data, cfg, first_grads=True)}
     for engine, schedule in engines:
         run, pipe = pipeline_run(config, data, cfg, schedule=schedule, engine=engine)
         out[engine, schedule] = (run, pipe.peak_inflight)
+    if llama is not None:  # the Llama family (untied head, RoPE: no wpe) through the same schedules
+        out["llama ref"] = reference_run(llama, data, cfg, first_grads=True)
+        for engine, schedule in engines:
+            run, pipe = pipeline_run(llama, data, cfg, schedule=schedule, engine=engine)
+            out["llama", engine, schedule] = (run, pipe.peak_inflight)
     return out
 
 
 @pytest.fixture(scope="module")
 def two_stages():
     engines = [(e, s) for e in ("ours", "torch") for s in ("gpipe", "1f1b")]
-    return run_ranks(_parity_rank, 2, get_preset("tiny"), CFG, engines)
+    return run_ranks(_parity_rank, 2, get_preset("tiny"), CFG, engines, tiny("llama"))
 
 
-def _check_parity(ranks, key):
-    ref = ranks[0]["ref"]
+def _check_parity(ranks, key, ref_key="ref"):
+    ref = ranks[0][ref_key]
     for r, res in enumerate(ranks):
         run, _ = res[key]
         assert max(abs(a - b) for a, b in zip(run.losses, ref.losses)) < TOL, (key, r)
@@ -116,10 +122,11 @@ def _check_parity(ranks, key):
         assert max_abs_diff(run.params, ref.params, subset=True) < TOL, (key, r, "params after 3 steps")
         assert abs(run.val_loss - ref.val_loss) < TOL
     names = {n for res in ranks for n in res[key][0].params}
-    assert names - {"lm_head.weight"} == set(ref.params)  # every parameter lives on some stage
-    # both copies of the tied embedding took identical steps
-    first, last = ranks[0][key][0].params, ranks[-1][key][0].params
-    assert torch.equal(first["transformer.wte.weight"], last["lm_head.weight"])
+    tied = "lm_head.weight" not in ref.params
+    assert names - ({"lm_head.weight"} if tied else set()) == set(ref.params)  # each on some stage
+    if tied:  # both copies of the tied embedding took identical steps
+        first, last = ranks[0][key][0].params, ranks[-1][key][0].params
+        assert torch.equal(first["transformer.wte.weight"], last["lm_head.weight"])
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -135,6 +142,12 @@ def test_torch_pipelining_agrees(two_stages, schedule):
         assert max(abs(a - b) for a, b in zip(ours.losses, theirs.losses)) < TOL
         assert max_abs_diff(ours.grads, theirs.grads, subset=True, cover=ours.params) < TOL
         assert max_abs_diff(ours.params, theirs.params, subset=True) < TOL
+
+
+@pytest.mark.parametrize("engine", ["ours", "torch"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_llama_family_pipeline_matches_single_process(two_stages, engine, schedule):
+    _check_parity(two_stages, ("llama", engine, schedule), ref_key="llama ref")
 
 
 def test_peak_inflight_is_measured(two_stages):
