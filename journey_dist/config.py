@@ -385,17 +385,28 @@ class ParallelConfig:
                                   "sequence_parallel off, or a dense preset")
 
 
-# The linear layers of every GPT-mini block (model.py), the names LoRA can target.
+# The linear layers of a block (model.py), the names LoRA can target: GPT-2's (fused attention,
+# GELU MLP; LoRAConfig's default) and the Llama family's (q/k/v/o, SwiGLU gate/up/down).
 LORA_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LLAMA_LORA_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def block_linears(model: GPTConfig) -> tuple[str, ...]:
+    """The linear layers of one block of this model, by its switches: attention (c_attn, c_proj |
+    q/k/v/o_proj), then the MLP (c_fc, c_proj | gate/up/down_proj)."""
+    attn = LLAMA_LORA_LINEARS[:4] if model.separate_qkv else LORA_LINEARS[:2]
+    mlp = LLAMA_LORA_LINEARS[4:] if model.mlp == "swiglu" else LORA_LINEARS[2:]
+    return attn + mlp
 
 
 def lora_linear_names(model: GPTConfig) -> list[str]:
-    """Full names of the linear layers LoRA may adapt: transformer.h.<i>.<one of LORA_LINEARS>.
+    """Full names of the linear layers LoRA may adapt: transformer.h.<i>.<one of block_linears>.
 
-    lm_head is left out on purpose: it is the embedding matrix (tied weights), so an adapter
-    merged into it would change the input embeddings too.
+    lm_head is left out on purpose: tied (GPT-2) it is the embedding matrix, so an adapter merged
+    into it would change the input embeddings too; untied (Llama) adapters stay in the blocks too.
     """
-    return [f"transformer.h.{i}.{s}" for i in range(model.n_layer) for s in LORA_LINEARS]
+    return [f"transformer.h.{i}.{s}" for i in range(model.n_layer) for s in block_linears(model)]
 
 
 def lora_target_matches(target: str, name: str) -> bool:
@@ -408,7 +419,9 @@ class LoRAConfig:
     """Low-rank adapters: W x + (alpha / rank) B A x, A (rank x in), B (out x rank), W frozen.
 
     `targets` are module names as PEFT matches them: a full name or any dotted suffix
-    ("c_proj" means both attn.c_proj and mlp.c_proj in every block).
+    ("c_proj" means both attn.c_proj and mlp.c_proj in every block). The default is GPT-2's
+    four; `LoRAConfig.for_model(config)` targets every linear of the model's blocks (Llama: q, k,
+    v, o_proj and gate, up, down_proj).
     """
 
     rank: int = 8
@@ -419,6 +432,11 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    @classmethod
+    def for_model(cls, model: GPTConfig, **fields) -> LoRAConfig:
+        """Adapters on every linear of the model's blocks (config.block_linears), either family."""
+        return cls(targets=block_linears(model), **fields)
 
     def matched(self, model: GPTConfig) -> list[str]:
         """The full names of the layers these targets select (in model order)."""
@@ -432,7 +450,7 @@ class LoRAConfig:
                               "(gpt-mini)")
         if isinstance(self.targets, str) or not self.targets:
             raise ConfigError(f"targets={self.targets!r} must be a non-empty tuple of module names, "
-                              f"e.g. {LORA_LINEARS}")
+                              f"e.g. {block_linears(model)}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"LoRA rank={self.rank!r} must be a positive integer (typical: 4 to 64)")
         if not self.alpha > 0:
@@ -440,16 +458,20 @@ class LoRAConfig:
                               "alpha = 2 x rank is a common choice)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout={self.dropout} must be in [0, 1); use 0.0 (off) or e.g. 0.05")
-        names = lora_linear_names(model)
+        names, linears = lora_linear_names(model), block_linears(model)
         for t in self.targets:
             if any(lora_target_matches(t, n) for n in names):
                 continue
-            why = (" (lm_head is tied to the embedding wte: an adapter merged into it would change the "
-                   "embeddings too)") if t.split(".")[-1] in ("lm_head", "wte") else ""
+            why = ""
+            if t.split(".")[-1] in ("lm_head", "wte"):
+                why = (" (lm_head is tied to the embedding wte: an adapter merged into it would change the "
+                       "embeddings too)") if model.tie_embeddings else " (adapters go in the blocks' linears)"
+            short = sorted({n.split(".")[-1] for n in linears}, key=[n.split(".")[-1] for n in linears].index)
             raise ConfigError(
                 f"LoRA target {t!r} matches no linear layer of this GPT{why}. Valid targets (a full "
-                f"name or any dotted suffix of one, as PEFT matches): {', '.join(LORA_LINEARS)} (in "
-                f"every block), c_attn, c_proj (both), c_fc, or one block's, e.g. {names[0]} .. {names[-1]}"
+                f"name or any dotted suffix of one, as PEFT matches): {', '.join(linears)} (in every "
+                f"block), {', '.join(short)} (each in every block), or one block's, e.g. "
+                f"{names[0]} .. {names[-1]}"
             )
         if self.rank >= model.n_embd:  # every adapted linear has n_embd on one side
             raise ConfigError(

@@ -126,10 +126,24 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        return self.resid_dropout(self.out_proj(self.attend(x, cache, layer)))
+
+    @property
+    def out_proj(self) -> nn.Module:
+        """The output projection: GPT-2's c_proj or Llama's o_proj."""
+        return self.c_proj if hasattr(self, "c_proj") else self.o_proj
+
+    def head_slopes(self) -> torch.Tensor:
+        """ALiBi's slopes of this module's heads (a tensor-parallel copy holds a slice of them)."""
+        return alibi_slopes(self.n_head)
+
+    def attend(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """(B, T, C) -> (B, T, H*D): every head's output, before the output projection.
+
+        H and K are the local head counts, so a tensor-parallel copy of this module (fewer heads per
+        rank: n_head, and n_kv_head for the Llama layout, divided by t) runs the same code."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
-        # H and K are the local head counts, so a tensor-parallel copy of this module (fewer
-        # heads per rank: n_head, and n_kv_head for the Llama layout, divided by t) runs the same code.
         start = cache.pos if cache is not None else 0
         if self.positions == "rope":
             cos, sin = rope_tables(start, T, self.head_dim, self.rope_theta, x.device, q.dtype)
@@ -140,12 +154,10 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.k[layer][:B, :, :start + T], cache.v[layer][:B, :, :start + T]
         bias = None
         if self.positions == "alibi":
-            bias = alibi_bias(alibi_slopes(self.n_head).to(x.device), start, T, k.size(-2)).to(q.dtype)
+            bias = alibi_bias(self.head_slopes().to(x.device), start, T, k.size(-2)).to(q.dtype)
         y = attention(q, k, v, start, self.attn_impl, self.dropout if self.training else 0.0,
                       self.attn_dropout, bias)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
-        out = self.c_proj if hasattr(self, "c_proj") else self.o_proj
-        return self.resid_dropout(out(y))
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, impl: str,
@@ -373,6 +385,19 @@ SINUSOIDAL_SCALE = 0.02 * math.sqrt(2)
 RESIDUAL_PROJECTIONS = ("c_proj.weight", "o_proj.weight", "down_proj.weight")
 
 
+def add_positions(x: torch.Tensor, pos: torch.Tensor, config: GPTConfig,
+                  transformer: nn.ModuleDict) -> torch.Tensor:
+    """Token embeddings x (B, T, C) at positions pos (T,) plus learned (transformer.wpe) or sinusoidal
+    position embeddings; RoPE and ALiBi act inside attention, so for them x comes back as is.
+    Wrappers that rebuild the first layer (a pipeline stage, a tensor-parallel model holding a
+    sequence shard) call it with their own modules and positions."""
+    if config.positions == "learned":
+        return x + transformer.wpe(pos)
+    if config.positions == "sinusoidal":
+        return x + SINUSOIDAL_SCALE * sinusoidal_table(pos, config.n_embd).to(x.dtype)
+    return x
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -422,12 +447,9 @@ class GPT(nn.Module):
     def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
         """(B, T) token ids at positions start..start+T-1 -> (B, T, C): token embeddings plus
         learned or sinusoidal positions (RoPE and ALiBi act inside attention), then dropout."""
-        x = self.transformer.wte(idx)
-        if self.config.positions in ("learned", "sinusoidal"):
-            pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
-            x = x + (self.transformer.wpe(pos) if self.config.positions == "learned"
-                     else SINUSOIDAL_SCALE * sinusoidal_table(pos, self.config.n_embd).to(x.dtype))
-        return self.transformer.drop(x)
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+        tr = self.transformer
+        return tr.drop(add_positions(tr.wte(idx), pos, self.config, tr))
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, C) final-norm output."""

@@ -122,7 +122,7 @@ def generation_line(gen: dict, new_tokens: int) -> str:
     return (f"generate {new_tokens} tokens (KV cache): greedy tokens identical to one process: "
             f"{ok[gen['greedy_identical']]}, max|logit| {gen['max_logit_diff']:.1e}; sampled alike on every "
             f"rank: {ok[gen['sampled_same_on_ranks']]}\nKV cache per rank {gen['cache_bytes_per_rank']:,} B "
-            f"= formula {gen['cache_bytes_formula']:,} B ({gen['heads_per_rank']} heads) = "
+            f"= formula {gen['cache_bytes_formula']:,} B ({gen['heads_per_rank']} kv heads) = "
             f"{gen['cache_bytes_per_rank'] / gen['cache_bytes_one_process']:.2f} x one process's")
 
 

@@ -3,9 +3,12 @@
     python labs/03_tensor_parallel.py                    # spawns 2 ranks (gloo on CPU)
     torchrun --nproc_per_node=2 labs/03_tensor_parallel.py
     python labs/03_tensor_parallel.py --ranks 4          # any tp dividing n_head (and vocab)
+    torchrun --nproc_per_node=2 labs/03_tensor_parallel.py --preset llama-mini   # the Llama family
 
-Every rank holds a slice of every layer: attention by heads (q, k and v each split by heads from
-the fused c_attn), the MLP column-then-row, the embedding and the tied output head by vocabulary.
+Every rank holds a slice of every layer: attention by heads (GPT-2: q, k and v each split by heads
+from the fused c_attn; Llama: q_proj by query heads, k_proj and v_proj by kv heads, so a rank's
+query heads find their shared kv heads on the same rank), the MLP column-then-row (SwiGLU: gate
+and up by columns, down by rows), the embedding and the output head (tied or not) by vocabulary.
 Logits never exist whole: the loss is vocab-parallel cross-entropy (3 all-reduces of one float
 per token). What to look at: the shard shapes; the loss of every step next to the single-process
 loss, and max |diff| of loss (~5e-7), first-step gradients (~1e-7) and parameters after the AdamW
@@ -19,7 +22,7 @@ sequence parallel off (all-reduces: 4 per layer + embedding + head + 3 loss + 1 
 (each activation all-reduce becomes an all-gather + reduce-scatter pair of the same bytes, plus
 one all-reduce of the LayerNorm/bias/wpe grads). PyTorch's DTensor TP (a torchtitan-style plan
 of ColwiseParallel/RowwiseParallel) runs the same model for comparison. Last, generate(): each
-rank caches only its H/t heads (1/t of the cache), greedy tokens identical to one process.
+rank caches only its K/t kv heads (1/t of the cache), greedy tokens identical to one process.
 Results: runs/03_tensor_parallel/result.json
 """
 
@@ -118,8 +121,10 @@ def rank_main(data: TokenData) -> dict:
     device = comm_device()
     ref, floor = reference(data, device)
     runs = tensor_parallel(data, device)
+    gqa = config.kv_heads != config.n_head
+    kv = f" ({config.kv_heads // world} of {config.kv_heads} kv heads)" if gqa else ""
     print0(f"tp={world} ({dist.get_backend()}), {args.preset}: {config.n_head // world} of {config.n_head} "
-           f"heads per rank; every rank sees the whole batch of {cfg.batch_size} x {config.block_size}")
+           f"heads per rank{kv}; every rank sees the whole batch of {cfg.batch_size} x {config.block_size}")
     print0(shards_table(runs["tp"].model, ref))
 
     parity = {name: worst_diffs(run, ref) for name, run in runs.items()}  # the worst rank

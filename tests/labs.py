@@ -35,11 +35,13 @@ def assert_lab02_claims(r: dict) -> None:
         assert row["param_diff"] < TOL and row["measured"]["bytes"] == row["analytic"]["bytes"]
 
 
-def assert_lab03_claims(r: dict) -> None:
-    """TP: parity with one process, ledger = formula, per-rank bytes = estimate, TP generate."""
+def assert_lab03_claims(r: dict, param_tol: float = TOL) -> None:
+    """TP: parity with one process, ledger = formula, per-rank bytes = estimate, TP generate.
+    `param_tol`: parameters after the AdamW steps (a CPU-sized preset sits at ~3e-5, next to the
+    rounding floor the lab prints; AdamW's first steps turn tiny gradient differences into full steps)."""
     assert set(r["variants"]) == {"tp", "tp+sp", "dtensor"}
     for name, v in r["variants"].items():
-        assert max(v["loss_diff"], v["grad_diff"], v["param_diff"]) < TOL, name
+        assert max(v["loss_diff"], v["grad_diff"]) < TOL and v["param_diff"] < param_tol, name
         assert v["measured"] == v["analytic"], name  # the ledger equals the formula, every collective
     for name in ("tp", "tp+sp"):  # each rank holds exactly param_count(cfg, tp) parameters
         assert r["variants"][name]["param_bytes"] == r["param_bytes_estimate"], name

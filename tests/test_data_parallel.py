@@ -6,7 +6,9 @@ two halves vs one mean over the batch differ by float rounding, ~1e-7). Against 
 splits the batch into the same two halves (gradient accumulation) the match is exact up to
 SPLIT_TOL: (g0 + g1)/2 and g0/2 + g1/2 round identically. AdamW is blind to a
 constant gradient scale (a forgotten 1/N would pass a parameter check), so the first step's
-synced gradients are compared as well, within GRAD_TOL.
+synced gradients are compared as well, within GRAD_TOL. The Llama family (tests/families.py) runs
+one variant of each kind (naive, bucketed, DDP) in the same spawn: DP does not look inside the
+model, so these check that nothing in it (an untied head, no biases) escapes the sync.
 """
 
 from dataclasses import replace
@@ -21,6 +23,7 @@ from journey_dist.parallel.data.replicas import MB, bucket_layout, run_data_para
 from journey_dist.parity import max_abs_diff, reference_run
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
+from tests.families import tiny
 from tests.labs import assert_lab02_claims, run_lab
 
 TOL = 1e-5
@@ -39,6 +42,17 @@ RUNS = {  # name: (variant, bucket_mb, grad_accum)
     "bucketed_accum": ("bucketed", SIZES["several"], 2),
     "ddp_accum": ("ddp", SIZES["several"], 2),
 }
+LLAMA = tiny("llama")
+LLAMA_TOTAL = sum(p.numel() * 4 for p in GPT(LLAMA).parameters())
+LLAMA_RUNS = {"naive": ("naive", 25.0, 1), "bucketed": ("bucketed", LLAMA_TOTAL / 8 / MB, 1),
+              "ddp": ("ddp", LLAMA_TOTAL / 8 / MB, 1)}
+
+
+def _diffs(run, ref) -> dict:
+    return {"param_diff": max_abs_diff(run.params, ref.params),
+            "grad_diff": max_abs_diff(run.grads, ref.grads),
+            "loss_diff": max(abs(a - b) for a, b in zip(run.losses, ref.losses)),
+            "measured": run.comm["all_reduce"], "expected": run.analytic["all_reduce"]}
 
 
 def _all_variants() -> dict:
@@ -60,6 +74,10 @@ def _all_variants() -> dict:
     out["_ref_losses"] = ref.losses
     out["_ref_grad_max"] = max(g.abs().max().item() for g in ref.grads.values())
     out["_rank"] = dist.get_rank()
+    ref = reference_run(LLAMA, data, CFG, first_grads=True)
+    out["llama"] = {name: _diffs(run_data_parallel(variant, LLAMA, data, replace(CFG, grad_accum=accum),
+                                                   bucket_mb=mb), ref)
+                    for name, (variant, mb, accum) in LLAMA_RUNS.items()}
     return out
 
 
@@ -106,6 +124,16 @@ def test_ledger_bytes_and_calls_equal_analytic(results):
             assert [row["op"] for row in rank[name]["ledger"]] == ["all_reduce"]
     n_params = len(list(GPT(get_preset("tiny")).parameters()))
     assert results[0]["naive"]["measured"]["calls"] == n_params  # the tied matrix counted once
+
+
+@pytest.mark.parametrize("name", LLAMA_RUNS)
+def test_llama_family_equals_one_process_and_the_ledger_is_exact(results, name):
+    for rank in results:
+        r = rank["llama"][name]
+        assert r["grad_diff"] < GRAD_TOL and r["param_diff"] < TOL and r["loss_diff"] < TOL, (name, r)
+        assert r["measured"]["bytes"] == r["expected"]["bytes"] == LLAMA_TOTAL  # untied head included
+        assert r["measured"]["calls"] == r["expected"]["calls"], (name, r)
+    assert results[0]["llama"]["bucketed"]["measured"]["calls"] >= 4  # several buckets
 
 
 def test_ddp_rebuilds_buckets_after_first_iteration(results):

@@ -4,10 +4,13 @@ on the claims it prints (read back from its JSON). Tiny settings keep each to se
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.labs import assert_lab03_claims, run_lab
+from tests.labs import ROOT, assert_lab03_claims, run_lab
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5  # fp32 parity with one process, tiny config, a few AdamW steps
@@ -29,6 +32,25 @@ def test_lab03_tensor_parallel_claims(tmp_path, torchrun):
     args = ("--preset", "tiny", "--steps", "3", "--batch-size", "8", "--new-tokens", "8")
     _, r = run_lab("03_tensor_parallel", *args, runs_dir=tmp_path, torchrun=torchrun)
     assert_lab03_claims(r)  # shared with the notebook test
+
+
+@pytest.mark.parametrize("torchrun", [0, 2], ids=["python", "torchrun"])
+def test_lab03_runs_the_llama_family(tmp_path, torchrun):
+    # the flagship on llama-mini: GQA (2 kv heads, one per rank), SwiGLU, RoPE, RMSNorm, untied head
+    args = ("--preset", "llama-mini", "--steps", "2", "--batch-size", "8", "--new-tokens", "8")
+    out, r = run_lab("03_tensor_parallel", *args, runs_dir=tmp_path, torchrun=torchrun)
+    assert r["config"]["n_kv_head"] == 2 and "2 of 4 heads per rank (1 of 2 kv heads)" in out
+    assert_lab03_claims(r, param_tol=1e-4)  # measured 3e-5 after 3 steps, the floor 2e-5
+    assert r["generate"]["heads_per_rank"] == 1  # each rank caches its one kv head
+
+
+def test_lab03_rejects_a_tp_that_splits_a_kv_head_before_spawning(tmp_path):
+    lab = str(ROOT / "labs" / "03_tensor_parallel.py")
+    out = subprocess.run([sys.executable, lab, "--preset", "llama-mini", "--ranks", "4"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "JOURNEY_RUNS_DIR": str(tmp_path)})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: tp=4 does not divide n_kv_head=2" in out.stderr and "use a tp in [1, 2]" in out.stderr
 
 
 def test_lab04_pipeline_claims(tmp_path):

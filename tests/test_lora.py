@@ -5,6 +5,8 @@ equals one process on the full batch.
 Tolerances: merged vs unmerged logits 1e-5 (W + BA is rounded once into W; measured ~1e-7 on the
 tiny model); DDP vs one process 1e-5 on adapters after 5 AdamW steps (sum of two half-batch
 gradient means vs one mean: float rounding); PEFT vs scratch and file round trips: exact.
+Both families (tests/families.py): GPT-2's c_attn/c_proj/c_fc and the Llama family's q/k/v/o_proj
+and gate/up/down_proj (LoRAConfig.for_model), untied head included.
 """
 
 import copy
@@ -42,10 +44,13 @@ from journey_dist.parity import fresh_model, max_abs_diff
 from journey_dist.report import checks_table
 from journey_dist.train import TrainConfig, make_optimizer
 from tests.dist import run_ranks
+from tests.families import FAMILIES, tiny
 from tests.labs import run_lab
 
 TINY = get_preset("tiny")
 SPEC = LoRAConfig(rank=4, alpha=8.0)
+CONFIGS = {f: tiny(f) for f in FAMILIES}
+SPECS = {f: LoRAConfig.for_model(c, rank=4, alpha=8.0) for f, c in CONFIGS.items()}  # gpt2: SPEC
 CFG = TrainConfig(steps=5, batch_size=8, lr=1e-2, warmup_steps=1, grad_clip=1.0, seed=0)
 APPLY = {"peft": apply_peft_lora, "scratch": apply_scratch_lora}
 
@@ -61,13 +66,14 @@ def _batch(data, b=4, step=0):
 
 @pytest.fixture(scope="module")
 def trained(data) -> dict:
-    """Per implementation: a LoRA model after CFG's steps, with its base and adapters before."""
+    """Per implementation and family: a LoRA model after CFG's steps, with its base and adapters before."""
     out = {}
     for impl, apply in APPLY.items():
-        model = apply(fresh_model(TINY), SPEC)
-        base0, lora0 = copy.deepcopy(base_state_dict(model)), adapter_state_dict(model)
-        finetune(model, data, CFG)
-        out[impl] = {"model": model.eval(), "base0": base0, "lora0": lora0}
+        for family in FAMILIES:
+            model = apply(fresh_model(CONFIGS[family]), SPECS[family])
+            base0, lora0 = copy.deepcopy(base_state_dict(model)), adapter_state_dict(model)
+            finetune(model, data, CFG)
+            out[impl, family] = {"model": model.eval(), "base0": base0, "lora0": lora0}
     return out
 
 
@@ -76,6 +82,12 @@ def test_parameter_counts_match_the_formula():
     h = 128  # r (in + out) per linear: c_attn h->3h, c_proj h->h, c_fc h->4h, c_proj 4h->h
     per_layer = 8 * ((h + 3 * h) + (h + h) + (h + 4 * h) + (4 * h + h))
     assert param_counts(model) == (4 * per_layer, 842_496 + 4 * per_layer) == (65_536, 908_032)
+    llama = get_preset("llama-mini")  # q, o h->h; k, v h->h/2 (2 of 4 heads); gate, up h->f; down f->h
+    h, kv, f = 128, 64, 352
+    model = apply_peft_lora(fresh_model(llama), LoRAConfig.for_model(llama, rank=8))
+    per_layer = 8 * ((h + h) + 2 * (h + kv) + (h + h) + 3 * (h + f))
+    assert param_counts(model) == (4 * per_layer, fresh_model(llama).num_params() + 4 * per_layer)
+    assert param_counts(model)[0] == 74_752  # 7 adapters per block, 4 blocks
 
 
 def test_bad_target_names_the_valid_ones():
@@ -89,14 +101,24 @@ def test_bad_target_names_the_valid_ones():
     with pytest.raises(ConfigError, match="non-empty tuple"):
         LoRAConfig(targets="c_attn").validate(TINY)
     assert len(LoRAConfig(targets=("c_proj",)).matched(TINY)) == 2 * TINY.n_layer  # both c_proj
+    llama = CONFIGS["llama"]  # GPT-2's default targets name layers a Llama block does not have
+    names = r"attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj"
+    with pytest.raises(ConfigError, match=r"'attn.c_attn' matches no linear.*" + names):
+        LoRAConfig().validate(llama)
+    with pytest.raises(ConfigError, match=r"'lm_head' .*adapters go in the blocks' linears"):
+        LoRAConfig(targets=("lm_head",)).validate(llama)
+    assert len(LoRAConfig(targets=("k_proj", "up_proj")).matched(llama)) == 2 * llama.n_layer
+    assert SPECS["gpt2"] == SPEC and len(SPECS["llama"].matched(llama)) == 7 * llama.n_layer
 
 
-def test_scratch_equals_peft_outputs_and_grads(data):
-    a = apply_peft_lora(fresh_model(TINY), SPEC)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scratch_equals_peft_outputs_and_grads(data, family):
+    config, spec = CONFIGS[family], SPECS[family]
+    a = apply_peft_lora(fresh_model(config), spec)
     with torch.no_grad():  # B = 0 at init would hide a wrong B path: use random adapters
         for p in adapter_params(a).values():
             p.normal_(0, 0.1)
-    b = apply_scratch_lora(fresh_model(TINY), SPEC)
+    b = apply_scratch_lora(fresh_model(config), spec)
     load_adapter_state_dict(b, adapter_state_dict(a))
     assert adapter_state_dict(a).keys() == peft.get_peft_model_state_dict(a).keys()
     x, y = _batch(data)
@@ -113,9 +135,10 @@ def test_scratch_equals_peft_outputs_and_grads(data):
     assert frozen and all(p.grad is None for p in frozen)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["peft", "scratch"])
-def test_merged_equals_unmerged_after_training(impl, data, trained):
-    model = copy.deepcopy(trained[impl]["model"])
+def test_merged_equals_unmerged_after_training(impl, data, trained, family):
+    model = copy.deepcopy(trained[impl, family]["model"])
     assert max(p.abs().max().item() for n, p in adapter_params(model).items() if "lora_B" in n) > 0
     x, _ = _batch(data, step=7)
     weights = {k: v.clone() for k, v in model.state_dict().items() if "base_layer.weight" in k}
@@ -133,38 +156,40 @@ def test_merged_equals_unmerged_after_training(impl, data, trained):
     assert max((model.state_dict()[k] - w).abs().max().item() for k, w in weights.items()) < 1e-6
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["peft", "scratch"])
-def test_only_adapters_change(impl, trained):
-    model, base0, lora0 = (trained[impl][k] for k in ("model", "base0", "lora0"))
+def test_only_adapters_change(impl, trained, family):
+    model, base0, lora0 = (trained[impl, family][k] for k in ("model", "base0", "lora0"))
     base1, lora1 = base_state_dict(model), adapter_state_dict(model)
-    assert base0.keys() == fresh_model(TINY).state_dict().keys() == base1.keys()
+    assert base0.keys() == fresh_model(CONFIGS[family]).state_dict().keys() == base1.keys()
     assert all(torch.equal(base0[k], base1[k]) for k in base0)  # bitwise
     assert all(not torch.equal(lora0[k], lora1[k]) for k in lora0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("impl", ["peft", "scratch"])
-def test_save_load_round_trip_is_exact(impl, data, trained, tmp_path):
-    model = copy.deepcopy(trained["peft"]["model"])  # PEFT's files load into either implementation
-    paths = save_lora(model, SPEC, tmp_path)
+def test_save_load_round_trip_is_exact(impl, data, trained, tmp_path, family):
+    model = copy.deepcopy(trained["peft", family]["model"])  # PEFT's files load into either implementation
+    paths = save_lora(model, SPECS[family], tmp_path)
     assert paths["adapter"].stat().st_size < 4 * sum(p.numel() for p in adapter_params(model).values()) + 4096
     loaded, spec = load_lora(tmp_path, impl=impl)
-    assert spec == SPEC
+    assert spec == SPECS[family]
     assert max_abs_diff(adapter_state_dict(loaded), adapter_state_dict(model)) == 0.0
     assert all(torch.equal(v, base_state_dict(model)[k]) for k, v in base_state_dict(loaded).items())
-    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied after loading
+    # still tied after loading (GPT-2); the untied head stays its own matrix (Llama)
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == CONFIGS[family].tie_embeddings
     x, _ = _batch(data, step=3)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x)[0], model(x)[0])
     with pytest.raises(RuntimeError, match="unmerge"):
         merge_adapters(model)
-        save_lora(model, SPEC, tmp_path / "merged")
+        save_lora(model, SPECS[family], tmp_path / "merged")
 
 
-def _ddp_rank(data) -> dict:
-    """LoRA + DDP on this rank's half of each batch; also one process on the full batch."""
-    ddp = apply_peft_lora(fresh_model(TINY), SPEC)
+def _ddp_family(data, config, spec) -> dict:
+    ddp = apply_peft_lora(fresh_model(config), spec)
     run = finetune(ddp, data, CFG)
-    ref = apply_peft_lora(fresh_model(TINY), SPEC)
+    ref = apply_peft_lora(fresh_model(config), spec)
     one = finetune(ref, data, CFG, ddp=False)
     return {"adapters": adapter_state_dict(ddp), "ref": adapter_state_dict(ref),
             "across": max_diff_from_rank0(adapter_state_dict(ddp)), "losses": run.losses,
@@ -172,12 +197,23 @@ def _ddp_rank(data) -> dict:
             "grads": run.grads, "ref_grads": one.grads}
 
 
-def test_lora_ddp_two_ranks_equals_one_process(data):
-    ranks = run_ranks(_ddp_rank, 2, data, timeout_s=120)
+def _ddp_rank(data) -> dict:
+    """LoRA + DDP on this rank's half of each batch; also one process on the full batch; both families."""
+    return {f: _ddp_family(data, CONFIGS[f], SPECS[f]) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(data) -> list[dict]:
+    return run_ranks(_ddp_rank, 2, data, timeout_s=120)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_ddp_two_ranks_equals_one_process(ddp_ranks, family):
+    ranks = [r[family] for r in ddp_ranks]
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["across"] == ranks[1]["across"] == 0.0  # identical replicas
     assert max_abs_diff(ranks[0]["adapters"], ranks[1]["adapters"]) == 0.0
-    init = adapter_state_dict(apply_peft_lora(fresh_model(TINY), SPEC))
+    init = adapter_state_dict(apply_peft_lora(fresh_model(CONFIGS[family]), SPECS[family]))
     assert max_abs_diff(ranks[0]["adapters"], init) > 1e-3  # it trained
     for r in ranks:
         assert max_abs_diff(r["adapters"], r["ref"]) < 1e-5

@@ -25,6 +25,7 @@ from journey_dist.parity import fresh_model, max_abs_diff, reference_run, worst_
 from journey_dist.report import bubble_table
 from journey_dist.train import TrainConfig
 from tests.dist import RankFailure, run_ranks
+from tests.families import tiny
 
 TOL = 1e-5
 CFG = TrainConfig(steps=3, batch_size=8, grad_accum=4, warmup_steps=1, eval_batches=1)
@@ -92,7 +93,7 @@ def test_check_schedule_errors():
 # ----------------------------------------------------------------------------- parity (gloo ranks)
 
 
-def _parity_rank(config, cfg, engines):
+def _parity_rank(config, cfg, engines, llama=None):
     data = load_tokens("handbook")
     out = {"ref": reference_run(config, data, cfg, first_grads=True)}
     for engine, schedule in engines:
@@ -100,17 +101,22 @@ def _parity_rank(config, cfg, engines):
         out[engine, schedule] = (run, pipe.peak_inflight)
         out["worst", engine, schedule] = worst_diffs(run, out["ref"], subset=True, val_loss=True)
     out["summary"] = stage_summary(pipe.stage)
+    if llama is not None:  # the Llama family (untied head, RoPE: no wpe) through the same schedules
+        out["llama ref"] = reference_run(llama, data, cfg, first_grads=True)
+        for engine, schedule in engines:
+            run, pipe = pipeline_run(llama, data, cfg, schedule=schedule, engine=engine)
+            out["llama", engine, schedule] = (run, pipe.peak_inflight)
     return out
 
 
 @pytest.fixture(scope="module")
 def two_stages():
     engines = [(e, s) for e in ("ours", "torch") for s in ("gpipe", "1f1b")]
-    return run_ranks(_parity_rank, 2, get_preset("tiny"), CFG, engines)
+    return run_ranks(_parity_rank, 2, get_preset("tiny"), CFG, engines, tiny("llama"))
 
 
-def _check_parity(ranks, key):
-    ref = ranks[0]["ref"]
+def _check_parity(ranks, key, ref_key="ref"):
+    ref = ranks[0][ref_key]
     for r, res in enumerate(ranks):
         run, _ = res[key]
         assert max(abs(a - b) for a, b in zip(run.losses, ref.losses)) < TOL, (key, r)
@@ -119,10 +125,11 @@ def _check_parity(ranks, key):
         assert max_abs_diff(run.params, ref.params, subset=True) < TOL, (key, r, "params after 3 steps")
         assert abs(run.val_loss - ref.val_loss) < TOL
     names = {n for res in ranks for n in res[key][0].params}
-    assert names - {"lm_head.weight"} == set(ref.params)  # every parameter lives on some stage
-    # both copies of the tied embedding took identical steps
-    first, last = ranks[0][key][0].params, ranks[-1][key][0].params
-    assert torch.equal(first["transformer.wte.weight"], last["lm_head.weight"])
+    tied = "lm_head.weight" not in ref.params
+    assert names - ({"lm_head.weight"} if tied else set()) == set(ref.params)  # each on some stage
+    if tied:  # both copies of the tied embedding took identical steps
+        first, last = ranks[0][key][0].params, ranks[-1][key][0].params
+        assert torch.equal(first["transformer.wte.weight"], last["lm_head.weight"])
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -159,6 +166,12 @@ def test_stage_summary_counts_what_each_stage_built(two_stages):
     assert s0["also"] == "embedding" and s1["also"].startswith("ln_f, head, loss, its own copy of wte")
     full = sum(p.numel() for p in GPT(config).parameters())  # wte counted once
     assert s0["parameters"] + s1["parameters"] == full + config.vocab_size * config.n_embd
+
+
+@pytest.mark.parametrize("engine", ["ours", "torch"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_llama_family_pipeline_matches_single_process(two_stages, engine, schedule):
+    _check_parity(two_stages, ("llama", engine, schedule), ref_key="llama ref")
 
 
 def test_peak_inflight_is_measured(two_stages):

@@ -175,3 +175,15 @@ def test_plan_rows_are_the_stages_a_run_builds_when_pp_does_not_divide_the_layer
             a = 16 // 8 * cfg.block_size * cfg.n_embd * 4
             tp_bytes = [r["comm"]["tp"]["all_reduce"]["bytes"] for r in plan["stages"]]
             assert tp_bytes[1] - tp_bytes[3] == 8 * 4 * a  # stage 1 has one layer more than stage 3
+
+
+def test_llama_mini_plan_equals_param_count_and_3d_comm():
+    # the Llama family (GQA split by kv heads, SwiGLU, no wpe, untied head): the same identities
+    cfg, pcfg = get_preset("llama-mini"), ParallelConfig(dp=2, tp=2, pp=2, microbatches=4)
+    plan = make_plan(cfg, pcfg, batch=16, dtype="fp32")
+    for s, row in enumerate(plan["stages"]):
+        assert row["params"] == param_count(cfg, 2, 2, s) and row["memory"]["params"] == row["params"] * 4
+        expected = expected_comm_per_step(cfg, pcfg, TrainConfig(batch_size=16, grad_accum=4),
+                                          {"pp": s, "dp": 0, "tp": 0})
+        assert _bytes(row["comm"]) == expected
+        assert row["comm"]["dp"]["all_reduce"]["bytes"] == row["memory"]["params"]  # every gradient once

@@ -1,6 +1,7 @@
-"""Tensor parallel on 2 gloo ranks equals one process; so does PyTorch's DTensor TP.
+"""Tensor parallel on 2 gloo ranks equals one process; so does PyTorch's DTensor TP; both families.
 
-One spawn runs every check (spawning costs more than the tiny model), module-scoped.
+One spawn runs every check for GPT-2 and the Llama family (tests/families.py: GQA with 2 kv heads,
+so tp=2 splits k/v by kv heads; SwiGLU; RoPE; RMSNorm; untied head), module-scoped.
 Tolerances, fp32: forward logits/loss and first-step gradients within 1e-6 (sums of partial
 products over 2 shards vs one matmul differ by rounding, measured ~1e-7); parameters and losses
 after 5 AdamW steps within 1e-5 (measured ~2e-6). AdamW ignores a constant grad scale, so grads
@@ -47,11 +48,13 @@ from journey_dist.parallel.tensor.parallelize import (
 from journey_dist.parity import fresh_model, max_abs_diff, named_params, reference_run
 from journey_dist.train import TrainConfig, make_optimizer, train_step
 from tests.dist import run_ranks
+from tests.families import FAMILIES, tiny
 
 TOL = 1e-5  # params and losses after 5 AdamW steps
 FWD_TOL = 1e-6  # logits, loss, first-step grads
-TINY = GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=64, block_size=16)
-TRAIN_CFG = TINY.with_(vocab_size=256)  # byte-level corpus
+CONFIGS = {f: tiny(f, vocab_size=64, block_size=16) for f in FAMILIES}
+TRAIN_CONFIGS = {f: c.with_(vocab_size=256) for f, c in CONFIGS.items()}  # byte-level corpus
+TINY, TRAIN_CFG = CONFIGS["gpt2"], TRAIN_CONFIGS["gpt2"]
 CFG = TrainConfig(steps=5, batch_size=8, lr=3e-3, warmup_steps=1, grad_clip=1.0, eval_batches=1)
 
 
@@ -113,15 +116,15 @@ def _cross_entropy() -> dict:
             "pad_grad": grad9[:, 9:].abs().max().item()}
 
 
-def _ledger(sp: bool) -> dict:
+def _ledger(config, sp: bool) -> dict:
     idx = torch.randint(0, 64, (4, 16))
-    tp = parallelize(fresh_model(TINY), sequence_parallel=sp)
+    tp = parallelize(fresh_model(config), sequence_parallel=sp)
     opt = make_optimizer(tp, CFG)
     with CommLedger() as ledger:
         train_step(tp, opt, [(idx, idx)], tp.hooks(), grad_clip=1.0)
     measured = {op: {"calls": ledger.calls(op), "bytes": ledger.total_bytes(op)}
                 for op in ("all_reduce", "all_gather", "reduce_scatter") if ledger.calls(op)}
-    expected = analytic_collectives(TINY, 2, idx.numel(), sequence_parallel=sp)
+    expected = analytic_collectives(config, 2, idx.numel(), sequence_parallel=sp)
     return {"measured": measured, "analytic": expected, "all_calls": ledger.calls()}
 
 
@@ -146,51 +149,58 @@ def _pieces() -> dict:
     emb = VocabParallelEmbedding.from_dense(wte, None)
     ids = torch.randint(0, 64, (3, 5))
     out["embedding"] = (emb(ids) - wte(ids)).abs().max().item()
-    block = fresh_model(TINY).transformer.h[0]
-    h = torch.randn(2, 16, 32)
-    tp_block = parallelize_block(block, None, sequence_parallel=True)
-    local = tp_block(h.chunk(2, dim=1)[dist.get_rank()])
-    full = block(h)
-    out["block_sp"] = (local - full.chunk(2, dim=1)[dist.get_rank()]).abs().max().item()
-    w = torch.randn(full.shape, generator=torch.Generator().manual_seed(5))
-    (full * w).sum().backward()  # the loss summed over every position ...
-    (local * w.chunk(2, dim=1)[dist.get_rank()]).sum().backward()  # ... = the sum of each shard's
-    sync_sequence_parallel_grads(tp_block, dist.group.WORLD)
-    out["block_sp_grads"] = max_abs_diff(gather_grads(tp_block, dist.group.WORLD),
-                                         {n: p.grad for n, p in block.named_parameters()})
-    out["block_grad_max"] = max(p.grad.abs().max().item() for p in block.parameters())
+    for family, config in CONFIGS.items():
+        block = fresh_model(config).transformer.h[0]
+        torch.manual_seed(5)  # the same input on every rank
+        h = torch.randn(2, 16, 32)
+        tp_block = parallelize_block(block, None, sequence_parallel=True)
+        local = tp_block(h.chunk(2, dim=1)[dist.get_rank()])
+        full = block(h)
+        w = torch.randn(full.shape)
+        (full * w).sum().backward()  # the loss summed over every position ...
+        (local * w.chunk(2, dim=1)[dist.get_rank()]).sum().backward()  # ... = the sum of each shard's
+        sync_sequence_parallel_grads(tp_block, dist.group.WORLD)
+        out[family] = {"block_sp": (local - full.chunk(2, dim=1)[dist.get_rank()]).abs().max().item(),
+                       "block_sp_grads": max_abs_diff(gather_grads(tp_block, dist.group.WORLD),
+                                                      {n: p.grad for n, p in block.named_parameters()}),
+                       "block_grad_max": max(p.grad.abs().max().item() for p in block.parameters())}
     errors = []
-    for bad in (TINY.with_(n_head=1, n_embd=32), TINY.with_(vocab_size=63)):
+    mqa = CONFIGS["llama"].with_(n_kv_head=1)  # one kv head cannot be split over 2 ranks
+    for bad in (TINY.with_(n_head=1, n_embd=32), TINY.with_(vocab_size=63), mqa):
         try:
             parallelize(GPT(bad))
         except ConfigError as e:
             errors.append(str(e))
     out["errors"] = errors
+    try:  # a block alone (as a 3D stage builds it) checks the kv heads too
+        parallelize_block(GPT(mqa).transformer.h[0])
+    except ConfigError as e:
+        out["block_error"] = str(e)
     return out
 
 
-def _everything() -> dict:
-    out = {"pieces": _pieces(), "ce": _cross_entropy()}
-    tp = parallelize(fresh_model(TINY))
+def _family(family: str, data) -> dict:
+    config, train_config = CONFIGS[family], TRAIN_CONFIGS[family]
+    out = {}
+    tp = parallelize(fresh_model(config))
     out["param_bytes"] = {"fp32": sum(p.numel() * p.element_size() for p in tp.parameters())}
     tp.to(torch.bfloat16)
     out["param_bytes"]["bf16"] = sum(p.numel() * p.element_size() for p in tp.parameters())
     for sp in (False, True):
-        out[f"fwd_sp{sp}"] = _forward_backward(TINY, sp)
-        out[f"ledger_sp{sp}"] = _ledger(sp)
-    out["fwd_pad"] = _forward_backward(TINY.with_(vocab_size=63), False, pad_vocab=True)
-    data = load_tokens("handbook")
-    ref = reference_run(TRAIN_CFG, data, CFG, first_grads=True)
-    runs = {f"tp_sp{sp}": run_tensor_parallel(TRAIN_CFG, data, CFG, sequence_parallel=sp)
+        out[f"fwd_sp{sp}"] = _forward_backward(config, sp)
+        out[f"ledger_sp{sp}"] = _ledger(config, sp)
+    out["fwd_pad"] = _forward_backward(config.with_(vocab_size=63), False, pad_vocab=True)
+    ref = reference_run(train_config, data, CFG, first_grads=True)
+    runs = {f"tp_sp{sp}": run_tensor_parallel(train_config, data, CFG, sequence_parallel=sp)
             for sp in (False, True)}
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    runs["dtensor"] = run_dtensor_tp(TRAIN_CFG, data, CFG, mesh)
+    runs["dtensor"] = run_dtensor_tp(train_config, data, CFG, mesh)
     for name, run in runs.items():
         out[name] = {"params": max_abs_diff(run.params, ref.params),
                      "grads": max_abs_diff(run.grads, ref.grads),
                      "loss": max(abs(a - b) for a, b in zip(run.losses, ref.losses))}
     model = runs["dtensor"].model  # one more step, its collectives counted by the ledger
-    idx = torch.randint(0, 256, (CFG.batch_size, TRAIN_CFG.block_size))
+    idx = torch.randint(0, 256, (CFG.batch_size, train_config.block_size))
     with CommLedger() as ledger:
         dtensor_step(model, make_optimizer(model, CFG), [(idx, idx)], dtensor_hooks(), grad_clip=1.0)
     out["ledger_dtensor"] = {"measured": {op: {"calls": ledger.calls(op), "bytes": ledger.total_bytes(op)}
@@ -202,15 +212,21 @@ def _everything() -> dict:
     return out
 
 
+def _everything() -> dict:
+    data = load_tokens("handbook")
+    return {"pieces": _pieces(), "ce": _cross_entropy(), **{f: _family(f, data) for f in FAMILIES}}
+
+
 @pytest.fixture(scope="module")
 def results() -> list[dict]:
     return run_ranks(_everything, 2, timeout_s=240)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("sp", [False, True])
-def test_forward_logits_loss_and_every_gradient_equal_one_process(results, sp):
+def test_forward_logits_loss_and_every_gradient_equal_one_process(results, sp, family):
     for rank in results:
-        r = rank[f"fwd_sp{sp}"]
+        r = rank[family][f"fwd_sp{sp}"]
         assert r["params"] == 0.0  # parallelize keeps exactly the plain weights
         assert r["local_vocab"] == TINY.vocab_size // 2  # logits stay split by vocabulary
         for key in ("logits", "loss", "grads", "norm"):
@@ -218,12 +234,14 @@ def test_forward_logits_loss_and_every_gradient_equal_one_process(results, sp):
         assert r["loss_spread"] == 0.0  # the same loss on every tp rank
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", ["tp_spFalse", "tp_spTrue", "dtensor"])
-def test_training_equals_one_process_after_5_adamw_steps(results, name):
-    assert results[0]["ref_grad_max"] > 1e3 * FWD_TOL  # the grad check is not vacuous
-    assert results[0]["ref_losses"][-1] < results[0]["ref_losses"][0]  # it really trained
+def test_training_equals_one_process_after_5_adamw_steps(results, name, family):
+    ref = results[0][family]
+    assert ref["ref_grad_max"] > 1e3 * FWD_TOL  # the grad check is not vacuous
+    assert ref["ref_losses"][-1] < ref["ref_losses"][0]  # it really trained
     for rank in results:
-        r = rank[name]
+        r = rank[family][name]
         assert r["grads"] < FWD_TOL, (name, r["grads"])
         assert r["params"] < TOL, (name, r["params"])
         assert r["loss"] < TOL, (name, r["loss"])
@@ -237,16 +255,18 @@ def test_vocab_parallel_cross_entropy_matches_torch_including_gradient_and_paddi
         assert ce["pad_grad"] == 0.0
 
 
-def test_padded_vocabulary_model_equals_one_process(results):
-    r = results[0]["fwd_pad"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_vocabulary_model_equals_one_process(results, family):
+    r = results[0][family]["fwd_pad"]
     assert r["local_vocab"] == 32  # 63 padded to 64
     for key in ("logits", "loss", "grads"):
         assert r[key] < FWD_TOL, (key, r[key])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("sp", [False, True])
-def test_ledger_counts_equal_analytic(results, sp):
-    r = results[0][f"ledger_sp{sp}"]
+def test_ledger_counts_equal_analytic(results, sp, family):
+    r = results[0][family][f"ledger_sp{sp}"]
     assert r["measured"] == r["analytic"]
     assert r["all_calls"] == sum(row["calls"] for row in r["measured"].values())  # and no other collective
     if sp:  # every activation all-reduce became an all-gather + reduce-scatter pair
@@ -255,8 +275,9 @@ def test_ledger_counts_equal_analytic(results, sp):
         assert r["measured"]["all_reduce"]["calls"] == 4 * TINY.n_layer + 2 + 3 + 1
 
 
-def test_ledger_counts_dtensor_collectives_including_loss_parallel(results):
-    r = results[0]["ledger_dtensor"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ledger_counts_dtensor_collectives_including_loss_parallel(results, family):
+    r = results[0][family]["ledger_dtensor"]
     assert r["measured"] == r["analytic"]  # incl. loss_parallel's all-reduces inside DTensor dispatch
 
 
@@ -266,28 +287,41 @@ def test_building_blocks(results):
         assert p["seq_round_trip"] == 0.0 and p["seq_grad"] == 0.0
         assert p["last_round_trip"] == 0.0 and p["last_grad"] == 0.0 and p["fg_grad"] == 0.0
         assert p["embedding"] == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_sequence_parallel_block_equals_the_dense_block(results, family):
+    for rank in results:
+        p = rank["pieces"][family]
         assert p["block_sp"] < FWD_TOL
-        # incl. LayerNorm grads all-reduced over tp; relative: these grads reach ~10
+        # incl. the norm grads all-reduced over tp; relative: these grads reach ~10
         assert p["block_sp_grads"] < FWD_TOL * p["block_grad_max"], p
 
 
-def test_rank_parameter_bytes_equal_the_memory_estimate(results):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rank_parameter_bytes_equal_the_memory_estimate(results, family):
     # the parallelized model's own shards, per rank, against memory.estimate's Megatron split
+    config = CONFIGS[family]
     for dtype in ("fp32", "bf16"):
-        est = estimate_memory(TINY, batch_size=2, seq_len=16, dtype=dtype, tp=2).params
-        assert [rank["param_bytes"][dtype] for rank in results] == [est, est], dtype
-    assert results[0]["param_bytes"]["fp32"] == param_count(TINY, tp=2) * 4 < param_count(TINY) * 4
+        est = estimate_memory(config, batch_size=2, seq_len=16, dtype=dtype, tp=2).params
+        assert [rank[family]["param_bytes"][dtype] for rank in results] == [est, est], dtype
+    mine = results[0][family]["param_bytes"]["fp32"]
+    assert mine == param_count(config, tp=2) * 4 < param_count(config) * 4
 
 
 def test_config_errors_name_the_fix(results):
-    heads, vocab = results[0]["pieces"]["errors"]
+    heads, vocab, kv_heads = results[0]["pieces"]["errors"]
     assert "n_head=1" in heads and "tp in" in heads
     assert "vocab_size=63" in vocab and "pad_vocab=True" in vocab and "64" in vocab
+    assert "tp=2 does not divide n_kv_head=1" in kv_heads and "n_kv_head a multiple of 2" in kv_heads
+    assert "tp=2 must divide" in results[0]["pieces"]["block_error"]
 
 
 def test_config_errors_before_any_process_group():
     with pytest.raises(ConfigError, match="n_head=4"):
         ParallelConfig(tp=3).validate(TINY)
+    with pytest.raises(ConfigError, match=r"tp=4 does not divide n_kv_head=2.*use a tp in \[1, 2\]"):
+        ParallelConfig(tp=4).validate(CONFIGS["llama"])
     with pytest.raises(ConfigError, match="pad"):
         ParallelConfig(tp=2).validate(TINY.with_(vocab_size=63))
     ParallelConfig(tp=2, pad_vocab=True).validate(TINY.with_(vocab_size=63))

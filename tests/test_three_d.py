@@ -2,7 +2,8 @@
 
 Tolerance: 1e-5 (fp32, tiny config) on every step's loss, every first-step gradient and every
 parameter after 3 AdamW steps, each rank's slice compared with the single-process tensors cut the
-same way. What remains is float rounding of per-microbatch and per-shard sums.
+same way. What remains is float rounding of per-microbatch and per-shard sums. The Llama family
+(tests/families.py: GQA split by kv heads, SwiGLU, RoPE, untied head) runs tp x pp and dp x tp.
 """
 
 from dataclasses import replace
@@ -27,10 +28,12 @@ from journey_dist.parallel.pipeline.stage import GPTStage
 from journey_dist.parity import reference_run
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
+from tests.families import tiny
 from tests.labs import run_lab
 
 TOL = 1e-5
 TINY = get_preset("tiny", block_size=16)
+LLAMA = tiny("llama", block_size=16)
 CFG = TrainConfig(steps=3, batch_size=8, grad_accum=2, warmup_steps=1, eval_batches=1)
 
 
@@ -61,11 +64,12 @@ def test_3d_config_errors(pcfg, message):
         check_3d(pcfg, TINY, world_size=pcfg.world_size if "world" not in message else 4, global_batch=12)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, {"bias": False}, {"n_layer": 5}])
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, {"bias": False}, {"n_layer": 5},
+                                       "llama"])
 @pytest.mark.parametrize("pp", [1, 2, 3])
 def test_expected_dp_bytes_are_the_stage_parameters(overrides, pp):
     # The dp all-reduce of a step hands over each stage's parameters (the tied copy on the last).
-    config = TINY.with_(**{"n_layer": 3, **overrides})
+    config = LLAMA.with_(n_layer=3) if overrides == "llama" else TINY.with_(**{"n_layer": 3, **overrides})
     model = GPT(config)
     pcfg = ParallelConfig(dp=2, pp=pp, microbatches=pp)
     for s in range(pp):
@@ -125,9 +129,11 @@ def run_cases(world, cases, timeout_s=120.0):
 
 
 def test_3d_on_4_ranks_matches_single_process():
-    ref = reference()
+    ref, llama = reference(), reference(LLAMA)
     run_cases(4, [(ParallelConfig(dp=2, tp=1, pp=2, microbatches=2), TINY, ref),
-                  (ParallelConfig(dp=1, tp=2, pp=2, microbatches=2), TINY, ref)])
+                  (ParallelConfig(dp=1, tp=2, pp=2, microbatches=2), TINY, ref),
+                  (ParallelConfig(dp=1, tp=2, pp=2, microbatches=2), LLAMA, llama),
+                  (ParallelConfig(dp=2, tp=2, pp=1, microbatches=2), LLAMA, llama)])
 
 
 def _dropout_rank(pcfg, config, cfg):

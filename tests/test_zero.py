@@ -8,6 +8,7 @@ One spawn runs everything (module-scoped). Tolerances:
     batch). ZeRO sums the global norm² over slices in fp64, torch takes fp32 per-tensor norms: the
     norms differ by ~1 ulp, the parameters by ~1e-6 after 5 steps.
   FSDP2 vs one process: 1e-5 (parameters), GRAD_TOL 1e-6 (first gradient; largest entries ~1e-1).
+Both run the Llama family too (tests/families.py), with clipping, against one process.
 """
 
 import json
@@ -32,6 +33,7 @@ from journey_dist.parallel.sharding.zero import (
 from journey_dist.parity import fresh_model, max_abs_diff, reference_run, replicated_state_bytes
 from journey_dist.train import TrainConfig, make_optimizer
 from tests.dist import run_ranks
+from tests.families import FAMILIES, tiny
 
 OPT_TOL = 1e-6
 CLIP_TOL = 1e-5
@@ -73,6 +75,14 @@ def _everything() -> dict:
     fsdp = run_fsdp2(TINY, data, CFG)
     out["fsdp2"] = {**_diffs(fsdp, ref), "state": fsdp.state_bytes, "comm": fsdp.comm,
                     "analytic": fsdp.analytic}
+    llama = tiny("llama")
+    ref = reference_run(llama, data, CFG, first_grads=True)
+    zero = run_zero1(llama, data, CFG)
+    out["llama_zero1"] = {**_diffs(zero, ref), "state": zero.state_bytes, "comm": zero.comm,
+                          "analytic": zero.analytic}
+    fsdp = run_fsdp2(llama, data, CFG)
+    out["llama_fsdp2"] = {**_diffs(fsdp, ref), "state": fsdp.state_bytes, "comm": fsdp.comm,
+                          "analytic": fsdp.analytic}
     model = fresh_model(TINY)  # what plain data parallel keeps: torch AdamW after one step
     opt = make_optimizer(model, CFG)
     model(*[t[:2] for t in _batch(data)])[1].backward()
@@ -100,10 +110,11 @@ def test_zero1_adamw_equals_torch_adamw_after_5_steps(results, name):
         assert r["params"] <= OPT_TOL and r["grads"] <= OPT_TOL and r["loss"] <= OPT_TOL, r
 
 
-def test_zero1_with_clipping_equals_one_process_adamw(results):
+@pytest.mark.parametrize("name", ["tiny_clip", "llama_zero1"])
+def test_zero1_with_clipping_equals_one_process_adamw(results, name):
     assert results[0]["ref_grad_max"] > 1e3 * GRAD_TOL  # the gradient check is not vacuous
     for rank in results:
-        r = rank["tiny_clip"]
+        r = rank[name]
         assert r["params"] <= CLIP_TOL and r["loss"] <= CLIP_TOL and r["grads"] <= GRAD_TOL, r
 
 
@@ -129,10 +140,12 @@ def test_zero1_optimizer_bytes_are_one_over_dp_plus_padding(results, name, confi
     assert results[0]["replicated"]["optimizer"] == unsharded_adamw_state_bytes(fresh_model(TINY))
 
 
-def test_zero1_ledger_equals_analytic(results):
-    n = _numel(TINY)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero1_ledger_equals_analytic(results, family):
+    n = _numel(tiny(family))
     for rank in results:
-        comm, expected = rank["tiny_clip"]["comm"], rank["tiny_clip"]["analytic"]
+        r = rank["tiny_clip" if family == "gpt2" else "llama_zero1"]
+        comm, expected = r["comm"], r["analytic"]
         assert set(comm) == {"reduce_scatter", "all_gather", "all_reduce"}
         for op in comm:
             assert comm[op]["calls"] == expected[op]["calls"], op
@@ -142,13 +155,14 @@ def test_zero1_ledger_equals_analytic(results):
         assert comm["all_reduce"]["bytes"] == 4  # only the global gradient norm²
 
 
-def test_fsdp2_equals_one_process_and_shards_everything(results):
-    n = _numel(TINY)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fsdp2_equals_one_process_and_shards_everything(results, family):
+    n = _numel(tiny(family))
     for rank in results:
-        r = rank["fsdp2"]
+        r = rank["fsdp2" if family == "gpt2" else "llama_fsdp2"]
         assert r["params"] <= TOL and r["loss"] <= TOL and r["grads"] <= GRAD_TOL, r
         est = model_state_bytes(n, "fp32", dp=2, zero=3)
-        assert r["state"] == {k: int(v) for k, v in est.items()}, (r["state"], est)  # tiny: no padding
+        assert r["state"] == {k: int(v) for k, v in est.items()}, (r["state"], est)  # no padding here
         for op in ("all_gather", "reduce_scatter"):
             assert r["comm"][op]["bytes"] == r["analytic"][op]["bytes"], op
             assert r["comm"][op]["calls"] == r["analytic"][op]["calls"], op

@@ -7,6 +7,7 @@ PARAM_TOL (measured <= 1e-6: the norm for clipping is summed in a different orde
 m/sqrt(v) does not change when every gradient is scaled by a constant, and clipping rescales too,
 so losses and weights alone would not notice a wrong 1/N or 1/grad_accum: the first step's global
 gradient norm (what DeepSpeed clips by) must also equal DDP's within NORM_RTOL (measured 4e-8).
+The Llama family (tests/families.py) runs every stage too.
 """
 
 import json
@@ -27,6 +28,7 @@ from journey_dist.parity import max_abs_diff
 from journey_dist.runtime import find_free_port
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
+from tests.families import tiny
 
 pytestmark = pytest.mark.slow
 LOSS_TOL = 1e-5
@@ -56,6 +58,13 @@ def _stages_vs_ddp() -> dict:
                     "params": max_abs_diff(ds2.params, ddp2.params), "steps": len(ds2.losses),
                     "grad_norm": _norm_rel_diff(ds2.grad_norm, ddp2.grads)}
     out["n"] = sum(p.numel() for p in ddp.params.values())  # named_parameters: the tied matrix once
+    llama = tiny("llama")
+    ddp = run_data_parallel("ddp", llama, data, CFG)
+    for stage in STAGES:
+        run = run_deepspeed(stage, llama, data, CFG)
+        out["llama", stage] = {"loss": max(abs(a - b) for a, b in zip(run.losses, ddp.losses)),
+                               "params": max_abs_diff(run.params, ddp.params), "steps": len(run.losses),
+                               "grad_norm": _norm_rel_diff(run.grad_norm, ddp.grads)}
     return out
 
 
@@ -70,6 +79,14 @@ def test_deepspeed_stage_loss_equals_ddp_after_3_steps(stages, stage):
         r = rank[stage]
         assert r["steps"] == 3 and r["loss"] <= LOSS_TOL and r["params"] <= PARAM_TOL, r
         assert r["grad_norm"] <= NORM_RTOL, r  # the gradients themselves, not only AdamW's view of them
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_deepspeed_stage_runs_the_llama_family_as_ddp(stages, stage):
+    for rank in stages:
+        r = rank["llama", stage]
+        assert r["steps"] == 3 and r["loss"] <= LOSS_TOL and r["params"] <= PARAM_TOL, r
+        assert r["grad_norm"] <= NORM_RTOL, r
 
 
 def test_deepspeed_gradient_accumulation_equals_ddp(stages):

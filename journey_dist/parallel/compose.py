@@ -32,6 +32,7 @@ import torch.nn as nn
 from journey_dist.comm import CommLedger
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
 from journey_dist.data import TokenData
+from journey_dist.memory.sizes import param_count  # the one per-rank count (no cycle: see _slice_param_bytes)
 from journey_dist.mesh import DIMS, Mesh, group_ranks
 from journey_dist.model import GPT
 from journey_dist.parallel.common import ClipFn, clip_fn, mean_over, sync_dp_grads, tp_duplicate
@@ -284,21 +285,12 @@ def comm_matches(rows: list[dict], steps: int) -> bool:
 
 
 def _slice_param_bytes(config: GPTConfig, pcfg: ParallelConfig, s: int, bytes_per_value: int) -> int:
-    """Parameters held by a rank of stage s (tp shards; the last stage's tied copy included)."""
-    C, tp, L = config.n_embd, pcfg.tp, len(stage_layers(config.n_layer, pcfg.pp)[s])
-    b = 1 if config.bias else 0
-    ln = (1 + b) * C
-    # per layer: two LayerNorms; c_attn (3C/t, C) + bias; c_proj (C, C/t) + full bias; MLP the same at 4C
-    attn = (3 * C * C + b * 3 * C) // tp + C * C // tp + b * C
-    mlp = (8 * C * C + b * 4 * C) // tp + b * C
-    n = L * (2 * ln + attn + mlp)
-    if s == 0:
-        n += _vocab_rows(config, pcfg) * C + config.block_size * C  # wte shard, wpe
-    if s == pcfg.pp - 1:
-        n += ln  # ln_f
-        if pcfg.pp > 1 or not config.tie_embeddings:
-            n += _vocab_rows(config, pcfg) * C  # the head (its own copy of the tied matrix when pp > 1)
-    return n * bytes_per_value
+    """Parameters held by a rank of stage s, either family: memory.sizes.param_count's split (tp
+    shards, the last stage's copy of the tied matrix), the vocabulary padded if pad_vocab. The one
+    count the estimator and `journey plan` use; memory/sizes.py is pure arithmetic on a GPTConfig
+    importing only config and pipeline/stage, so reading it from here makes no import cycle."""
+    padded = config.with_(vocab_size=_vocab_rows(config, pcfg) * pcfg.tp)
+    return param_count(padded, pcfg.tp, pcfg.pp, s) * bytes_per_value
 
 
 def _vocab_rows(config: GPTConfig, pcfg: ParallelConfig) -> int:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from journey_dist.config import GPTConfig, ParallelConfig
-from journey_dist.model import GPT
+from journey_dist.model import GPT, add_positions
 from journey_dist.runtime import comm_device
 
 
@@ -51,7 +51,7 @@ class GPTStage(nn.Module):
         t = model.transformer
         mods: dict[str, nn.Module] = {}
         if self.is_first:
-            mods.update(wte=t.wte, wpe=t.wpe, drop=t.drop)
+            mods.update(wte=t.wte, **({"wpe": t.wpe} if "wpe" in t else {}), drop=t.drop)  # wpe: learned
         mods["h"] = nn.ModuleDict({str(i): t.h[i] for i in self.layers})
         if self.is_last:
             mods["ln_f"] = t.ln_f
@@ -69,8 +69,8 @@ class GPTStage(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size="
                                  f"{self.config.block_size}; crop it to {self.config.block_size} tokens")
-            pos = torch.arange(T, device=x.device)
-            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))  # (B, T, C)
+            pos, tr = torch.arange(T, device=x.device), self.transformer
+            x = tr.drop(add_positions(tr.wte(x), pos, self.config, tr))  # (B, T, C)
         for block in self.transformer.h.values():
             x = block(x)
         if self.is_last:

@@ -1,7 +1,8 @@
 """KV-cache generation on a tensor-parallel GPT: `TensorParallelGPT.generate` (= GPT.generate).
 
-Each rank runs its H/t heads and caches only their keys and values, so a rank's cache is 1/t of
-the single-process one (model.kv_cache_bytes(cfg, B, tokens, kv_heads=H/t)). The logits
+Each rank runs its H/t query heads and caches only the keys and values of its K/t kv heads (K =
+n_kv_head with GQA, else H), so a rank's cache is 1/t of the single-process one
+(model.kv_cache_bytes(cfg, B, tokens, kv_heads=K/t)). The logits
 of the last position are vocab-split, (B, V/t) per rank: one all-gather per step makes the full
 (B, V) row, identical bytes on every rank, so greedy argmax agrees everywhere without more
 communication. Sampling draws from a generator that may differ per rank (or have advanced
@@ -87,8 +88,9 @@ def compare_tp_generation(model: GPT, tp_model: nn.Module, prompt: torch.Tensor,
 
     Collective (every tp rank, same prompt). Returns: greedy tokens identical; the max |logit
     diff| over the prompt and every decode step with the KV cache; this rank's cache bytes vs
-    kv_cache_bytes(..., kv_heads=H/t) and one process's; and whether sampling with a generator
-    seeded differently on every rank still gives every rank the same tokens.
+    kv_cache_bytes(..., kv_heads=K/t) and one process's (heads_per_rank: the K/t kv heads it caches);
+    and whether sampling with a generator seeded differently on every rank still gives every rank
+    the same tokens.
     """
     cfg, group = model.config, tp_model.group
     B, total = prompt.size(0), prompt.size(1) + new_tokens
@@ -110,7 +112,7 @@ def compare_tp_generation(model: GPT, tp_model: nn.Module, prompt: torch.Tensor,
     sampled = tp_model.generate(prompt, new_tokens, top_k=50, generator=gen)
     everyone = [torch.empty_like(sampled) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, sampled, group=group)
-    heads = tp_model.transformer.h[0].attn.n_head
+    heads = tp_model.transformer.h[0].attn.n_kv_head  # the kv heads this rank caches
     return {"greedy_identical": bool(torch.equal(want, got)), "max_logit_diff": diff,
             "cache_bytes_per_rank": cache.nbytes(),
             "cache_bytes_formula": kv_cache_bytes(cfg, B, total, cache.k[0].element_size(), kv_heads=heads),

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from journey_dist.model import CausalSelfAttention, KVCache, attention
+from journey_dist.config import ConfigError
+from journey_dist.model import CausalSelfAttention, KVCache, SwiGLU
 from journey_dist.parallel.tensor.mappings import (
     Group,
     copy_to_region,
@@ -33,6 +34,7 @@ from journey_dist.parallel.tensor.mappings import (
     tp_size,
 )
 from journey_dist.parallel.tensor.rng import ShardedDropout, fork_if
+from journey_dist.positions import alibi_slopes
 
 
 def shard_tensor(full: torch.Tensor, dim: int, group: Group, parts: int = 1) -> torch.Tensor:
@@ -55,18 +57,27 @@ def _param(t: torch.Tensor, *, split: tuple[int, int] | None = None, rows: int |
     return p
 
 
+def enter_tp_region(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """The input of column-parallel layers: f (identity forward, all-reduce backward), or with
+    sequence parallel the (B, S/t, C) shard all-gathered (reduce-scatter backward)."""
+    return gather_from_sequence(x, group) if sequence_parallel else copy_to_region(x, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A with A split by output columns: rank r holds A_r (out/t outputs).
 
     Input: full X (f before it: identity fwd, all-reduce bwd), or with sequence parallel the
-    (B, S/t, C) shard (all-gather fwd, reduce-scatter bwd). Output: this rank's out/t columns
-    (or gathered, gather_output=True).
+    (B, S/t, C) shard (all-gather fwd, reduce-scatter bwd). With `input_prepared` the caller has
+    done that once for several layers reading the same input (q/k/v, gate/up), so one collective
+    serves them all. Output: this rank's out/t columns (or gathered, gather_output=True).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group, *,
-                 parts: int = 1, gather_output: bool = False, sequence_parallel: bool = False):
+                 parts: int = 1, gather_output: bool = False, sequence_parallel: bool = False,
+                 input_prepared: bool = False):
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        self.input_prepared = input_prepared
         self.weight = _param(weight, split=(0, parts))  # (out/t, in)
         self.bias = None if bias is None else _param(bias, split=(0, parts))
 
@@ -77,7 +88,8 @@ class ColumnParallelLinear(nn.Module):
         return cls(w, b, group, parts=parts, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sequence(x, self.group) if self.sequence_parallel else copy_to_region(x, self.group)
+        if not self.input_prepared:
+            x = enter_tp_region(x, self.group, self.sequence_parallel)
         y = F.linear(x, self.weight, self.bias)
         return gather_from_region(y, self.group) if self.gather_output else y
 
@@ -110,47 +122,74 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class TensorParallelAttention(nn.Module):
-    """Causal self-attention on this rank's H/t heads (same math as model.CausalSelfAttention).
+class TensorParallelAttention(CausalSelfAttention):
+    """Causal self-attention on this rank's heads: the same `attend` as model.CausalSelfAttention,
+    on H/t query heads and K/t key/value heads.
 
-    Sequence lengths are read from c_attn's output: with sequence parallel the input is a
-    (B, S/t, C) shard but c_attn gathers it, so attention always sees the whole sequence.
+    GPT-2's fused c_attn is column-parallel with q, k and v each sharded by heads (parts=3), so rank r
+    keeps [q_r; k_r; v_r], not rows r*3C/t.. of the fused weight (that would mix q with k). Llama's
+    q_proj is split by query heads, k_proj and v_proj by kv heads (t must divide K): rank r's query
+    heads r*H/t.. read kv heads r*K/t.., which are on the same rank. The input enters the tp region
+    once for all of them (f, or SP's all-gather); the output projection is row-parallel. With
+    sequence parallel the input is a (B, S/t, C) shard, gathered first, so attention always sees the
+    whole sequence (RoPE and ALiBi read the same absolute positions as one process).
     """
 
     def __init__(self, attn: CausalSelfAttention, group: Group, sequence_parallel: bool):
-        super().__init__()
-        t = tp_size(group)
-        # c_attn is one fused (3C, C) Linear: q, k, v each sharded by heads (parts=3), so rank r
-        # keeps [q_r; k_r; v_r], not rows r*3C/t.. of the fused weight (that would mix q with k).
-        self.c_attn = ColumnParallelLinear.from_dense(attn.c_attn, group, parts=3,
-                                                      sequence_parallel=sequence_parallel)
-        self.c_proj = RowParallelLinear.from_dense(attn.c_proj, group, sequence_parallel=sequence_parallel)
-        self.n_head, self.head_dim = attn.n_head // t, attn.head_dim
+        nn.Module.__init__(self)  # no fresh layers: the dense module's weights are sharded below
+        t, sp = tp_size(group), sequence_parallel
+        if attn.n_head % t or attn.n_kv_head % t:
+            raise ConfigError(f"tp={t} must divide n_head={attn.n_head} and the kv heads ({attn.n_kv_head}): "
+                              "each rank keeps whole heads; ParallelConfig.validate lists the tp that work")
+        self.group, self.sequence_parallel = group, sp
+        if hasattr(attn, "c_attn"):
+            self.c_attn = ColumnParallelLinear.from_dense(attn.c_attn, group, parts=3, input_prepared=True)
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(self, name, ColumnParallelLinear.from_dense(getattr(attn, name), group,
+                                                                    input_prepared=True))
+        out = RowParallelLinear.from_dense(attn.out_proj, group, sequence_parallel=sp)
+        setattr(self, "c_proj" if hasattr(attn, "c_proj") else "o_proj", out)
+        self.n_head, self.n_kv_head, self.head_dim = attn.n_head // t, attn.n_kv_head // t, attn.head_dim
+        self.first_head, self.global_heads = tp_rank(group) * self.n_head, attn.n_head
         self.attn_dropout = copy.deepcopy(attn.attn_dropout)
-        # after c_proj: replicated without SP (default stream, the same mask on every rank),
-        # a sequence shard with SP (the per-rank "tp" stream); see tp_rng.py
-        self.resid_dropout = ShardedDropout(attn.resid_dropout.p) if sequence_parallel \
-            else copy.deepcopy(attn.resid_dropout)
+        # after the output projection: replicated without SP (default stream, the same mask on every
+        # rank), a sequence shard with SP (the per-rank "tp" stream); see rng.py
+        self.resid_dropout = ShardedDropout(attn.resid_dropout.p) if sp else copy.deepcopy(attn.resid_dropout)
         self.dropout, self.attn_impl = attn.dropout, attn.attn_impl
+        self.positions, self.rope_theta = attn.positions, attn.rope_theta
+
+    def head_slopes(self) -> torch.Tensor:
+        """ALiBi's slopes are per global head: this rank's slice of them."""
+        return alibi_slopes(self.global_heads)[self.first_head:self.first_head + self.n_head]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """x (B, T, C) (or (B, T/t, C) with SP) -> same shape. With a cache (model.KVCache holding
-        this rank's H/t heads), the T new tokens attend to the cache.pos cached ones too."""
-        qkv = self.c_attn(x)  # (B, T, 3 * H/t * D), T the full sequence
-        B, T, _ = qkv.shape
-        q, k, v = qkv.split(self.n_head * self.head_dim, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        start = 0
-        if cache is not None:  # same bookkeeping as model.CausalSelfAttention, on local heads
-            start = cache.pos
-            cache.k[layer][:B, :, start:start + T] = k
-            cache.v[layer][:B, :, start:start + T] = v
-            k, v = cache.k[layer][:B, :, :start + T], cache.v[layer][:B, :, :start + T]
+        this rank's K/t kv heads), the T new tokens attend to the cache.pos cached ones too."""
+        x = enter_tp_region(x, self.group, self.sequence_parallel)  # (B, T, C), T the full sequence
         p = self.dropout if self.training else 0.0
-        with fork_if(p > 0, "tp", x.device):  # this rank's heads: its own masks
-            y = attention(q, k, v, start, self.attn_impl, p, self.attn_dropout)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(self.c_proj(y))  # (B, T, C), or (B, T/t, C) with SP
+        with fork_if(p > 0, "tp", x.device):  # this rank's heads: its own dropout masks
+            y = self.attend(x, cache, layer)  # (B, T, H/t * D)
+        return self.resid_dropout(self.out_proj(y))  # (B, T, C), or (B, T/t, C) with SP
+
+
+class TensorParallelSwiGLU(SwiGLU):
+    """Llama's MLP on this rank's F/t hidden channels: gate_proj and up_proj column-parallel (one
+    input, entering the tp region once), down_proj row-parallel. SiLU(gate) * up is elementwise,
+    so each rank's channels need nothing from the others."""
+
+    def __init__(self, mlp: SwiGLU, group: Group, sequence_parallel: bool):
+        nn.Module.__init__(self)  # no fresh layers: the dense module's weights are sharded below
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.gate_proj = ColumnParallelLinear.from_dense(mlp.gate_proj, group, input_prepared=True)
+        self.up_proj = ColumnParallelLinear.from_dense(mlp.up_proj, group, input_prepared=True)
+        self.down_proj = RowParallelLinear.from_dense(mlp.down_proj, group,
+                                                      sequence_parallel=sequence_parallel)
+        # the output is a sequence shard with SP: per-rank dropout masks
+        self.dropout = ShardedDropout(mlp.dropout.p) if sequence_parallel else copy.deepcopy(mlp.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(enter_tp_region(x, self.group, self.sequence_parallel))
 
 
 class VocabParallelEmbedding(nn.Module):

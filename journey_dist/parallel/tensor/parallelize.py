@@ -3,17 +3,20 @@
     tp_model = parallelize(GPT(config), group, sequence_parallel=False)
     local_logits, loss = tp_model(idx, targets)   # logits (B, T, V/t); loss = full mean CE
 
-Each block: attention split by heads (c_attn column-parallel, q, k and v each sharded by heads;
-c_proj row-parallel), MLP column-then-row, so a block costs one all-reduce in forward (g) and one
-in backward (f) per sublayer. The embedding is vocab-parallel and the (tied) output head reuses
-its shard, so logits stay split by vocabulary and the loss is vocab-parallel cross-entropy.
-Sequence parallel (Korthikanti et al. 2022) keeps LayerNorm/dropout/residual activations split
+Each block, in either family: attention split by heads (GPT-2: c_attn column-parallel, q, k and v
+each sharded by heads; Llama: q_proj by query heads, k_proj and v_proj by kv heads; the output
+projection row-parallel), the MLP column-then-row (c_fc | gate_proj and up_proj, then c_proj |
+down_proj), so a block costs one all-reduce in forward (g) and one in backward (f) per sublayer:
+the column-parallel layers of a sublayer share one input and one f. Norms are replicated. The
+embedding is vocab-parallel and the output head (wte's shard when tied, its own vocab-parallel
+shard when untied) keeps the logits split by vocabulary: the loss is vocab-parallel cross-entropy.
+Sequence parallel (Korthikanti et al. 2022) keeps norm/dropout/residual activations split
 along the sequence: each all-reduce becomes a reduce-scatter + all-gather pair (same bytes), and
-the replicated parameters used there (LayerNorms, row biases, wpe) get partial grads that
+the replicated parameters used there (norms, row biases, wpe) get partial grads that
 `sync_sequence_parallel_grads` all-reduces (the model's `.sync_grads()`; call it after backward).
 Dropout: call tp_rng.model_parallel_seed(seed, tp_rank) first; replicated regions then draw the
 same masks on every rank, per-rank regions (own heads, SP shards) independent ones (tp_rng.py).
-`tp_model.generate(idx, n)` is GPT.generate with a KV cache of this rank's heads (tp_generate.py).
+`tp_model.generate(idx, n)` is GPT.generate with a KV cache of this rank's kv heads (generate.py).
 
 Parameter names are the plain GPT's, so `gather_params` / `gather_grads` rebuild full tensors
 comparable with reference.max_abs_diff.
@@ -30,13 +33,14 @@ import torch.nn as nn
 from journey_dist.comm import ledger_by_op
 from journey_dist.config import GPTConfig, ParallelConfig, padded_vocab_size
 from journey_dist.data import TokenData
-from journey_dist.model import GPT, Block, KVCache, MoE, moe_loss
+from journey_dist.model import GPT, MLP, Block, KVCache, MoE, add_positions, moe_loss
 from journey_dist.parallel.common import clip_fn, tp_duplicate
 from journey_dist.parallel.tensor.generate import tp_generate
 from journey_dist.parallel.tensor.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     TensorParallelAttention,
+    TensorParallelSwiGLU,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
@@ -64,24 +68,25 @@ def _mark_sequence_parallel(module: nn.Module) -> None:
 
 
 def parallelize_block(block: Block, group: Group = None, *, sequence_parallel: bool = False) -> nn.Module:
-    """A tensor-parallel copy of a GPT Block holding this rank's shards; same forward(x).
+    """A tensor-parallel copy of a GPT Block (either family) holding this rank's shards; same forward(x).
 
-    With sequence_parallel, x in and out is (B, S/t, C) and LayerNorm weights (replicated) are
-    tagged `sequence_parallel` (their grads need an all-reduce over tp after backward).
+    With sequence_parallel, x in and out is (B, S/t, C) and the norm weights (replicated) are
+    tagged `sequence_parallel` (their grads need an all-reduce over tp after backward). Raises
+    ConfigError when tp does not divide the query or key/value heads.
     """
-    t = tp_size(group)
-    if block.attn.n_head % t:
-        raise ValueError(f"tp={t} does not divide n_head={block.attn.n_head}; use a tp that divides it "
-                         f"(ParallelConfig.validate lists them)")
     tp_block = copy.deepcopy(block)
     tp_block.attn = TensorParallelAttention(block.attn, group, sequence_parallel)
     if isinstance(block.mlp, MoE):  # a mixture of experts stays whole on every tp rank (parallel/expert)
         return tp_block
-    mlp = tp_block.mlp
-    mlp.c_fc = ColumnParallelLinear.from_dense(block.mlp.c_fc, group, sequence_parallel=sequence_parallel)
-    mlp.c_proj = RowParallelLinear.from_dense(block.mlp.c_proj, group, sequence_parallel=sequence_parallel)
-    if sequence_parallel:  # the MLP's output is a sequence shard: per-rank dropout masks
-        mlp.dropout = ShardedDropout(block.mlp.dropout.p)
+    if isinstance(block.mlp, MLP):
+        mlp, sp = tp_block.mlp, sequence_parallel
+        mlp.c_fc = ColumnParallelLinear.from_dense(block.mlp.c_fc, group, sequence_parallel=sp)
+        mlp.c_proj = RowParallelLinear.from_dense(block.mlp.c_proj, group, sequence_parallel=sp)
+        if sequence_parallel:  # the MLP's output is a sequence shard: per-rank dropout masks
+            mlp.dropout = ShardedDropout(block.mlp.dropout.p)
+    else:
+        tp_block.mlp = TensorParallelSwiGLU(block.mlp, group, sequence_parallel)
+    if sequence_parallel:
         _mark_sequence_parallel(tp_block.ln_1)
         _mark_sequence_parallel(tp_block.ln_2)
     return tp_block
@@ -102,14 +107,16 @@ class TensorParallelGPT(nn.Module):
         sp = self.sequence_parallel
         wte = VocabParallelEmbedding.from_dense(model.transformer.wte, group,
                                                 padded_vocab=self.padded_vocab, sequence_parallel=sp)
-        wpe, ln_f = copy.deepcopy(model.transformer.wpe), copy.deepcopy(model.transformer.ln_f)
+        # learned positions (wpe) are replicated; RoPE and ALiBi live in the attention
+        wpe = {"wpe": copy.deepcopy(model.transformer.wpe)} if "wpe" in model.transformer else {}
+        ln_f = copy.deepcopy(model.transformer.ln_f)
         if sp:
-            _mark_sequence_parallel(wpe)
-            _mark_sequence_parallel(ln_f)
+            for module in (*wpe.values(), ln_f):
+                _mark_sequence_parallel(module)
         # embedding dropout: replicated without SP (same mask on every rank), a shard with SP
         drop = ShardedDropout(model.transformer.drop.p) if sp else copy.deepcopy(model.transformer.drop)
         self.transformer = nn.ModuleDict(dict(
-            wte=wte, wpe=wpe, drop=drop,
+            wte=wte, **wpe, drop=drop,
             h=nn.ModuleList([parallelize_block(b, group, sequence_parallel=sp) for b in model.transformer.h]),
             ln_f=ln_f,
         ))
@@ -147,7 +154,7 @@ class TensorParallelGPT(nn.Module):
             pos = torch.arange(start, start + T // n, device=idx.device)
         else:
             pos = torch.arange(start, start + T, device=idx.device)
-        x = tr.drop(x + tr.wpe(pos))
+        x = tr.drop(add_positions(x, pos, self.config, tr))
         for i, block in enumerate(tr.h):
             x = block(x, cache, i)
         if cache is not None:
@@ -164,10 +171,11 @@ class TensorParallelGPT(nn.Module):
         return logits, loss
 
     def kv_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A KVCache for this rank's H/t heads: 1/t of the single-process cache's bytes."""
+        """A KVCache for this rank's K/t key/value heads (GQA: n_kv_head/t, else n_head/t): 1/t of
+        the single-process cache's bytes."""
         p = self.transformer.wte.weight
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype,
-                       n_head=self.transformer.h[0].attn.n_head)
+                       n_head=self.transformer.h[0].attn.n_kv_head)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, greedy: bool = False, use_cache: bool = True,
@@ -190,8 +198,9 @@ def parallelize(model: GPT, group: Group = None, *, sequence_parallel: bool = Fa
                 pad_vocab: bool = False) -> TensorParallelGPT:
     """The tensor-parallel version of `model` on `group` (default: the world), this rank's shards.
 
-    Raises ConfigError (config.py) when tp does not divide n_head, or vocab_size (unless
-    pad_vocab: the vocabulary is padded to a multiple of tp, padded logits masked out of the loss).
+    Raises ConfigError (config.py) when tp does not divide n_head, the kv heads, the MLP width, or
+    vocab_size (unless pad_vocab: the vocabulary is padded to a multiple of tp, padded logits masked
+    out of the loss).
     """
     return TensorParallelGPT(model, group, sequence_parallel=sequence_parallel, pad_vocab=pad_vocab)
 
@@ -275,7 +284,8 @@ def analytic_collectives(config: GPTConfig, tp: int, tokens: int, *, sequence_pa
     `tokens` = B*T of one micro-step. Per layer: 2 all-reduces (g) forward + 2 (f) backward of
     (tokens, C); with SP each becomes an all-gather + reduce-scatter pair (the same buffer). Plus
     the embedding (g fwd | RS fwd, AG bwd), the head input (f bwd | AG fwd, RS bwd), the loss
-    (3 all-reduces of (tokens,) fp32), the SP grad sync and the clip norm (once per step).
+    (3 all-reduces of (tokens,) fp32), the SP grad sync and the clip norm (once per step). The
+    same for both families: GQA and SwiGLU change the shards, not the activations that cross.
     """
     act = tokens * config.n_embd * bytes_per_value
     L, C = config.n_layer, config.n_embd
@@ -293,9 +303,10 @@ def analytic_collectives(config: GPTConfig, tp: int, tokens: int, *, sequence_pa
     else:
         add("all_reduce", m * (4 * L + 2), m * (4 * L + 2) * act)
     add("all_reduce", 3 * m, 3 * m * tokens * 4)  # vocab-parallel CE, fp32
-    if sequence_parallel:  # ln_1, ln_2 (weight+bias), both c_proj biases, ln_f, wpe
-        per_layer = (4 * C if config.bias else 2 * C) + (2 * C if config.bias else 0)
-        n = L * per_layer + (2 * C if config.bias else C) + config.block_size * C
+    if sequence_parallel:  # the replicated params: ln_1, ln_2, both row biases, ln_f, wpe
+        norm = 2 * C if config.norm == "layernorm" and config.bias else C  # weight (+ bias); RMSNorm: weight
+        per_layer = 2 * norm + (2 * C if config.bias else 0)
+        n = L * per_layer + norm + (config.block_size * C if config.positions == "learned" else 0)
         add("all_reduce", 1, n * 4)
     if grad_clip:
         add("all_reduce", 1, 4)
