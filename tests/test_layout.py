@@ -16,7 +16,7 @@ LAYERS = [  # bottom first; a module is named by its first component under journ
     {"config"},
     {"fault_tolerance", "numerics", "scaling", "compression", "dcp_safe"},
     {"runtime", "mesh", "data", "comm", "tokenizer", "report"},  # report: tables only, no package imports
-    {"model", "positions", "hf_interop", "ngram"},
+    {"model", "positions", "hf_interop", "ngram", "recompute"},
     {"train"},
     {"parity", "extrapolation"},
     {"parallel"},

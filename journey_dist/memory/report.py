@@ -18,6 +18,7 @@ from journey_dist.config import ConfigError, GPTConfig, get_preset, padded_vocab
 from journey_dist.memory.activations import activation_bytes_per_layer
 from journey_dist.memory.estimate import DTYPES, MemoryEstimate, estimate_memory, fmt_bytes, param_count
 from journey_dist.memory.measure import MEASURABLE, Measurement, measure_config
+from journey_dist.recompute import RECOMPUTE_MODES
 from journey_dist.runtime import runs_dir, save_figure, save_json
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "temporaries", "total")
@@ -210,7 +211,9 @@ def add_estimate_arguments(p) -> None:
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
-    p.add_argument("--recompute", action="store_true", help="full activation recompute of every block")
+    p.add_argument("--recompute", nargs="?", const="full", default="none", choices=RECOMPUTE_MODES[:3],
+                   help="activation recompute: selective (the attention core), full (every block; what a "
+                        "bare --recompute means)")
     p.add_argument("--attn", default=None, choices=["sdpa", "eager"], help="default: the preset's")
     p.add_argument("--dropout", type=float, default=None, help="dropout probability (default: preset)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
@@ -350,8 +353,8 @@ def spec_label(spec: dict) -> str:
         parts.append(spec["optimizer"])
     if spec.get("microbatches", 1) > 1:
         parts.append(f"{spec['microbatches']} microbatches")
-    if spec.get("recompute"):
-        parts.append("recompute")
+    if spec.get("recompute") and spec["recompute"] != "none":
+        parts.append("recompute" if spec["recompute"] is True else f"{spec['recompute']} recompute")
     return " ".join(parts)
 
 

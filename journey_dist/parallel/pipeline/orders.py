@@ -141,6 +141,15 @@ def bubble_formula(schedule: str, p: int, m: int, v: int = 1, *, t_f: float = 1.
     return (p - 1) / ((v if schedule == "interleaved" else 1) * m + p - 1)
 
 
+def bubble_expression(schedule: str, p: int, m: int, v: int = 1) -> str:
+    """bubble_formula written out with the numbers (equal F, B and W times for zb-h1)."""
+    if schedule == "zb-h1":
+        return f"(p-1)/(3m+p-1) = ({p}-1)/(3*{m}+{p}-1)"
+    if schedule == "interleaved":
+        return f"(p-1)/(v*m+p-1) = ({p}-1)/({v}*{m}+{p}-1)"
+    return f"(p-1)/(m+p-1) = ({p}-1)/({m}+{p}-1)"
+
+
 def inflight_formula(schedule: str, p: int, m: int, rank: int, v: int = 1) -> int:
     """Most (microbatch, chunk) activation sets rank `rank` holds at once (a chunk is 1/v of the
     rank's layers, so the rank's activation memory is this / v of a whole stage's per microbatch).
