@@ -109,6 +109,8 @@ CPU_ATTENTION_FLOPS = {
 def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     model(x, y)[1].backward()
     model.zero_grad(set_to_none=True)
+    if x.is_cuda:  # wall time of the kernels, not of their launch
+        torch.cuda.synchronize(x.device)
 
 
 def recompute_costs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, modes=RECOMPUTE_MODES, *,

@@ -206,7 +206,7 @@ def test_every_schedule_ours_and_torchs_matches_one_process(p):
 
 
 def _bubble_rank(schedules, ms, f):
-    rows = [bubble_row(r) for r in bubble_sweep(schedules, ms, f=f, b=f, w=f)]
+    rows = [bubble_row(r) for r in bubble_sweep(schedules, ms, f=f, b=f, w=f).values()]
     quick = bubble_sweep(("zb-h1",), [ms[0]], f=0.001, b=0.001, w=0.001)["zb-h1", ms[0]]
     return rows, order_text(quick["timelines"][dist.get_rank()])
 

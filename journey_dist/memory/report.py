@@ -18,7 +18,8 @@ from journey_dist.config import ConfigError, GPTConfig, get_preset, padded_vocab
 from journey_dist.memory.activations import activation_bytes_per_layer
 from journey_dist.memory.estimate import DTYPES, MemoryEstimate, estimate_memory, fmt_bytes, param_count
 from journey_dist.memory.measure import MEASURABLE, Measurement, measure_config
-from journey_dist.recompute import RECOMPUTE_MODES
+from journey_dist.model import GPT
+from journey_dist.recompute import RECOMPUTE_MODES, recompute_costs
 from journey_dist.runtime import runs_dir, save_figure, save_json
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "temporaries", "total")
@@ -190,6 +191,44 @@ def plans_table(plans: list[dict]) -> str:
     return "\n".join(f"  {p['layout']:<30} {fmt_bytes(p['total']):>12}  (model states "
                      f"{fmt_bytes(p['model_states'])}, activations {fmt_bytes(p['activations'])}, peak at "
                      f"{p['peak_phase']})" for p in plans)
+
+def recompute_rows(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str, device: torch.device,
+                   rounds: int = 3) -> dict[str, dict]:
+    """Each recompute mode (recompute.RECOMPUTE_MODES) on one measured step: peak and activations
+    measured next to the estimate (the per-op policy is measured only), and the work it redoes
+    (recompute.recompute_costs: extra backward matmul FLOPs and seconds, on an fp32 copy)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
+    costs = recompute_costs(GPT(cfg).to(device), x, torch.roll(x, -1, 1), rounds=rounds)
+    rows = {}
+    for mode in RECOMPUTE_MODES:
+        kw = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, recompute=mode)
+        m = measure_config(cfg, device=device, ledger=True, **kw)
+        e = None if mode == "ops" else estimate_memory(cfg, device=device.type, **kw)
+        rows[mode] = {"peak_measured": m.peak, "peak_estimated": None if e is None else e.total,
+                      "activations_measured": m.high_water.get("activations"),
+                      "activations_estimated": None if e is None else e.activations,
+                      "states_exact": None if e is None or not m.high_water else all(
+                          m.high_water[k] == getattr(e, k) for k in ("params", "grads", "optimizer")),
+                      **costs[mode]}
+    return rows
+
+
+def recompute_table(rows: dict[str, dict]) -> str:
+    """recompute_rows as text, then selective's redone work as a fraction of full's."""
+    lines = [f"{'recompute':<10} {'peak measured':>14} {'estimated':>11} {'error':>7} {'activations':>12} "
+             f"{'extra GFLOP':>12} {'extra s':>8}"]
+    for mode, r in rows.items():
+        est = r["peak_estimated"]
+        err = "-" if est is None else f"{100 * (est - r['peak_measured']) / r['peak_measured']:+.2f}%"
+        shown = "-" if est is None else fmt_bytes(est)
+        lines.append(f"{mode:<10} {fmt_bytes(r['peak_measured']):>14} {shown:>11} {err:>7} "
+                     f"{fmt_bytes(r['activations_measured'] or 0):>12} {r['extra_flops'] / 1e9:>12.3f} "
+                     f"{r['extra_s']:>+8.3f}")
+    sel, full = rows["selective"], rows["full"]
+    lines.append(f"selective redoes {sel['extra_flops'] / full['extra_flops']:.2f} of full's extra matmul "
+                 f"FLOPs ({sel['extra_s'] / full['extra_s']:.2f} of its extra seconds, least of a few steps)")
+    return "\n".join(lines)
 
 # ---------------------------------------------------------------------- `journey estimate`
 
