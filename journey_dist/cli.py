@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from journey_dist.checkpoint import checkpoints_table
-from journey_dist.config import PRESETS, ConfigError, ParallelConfig, get_preset
+from journey_dist.config import PIPELINE_SCHEDULES, PRESETS, ConfigError, ParallelConfig, get_preset
 from journey_dist.labkit import RUNS_ENV, check_writable_dir
 from journey_dist.memory.estimate import DTYPES
 from journey_dist.memory.report import add_estimate_arguments, estimate_command
@@ -57,7 +57,8 @@ def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     pcfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, microbatches=args.microbatches,
                           zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule,
-                          ep=args.ep)
+                          ep=args.ep,
+                          virtual_stages=args.virtual_stages or (2 if args.schedule == "interleaved" else 1))
     plan = make_plan(get_preset(args.preset), pcfg, batch=args.batch, seq=args.seq, dtype=args.dtype,
                      optimizer=args.optimizer, world=args.world, device=args.device,
                      gpu_mem=None if args.gpu_mem is None else parse_bytes(args.gpu_mem))
@@ -79,7 +80,10 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"])
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--sequence-parallel", "--sp", action="store_true", help="needs tp > 1")
-    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
+    parser.add_argument("--schedule", default="1f1b", choices=PIPELINE_SCHEDULES,
+                        help="pipeline schedule: its bubble and the activations each stage holds")
+    parser.add_argument("--virtual-stages", type=int, default=None,
+                        help="chunks of layers per pipeline rank (interleaved; default 2 there, else 1)")
     parser.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB or 80GiB: say what "
                         f"fits; the exit status is {EXIT_DOES_NOT_FIT} when the plan does not fit")
     parser.add_argument("--world", type=int, default=None, help="ranks you will launch (checked = dp*tp*pp)")

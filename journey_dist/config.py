@@ -21,6 +21,9 @@ POSITIONS = ("learned", "sinusoidal", "rope", "alibi")
 # "softmax_topk" (Switch, GShard, DeepSeek) softmaxes all E logits and keeps the k largest (sum < 1).
 ROUTERS = ("topk_softmax", "softmax_topk")
 
+# pipeline schedules (parallel/pipeline/orders.py lists each one's actions)
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -261,7 +264,8 @@ class ParallelConfig:
     microbatches: int = 1
     zero: int = 0
     sequence_parallel: bool = False
-    schedule: str = "1f1b"  # pipeline schedule: "gpipe" or "1f1b"
+    schedule: str = "1f1b"  # pipeline schedule: one of PIPELINE_SCHEDULES
+    virtual_stages: int = 1  # chunks of layers per pipeline rank (interleaved: v >= 2)
     pad_vocab: bool = False  # tp: pad the vocabulary to a multiple of tp (padded logits masked)
     ep: int = 1  # expert parallel, inside dp (parallel/expert)
 
@@ -274,6 +278,30 @@ class ParallelConfig:
         names = ("dp", "cp", "tp", "pp") if self.cp > 1 else ("dp", "tp", "pp")
         return f"{'*'.join(names)} = {'*'.join(str(getattr(self, n)) for n in names)}"
 
+    def _check_schedule(self) -> None:
+        """What each pipeline schedule needs of pp, microbatches, virtual stages and the rest."""
+        p, m, v, s = self.pp, self.microbatches, self.virtual_stages, self.schedule
+        if v > 1 and s != "interleaved":
+            raise ConfigError(f"virtual_stages={v} needs schedule='interleaved' (got {s!r}); use "
+                              "virtual_stages=1 or the interleaved schedule")
+        if s == "interleaved" and v < 2:
+            raise ConfigError("schedule='interleaved' needs virtual_stages >= 2 chunks per rank (with 1 "
+                              "it is 1F1B); use virtual_stages=2 or schedule='1f1b'")
+        if p > 1 and s in ("1f1b", "zb-h1") and m < p:
+            raise ConfigError(
+                f"microbatches={m} < pp={p}: {s.upper()} needs at least one microbatch per stage to "
+                f"fill the pipeline; use microbatches >= {p}")
+        if p > 1 and s == "interleaved" and m % p:
+            raise ConfigError(
+                f"microbatches={m} is not a multiple of pp={p}: the interleaved schedule sends groups "
+                f"of pp microbatches through each chunk in turn (as Megatron-LM requires); use "
+                f"microbatches={-(-m // p) * p}")
+        if s == "zb-h1" and (self.tp > 1 or self.cp > 1):
+            raise ConfigError(
+                f"schedule='zb-h1' with tp={self.tp}, cp={self.cp} is not supported: its weight-gradient "
+                "pass W is split from the input gradient per module, which is not done for "
+                "tensor/context-parallel modules; use schedule='1f1b' (or tp=cp=1)")
+
     def validate(
         self,
         model: GPTConfig | None = None,
@@ -281,15 +309,17 @@ class ParallelConfig:
         global_batch: int | None = None,
     ) -> ParallelConfig:
         """Raise ConfigError naming the problem and the fix; return self when valid."""
-        for name in ("dp", "cp", "tp", "pp", "microbatches", "ep"):
+        for name in ("dp", "cp", "tp", "pp", "microbatches", "ep", "virtual_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer; "
                                   f"use {name} >= 1 (1: not split)")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero={self.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
-        if self.schedule not in ("gpipe", "1f1b"):
-            raise ConfigError(f"schedule={self.schedule!r}; use 'gpipe' or '1f1b'")
+        if self.schedule not in PIPELINE_SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}; use one of "
+                              f"{', '.join(map(repr, PIPELINE_SCHEDULES))}")
+        self._check_schedule()
         if world_size is not None and world_size != self.world_size:
             raise ConfigError(
                 f"{self._product()} = {self.world_size} but the world "
@@ -311,11 +341,6 @@ class ParallelConfig:
                 f"zero={self.zero} with pp={self.pp} is not supported: ZeRO-2/3 reduce-scatter "
                 f"gradients every backward, but a pipeline accumulates them over {self.microbatches} "
                 f"microbatches before its step (DeepSpeed refuses this too); use zero=1 or pp=1"
-            )
-        if self.pp > 1 and self.schedule == "1f1b" and self.microbatches < self.pp:
-            raise ConfigError(
-                f"microbatches={self.microbatches} < pp={self.pp}: 1F1B needs at least one "
-                f"microbatch per stage to fill the pipeline; use microbatches >= {self.pp}"
             )
         if model is not None:
             if model.n_head % self.tp:
@@ -346,6 +371,15 @@ class ParallelConfig:
                 raise ConfigError(
                     f"pp={self.pp} is larger than n_layer={model.n_layer}; every stage needs "
                     f"at least one layer, so use pp <= {model.n_layer}"
+                )
+            v = self.virtual_stages
+            if v > 1 and model.n_layer % (self.pp * v):
+                fits = [d for d in _divisors(model.n_layer) if d % self.pp == 0 and d > self.pp]
+                raise ConfigError(
+                    f"interleaved: n_layer={model.n_layer} is not divisible by pp*virtual_stages = "
+                    f"{self.pp}*{v} = {self.pp * v}; every chunk needs the same number of layers: use "
+                    + (f"virtual_stages in {[d // self.pp for d in fits]}" if fits else
+                       "a pp dividing n_layer with room for v >= 2, or schedule='1f1b'")
                 )
             if self.sequence_parallel and model.block_size % self.tp:
                 raise ConfigError(

@@ -43,12 +43,14 @@ needs its rank's slice of `alibi_slopes(n_head)`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from journey_dist import hf_interop, moe
 from journey_dist.config import GPTConfig
@@ -111,6 +113,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.attn_impl = config.attn_impl
         self.positions, self.rope_theta = config.positions, config.rope_theta
+        self.recompute_core = False  # recompute.set_recompute(model, "selective") sets it
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, C) -> q (B, H, T, D), k and v (B, K, T, D), H and K this module's head counts."""
@@ -155,8 +158,11 @@ class CausalSelfAttention(nn.Module):
         bias = None
         if self.positions == "alibi":
             bias = alibi_bias(self.head_slopes().to(x.device), start, T, k.size(-2)).to(q.dtype)
-        y = attention(q, k, v, start, self.attn_impl, self.dropout if self.training else 0.0,
-                      self.attn_dropout, bias)  # (B, H, T, D)
+        core = attention
+        if self.recompute_core and torch.is_grad_enabled():  # keep q, k, v; recompute the rest in backward
+            core = functools.partial(checkpoint, attention, use_reentrant=False)
+        y = core(q, k, v, start, self.attn_impl, self.dropout if self.training else 0.0,
+                 self.attn_dropout, bias)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
 
 

@@ -10,7 +10,8 @@ Every number comes from the function the labs and tests check against a measurem
                  parallel/tensor/parallelize.analytic_collectives; ZeRO: a reduce-scatter of the
                  gradients and an all-gather of the weights over dp (sharding/zero.py's flat buffer)
     wire bytes   comm.ring_factor: what one rank sends on a ring for the bytes it hands over
-    bubble       parallel/pipeline/timeline.bubble_formula, (p - 1) / (m + p - 1)
+    bubble       parallel/pipeline/orders.bubble_formula ((p - 1) / (m + p - 1) for 1F1B; the
+                 schedule's own for interleaved and zb-h1) and inflight_formula per stage
     experts      a mixture of experts (MoE presets, --ep): parallel/expert/parallelize.planned_comm
                  under an even load (ep all-to-alls, dp counts and dense gradients, edp experts)
 
@@ -35,8 +36,8 @@ from journey_dist.memory.sizes import expert_param_count
 from journey_dist.mesh import layout_text
 from journey_dist.parallel.compose import expected_comm_per_step
 from journey_dist.parallel.expert.accounting import planned_comm
+from journey_dist.parallel.pipeline.orders import bubble_expression, bubble_formula, inflight_formula
 from journey_dist.parallel.pipeline.stage import stage_layers
-from journey_dist.parallel.pipeline.timeline import bubble_formula
 from journey_dist.parallel.sharding.zero import padded_numel
 from journey_dist.parallel.tensor.parallelize import analytic_collectives, padded_vocab_size
 from journey_dist.train import TrainConfig
@@ -145,10 +146,13 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
         est = estimate_memory(cfg, batch_size=batch, seq_len=seq, dtype=dtype, optimizer=optimizer,
                               dp=pcfg.dp, zero=pcfg.zero, tp=pcfg.tp, pp=pcfg.pp,
                               microbatches=pcfg.microbatches, sequence_parallel=pcfg.sequence_parallel,
-                              device=device, schedule=pcfg.schedule, stage=s, ep=pcfg.ep)
+                              device=device, schedule=pcfg.schedule, stage=s, ep=pcfg.ep,
+                              virtual_stages=pcfg.virtual_stages)
         comm, missing = comm_per_step(cfg, pcfg, batch=batch, seq=seq, stage=s, dtype=dtype,
                                       grad_clip=grad_clip)
         row = {"stage": s, "layers": len(stage_layers(cfg.n_layer, pcfg.pp)[s]),
+               "in_flight": inflight_formula(pcfg.schedule, pcfg.pp, pcfg.microbatches, s,
+                                             pcfg.virtual_stages),
                "params": param_count(cfg, pcfg.tp, pcfg.pp, s, pcfg.ep),
                "memory": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
                           "model_states": est.params + est.grads + est.optimizer,
@@ -163,12 +167,13 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
     busiest = max(stages, key=lambda r: r["memory"]["peak"])
     return {
         "model": cfg.to_dict(), "parallel": {k: getattr(pcfg, k) for k in (
-            "dp", "tp", "pp", "microbatches", "zero", "sequence_parallel", "schedule", "ep")},
+            "dp", "tp", "pp", "microbatches", "zero", "sequence_parallel", "schedule", "ep",
+            "virtual_stages")},
         "world_size": pcfg.world_size, "batch": batch, "seq": seq, "dtype": dtype, "optimizer": optimizer,
         "device": device, "grad_clip": grad_clip, "notes": notes,
         "layout": layout_text(pcfg, limit=layout_limit),
         "micro_batch": micro, "tokens_per_microbatch": micro * seq,
-        "bubble": bubble_formula(pcfg.pp, pcfg.microbatches),
+        "bubble": bubble_formula(pcfg.schedule, pcfg.pp, pcfg.microbatches, pcfg.virtual_stages),
         "gpu_mem": gpu_mem, "stages": stages, "busiest_stage": busiest["stage"],
         "fits": None if gpu_mem is None else all(r["fits"] for r in stages),
     }
@@ -207,9 +212,11 @@ def plan_text(plan: dict) -> str:
         if not r["comm"] and not r["comm_not_modelled"]:
             lines.append(f"{r['stage']:>5} none (a single rank)")
     if p["pp"] > 1:
-        pp, mb = p["pp"], p["microbatches"]
-        lines.append(f"\npipeline bubble ({p['schedule']}): (p-1)/(m+p-1) = ({pp}-1)/({mb}+{pp}-1) = "
-                     f"{plan['bubble']:.1%} of each step idle")
+        expr = bubble_expression(p["schedule"], p["pp"], p["microbatches"], p["virtual_stages"])
+        held = ", ".join(f"{r['in_flight']}" for r in plan["stages"])
+        lines.append(f"\npipeline bubble ({p['schedule']}): {expr} = {plan['bubble']:.1%} of each step idle; "
+                     f"activation sets held per stage: {held}"
+                     + (f" (chunks of 1/{p['virtual_stages']} stage)" if p["virtual_stages"] > 1 else ""))
     if plan["fits"] is not None:
         lines.append(f"fits in {fmt_bytes(plan['gpu_mem'])} per GPU: " + (
             "yes" if plan["fits"] else f"NO (stage {plan['busiest_stage']} peaks at "

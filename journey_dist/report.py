@@ -127,12 +127,15 @@ def generation_line(gen: dict, new_tokens: int) -> str:
 
 
 def bubble_table(rows: Sequence[dict]) -> str:
-    """Pipeline bubble per (schedule, m): measured idle fraction next to (p-1)/(m+p-1), their
-    difference, and the activations each stage held at once (pipeline/timeline.bubble_row rows)."""
-    rows = [{**r, "diff": r["measured"] - r["formula"]} for r in rows]
-    return table(rows, [("schedule", "schedule", str), ("m", "m", str), ("measured", "measured", fixed(3)),
-                        ("formula", "(p-1)/(m+p-1)", fixed(3)), ("diff", "diff", lambda x: f"{x:+.3f}"),
-                        ("peak_inflight", "activations held per stage", str)])
+    """Pipeline bubble per (schedule, m): measured idle fraction next to the schedule's formula
+    (orders.bubble_formula), their difference, and the activation sets each stage held at once
+    next to orders.inflight_formula (pipeline/timeline.bubble_row rows)."""
+    rows = [{**r, "diff": r["measured"] - r["formula"],
+             "name": r["schedule"] + (f" v={r['v']}" if r.get("v", 1) > 1 else "")} for r in rows]
+    return table(rows, [("name", "schedule", str), ("m", "m", str), ("measured", "measured", fixed(3)),
+                        ("formula", "formula", fixed(3)), ("diff", "diff", lambda x: f"{x:+.3f}"),
+                        ("peak_inflight", "held per stage", str), ("inflight_formula", "formula", str)])
+
 
 def buckets_table(caps: dict[float, Sequence[int]], chosen: float | None = None,
                   ddp: dict[str, Sequence[int]] | None = None, *, show: int = 6) -> str:

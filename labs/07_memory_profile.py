@@ -12,7 +12,13 @@ exactly, on CUDA the caching allocator's peak; the process RSS is the OS view (i
 libraries, allocator caches), for context only; (3) the moment of the step where memory peaks
 (often the loss's backward: three fp32 batch x seq x vocab buffers); (4) activations growing
 linearly with sequence length for SDPA and quadratically for eager attention; (5) what
-dp/ZeRO/tp/pp/recompute do to GPT-2's memory per GPU (analytic estimates, not measured).
+dp/ZeRO/tp/pp/recompute do to GPT-2's memory per GPU (analytic estimates, not measured);
+(6) recomputation, measured: none, selective (Megatron's: only the attention core - scores,
+softmax, dropout, probabilities @ v - is recomputed; with eager attention it drops the s x s
+tensors, with SDPA only the log-sum-exp, which the fused kernel already keeps small), full (each
+block keeps its input) and a per-op policy (torch's selective-checkpoint contexts: matmul outputs
+saved, the rest recomputed), each next to the estimate, and the forward work each redoes in the
+backward (matmul FLOPs, exact; seconds, noisy on a shared CPU; benchmarks/recompute.py).
 Results: runs/07_memory_profile/{result.json,measured_vs_estimated.png}.
 """
 
@@ -31,6 +37,8 @@ from journey_dist.memory.report import (
     per_layer_vs_paper,
     plans_table,
     plot,
+    recompute_rows,
+    recompute_table,
     seq_sweep,
     sweep_table,
     table,
@@ -81,8 +89,7 @@ print0(f"{args.preset}: batch {args.batch} x {seq} tokens, {args.dtype}, {args.a
 
 
 # %% 1. The estimate, term by term (bytes per layer; b micro-batch, s seq, h width, a heads)
-print0("\n" + terms_table(est))
-print0("\n" + per_layer_vs_paper(est))
+print0("\n" + terms_table(est) + "\n\n" + per_layer_vs_paper(est))
 
 # %% 2. Measure one step after a warm-up step (AdamW creates its state at the first step)
 meas = measure_config(cfg, device=device, ledger=True, **kw)
@@ -102,14 +109,19 @@ print0("\n" + sweep_table(sweep))
 # %% 5. Planning GPT-2 on GPUs: memory per rank (estimates; bf16 mixed precision, AdamW, 8 x 1024 tokens)
 gpt2 = get_preset("gpt2-medium", vocab_size=50304)  # 50257 padded to a multiple of 128 (as nanoGPT does)
 layouts = (dict(), dict(dp=2), dict(dp=2, zero=1), dict(dp=2, zero=3), dict(tp=2),
-           dict(tp=2, sequence_parallel=True), dict(pp=2, microbatches=4), dict(recompute=True))
+           dict(tp=2, sequence_parallel=True), dict(pp=2, microbatches=4), dict(recompute="full"),
+           dict(attn="eager"), dict(attn="eager", recompute="selective"))  # selective drops eager's s x s
 plans = layout_plans(gpt2, layouts, batch_size=8, seq_len=1024, dtype="bf16-mixed")
 print0("\ngpt2-medium 8 x 1024, bf16-mixed AdamW, per rank (estimated, not measured):\n" + plans_table(plans))
+
+# %% 6. Recomputation: what none / selective / full / a per-op policy keep (measured vs estimated) and redo
+recompute = recompute_rows(cfg, batch_size=args.batch, seq_len=seq, dtype=args.dtype, device=device)
+print0("\n" + recompute_table(recompute))
 
 # %% Save
 path = save_json(LAB, "result", {
     "args": {**vars(args), "seq": seq}, "device": str(device), "rows": rows, "estimate": est,
-    "measurement": meas, "sweep": sweep, "plans": plans,
+    "measurement": meas, "sweep": sweep, "plans": plans, "recompute": recompute,
 })
 print0(f"\nwrote {path} and {png}")
 if under_torchrun():

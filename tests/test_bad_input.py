@@ -22,6 +22,8 @@ from journey_dist.cli import main as journey
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import ByteTokenizer, TokenData, check_fits, load_text, load_tokens
 from journey_dist.model import GPT
+from journey_dist.parallel.pipeline.orders import bubble_formula
+from journey_dist.parallel.pipeline.split_backward import BackwardSplit
 from journey_dist.parallel.sharding.deepspeed import choose_stages, load_config
 from journey_dist.train import StepHooks, TrainConfig, train
 
@@ -50,6 +52,18 @@ def _tokens(n: int) -> TokenData:
     return TokenData(ids[: n - n_val], ids[n - n_val:], ByteTokenizer())
 
 
+class _OwnWeight(torch.nn.Module):
+    """A module using a weight of its own and a Linear: W per module cannot split it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(4))
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x) * self.scale
+
+
 LAB_FLAGS = {"data": "--data", "batch_size": "--batch-size"}  # how a lab spells the fix
 CASES = {
     "world size mismatch": (
@@ -70,6 +84,32 @@ CASES = {
     "too few microbatches for 1F1B": (
         lambda tmp: ParallelConfig(pp=4, microbatches=2).validate(MINI, world_size=4),
         r"microbatches=2 < pp=4", r"microbatches >= 4"),
+    "interleaved with layers not divisible by pp*v": (
+        lambda tmp: ParallelConfig(pp=2, microbatches=4, schedule="interleaved", virtual_stages=3).validate(
+            MINI, world_size=2),
+        r"n_layer=4 is not divisible by pp\*virtual_stages = 2\*3 = 6", r"use virtual_stages in \[2\]"),
+    "interleaved with microbatches not a multiple of pp": (
+        lambda tmp: ParallelConfig(pp=2, microbatches=5, schedule="interleaved", virtual_stages=2).validate(),
+        r"microbatches=5 is not a multiple of pp=2", r"use microbatches=6"),
+    "interleaved with one chunk per rank": (
+        lambda tmp: ParallelConfig(pp=2, microbatches=4, schedule="interleaved").validate(),
+        r"'interleaved' needs virtual_stages >= 2", r"use virtual_stages=2 or schedule='1f1b'"),
+    "virtual stages without the interleaved schedule": (
+        lambda tmp: ParallelConfig(pp=2, microbatches=4, virtual_stages=2).validate(),
+        r"virtual_stages=2 needs schedule='interleaved' \(got '1f1b'\)", r"use virtual_stages=1"),
+    "too few microbatches for ZB-H1": (
+        lambda tmp: ParallelConfig(pp=4, microbatches=3, schedule="zb-h1").validate(MINI, world_size=4),
+        r"microbatches=3 < pp=4: ZB-H1 needs", r"microbatches >= 4"),
+    "ZB-H1 with tensor parallel": (
+        lambda tmp: ParallelConfig(pp=2, tp=2, microbatches=4, schedule="zb-h1").validate(MINI, world_size=4),
+        r"schedule='zb-h1' with tp=2, cp=1 is not supported", r"use schedule='1f1b'"),
+    "ZB-H1 on a stage whose weights are not in leaf modules": (
+        lambda tmp: BackwardSplit(torch.nn.Sequential(_OwnWeight())),
+        r"_OwnWeight uses parameters of its own and has submodules with parameters",
+        r"use schedule='1f1b' for this stage"),
+    "ZB-H1 bubble expression outside its assumption": (
+        lambda tmp: bubble_formula("zb-h1", 4, 8, t_f=1, t_b=1, t_w=2),
+        r"assumes t_w <= t_b \(got t_w=2, t_b=1\)", r"use simulate\(\) for these times"),
     "ZeRO without data parallel": (
         lambda tmp: ParallelConfig(zero=2).validate(MINI, world_size=1),
         r"zero=2 shards over data-parallel ranks", r"use dp >= 2 or zero=0"),

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from journey_dist.config import PIPELINE_SCHEDULES
+from journey_dist.parallel.pipeline.orders import inflight_formula
 from tests.labs import ROOT, assert_lab03_claims, run_lab
 
 pytestmark = pytest.mark.slow
@@ -54,14 +56,20 @@ def test_lab03_rejects_a_tp_that_splits_a_kv_head_before_spawning(tmp_path):
 
 
 def test_lab04_pipeline_claims(tmp_path):
-    args = ("--preset", "tiny", "--steps", "3", "--batch-size", "8", "--microbatches", "4",
-            "--sweep", "1,4", "--sleep-ms", "15")
+    # gpt-mini: 4 layers, so 2 stages x 2 chunks for the interleaved schedule
+    args = ("--steps", "2", "--batch-size", "8", "--microbatches", "4", "--sweep", "2,4", "--sleep-ms", "15")
     _, r = run_lab("04_pipeline_parallel", *args, runs_dir=tmp_path)
+    assert set(r["parity"]) == {prefix + s for prefix in ("", "torch ") for s in PIPELINE_SCHEDULES}
     for name, diffs in r["parity"].items():
         assert max(diffs.values()) < TOL, name
-    assert r["peak_inflight_gpt"]["gpipe"] == [4, 4] and max(r["peak_inflight_gpt"]["1f1b"]) <= 2
-    for row in r["bubble"]:  # sleeping stages: measured idle fraction near (p-1)/(m+p-1)
-        assert abs(row["measured"] - row["formula"]) < 0.08, row
+    for s in PIPELINE_SCHEDULES:  # held while the GPT trained, as the schedule's formula says
+        v = r["virtual_stages"][s]
+        assert r["peak_inflight_gpt"][s] == [inflight_formula(s, 2, 4, k, v) for k in range(2)], s
+    assert [(row["schedule"], row["m"]) for row in r["bubble"]] == [
+        (s, m) for s in PIPELINE_SCHEDULES for m in (2, 4) if not (s in ("1f1b", "zb-h1") and m < 2)]
+    for row in r["bubble"]:  # sleeping stages: measured idle fraction near the schedule's formula
+        assert abs(row["measured"] - row["formula"]) < 0.1, row
+        assert row["peak_inflight"] == row["inflight_formula"], row
 
 
 def test_lab07_memory_claims(tmp_path):
@@ -72,6 +80,13 @@ def test_lab07_memory_claims(tmp_path):
         assert rows[exact]["measured"] == rows[exact]["estimated"], rows[exact]
     peak = [row for name, row in rows.items() if "peak" in name or "total" in name]
     assert peak and all(abs(row["error_pct"]) < 5 for row in peak), peak
+    rc = r["recompute"]  # each mode measured; none, selective and full next to the estimate
+    for mode in ("none", "selective", "full"):
+        assert rc[mode]["states_exact"], mode
+        assert abs(rc[mode]["peak_estimated"] / rc[mode]["peak_measured"] - 1) < 0.05, mode
+    assert rc["selective"]["activations_measured"] == rc["selective"]["activations_estimated"]
+    assert rc["full"]["peak_measured"] < rc["selective"]["peak_measured"] <= rc["none"]["peak_measured"]
+    assert rc["full"]["extra_flops"] > rc["selective"]["extra_flops"] > 0 == rc["ops"]["extra_flops"]
 
 
 def test_lab13_serving_claims(tmp_path):

@@ -17,7 +17,7 @@ LAYERS = [  # bottom first; a module is named by its first component under journ
     {"fault_tolerance", "numerics", "scaling", "compression", "dcp_safe"},
     {"runtime", "mesh", "data", "comm", "tokenizer", "report", "plots"},  # report, plots: no package imports
     {"moe", "positions"},
-    {"model", "hf_interop", "ngram"},
+    {"model", "hf_interop", "ngram", "recompute"},
     {"train"},
     {"parity", "extrapolation"},
     {"parallel"},

@@ -11,7 +11,7 @@ Formatting rules (what the shown number must equal):
 * byte units: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (powers of 1024);
   FLOP units: FLOP, kFLOP/MFLOP/GFLOP/TFLOP/PFLOP (powers of 1000);
   count suffixes K/M (thousand, million, e.g. `85.0M`); time units ms, s, h (expression in seconds);
-* `%`: the expression is a fraction, shown times 100 (`18.75% <!-- = bubble_formula(4, 13) -->`);
+* `%`: the expression is a fraction, shown times 100 (`18.75% <!-- = bubble_formula("1f1b", 4, 13) -->`);
 * `x` (or `×`) after a number: a plain ratio;
 * scientific notation (`2.6e-5`): the mantissa's decimals are the rounding at that exponent.
 Every `<!-- =` comment must sit right after a number, so a broken check fails instead of vanishing.
@@ -265,7 +265,7 @@ def test_shown_matches_rules():
     assert shown_matches("18.75", "%", 0.1875)[0]
     assert not shown_matches("18.8", "%", 0.1875 - 0.001)[0]
     assert shown_matches("1.5", "GB", 1.5e9)[0]
-    m = CHECK.search("bubble 18.75% <!-- = bubble_formula(4, 13) --> here")
+    m = CHECK.search("bubble 18.75% <!-- = bubble_formula('1f1b', 4, 13) --> here")
     assert m.group(1, 2) == ("18.75", "%")
     assert CHECK.search("x 124,439,808 <!-- = 1 -->").group(1) == "124,439,808"
     assert CHECK.search("diff 2.6e-5 <!-- = 2.6e-5 --> x").group(1) == "2.6e-5"

@@ -17,10 +17,11 @@ from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens, microbatches
 from journey_dist.mesh import build_mesh
 from journey_dist.model import GPT
+from journey_dist.parallel.pipeline.orders import Action, bubble_formula, check_schedule, schedule_order
 from journey_dist.parallel.pipeline.p2p import P2P, ShapeMismatchError
-from journey_dist.parallel.pipeline.schedules import Pipeline, check_schedule, pipeline_run, schedule_order
+from journey_dist.parallel.pipeline.schedules import Pipeline, pipeline_run
 from journey_dist.parallel.pipeline.stage import GPTStage, build_stage, stage_layers, stage_summary
-from journey_dist.parallel.pipeline.timeline import bubble_formula, bubble_row, bubble_sweep, timelines_text
+from journey_dist.parallel.pipeline.timeline import bubble_row, bubble_sweep, timelines_text
 from journey_dist.parity import fresh_model, max_abs_diff, reference_run, worst_diffs
 from journey_dist.report import bubble_table
 from journey_dist.train import TrainConfig
@@ -55,10 +56,10 @@ def test_schedule_orders(p, m):
             continue
         for s in range(p):
             order = schedule_order(schedule, m, p, s)
-            assert sorted(order) == sorted([("F", j) for j in range(m)] + [("B", j) for j in range(m)])
-            assert all(order.index(("F", j)) < order.index(("B", j)) for j in range(m))
+            assert sorted(order) == sorted([Action(k, j) for k in "FB" for j in range(m)])
+            assert all(order.index(Action("F", j)) < order.index(Action("B", j)) for j in range(m))
             held, peak = 0, 0
-            for kind, _ in order:
+            for kind, *_ in order:
                 held += 1 if kind == "F" else -1
                 peak = max(peak, held)
             assert peak == (m if schedule == "gpipe" else min(p - s, m))
@@ -209,7 +210,7 @@ def test_pipeline_with_data_parallel_replicas_matches_single_process():
 
 
 def _bubble_rank(ms):
-    return bubble_sweep(("gpipe", "1f1b"), ms, f=0.02, b=0.04)
+    return bubble_sweep(("gpipe", "1f1b"), ms, f=0.02, b=0.02, w=0.02)
 
 
 def test_measured_bubble_matches_formula():
@@ -218,7 +219,7 @@ def test_measured_bubble_matches_formula():
     assert list(sweep) == [("gpipe", m) for m in (1, 2, 4, 8)] + [("1f1b", m) for m in (2, 4, 8)]
     results = [r for (s, m), r in sweep.items() if m > 1]
     for r in results:
-        assert r["formula"] == bubble_formula(2, r["m"])
+        assert r["formula"] == bubble_formula(r["schedule"], 2, r["m"]) == 1 / (r["m"] + 1)
         assert abs(r["bubble"]["mean"] - r["formula"]) <= 0.06, (r["schedule"], r["m"], r["bubble"])
     by_m = {(r["schedule"], r["m"]): r["bubble"]["mean"] for r in results}
     for s in ("gpipe", "1f1b"):

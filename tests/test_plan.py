@@ -15,7 +15,7 @@ from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.memory.estimate import estimate_memory, param_count
 from journey_dist.mesh import layout_text
 from journey_dist.parallel.compose import expected_comm_per_step
-from journey_dist.parallel.pipeline.timeline import bubble_formula
+from journey_dist.parallel.pipeline.orders import bubble_formula, inflight_formula
 from journey_dist.parallel.tensor.parallelize import analytic_collectives
 from journey_dist.plan import make_plan, parse_bytes
 from journey_dist.train import TrainConfig
@@ -25,6 +25,31 @@ MINI = get_preset("gpt-mini")
 
 def _bytes(comm: dict) -> dict:
     return {dim: {op: row["bytes"] for op, row in ops.items()} for dim, ops in comm.items()}
+
+
+def test_plan_schedules_give_their_bubble_and_held_activations(capsys):
+    """journey plan --schedule: each schedule's bubble formula, the activation sets each stage
+    holds (orders.inflight_formula) and the memory that follows from them (estimate_memory)."""
+    plans = {}
+    for s, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
+        pcfg = ParallelConfig(pp=2, microbatches=4, schedule=s, virtual_stages=v)
+        plans[s] = plan = make_plan(MINI, pcfg, batch=8, dtype="fp32")
+        assert plan["bubble"] == bubble_formula(s, 2, 4, v)
+        assert [r["in_flight"] for r in plan["stages"]] == [inflight_formula(s, 2, 4, r, v) for r in (0, 1)]
+        for r in plan["stages"]:
+            est = estimate_memory(MINI, batch_size=8, seq_len=128, pp=2, microbatches=4, schedule=s,
+                                  virtual_stages=v, stage=r["stage"])
+            assert r["memory"]["activations"] == est.activations
+    assert [plans[s]["bubble"] for s in ("1f1b", "interleaved", "zb-h1")] == [1 / 5, 1 / 9, 1 / 13]
+    last = {s: p["stages"][1]["memory"]["activations"] for s, p in plans.items()}
+    assert last["gpipe"] == 4 * last["1f1b"] and last["zb-h1"] == 2 * last["1f1b"]  # holds p = 2, not 1
+    assert main(["plan", "--preset", "gpt-mini", "--pp", "2", "--microbatches", "4", "--batch", "8",
+                 "--schedule", "interleaved"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline bubble (interleaved): (p-1)/(v*m+p-1) = (2-1)/(2*4+2-1) = 11.1%" in out
+    with pytest.raises(ConfigError, match=r"n_layer=4 is not divisible by pp\*virtual_stages = 2\*4"):
+        make_plan(MINI, ParallelConfig(pp=2, microbatches=4, schedule="interleaved", virtual_stages=4),
+                  batch=8)
 
 
 @pytest.mark.parametrize("seq", [128, 64])
@@ -45,7 +70,7 @@ def test_gpt_mini_plan_equals_param_count_and_3d_comm(seq):
     if seq == 64:
         full = make_plan(MINI, pcfg, batch=16, dtype="fp32")["stages"][0]["comm"]["tp"]["all_reduce"]["bytes"]
         assert plan["stages"][0]["comm"]["tp"]["all_reduce"]["bytes"] - 4 == (full - 4) // 2
-    assert plan["bubble"] == bubble_formula(2, 4) == 1 / 5
+    assert plan["bubble"] == bubble_formula("1f1b", 2, 4) == 1 / 5
     assert plan["micro_batch"] == 2 and plan["layout"] == layout_text(pcfg, limit=8)
 
 

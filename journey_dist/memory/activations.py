@@ -14,12 +14,16 @@ from journey_dist.memory.sizes import Precision, layer_matrix_params, layer_tens
 
 def activation_bytes_per_layer(seq_len: int, batch_size: int, hidden: int, heads: int, *, tp: int = 1,
                                sequence_parallel: bool = False, fused_attention: bool = False,
-                               dropout: bool = True, bytes_per_value: int = 2, mask_bytes: int = 1) -> float:
-    """Korthikanti et al. 2022 ("Reducing Activation Recomputation"), one layer, no recompute.
+                               dropout: bool = True, bytes_per_value: int = 2, mask_bytes: int = 1,
+                               recompute: str = "none") -> float:
+    """Korthikanti et al. 2022 ("Reducing Activation Recomputation"), one layer (their Table 2).
 
     16-bit with dropout: sbh(34 + 5as/h); tensor parallel: sbh(10 + 24/t + 5as/(ht)); with
     sequence parallel everything is divided by t: sbh(34/t + 5as/(ht)). Fused (flash) attention
-    keeps no s x s matrix, which drops the 5as/h term.
+    keeps no s x s matrix, which drops the 5as/h term, and so does selective recomputation
+    (`recompute="selective"`: the attention core is recomputed, its inputs Q, K, V kept): sbh·34,
+    sbh(10 + 24/t) with tensor parallel, sbh·34/t with sequence parallel too. Full recomputation
+    keeps the layer's input only: v·sbh (/t with sequence parallel).
 
     Where the numbers come from, in values per token and channel (v = bytes_per_value):
     4 replicated values (two LayerNorm inputs, the QKV and MLP inputs) and 12 split over t
@@ -30,6 +34,9 @@ def activation_bytes_per_layer(seq_len: int, batch_size: int, hidden: int, heads
     bool; PyTorch's CPU dropout keeps a full-precision noise tensor, so v there).
     """
     s, b, h, a, t, v = seq_len, batch_size, hidden, heads, tp, bytes_per_value
+    if recompute == "full":
+        return s * b * h * v / (t if sequence_parallel else 1)
+    fused_attention = fused_attention or recompute == "selective"
     masks = 2 * mask_bytes if dropout else 0
     replicated = 4 * v + masks
     split = 12 * v
@@ -149,15 +156,7 @@ def layer_terms(x: Shape) -> list[Term]:
              qkv_in * v * n * h * x.rep, f"{qkv_in}v·bsh [/t with SP]".replace("1v", "v")),
     ]
     if x.fused:
-        if llama_attn:
-            rope = "after RoPE, " if x.model.positions == "rope" else ""
-            terms.append(Term(f"q, k, v ({rope}k and v with kv heads, kept by SDPA)",
-                              v * n * (a + 2 * x.kv) * x.d / t, "v·bs(a + 2kv)d/t"))
-        elif x.model.positions == "rope":  # v is a view of c_attn's output: the whole output stays
-            terms.append(Term("q, k after RoPE and c_attn's whole output (v is a view of it), kept by SDPA",
-                              5 * v * n * h / t, "5v·bsh/t"))
-        else:
-            terms.append(Term("q, k, v (c_attn output, kept by SDPA)", 3 * v * n * h / t, "3v·bsh/t"))
+        terms.append(qkv_term(x, "SDPA"))
         terms += [
             Term(f"attention output (SDPA output = {out_proj} input)", v * n * h / t, "v·bsh/t"),
             Term("SDPA log-sum-exp (fp32)", 4 * b * a * s / t, "4·bas/t"),
@@ -201,6 +200,38 @@ def layer_terms(x: Shape) -> list[Term]:
         terms.append(Term("autocast 16-bit weight copies (kept by each Linear)",
                           2 * layer_matrix_params(x.model, t, x.ep), "2·(the block's weight matrices)/t"))
     return terms
+
+
+def qkv_term(x: Shape, keeper: str) -> Term:
+    """q, k, v as attention's inputs hold them (views of the projections' outputs; after RoPE new
+    tensors): what fused SDPA keeps, and what a checkpointed attention core keeps as its inputs."""
+    n, v, h, t = x.b * x.s, x.prec.values, x.h, x.t
+    if x.model.separate_qkv:
+        rope = "after RoPE, " if x.model.positions == "rope" else ""
+        return Term(f"q, k, v ({rope}k and v with kv heads, kept by {keeper})",
+                    v * n * (x.a + 2 * x.kv) * x.d / t, "v·bs(a + 2kv)d/t")
+    if x.model.positions == "rope":  # v is a view of c_attn's output: the whole output stays
+        return Term(f"q, k after RoPE and c_attn's whole output (v is a view of it), kept by {keeper}",
+                    5 * v * n * h / t, "5v·bsh/t")
+    return Term(f"q, k, v (c_attn output, kept by {keeper})", 3 * v * n * h / t, "3v·bsh/t")
+
+
+# What the attention core (model.attention: scores, softmax, dropout, probabilities @ v) keeps;
+# selective recomputation drops these and recomputes them in backward.
+CORE_TERMS = ("q, k^T, v copies", "softmax output", "attention dropout", "16-bit copy of the probabilities",
+              "causal mask", "SDPA log-sum-exp")
+
+
+def selective_terms(x: Shape, terms: list[Term]) -> tuple[list[Term], list[Term]]:
+    """(kept, recomputed) under selective recomputation: the attention core's own tensors are
+    recomputed in backward; its inputs q, k, v are kept by the checkpoint (which fused SDPA kept
+    anyway: same storages)."""
+    recomputed = [tm for tm in terms if tm.name.startswith(CORE_TERMS)]
+    kept = [tm for tm in terms if not tm.name.startswith(CORE_TERMS)]
+    if not x.fused:  # unfused attention kept copies of q, k, v instead: now the inputs themselves
+        at = next(i for i, tm in enumerate(kept) if tm.name.startswith("attention output copy"))
+        kept.insert(at, qkv_term(x, "the checkpointed core"))
+    return kept, recomputed
 
 
 def mlp_terms(x: Shape) -> list[Term]:

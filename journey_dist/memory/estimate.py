@@ -49,6 +49,7 @@ from journey_dist.memory.activations import (  # noqa: F401 (re-exported: the es
     optimizer_temporaries,
     outer_terms,
     rms_norm_transient,
+    selective_terms,
     swiglu_freed,
     swiglu_transient,
 )
@@ -67,7 +68,9 @@ from journey_dist.memory.sizes import (  # noqa: F401 (re-exported)
     param_count,
     param_tensor_count,
 )
+from journey_dist.parallel.pipeline.orders import inflight_formula
 from journey_dist.parallel.pipeline.stage import stage_layers
+from journey_dist.recompute import recompute_mode
 
 # ---------------------------------------------------------------------- the estimate
 
@@ -117,18 +120,21 @@ class MemoryEstimate:
 def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str = "fp32",
                     optimizer: str = "adamw", trainable_params: int | None = None, dp: int = 1,
                     zero: int = 0, tp: int = 1, pp: int = 1, microbatches: int = 1,
-                    sequence_parallel: bool = False, recompute: bool = False, attn: str | None = None,
+                    sequence_parallel: bool = False, recompute: str | bool = "none", attn: str | None = None,
                     dropout: bool | None = None, device: str = "cuda",
                     schedule: str = "1f1b", lora: LoRAConfig | None = None,
-                    stage: int | None = None, ep: int = 1) -> MemoryEstimate:
+                    stage: int | None = None, ep: int = 1, virtual_stages: int = 1) -> MemoryEstimate:
     """Estimate one training step's memory on the busiest rank (bytes), or on pipeline `stage`.
 
     batch_size is the global batch (sequences per optimizer step, as in TrainConfig); each
     data-parallel rank runs batch_size/dp of it in `microbatches` micro-batches. `attn`
     ("sdpa" or "eager") defaults to cfg.attn_impl, `dropout` to cfg.dropout > 0. `device`
     picks the few terms that differ between PyTorch on CPU and CUDA (dropout mask size, SDPA
-    with dropout, softmax under autocast, optimizer scratch). `recompute` is full activation
-    checkpointing of every block (keeps only each block's input). `optimizer="none"`: forward
+    with dropout, softmax under autocast, optimizer scratch). `recompute` (recompute.py): "full"
+    checkpoints every block (keeps only each block's input; True means "full"), "selective"
+    recomputes the attention core (activations.selective_terms); "ops" (a per-op policy) is
+    measured, not modelled. `schedule` and `virtual_stages`: the pipeline schedule, whose
+    activation sets in flight per stage are orders.inflight_formula. `optimizer="none"`: forward
     and backward only. `trainable_params` (LoRA): only those get gradients and optimizer state;
     activations are still counted as if every weight were trained (an upper bound).
     `lora` (a LoRAConfig; tp = 1): the base is frozen and adapters are added: their weights,
@@ -155,8 +161,12 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     if seq_len < 1 or seq_len > cfg.block_size:
         raise ConfigError(f"seq_len={seq_len} must be in 1..block_size={cfg.block_size}")
     ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=microbatches, zero=zero, ep=ep,
-                   sequence_parallel=sequence_parallel, schedule=schedule).validate(
-                       cfg, global_batch=batch_size)
+                   sequence_parallel=sequence_parallel, schedule=schedule,
+                   virtual_stages=virtual_stages).validate(cfg, global_batch=batch_size)
+    recompute = recompute_mode(recompute)
+    if recompute == "ops":
+        raise ConfigError("recompute='ops' (a per-op save list) is measured, not modelled by the estimate; "
+                          "estimate with recompute 'none', 'selective' or 'full'")
     if cfg.positions == "alibi":
         raise ConfigError("positions='alibi' is not modelled by the estimate (its (a, s, s) score bias per "
                           "layer); estimate with positions 'learned', 'sinusoidal' or 'rope'")
@@ -177,12 +187,13 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     stages = [stage] if stage is not None else ([0] if pp == 1 else [0, pp - 1])
     results = [_Stage(cfg, x, dtype, optimizer, trainable_params, dp=dp, zero=zero, pp=pp, stage=s,
                       microbatches=microbatches, recompute=recompute, schedule=schedule,
-                      lora=lora, ep=ep).estimate() for s in stages]
+                      lora=lora, ep=ep, virtual=virtual_stages).estimate() for s in stages]
     est = max(results, key=lambda e: e.total)
     est.inputs = dict(config=cfg.to_dict(), batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                       optimizer=optimizer, trainable_params=trainable_params, dp=dp, zero=zero, tp=tp,
                       pp=pp, microbatches=microbatches, sequence_parallel=sequence_parallel,
                       recompute=recompute, attn=attn, dropout=dropout, device=device, schedule=schedule,
+                      virtual_stages=virtual_stages,
                       micro_batch=x.b, lora=None if lora is None else asdict(lora), ep=ep)
     return est
 
@@ -206,10 +217,11 @@ class _Stage:
     pp: int
     stage: int
     microbatches: int
-    recompute: bool
+    recompute: str  # recompute.RECOMPUTE_MODES but "ops"
     schedule: str
     lora: LoRAConfig | None = None
     ep: int = 1
+    virtual: int = 1  # chunks per pipeline rank (interleaved)
 
     def __post_init__(self) -> None:
         self.first, self.last = self.stage == 0, self.stage == self.pp - 1
@@ -239,14 +251,20 @@ class _Stage:
         self.O = states["optimizer"] + (self.steps if (self.trainable is None or lora is not None) else 0)
 
     def activations(self) -> None:
-        """What forward keeps for backward: per block (full recompute: the block input only) times
-        the micro-batches in flight on this stage (1F1B: pp - stage), plus outside the blocks."""
+        """What forward keeps for backward: per block (full recompute: the block input only;
+        selective: all but the attention core) times the microbatches in flight on this stage
+        (orders.inflight_formula: GPipe m, 1F1B pp - stage, ...; interleaved counts chunks of
+        1/v of the stage), plus outside the blocks."""
         cfg, x, lora = self.cfg, self.x, self.lora
         self.layer = layer_terms(x) + (lora_layer_terms(x, cfg, lora) if lora is not None else [])
+        self.core = 0.0  # selective: the attention core's bytes, recomputed in its backward
+        if self.recompute == "selective":
+            self.layer, core = selective_terms(x, self.layer)
+            self.core = sum(tm.nbytes for tm in core)
         self.a_layer = sum(tm.nbytes for tm in self.layer)
-        self.a_stored = self.layer[0].nbytes if self.recompute else self.a_layer
-        in_flight = 1 if self.pp == 1 else (min(self.pp - self.stage, self.microbatches)
-                                            if self.schedule == "1f1b" else self.microbatches)
+        self.a_stored = self.layer[0].nbytes if self.recompute == "full" else self.a_layer
+        in_flight = 1 if self.pp == 1 else inflight_formula(
+            self.schedule, self.pp, self.microbatches, self.stage, self.virtual) / self.virtual
         self.outer = outer_terms(x, cfg, self.first, self.last) + (
             lora_outer_terms(x, cfg, self.first, self.last) if lora is not None else [])
         self.A = in_flight * (self.n_layers * self.a_stored + sum(tm.nbytes for tm in self.outer))
@@ -302,7 +320,7 @@ class _Stage:
         (its output projection, SwiGLU's product), then attention, with the gradients made so far."""
         x, lora = self.x, self.lora
         head_freed = sum(tm.nbytes for tm in self.outer if tm.name.startswith("ln_f")) if self.last else 0.0
-        recomputed = (self.a_layer - self.a_stored) if self.recompute else 0.0
+        recomputed = (self.a_layer - self.a_stored) if self.recompute == "full" else 0.0
         a_top = self.A - head_freed + recomputed
         for name, k in (("last", 0), ("first", self.n_layers - 1)):
             if k and self.n_layers < 2:
@@ -322,7 +340,7 @@ class _Stage:
                 self.phase(f"backward: {name} block's MLP (SiLU(gate)·up grads)", grads + self.g_down,
                            mlp_acts - swiglu_freed(x), 0, temps + swiglu_transient(x))
             self.phase(f"backward: {name} block's attention", grads + self.g_mlp + self.g_proj,
-                       acts - mlp_saved(x) - attn_freed(x), 0, temps + attn_transient(x))
+                       acts + self.core - mlp_saved(x) - attn_freed(x), 0, temps + attn_transient(x))
 
     def embedding_backward(self) -> None:
         """wte's gradient = the head's (waiting in autograd's buffer) + the embedding's dense one,

@@ -39,11 +39,11 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
 from journey_dist.config import ConfigError
 from journey_dist.model import GPT
+from journey_dist.recompute import recompute_mode, set_recompute
 from journey_dist.train import TrainConfig, autocast_context, make_optimizer
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "logits", "temporaries")
@@ -250,18 +250,15 @@ def _default_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 @contextlib.contextmanager
-def checkpointed(model: nn.Module):
-    """Full activation recompute: each block keeps only its input and re-runs its forward in
-    backward (torch.utils.checkpoint, non-reentrant). Restores the blocks on exit."""
-    blocks = list(model.transformer.h)
-    originals = [b.forward for b in blocks]
-    for block, fwd in zip(blocks, originals):
-        block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+def checkpointed(model: nn.Module, mode: str = "full"):
+    """Activation recompute of every block as recompute.set_recompute does it (full: each block
+    keeps only its input and re-runs its forward in backward; selective: the attention core
+    only); back to none on exit."""
+    set_recompute(model, mode)
     try:
         yield model
     finally:
-        for block, fwd in zip(blocks, originals):
-            block.forward = fwd
+        set_recompute(model, "none")
 
 
 def _step(model, optimizer, x, y, autocast, loss_fn, ledger: TensorLedger | None = None,
@@ -285,16 +282,18 @@ def _step(model, optimizer, x, y, autocast, loss_fn, ledger: TensorLedger | None
 def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, x: torch.Tensor,
                  y: torch.Tensor, *, autocast: str | None = None, warmup: int = 1,
                  loss_fn=_default_loss, ledger: bool | None = None, microbatches: int = 1,
-                 recompute: bool = False) -> Measurement:
+                 recompute: str | bool = "none") -> Measurement:
     """Run `warmup` training steps, then measure one (forward, backward, step, zero_grad).
 
     Warm-up matters: AdamW creates its state at the first step, and on CUDA cuBLAS
     workspaces and the autocast weight cache appear at the first matmul. On CPU the
     tensor ledger is the measurement; on CUDA the allocator is (`ledger=True` adds the
     ledger there too, slower). `microbatches` accumulates gradients over chunks of the
-    batch; `recompute` checkpoints every block (see `checkpointed`).
+    batch; `recompute` (recompute.RECOMPUTE_MODES; True: "full") checkpoints every block or its
+    attention core (see `checkpointed`).
     """
-    with checkpointed(model) if recompute else contextlib.nullcontext():
+    mode = recompute_mode(recompute)
+    with checkpointed(model, mode) if mode != "none" else contextlib.nullcontext():
         return _measure(model, optimizer, x, y, autocast, warmup, loss_fn, ledger, microbatches)
 
 
@@ -338,7 +337,7 @@ MEASURABLE = ("fp32", "bf16", "fp16", "bf16-autocast", "fp16-autocast")
 
 
 def measure_config(cfg, *, batch_size: int, seq_len: int, dtype: str = "fp32", optimizer: str = "adamw",
-                   device: str | torch.device = "cpu", microbatches: int = 1, recompute: bool = False,
+                   device: str | torch.device = "cpu", microbatches: int = 1, recompute: str | bool = "none",
                    warmup: int = 1, ledger: bool | None = None, seed: int = 0) -> Measurement:
     """Build GPT(cfg) the way `estimate_memory` describes it and measure one training step.
 

@@ -19,6 +19,8 @@ from journey_dist.memory.activations import activation_bytes_per_layer
 from journey_dist.memory.estimate import DTYPES, MemoryEstimate, estimate_memory, fmt_bytes, param_count
 from journey_dist.memory.measure import MEASURABLE, Measurement, measure_config
 from journey_dist.memory.sizes import active_param_count, expert_param_count
+from journey_dist.model import GPT
+from journey_dist.recompute import RECOMPUTE_MODES, recompute_costs
 from journey_dist.runtime import runs_dir, save_figure, save_json
 
 COMPONENTS = ("params", "grads", "optimizer", "activations", "logits", "temporaries", "total")
@@ -191,6 +193,44 @@ def plans_table(plans: list[dict]) -> str:
                      f"{fmt_bytes(p['model_states'])}, activations {fmt_bytes(p['activations'])}, peak at "
                      f"{p['peak_phase']})" for p in plans)
 
+def recompute_rows(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str, device: torch.device,
+                   rounds: int = 3) -> dict[str, dict]:
+    """Each recompute mode (recompute.RECOMPUTE_MODES) on one measured step: peak and activations
+    measured next to the estimate (the per-op policy is measured only), and the work it redoes
+    (recompute.recompute_costs: extra backward matmul FLOPs and seconds, on an fp32 copy)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
+    costs = recompute_costs(GPT(cfg).to(device), x, torch.roll(x, -1, 1), rounds=rounds)
+    rows = {}
+    for mode in RECOMPUTE_MODES:
+        kw = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, recompute=mode)
+        m = measure_config(cfg, device=device, ledger=True, **kw)
+        e = None if mode == "ops" else estimate_memory(cfg, device=device.type, **kw)
+        rows[mode] = {"peak_measured": m.peak, "peak_estimated": None if e is None else e.total,
+                      "activations_measured": m.high_water.get("activations"),
+                      "activations_estimated": None if e is None else e.activations,
+                      "states_exact": None if e is None or not m.high_water else all(
+                          m.high_water[k] == getattr(e, k) for k in ("params", "grads", "optimizer")),
+                      **costs[mode]}
+    return rows
+
+
+def recompute_table(rows: dict[str, dict]) -> str:
+    """recompute_rows as text, then selective's redone work as a fraction of full's."""
+    lines = [f"{'recompute':<10} {'peak measured':>14} {'estimated':>11} {'error':>7} {'activations':>12} "
+             f"{'extra GFLOP':>12} {'extra s':>8}"]
+    for mode, r in rows.items():
+        est = r["peak_estimated"]
+        err = "-" if est is None else f"{100 * (est - r['peak_measured']) / r['peak_measured']:+.2f}%"
+        shown = "-" if est is None else fmt_bytes(est)
+        lines.append(f"{mode:<10} {fmt_bytes(r['peak_measured']):>14} {shown:>11} {err:>7} "
+                     f"{fmt_bytes(r['activations_measured'] or 0):>12} {r['extra_flops'] / 1e9:>12.3f} "
+                     f"{r['extra_s']:>+8.3f}")
+    sel, full = rows["selective"], rows["full"]
+    lines.append(f"selective redoes {sel['extra_flops'] / full['extra_flops']:.2f} of full's extra matmul "
+                 f"FLOPs ({sel['extra_s'] / full['extra_s']:.2f} of its extra seconds, least of a few steps)")
+    return "\n".join(lines)
+
 # ---------------------------------------------------------------------- `journey estimate`
 
 _FLOP_LIMIT = {"cpu": 2e11, "cuda": 1e16}  # auto-measure only what finishes in seconds
@@ -213,7 +253,9 @@ def add_estimate_arguments(p) -> None:
     p.add_argument("--ep", type=int, default=1, help="expert parallel (MoE presets): experts split over ep "
                    "ranks inside dp (default dp = ep)")
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
-    p.add_argument("--recompute", action="store_true", help="full activation recompute of every block")
+    p.add_argument("--recompute", nargs="?", const="full", default="none", choices=RECOMPUTE_MODES[:3],
+                   help="activation recompute: selective (the attention core), full (every block; what a "
+                        "bare --recompute means)")
     p.add_argument("--attn", default=None, choices=["sdpa", "eager"], help="default: the preset's")
     p.add_argument("--dropout", type=float, default=None, help="dropout probability (default: preset)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
@@ -367,8 +409,8 @@ def spec_label(spec: dict) -> str:
         parts.append(spec["optimizer"])
     if spec.get("microbatches", 1) > 1:
         parts.append(f"{spec['microbatches']} microbatches")
-    if spec.get("recompute"):
-        parts.append("recompute")
+    if spec.get("recompute") and spec["recompute"] != "none":
+        parts.append("recompute" if spec["recompute"] is True else f"{spec['recompute']} recompute")
     return " ".join(parts)
 
 

@@ -5,6 +5,11 @@ Backward pass: stage s+1 isends the gradient of its input to stage s, which irec
 Each message is preceded by a header (microbatch, dtype, shape), so stages that disagree on what
 crosses a boundary fail with a message naming both sides instead of hanging (or, on gloo, being
 aborted without a Python traceback when a payload does not fit the posted buffer).
+
+With v chunks per rank (the interleaved schedule) the stages form a ring: the last rank's chunk c
+sends to the first rank's chunk c+1, and gradients go back the same way. Each message carries a
+tag naming its direction and the receiving chunk, so every (peer, tag) channel delivers one
+chunk's microbatches in order, whatever order the ranks interleave their chunks in.
 """
 
 from __future__ import annotations
@@ -41,15 +46,21 @@ class P2P:
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
 
     def peer(self, offset: int) -> int:
-        return self.ranks[self.stage + offset]
+        return self.ranks[(self.stage + offset) % self.num_stages]
+
+    @staticmethod
+    def tag(kind: str, chunk: int) -> int:
+        """The channel of a message: its direction and the chunk that receives it."""
+        return 2 * chunk + (kind == "B")
 
     def send(self, tensor: torch.Tensor, kind: str, mb: int, expected: tuple[int, ...],
-             dtype: torch.dtype) -> None:
-        """kind "F": activations to stage s+1; "B": input gradients to stage s-1."""
-        dst = self.peer(1 if kind == "F" else -1)
+             dtype: torch.dtype, chunk: int = 0) -> None:
+        """kind "F": activations to stage s+1; "B": input gradients to stage s-1 (chunk: the
+        receiving rank's chunk)."""
+        dst, tag = self.peer(1 if kind == "F" else -1), self.tag(kind, chunk)
         header = torch.tensor([mb, WIRE_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape,
                                *[0] * (5 - tensor.dim())], device=self.device)
-        self.pending.append((dist.isend(header, dst, group=self.group), header))
+        self.pending.append((dist.isend(header, dst, group=self.group, tag=tag), header))
         if (tuple(tensor.shape), tensor.dtype) != (tuple(expected), dtype):
             self.pending[-1][0].wait()  # let the header reach the peer, so it fails with a message too
             what = "activations" if kind == "F" else "input gradients"
@@ -58,15 +69,17 @@ class P2P:
                 f"microbatch {mb}, but the stages agreed on {tuple(expected)} ({dtype}): the stage "
                 f"module's output does not match its boundary_shape() or parameter dtype")
         tensor = tensor.contiguous()
-        self.pending.append((dist.isend(tensor, dst, group=self.group), tensor))
+        self.pending.append((dist.isend(tensor, dst, group=self.group, tag=tag), tensor))
 
-    def post(self, kind: str, mb: int, expected: tuple[int, ...], dtype: torch.dtype) -> tuple:
-        """Post the receive of microbatch mb's activations ("F") or gradients ("B"); no waiting."""
-        src = self.peer(-1 if kind == "F" else 1)
+    def post(self, kind: str, mb: int, expected: tuple[int, ...], dtype: torch.dtype,
+             chunk: int = 0) -> tuple:
+        """Post the receive of microbatch mb's activations ("F") or gradients ("B") for this rank's
+        `chunk`; no waiting."""
+        src, tag = self.peer(-1 if kind == "F" else 1), self.tag(kind, chunk)
         header = torch.empty(8, dtype=torch.long, device=self.device)
         buf = torch.empty(expected, dtype=dtype, device=self.device)
-        return (kind, mb, src, dist.irecv(header, src, group=self.group), header,
-                dist.irecv(buf, src, group=self.group), buf)
+        return (kind, mb, src, dist.irecv(header, src, group=self.group, tag=tag), header,
+                dist.irecv(buf, src, group=self.group, tag=tag), buf)
 
     def take(self, posted: tuple) -> torch.Tensor:
         """Wait for a posted receive; raise ShapeMismatchError if the header is not what we expect."""

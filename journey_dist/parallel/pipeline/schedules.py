@@ -1,19 +1,21 @@
 """Pipeline parallel: GPT-mini cut into p stages that pass activations forward, gradients back.
 
-Stage s of p holds a contiguous run of blocks; stage 0 also embeds the tokens, stage p-1 also
-runs ln_f, the head and the loss. A batch is split into m microbatches and a schedule orders each
-stage's forwards (F) and backwards (B):
+Stage s of p holds a contiguous run of blocks (or, interleaved, v chunks of them); stage 0 also
+embeds the tokens, stage p-1 also runs ln_f, the head and the loss. A batch is split into m
+microbatches and a schedule (orders.py: one function per schedule) lists each rank's actions:
+F (forward of a microbatch through a chunk), B (its backward; zero-bubble: the input gradient
+only) and W (zero-bubble: the weight gradient, split_backward.py). `Pipeline` is the one executor
+of every schedule: it runs the actions in order, receiving what each needs from its neighbours.
 
-    GPipe (all-forward-all-backward): F0 F1 .. F(m-1), then B0 .. B(m-1); keeps m activations.
-    1F1B: p-s-1 warm-up forwards, then one F and one B in turn, then drain; keeps <= p-s.
-
-Both leave each rank idle for (p-1)/(m+p-1) of the step (the bubble) and both compute the exact
-gradient of the mean loss over the batch, so parameters match a single process.
+Every schedule computes the exact gradient of the mean loss over the batch, so parameters match
+a single process; they differ in the bubble (the idle part of a step) and in the activations a
+stage holds at once (orders.bubble_formula, orders.inflight_formula).
 
 The schedule knows a stage only as an nn.Module with `boundary_shape(micro_shape)` (what it
-sends and receives) and `loss(output, target)` on the last stage: what a stage computes (plain
-blocks, tensor-parallel blocks, a sleep) is its own business (stage.py builds the GPT's), and a
-data-parallel group plugs in after the flush through StepHooks.sync_grads (common.sync_dp_grads).
+sends and receives), `loss(output, target)` on the last stage and, with v chunks,
+`num_chunks` and forward(x, chunk): what a stage computes (plain blocks, tensor-parallel blocks,
+a sleep) is its own business (stage.py builds the GPT's), and a data-parallel group plugs in
+after the flush through StepHooks.sync_grads (common.sync_dp_grads).
 """
 
 from __future__ import annotations
@@ -27,37 +29,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
+from journey_dist.config import ConfigError, GPTConfig
 from journey_dist.data import TokenData
 from journey_dist.parallel.common import clip_fn, mean_over, sync_dp_grads
+from journey_dist.parallel.pipeline.orders import (
+    SCHEDULES,
+    Action,
+    check_schedule,
+    schedule_order,
+    splits_backward,
+)
 from journey_dist.parallel.pipeline.p2p import P2P, WIRE_DTYPES, ShapeMismatchError
+from journey_dist.parallel.pipeline.split_backward import BackwardSplit
 from journey_dist.parallel.pipeline.stage import build_stage
 from journey_dist.parity import RunResult, fresh_model, run_and_capture
 from journey_dist.train import Batch, StepHooks, StepResult, TrainConfig, autocast_context, default_loss
 
-SCHEDULES = ("gpipe", "1f1b")
-
-
-# ----------------------------------------------------------------------------- schedules
-
-
-def check_schedule(schedule: str, microbatches: int, num_stages: int) -> None:
-    """ConfigError for a schedule that cannot run (e.g. 1F1B with fewer microbatches than stages)."""
-    ParallelConfig(pp=num_stages, microbatches=microbatches, schedule=schedule).validate()
-
-
-def schedule_order(schedule: str, microbatches: int, num_stages: int, stage: int) -> list[tuple[str, int]]:
-    """The (kind, microbatch) sequence one stage runs, e.g. 1F1B, p=2, m=3, stage 0:
-    F0 F1 B0 F2 B1 B2. Sends never block, receives do; these orders cannot deadlock."""
-    check_schedule(schedule, microbatches, num_stages)
-    m = microbatches
-    if schedule == "gpipe":
-        return [("F", j) for j in range(m)] + [("B", j) for j in range(m)]
-    warmup = min(num_stages - stage - 1, m)
-    order = [("F", j) for j in range(warmup)]
-    for k in range(m - warmup):
-        order += [("F", warmup + k), ("B", k)]
-    return order + [("B", k) for k in range(m - warmup, m)]
+__all__ = ["SCHEDULES", "Pipeline", "Timeline", "check_schedule", "pipeline_run", "schedule_order"]
+PLAN_CODES = (*SCHEDULES, "eval")  # what _check_plan sends for a schedule
 
 
 @dataclass
@@ -65,20 +54,21 @@ class Timeline:
     """One rank's compute intervals in a step, in seconds from the step's common start."""
 
     stage: int
-    intervals: list[tuple[float, float, str, int]] = field(default_factory=list)  # start, end, F|B, mb
+    # start, end, kind (F, B or W), microbatch, chunk
+    intervals: list[tuple[float, float, str, int, int]] = field(default_factory=list)
     t0: float = 0.0
 
     @contextlib.contextmanager
-    def span(self, kind: str, mb: int) -> Iterator[None]:
+    def span(self, kind: str, mb: int, chunk: int = 0) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.intervals.append((start - self.t0, time.perf_counter() - self.t0, kind, mb))
+            self.intervals.append((start - self.t0, time.perf_counter() - self.t0, kind, mb, chunk))
 
     @property
     def busy(self) -> float:
-        return sum(end - start for start, end, _, _ in self.intervals)
+        return sum(iv[1] - iv[0] for iv in self.intervals)
 
     def to_dict(self) -> dict:
         return {"stage": self.stage, "intervals": self.intervals}
@@ -88,7 +78,9 @@ class Pipeline:
     """Runs one stage's part of a pipeline schedule and the step that follows the flush.
 
     engine="ours" runs `schedule_order` with `P2P`; engine="torch" runs the same stage module
-    with torch.distributed.pipelining (ScheduleGPipe / Schedule1F1B) for comparison.
+    (one PipelineStage per chunk) with torch.distributed.pipelining's schedule of the same name
+    for comparison: ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, and for zb-h1
+    ScheduleInterleavedZeroBubble with one stage per rank (its ZB-H1 case).
     """
 
     def __init__(self, stage: nn.Module, group: dist.ProcessGroup | None = None, schedule: str = "1f1b",
@@ -99,10 +91,22 @@ class Pipeline:
         self.device = device or next(stage.parameters()).device
         self.p2p = P2P(group, self.device)
         self.s, self.p = self.p2p.stage, self.p2p.num_stages
+        self.v = getattr(stage, "num_chunks", 1)
+        check_schedule(schedule, max(self.p, 1), self.p, self.v)  # the layout (m is checked per step)
         self.is_first, self.is_last = self.s == 0, self.s == self.p - 1
+        self.split = BackwardSplit(stage) if splits_backward(schedule) and engine == "ours" else None
         self.timeline = Timeline(self.s)
-        self.peak_inflight = 0  # most microbatch activations held for backward at once, last step
+        self.peak_inflight = 0  # most (microbatch, chunk) activation sets held at once, last step
         self._torch: tuple | None = None
+
+    def first_chunk(self, chunk: int) -> bool:  # virtual stage 0: takes token ids
+        return self.is_first and chunk == 0
+
+    def last_chunk(self, chunk: int) -> bool:  # the last virtual stage: computes the loss
+        return self.is_last and chunk == self.v - 1
+
+    def _run_stage(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        return self.stage(x, chunk=chunk) if self.v > 1 else self.stage(x)
 
     # -------------------------------------------------------------- the schedule
 
@@ -111,59 +115,73 @@ class Pipeline:
         """Forward (and backward) every microbatch; return the mean loss on every stage."""
         m = len(micro)
         if not forward_only:
-            check_schedule(self.schedule, m, self.p)  # e.g. 1F1B with m < p: ConfigError on every rank
+            check_schedule(self.schedule, m, self.p, self.v)  # e.g. 1F1B with m < p: on every rank
         if self.engine == "torch" and not forward_only:
             return self._run_torch(micro)
         schedule = "eval" if forward_only else self.schedule
         shape = tuple(self.stage.boundary_shape(micro[0][0].shape))
         dtype = next(self.stage.parameters()).dtype  # of activations and gradients between stages
         self._check_plan(schedule, m, shape, dtype)
-        order = [("F", j) for j in range(m)] if forward_only else schedule_order(schedule, m, self.p, self.s)
+        order = ([Action("F", j, c) for c in range(self.v) for j in range(m)] if forward_only
+                 else schedule_order(schedule, m, self.p, self.s, self.v))
         timeline = Timeline(self.s, t0=time.perf_counter())
         if not forward_only:  # evaluation passes leave the last training step's record alone
             self.timeline, self.peak_inflight = timeline, 0
-        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        saved: dict[tuple[int, int], tuple] = {}  # (mb, chunk) -> what its B (and W) need
         total = torch.zeros((), device=self.device)
         receive = self._receiver(order, shape, dtype)
-        for kind, j in order:
+        for kind, j, c in order:
             if kind == "F":
                 x, y = micro[j]
-                inp = x if self.is_first else receive("F").requires_grad_(not forward_only)
-                with timeline.span("F", j), autocast_context(self.device, autocast):
-                    out = self.stage(inp)
-                    if self.is_last:
+                inp = x if self.first_chunk(c) else receive("F", c).requires_grad_(not forward_only)
+                keep = self.split and not forward_only  # the module outputs W will start from
+                capture = self.split.capture() if keep else contextlib.nullcontext([])
+                with timeline.span("F", j, c), autocast_context(self.device, autocast), capture as captured:
+                    out = self._run_stage(inp, c)
+                    if self.last_chunk(c):
                         out = self.stage.loss(out, y) / m  # gradient of the mean over microbatches
                         total += out.detach()
-                if not self.is_last:
-                    self.p2p.send(out.detach(), "F", j, shape, dtype)
+                if not self.last_chunk(c):
+                    self.p2p.send(out.detach(), "F", j, shape, dtype, c + (self.s == self.p - 1))
                 if not forward_only:
-                    saved[j] = (inp, out)
+                    saved[j, c] = (inp, out, captured)
                     self.peak_inflight = max(self.peak_inflight, len(saved))
+            elif kind == "B":
+                inp, out, captured = saved[j, c] if self.split else saved.pop((j, c))
+                grad = None if self.last_chunk(c) else receive("B", c)
+                with timeline.span("B", j, c):
+                    if self.split:  # the input gradient only; the weights wait for W
+                        dinp, at_outputs = self.split.input_grad(out, grad, inp, captured)
+                        saved[j, c] = (captured, at_outputs)
+                    else:
+                        torch.autograd.backward(out, grad)
+                        dinp = inp.grad
+                if not self.first_chunk(c):
+                    self.p2p.send(dinp, "B", j, shape, dtype, c - (self.s == 0))
             else:
-                inp, out = saved.pop(j)
-                grad = None if self.is_last else receive("B")
-                with timeline.span("B", j):
-                    torch.autograd.backward(out, grad)
-                if not self.is_first:
-                    self.p2p.send(inp.grad, "B", j, shape, dtype)
+                captured, at_outputs = saved.pop((j, c))
+                with timeline.span("W", j, c):
+                    self.split.weight_grad(captured, at_outputs)
         self.p2p.wait_sends()
         return self._broadcast_loss(total)
 
-    def _receiver(self, order: list[tuple[str, int]], shape: tuple[int, ...],
-                  dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
-        """receive(kind) -> the next message of that direction, keeping the one after it posted."""
-        todo = {"F": [] if self.is_first else [j for k, j in order if k == "F"],
-                "B": [] if self.is_last else [j for k, j in order if k == "B"]}
-        posted: dict[str, tuple] = {}
+    def _receiver(self, order: list[Action], shape: tuple[int, ...],
+                  dtype: torch.dtype) -> Callable[[str, int], torch.Tensor]:
+        """receive(kind, chunk) -> the next message of that channel, keeping the one after it posted."""
+        todo: dict[tuple[str, int], list[int]] = {}
+        for kind, j, c in order:
+            if (kind == "F" and not self.first_chunk(c)) or (kind == "B" and not self.last_chunk(c)):
+                todo.setdefault((kind, c), []).append(j)
+        posted: dict[tuple[str, int], tuple] = {}
 
         def prefetch() -> None:
-            for kind, queue in todo.items():
-                if queue and kind not in posted:
-                    posted[kind] = self.p2p.post(kind, queue.pop(0), shape, dtype)
+            for (kind, c), queue in todo.items():
+                if queue and (kind, c) not in posted:
+                    posted[kind, c] = self.p2p.post(kind, queue.pop(0), shape, dtype, c)
 
-        def receive(kind: str) -> torch.Tensor:
+        def receive(kind: str, chunk: int) -> torch.Tensor:
             prefetch()
-            buf = self.p2p.take(posted.pop(kind))
+            buf = self.p2p.take(posted.pop((kind, chunk)))
             prefetch()
             return buf
 
@@ -171,16 +189,18 @@ class Pipeline:
         return receive
 
     def _check_plan(self, schedule: str, m: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """All stages must agree on schedule, microbatch count, boundary shape and dtype (fails on all)."""
-        code = ("gpipe", "1f1b", "eval").index(schedule)
-        mine = torch.tensor([code, m, WIRE_DTYPES.index(dtype), len(shape), *shape, *[0] * (4 - len(shape))],
-                            device=self.device)
+        """All stages must agree on schedule, chunks, microbatch count, boundary shape and dtype
+        (fails on all)."""
+        mine = torch.tensor([PLAN_CODES.index(schedule), self.v, m, WIRE_DTYPES.index(dtype), len(shape),
+                             *shape, *[0] * (4 - len(shape))], device=self.device)
         plans = [torch.empty_like(mine) for _ in range(self.p)]
         dist.all_gather(plans, mine, group=self.group)  # also lines the stages up for the timeline
         if any(not torch.equal(plan, mine) for plan in plans):
             rows = enumerate(t.tolist() for t in plans)
-            desc = "; ".join(f"stage {s}: {('gpipe', '1f1b', 'eval')[q[0]]}, {q[1]} microbatches, "
-                             f"activations {tuple(q[4:4 + q[3]])} {WIRE_DTYPES[q[2]]}" for s, q in rows)
+            desc = "; ".join(f"stage {s}: {PLAN_CODES[q[0]]}" + (f" with {q[1]} chunks" if q[1] > 1 else "")
+                             + f", {q[2]} microbatches, activations {tuple(q[5:5 + q[4]])} "
+                             + f"{WIRE_DTYPES[q[3]]}"
+                             for s, q in rows)
             raise ShapeMismatchError(
                 f"pipeline stages disagree ({desc}); build every stage from the same GPTConfig and run "
                 f"the same schedule on the same batch split")
@@ -191,13 +211,28 @@ class Pipeline:
 
     def _run_torch(self, micro: list[Batch]) -> torch.Tensor:
         # deferred: importing torch.distributed.pipelining costs ~1 s and only this comparison uses it
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+            ScheduleInterleavedZeroBubble,
+        )
 
         m = len(micro)
         if self._torch is None or self._torch[0] != m:
-            stage = PipelineStage(self.stage, self.s, self.p, self.device, group=self.group)
-            cls = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
-            self._torch = (m, cls(stage, n_microbatches=m, loss_fn=self.stage.loss))  # grads scaled 1/m
+            if self.schedule in ("gpipe", "1f1b"):
+                stage = PipelineStage(self.stage, self.s, self.p, self.device, group=self.group)
+                cls = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
+                sched = cls(stage, n_microbatches=m, loss_fn=self.stage.loss)  # grads scaled 1/m
+            else:
+                chunks = [self.stage.chunk_module(c) if self.v > 1 else self.stage for c in range(self.v)]
+                stages = [PipelineStage(chunk, self.s + c * self.p, self.p * self.v, self.device,
+                                        group=self.group) for c, chunk in enumerate(chunks)]
+                interleaved = self.schedule == "interleaved"
+                cls = ScheduleInterleaved1F1B if interleaved else ScheduleInterleavedZeroBubble
+                sched = cls(stages, n_microbatches=m, loss_fn=self.stage.loss)
+            self._torch = (m, sched)
         sched = self._torch[1]
         x, y = torch.cat([b[0] for b in micro]), torch.cat([b[1] for b in micro])
         losses: list[torch.Tensor] = []
@@ -275,13 +310,17 @@ class Pipeline:
 
 def pipeline_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, schedule: str = "1f1b",
                  engine: str = "ours", group: dist.ProcessGroup | None = None,
-                 dp_group: dist.ProcessGroup | None = None, seed: int = 0) -> tuple[RunResult, Pipeline]:
+                 dp_group: dist.ProcessGroup | None = None, seed: int = 0,
+                 virtual_stages: int | None = None) -> tuple[RunResult, Pipeline]:
     """The same training, this rank holding one stage; cfg.grad_accum is the microbatch count.
 
     With `dp_group`, each data-parallel replica of the pipeline takes its share of the global
     batch and gradients are averaged over the replicas after the flush (pp x dp).
+    `virtual_stages`: chunks per rank (default: 2 for the interleaved schedule, else 1).
     """
-    stage = build_stage(fresh_model(config, seed), group)
+    v = virtual_stages if virtual_stages is not None else (2 if schedule == "interleaved" else 1)
+    check_schedule(schedule, cfg.grad_accum, dist.get_world_size(group), v)
+    stage = build_stage(fresh_model(config, seed), group, v)
     pipe = Pipeline(stage, group, schedule, engine)
     hooks = pipe.hooks()
     if dp_group is not None:
