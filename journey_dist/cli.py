@@ -53,6 +53,7 @@ def _estimate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
     from journey_dist.cluster import parse_count
     from journey_dist.config import ParallelConfig, get_preset
@@ -65,40 +66,58 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     seq = cfg.block_size if args.seq is None else args.seq
     batch, batch_note = _plan_batch(args, seq)
     dtype = args.dtype or ("bf16-mixed" if cluster is not None and cluster.shared_cores is None else "fp32")
-    n = None if args.train_tokens is None else parse_count(args.train_tokens, "--train-tokens")
+    device = args.device or ("cpu" if cluster is not None and cluster.shared_cores is not None else "cuda")
+    tokens = (parse_count(args.train_tokens, "--train-tokens") if args.train_tokens
+              else _chinchilla_tokens(cfg))
+    tokens_note = "" if args.train_tokens else " (20 per parameter)"
+    if args.gpus is not None and args.world is not None and args.world != args.gpus:
+        raise ConfigError(f"--world {args.world} and --gpus {args.gpus} disagree; give one of them")
     if args.search:
         if cluster is None or args.gpus is None:
             raise ConfigError("--search ranks layouts of a cluster: give --gpus N and --gpu NAME "
                               "(or --cluster FILE)")
-        result = search_layouts(cfg, cluster, gpus=args.gpus, seq=seq, batch=batch, dtype=dtype,
-                                optimizer=args.optimizer, overlap=not args.no_overlap, tp=args.tp, pp=args.pp,
-                                dp=args.dp, zero=args.zero)
-        tokens = n if n is not None else _chinchilla_tokens(cfg)
+        if args.gpu_mem is not None:
+            cluster = replace(cluster, memory=parse_bytes(args.gpu_mem))
+        result = search_layouts(
+            cfg, cluster, gpus=args.gpus, seq=seq, batch=batch, dtype=dtype, optimizer=args.optimizer,
+            overlap=not args.no_overlap, tp=args.tp, pp=args.pp, dp=args.dp, zero=args.zero,
+            microbatches=args.microbatches, schedule=args.schedule or "1f1b", device=device,
+            sequence_parallel=True if args.sequence_parallel else None,
+            recomputes=(args.recompute,) if args.recompute else None)
+        if args.json:
+            print(json.dumps([{"layout": c.label(), "parallel": c.pcfg.__dict__, "micro_batch": c.micro_batch,
+                               "recompute": c.recompute, "peak": c.peak, **time_summary(c.step, tokens)}
+                              for c in result.ranked[:args.top or 5]], indent=1))
+            return 0
         print(f"search: {args.preset} on {args.gpus} x {cluster.gpu}, global batch {batch} x {seq} tokens"
               f"{batch_note}, {dtype}, {args.optimizer}")
-        print(search_text(result, cluster, top=args.top, gpus=args.gpus, seq=seq, batch=batch,
+        print(search_text(result, cluster, top=args.top or 5, gpus=args.gpus, seq=seq, batch=batch,
                           train_tokens=tokens))
         return 0
+    if args.top is not None:
+        raise ConfigError("--top says how many layouts --search prints; add --search or drop --top")
     tp, pp = args.tp or 1, args.pp or 1
     dp = args.dp if args.dp is not None else (1 if args.gpus is None else dp_for(args.gpus, tp, pp))
     world = args.world if args.gpus is None else args.gpus
-    pcfg = ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=args.microbatches, zero=args.zero or 0,
-                          sequence_parallel=args.sequence_parallel, schedule=args.schedule)
+    pcfg = ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=args.microbatches or 1, zero=args.zero or 0,
+                          sequence_parallel=args.sequence_parallel, schedule=args.schedule or "1f1b")
     gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else (
         cluster.memory if cluster is not None else None)
+    recompute = args.recompute or "none"
     plan = make_plan(cfg, pcfg, batch=batch, seq=seq, dtype=dtype, optimizer=args.optimizer, world=world,
-                     device="cpu" if cluster is not None and cluster.shared_cores else args.device,
-                     gpu_mem=gpu_mem, recompute=args.recompute == "full")
+                     device=device, gpu_mem=gpu_mem, recompute=recompute == "full")
     text = plan_text(plan)
     if cluster is not None and plan["fits"] is not False:
         st = predict_step(cfg, pcfg, cluster, batch=batch, seq=seq, dtype=dtype, optimizer=args.optimizer,
-                          recompute=args.recompute, overlap=not args.no_overlap)
-        tokens, note = (n, "") if n is not None else (_chinchilla_tokens(cfg), " (20 per parameter)")
+                          recompute=recompute, overlap=not args.no_overlap)
         plan["cluster"] = cluster.to_dict()
         plan["time"] = time_summary(st, tokens)
-        text += "\n\n" + time_text(st, cluster, pcfg, tokens, note)
+        text += "\n\n" + time_text(st, cluster, pcfg, tokens, tokens_note)
     elif cluster is not None:
         text += "\nnot timed: the layout does not fit (see above)"
+    elif args.no_overlap or args.train_tokens or args.recompute:
+        raise ConfigError("--no-overlap, --train-tokens and --recompute shape the time model: also give "
+                          "--gpu NAME (or --cluster FILE)")
     print(json.dumps(plan, indent=1) if args.json else text)
     return EXIT_DOES_NOT_FIT if plan["fits"] is False else 0
 
@@ -148,7 +167,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("dp", "tp", "pp"):
         parser.add_argument(f"--{name}", type=int, default=None,
                             help="default 1 (--gpus: dp = gpus / (tp pp)); with --search: fix it")
-    parser.add_argument("--microbatches", type=int, default=1)
+    parser.add_argument("--microbatches", type=int, default=None, help="per dp replica (default 1; "
+                        "with --search: fix it)")
     parser.add_argument("--batch", type=int, default=None,
                         help="global batch in sequences per step (default 8)")
     parser.add_argument("--global-batch-tokens", default=None, metavar="N",
@@ -160,14 +180,15 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
                              "with --gpu)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "none"])
     parser.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3])
-    parser.add_argument("--sequence-parallel", "--sp", action="store_true", help="needs tp > 1")
-    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
+    parser.add_argument("--sequence-parallel", "--sp", action="store_true",
+                        help="needs tp > 1 (with --search: only layouts with it)")
+    parser.add_argument("--schedule", default=None, choices=["1f1b", "gpipe"], help="default 1f1b")
     parser.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB or 80GiB: say what "
                         f"fits; the exit status is {EXIT_DOES_NOT_FIT} when the plan does not fit "
                         "(default with --gpu: its HBM)")
     parser.add_argument("--world", type=int, default=None, help="ranks you will launch (checked = dp*tp*pp)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="memory terms for this device")
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                        help="memory terms for this device (default: cuda; cpu with --gpu cpu-gloo)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     time = parser.add_argument_group("time model (steptime.py): step time, tokens/s, MFU, time to train")
     time.add_argument("--gpu", default=None, help=f"a cluster preset: {', '.join(CLUSTERS)}")
@@ -177,15 +198,15 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     for key in OVERRIDES:
         time.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, metavar="X",
                           type=float if key != "gpus_per_node" else int)
-    time.add_argument("--recompute", default="none", choices=["none", "full"],
-                      help="full activation recomputation: every block's forward again in backward")
+    time.add_argument("--recompute", default=None, choices=["none", "full"],
+                      help="full: every block's forward again in backward (default none; --search: both)")
     time.add_argument("--no-overlap", action="store_true",
                       help="dp/ZeRO collectives run after the flush, nothing hidden behind compute")
     time.add_argument("--train-tokens", default=None, metavar="N",
                       help="tokens to train, e.g. 15T (default: 20 per parameter)")
     time.add_argument("--search", action="store_true",
                       help="rank every layout of --gpus that fits by predicted throughput")
-    time.add_argument("--top", type=int, default=5, help="layouts --search prints")
+    time.add_argument("--top", type=int, default=None, help="layouts --search prints (default 5)")
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:

@@ -59,16 +59,22 @@ def _divisors(n: int) -> list[int]:
 def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, batch: int,
                    dtype: str = "bf16-mixed", optimizer: str = "adamw", overlap: bool = True,
                    tp: int | None = None, pp: int | None = None, dp: int | None = None,
-                   zero: int | None = None, recomputes: tuple[str, ...] = RECOMPUTES,
-                   micro_batches: tuple[int, ...] = MICRO_BATCHES) -> SearchResult:
+                   zero: int | None = None, microbatches: int | None = None,
+                   sequence_parallel: bool | None = None, recomputes: tuple[str, ...] | None = None,
+                   micro_batches: tuple[int, ...] = MICRO_BATCHES, schedule: str = "1f1b",
+                   device: str | None = None) -> SearchResult:
     """Every valid layout of `gpus` GPUs for `batch` sequences of `seq` tokens that fits in
-    cluster.memory per GPU, ranked fastest first. tp, pp, dp, zero: fix that choice."""
+    cluster.memory per GPU, ranked fastest first. tp, pp, dp, zero, microbatches,
+    sequence_parallel, recomputes: fix that choice (None: try every one)."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"gpus={gpus!r} must be a positive number of GPUs")
     if seq > cfg.block_size:
         raise ConfigError(f"seq={seq} is longer than the model's context block_size={cfg.block_size}; "
                           f"use --seq <= {cfg.block_size}")
-    device = "cpu" if cluster.shared_cores is not None else "cuda"
+    device = device or ("cpu" if cluster.shared_cores is not None else "cuda")
+    recomputes = RECOMPUTES if recomputes is None else recomputes
+    if microbatches is not None:  # the micro-batch size follows from it
+        micro_batches = tuple(range(1, batch + 1))
     ranked: list[Candidate] = []
     skipped: dict[str, int] = {}
     smallest: tuple[float, str] | None = None
@@ -86,9 +92,12 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
             if dp is not None and d != dp:
                 continue
             for z in ((0, 1, 2, 3) if zero is None else (zero,)):
-                for sp in ((False, True) if t > 1 and p == 1 else (False,)):
+                sps = (False, True) if t > 1 and p == 1 else (False,)
+                for sp in (sps if sequence_parallel is None else (sequence_parallel,)):
                     for b in micro_batches:
                         for rc in recomputes:
+                            if microbatches is not None and d * b * microbatches != batch:
+                                continue
                             considered += 1
                             if batch % (d * b):
                                 skip(f"batch {batch} is not a multiple of dp x micro-batch")
@@ -99,11 +108,14 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
                             if z >= 2 and p > 1:
                                 skip("ZeRO-2/3 with pp > 1 (unsupported)")
                                 continue
+                            if sp and (p > 1 or t == 1):
+                                skip("sequence parallel needs tp > 1 and (in the time model) pp = 1")
+                                continue
                             if p > 1 and batch // (d * b) < p:
                                 skip("fewer micro-batches than pipeline stages")
                                 continue
                             pcfg = ParallelConfig(dp=d, tp=t, pp=p, microbatches=batch // (d * b), zero=z,
-                                                  sequence_parallel=sp, pad_vocab=True)
+                                                  sequence_parallel=sp, pad_vocab=True, schedule=schedule)
                             try:
                                 model, _ = padded_for_tp(cfg, t)
                                 pcfg.validate(model, world_size=gpus, global_batch=batch)

@@ -224,3 +224,19 @@ def test_cli_time_and_search(capsys):
     assert "fastest first" in out and "#1 vs #2" in out
     assert main(["plan", "--gpus", "6", "--tp", "4", "--gpu", "h100"]) == 2
     assert "6 GPUs do not factor" in capsys.readouterr().err
+
+
+def test_search_honours_every_flag(capsys):
+    """No flag is silently ignored: fixed choices narrow the search, flags without a use are errors."""
+    base = ["plan", "--preset", "gpt2-small", "--gpus", "8", "--gpu", "a100", "--batch", "64", "--search"]
+    assert main([*base, "--tp", "2", "--sp", "--microbatches", "8", "--recompute", "none", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["parallel"]["tp"] == 2 and r["parallel"]["sequence_parallel"] for r in rows)
+    assert all(r["parallel"]["microbatches"] == 8 and r["recompute"] == "none" for r in rows)
+    assert main([*base, "--gpu-mem", "100MB"]) == 2  # the search's memory limit: nothing fits
+    assert "no layout of 8 GPUs fits in 95.37 MiB" in capsys.readouterr().err
+    for flags, message in ((["--top", "3"], "--top says how many layouts --search prints"),
+                           (["--train-tokens", "1T"], "also give --gpu NAME"),
+                           (["--gpus", "8", "--world", "4"], "--world 4 and --gpus 8 disagree")):
+        assert main(["plan", *flags]) == 2
+        assert message in capsys.readouterr().err
