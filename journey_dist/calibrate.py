@@ -107,6 +107,20 @@ def matmul_flops(n: int = 1024, repeats: int = 15) -> float:
         return 2 * n**3 / median_time(lambda: a @ b, repeats)
 
 
+def reference_rate(bandwidth: float, repeats: int = 5) -> float | None:
+    """Inside a running job (collective): the FLOP/s rank 0 reaches on the reference GPT-mini step
+    (step_efficiency's, the modelled optimizer step taken out), measured alone while the other
+    ranks wait, seconds before the job's own work and so under the same conditions. Rank 0 gets
+    the rate, the others None."""
+    dist.barrier()
+    rate = None
+    if dist.get_rank() == 0:
+        step = step_efficiency(1.0, bandwidth, repeats=repeats)
+        rate = step["flops"] / (step["step_s"] - step["optimizer_s"])
+    dist.barrier()
+    return rate
+
+
 def memory_bandwidth(numel: int = 32 * 2**20, repeats: int = 15) -> float:
     """Bytes/s of x *= c in place over `numel` fp32 values (each read once and written once)."""
     with _threads(1):

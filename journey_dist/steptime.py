@@ -360,7 +360,8 @@ def _after_flush(comms: list[Collective], seconds, row: dict, m: int, overlap: b
         exposed = t
         if overlap and c.hides_behind is not None:
             exposed = max(t - windows[c.hides_behind], t / c.calls)
-        why = f"behind {c.hides_behind.replace('_', ' ')}" if overlap and c.hides_behind else "exposed"
+        hidden = overlap and c.hides_behind is not None
+        why = f"behind {c.hides_behind.replace('_', ' ')}" if hidden else "after the flush"
         calls = f"{c.calls} call{'s' if c.calls > 1 else ''}"
         out.append(Term(f"{c.group} {c.op} ({why})", exposed, f"{calls}, {c.nbytes / 1e6:.4g} MB",
                         hidden=t - exposed))
