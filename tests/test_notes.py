@@ -36,6 +36,7 @@ import journey_dist.flops as flops
 import journey_dist.memory.estimate as estimate
 import journey_dist.numerics as numerics
 import journey_dist.scaling as scaling
+import journey_dist.search as search
 import journey_dist.steptime as steptime
 from journey_dist.comm import analytic, ring_factor
 from journey_dist.data import get_batch, load_text, load_tokens
@@ -185,7 +186,7 @@ of them needs a process group."""
               collective_time=steptime.collective_time, group_span=steptime.group_span,
               optimizer_seconds=steptime.optimizer_seconds, model_flops_per_token=flops.model_flops_per_token,
               stage_flops=flops.stage_flops, attention_share=flops.attention_share,
-              layer_matrix_params=layer_matrix_params)
+              layer_matrix_params=layer_matrix_params, search_layouts=search.search_layouts)
     return ns
 
 
