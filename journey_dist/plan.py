@@ -84,8 +84,8 @@ def comm_per_step(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int,
     plain = replace(pcfg, zero=0, sequence_parallel=False, pad_vocab=False)  # vocab already padded
     raw = expected_comm_per_step(cfg, plain, train, {"pp": stage, "dp": 0, "tp": 0},
                                  bytes_per_value=v, seq_len=seq)
-    if "dp" in raw:  # the dp all-reduce is every gradient of the slice, at v bytes each
-        raw["dp"]["all_reduce"] = raw["dp"]["all_reduce"] // v * g
+    if "dp" in raw:  # the dp all-reduce is every gradient of the slice (either family), at g bytes each
+        raw["dp"]["all_reduce"] = param_count(cfg, pcfg.tp, pcfg.pp, stage) * g
     missing: dict[str, str] = {}
     if pcfg.sequence_parallel:
         raw.pop("tp", None)
@@ -127,7 +127,7 @@ def _expert_comm(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int, 
 def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | None = None,
               dtype: str = "fp32", optimizer: str = "adamw", gpu_mem: float | None = None,
               world: int | None = None, device: str = "cuda", grad_clip: float = 1.0,
-              layout_limit: int = 8) -> dict:
+              layout_limit: int = 8, recompute: bool = False) -> dict:
     """Validate the run and size it per rank: layout, memory per pipeline stage, communication per
     step per group kind, bubble. A plain dict (JSON-ready). Raises ConfigError for a run that
     cannot work, naming the fix."""
@@ -147,7 +147,7 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
                               dp=pcfg.dp, zero=pcfg.zero, tp=pcfg.tp, pp=pcfg.pp,
                               microbatches=pcfg.microbatches, sequence_parallel=pcfg.sequence_parallel,
                               device=device, schedule=pcfg.schedule, stage=s, ep=pcfg.ep,
-                              virtual_stages=pcfg.virtual_stages)
+                              virtual_stages=pcfg.virtual_stages, recompute=recompute)
         comm, missing = comm_per_step(cfg, pcfg, batch=batch, seq=seq, stage=s, dtype=dtype,
                                       grad_clip=grad_clip)
         row = {"stage": s, "layers": len(stage_layers(cfg.n_layer, pcfg.pp)[s]),

@@ -19,12 +19,14 @@ import torch
 
 from journey_dist import labkit
 from journey_dist.cli import main as journey
+from journey_dist.cluster import get_cluster, load_cluster
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import ByteTokenizer, TokenData, check_fits, load_text, load_tokens
 from journey_dist.model import GPT
 from journey_dist.parallel.pipeline.orders import bubble_formula
 from journey_dist.parallel.pipeline.split_backward import BackwardSplit
 from journey_dist.parallel.sharding.deepspeed import choose_stages, load_config
+from journey_dist.search import dp_for, search_layouts
 from journey_dist.train import StepHooks, TrainConfig, train
 
 MINI = get_preset("gpt-mini")  # 4 layers, 4 heads, vocab 256, block 128
@@ -221,6 +223,19 @@ CASES = {
     "an MoE switch without experts": (
         lambda tmp: GPTConfig(moe_top_k=1),
         r"moe_top_k set but n_experts=0", r"set n_experts \(e.g. 8\)"),
+    "journey plan: unknown GPU": (
+        lambda tmp: get_cluster("v100"),
+        r"unknown GPU 'v100'", r"use one of a100, h100, h200, cpu-gloo \(or a cluster file"),
+    "journey plan: GPUs that do not factor": (
+        lambda tmp: dp_for(64, 8, 3),
+        r"64 GPUs do not factor as dp x tp x pp with tp=8, pp=3", r"use pp in \[1, 2, 4, 8\]"),
+    "journey plan --search: no layout fits": (
+        lambda tmp: search_layouts(get_preset("llama3-405b"), get_cluster("h100"), gpus=8, seq=8192, batch=8),
+        r"no layout of 8 GPUs fits in 74.51 GiB per GPU .*the smallest peak was",
+        r"use more GPUs, a shorter --seq or a smaller batch"),
+    "journey plan: a cluster file with an unknown key": (
+        lambda tmp: load_cluster(_text_file(tmp, b'base = "h100"\nnvlink_gb_s = 900\n', "c.toml")),
+        r"unknown cluster setting 'nvlink_gb_s'", r"use gpus_per_node, peak_tflops, .*intra_gb_s"),
 }
 
 

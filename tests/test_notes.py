@@ -29,17 +29,22 @@ from pathlib import Path
 import pytest
 import torch
 
+import journey_dist.cluster as cluster
 import journey_dist.compression as compression
 import journey_dist.config as config
+import journey_dist.flops as flops
 import journey_dist.memory.estimate as estimate
 import journey_dist.memory.sizes as sizes
 import journey_dist.moe as moe
 import journey_dist.numerics as numerics
 import journey_dist.scaling as scaling
+import journey_dist.search as search
+import journey_dist.steptime as steptime
 from journey_dist.comm import analytic, ring_factor
 from journey_dist.data import get_batch, load_text, load_tokens
 from journey_dist.kv_cache import kv_memory_table, paged_vs_preallocated, sample_lengths
 from journey_dist.lora import apply_scratch_lora, param_counts
+from journey_dist.memory.sizes import layer_matrix_params
 from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, per_byte_perplexity
 from journey_dist.parallel.compose import expected_comm_per_step
@@ -145,9 +150,10 @@ size)`) and Heaps' law (`heaps(corpus)`), the n-gram model (tiny texts only: a n
 once per test session), serving's quantized weight bytes, LoRA parameter counts on a real gpt-mini,
 the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
 accounting and DeepSpeed's config builder, number formats (numerics.py), scaling laws
-(scaling.py), communication-reduction bytes (compression.py) and a small model's first
-gradients; a mixture of experts' routing rules (journey_dist.moe), parameter counts and
-expert-parallel bytes (planned_comm). None of them needs a process group."""
+(scaling.py), communication-reduction bytes (compression.py), a small model's first gradients,
+a mixture of experts' routing rules (journey_dist.moe), parameter counts and expert-parallel bytes
+(planned_comm), and journey plan's time model (cluster presets, FLOPs, alpha-beta collectives,
+predicted steps). None of them needs a process group."""
     ns = {name: getattr(math, name) for name in dir(math) if not name.startswith("_")}
     ns.update({k: v for k, v in vars(config).items() if not k.startswith("_")})
     ns.update({k: v for k, v in vars(estimate).items() if not k.startswith("_")})
@@ -185,6 +191,12 @@ expert-parallel bytes (planned_comm). None of them needs a process group."""
     ns.update({k: getattr(sizes, k) for k in ("active_param_count", "expert_param_count", "expert_params")})
     ns.update(planned_comm=planned_comm, expected_collectives=expected_collectives,
               even_load_forwards=even_load_forwards)
+    # journey plan's time model
+    ns.update(get_cluster=cluster.get_cluster, predict_step=steptime.predict_step,
+              collective_time=steptime.collective_time, group_span=steptime.group_span,
+              optimizer_seconds=steptime.optimizer_seconds, model_flops_per_token=flops.model_flops_per_token,
+              stage_flops=flops.stage_flops, attention_share=flops.attention_share,
+              layer_matrix_params=layer_matrix_params, search_layouts=search.search_layouts)
     return ns
 
 

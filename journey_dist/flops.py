@@ -1,0 +1,64 @@
+"""FLOPs of a training step from the model's shapes: per layer, per pipeline stage, per token.
+
+One multiply-add is 2 FLOPs. For t tokens of sequence length s, one block's forward is
+
+    linears      2 t x (its weight-matrix elements)  (GPT-2: 12 h^2; Llama: q, o a*d*h each, k, v
+                 kv*d*h each (GQA), gate/up/down 3 f h)
+    attention    4 t s a d  (q k^T: 2 t s a d, scores x v: 2 t s a d; every query against all s keys,
+                 as Megatron and PaLM count it: the causal mask's zeros are counted too)
+
+and the output head 2 t V h. A backward is twice its forward (a gradient for the input and one
+for the weight per matmul); full recompute runs every block's forward again; selective recompute
+(Korthikanti et al. 2022) only attention's q k^T, softmax and scores x v. The embedding lookup,
+norms, activations, softmax and the optimizer are not counted (memory-bound, timed elsewhere).
+
+So the model FLOPs of a step (forward + backward, no recompute) are 6 N_mm t + 12 L s a d t, with
+N_mm the matrix parameters the tokens pass through (blocks + head): Kaplan's 6N plus attention.
+MFU divides these by peak; recompute counts in the time but not in MFU.
+"""
+
+from __future__ import annotations
+
+from journey_dist.config import ConfigError, GPTConfig
+from journey_dist.memory.sizes import layer_matrix_params
+from journey_dist.parallel.pipeline.stage import stage_layers
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+def layer_forward_flops(cfg: GPTConfig, tokens: float, seq: int, tp: int = 1) -> dict[str, float]:
+    """One block's forward on one tensor-parallel rank: {"linears", "attention"} FLOPs.
+    tp splits both evenly (columns/rows of every matrix, heads of attention)."""
+    return {"linears": 2 * tokens * layer_matrix_params(cfg, tp),
+            "attention": 4 * tokens * seq * cfg.n_head * cfg.head_dim / tp}
+
+
+def head_forward_flops(cfg: GPTConfig, tokens: float, tp: int = 1) -> float:
+    """The output head's forward: logits = x W^T, (V/t, h) per tp rank."""
+    return 2 * tokens * cfg.vocab_size * cfg.n_embd / tp
+
+
+def stage_flops(cfg: GPTConfig, *, tokens: float, seq: int, tp: int = 1, pp: int = 1, stage: int = 0,
+                recompute: str = "none") -> dict[str, float]:
+    """FLOPs of one micro-batch of `tokens` tokens on one rank of pipeline `stage`:
+    {"forward", "backward", "recompute"} (the head on the last stage)."""
+    if recompute not in RECOMPUTE:
+        raise ConfigError(f"recompute={recompute!r}; use one of {', '.join(RECOMPUTE)}")
+    layers = len(stage_layers(cfg.n_layer, pp)[stage])
+    per_layer = layer_forward_flops(cfg, tokens, seq, tp)
+    blocks = layers * (per_layer["linears"] + per_layer["attention"])
+    head = head_forward_flops(cfg, tokens, tp) if stage == pp - 1 else 0.0
+    again = {"none": 0.0, "selective": layers * per_layer["attention"], "full": blocks}[recompute]
+    return {"forward": blocks + head, "backward": 2 * (blocks + head), "recompute": again}
+
+
+def model_flops_per_token(cfg: GPTConfig, seq: int) -> float:
+    """Forward + backward FLOPs per token of the whole model (no recompute):
+    6 N_mm + 12 L s a d, N_mm = L x (a block's matrices) + V h (the head)."""
+    n_mm = cfg.n_layer * layer_matrix_params(cfg) + cfg.vocab_size * cfg.n_embd
+    return 6 * n_mm + 12 * cfg.n_layer * seq * cfg.n_head * cfg.head_dim
+
+
+def attention_share(cfg: GPTConfig, seq: int) -> float:
+    """The part of model_flops_per_token spent in attention's two matmuls."""
+    return 12 * cfg.n_layer * seq * cfg.n_head * cfg.head_dim / model_flops_per_token(cfg, seq)

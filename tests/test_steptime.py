@@ -1,0 +1,242 @@
+"""`journey plan`'s time model: FLOPs from shapes, alpha-beta collectives, placement, search, clusters.
+
+The FLOP count is checked against torch's own FlopCounterMode on the real model; the collective
+times against the alpha-beta formulas written out; group placement against mesh.py's groups; the
+search against the memory estimator; the cpu-gloo preset against the committed calibration.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from journey_dist.calibrate import Sample, sample, unloaded
+from journey_dist.cli import main
+from journey_dist.cluster import CLUSTERS, Link, cluster_toml, get_cluster, load_cluster, parse_count
+from journey_dist.config import ConfigError, ParallelConfig, get_preset
+from journey_dist.flops import attention_share, model_flops_per_token, stage_flops
+from journey_dist.memory.estimate import estimate_memory, param_count
+from journey_dist.memory.sizes import model_tensors
+from journey_dist.mesh import all_groups
+from journey_dist.model import GPT
+from journey_dist.parallel.pipeline.timeline import bubble_formula
+from journey_dist.plan import make_plan
+from journey_dist.search import dp_for, search_layouts
+from journey_dist.steptime import collective_time, group_span, pipeline_time, predict_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # FlopCounterMode's first use imports a large part of torch (~5 s idle, 20 s loaded)
+@pytest.mark.parametrize("preset", ["tiny", "llama-mini"])
+def test_flops_equal_torch_flop_counter(preset):
+    """Forward + backward FLOPs of the real model (eager attention: its matmuls are visible to the
+    counter) equal model_flops_per_token x tokens, and the stage split adds up to it."""
+    cfg = get_preset(preset).with_(attn_impl="eager", block_size=32)
+    batch, seq = 2, cfg.block_size
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    assert counter.get_total_flops() == model_flops_per_token(cfg, seq) * batch * seq
+    tokens = batch * seq
+    whole = stage_flops(cfg, tokens=tokens, seq=seq)
+    assert whole["forward"] + whole["backward"] == counter.get_total_flops()
+    split = [stage_flops(cfg, tokens=tokens, seq=seq, tp=2, pp=2, stage=s) for s in range(2)]
+    assert 2 * sum(s["forward"] for s in split) == whole["forward"]  # tp=2: each rank half
+
+
+@pytest.mark.parametrize("preset", ["gpt2-small", "llama3-8b", "llama3-70b"])
+def test_flops_are_6n_plus_attention(preset):
+    """6 x (the parameters a token's matmuls use) + 12 L s a d; embeddings' lookups, learned positions,
+    norms and biases are not matmuls."""
+    cfg = get_preset(preset)
+    seq = cfg.block_size
+    not_matmul = sum(p.numel for p in model_tensors(cfg) if not p.matrix or p.name.endswith("wpe.weight"))
+    if not cfg.tie_embeddings:
+        not_matmul += cfg.vocab_size * cfg.n_embd  # wte is a lookup; the untied lm_head is the matmul
+    n_mm = param_count(cfg) - not_matmul
+    attention = 12 * cfg.n_layer * seq * cfg.n_embd
+    assert model_flops_per_token(cfg, seq) == 6 * n_mm + attention
+    assert attention_share(cfg, seq) == pytest.approx(attention / (6 * n_mm + attention))
+    full = stage_flops(cfg, tokens=seq, seq=seq, recompute="full")
+    head = 2 * seq * cfg.vocab_size * cfg.n_embd
+    assert full["recompute"] == full["forward"] - head  # every block again, not the head
+    sel = stage_flops(cfg, tokens=seq, seq=seq, recompute="selective")
+    assert sel["recompute"] == attention / 3 * seq  # attention's forward matmuls only
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 64])
+def test_alpha_beta_times(n):
+    link, B = Link("x", 100e9, 3e-6), 2**30
+    ring = pytest.approx(2 * (n - 1) / n * B / 100e9 + 2 * (n - 1) * 3e-6)
+    assert collective_time("all_reduce", B, n, link) == ring
+    gather = pytest.approx((n - 1) / n * B / 100e9 + 5 * (n - 1) * 3e-6)
+    assert collective_time("all_gather", B, n, link, calls=5) == gather
+    assert collective_time("reduce_scatter", B, n, link, efficiency=0.5) == pytest.approx(
+        (n - 1) / n * B / 50e9 + (n - 1) * 3e-6)
+    assert collective_time("send", B, 2, link, calls=3) == pytest.approx(B / 100e9 + 3 * 3e-6)
+    assert collective_time("all_reduce", B, 1, link) == 0
+
+
+@pytest.mark.parametrize("layout, gpn", [((2, 4, 2), 8), ((2, 4, 2), 4), ((4, 2, 2), 2), ((2, 3, 2), 4),
+                                         ((4, 1, 4), 8)])
+def test_group_span_is_mesh_placement(layout, gpn):
+    dp, tp, pp = layout
+    pcfg = ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=pp)
+    for dim in ("tp", "dp", "pp"):
+        groups = all_groups(dim, pcfg)
+        nodes = max(len({r // gpn for r in g}) for g in groups)
+        assert group_span(dim, pcfg, gpn) == (-(-len(groups[0]) // nodes), nodes), dim
+
+
+def test_link_follows_placement():
+    h100 = get_cluster("h100")
+    assert h100.link_for(8, 1) == h100.intra  # one node: NVLink
+    assert h100.link_for(1, 4).bandwidth == h100.inter.bandwidth  # one GPU per node: its NIC
+    assert h100.link_for(4, 2).bandwidth == 4 * h100.inter.bandwidth  # 4 NICs at once
+    # tp=8 stays in a node, dp strides across nodes, one GPU of each group per node
+    pcfg = ParallelConfig(dp=4, tp=8, microbatches=2)
+    st = predict_step(get_preset("llama3-8b"), pcfg, h100, batch=8, seq=4096)
+    tp = next(t for t in st.terms if t.name.startswith("tp "))
+    assert "NVLink4" in tp.detail
+
+
+def test_pipeline_time_and_bubble():
+    assert pipeline_time([1.0] * 4, 8) == (8 + 4 - 1) * 1.0
+    bubble = pipeline_time([1.0] * 4, 8) - 8 * 1.0
+    assert bubble / pipeline_time([1.0] * 4, 8) == pytest.approx(bubble_formula(4, 8))
+    assert pipeline_time([1.0, 2.0], 4) == 3 * 2.0 + 3.0  # the slowest stage sets the pace
+    assert pipeline_time([1.0] * 4, 8, virtual_stages=3) == pytest.approx(8 + 3 / 3)
+
+
+def test_step_terms_add_up_and_overlap_hides_dp():
+    cfg, h100 = get_preset("llama3-8b"), get_cluster("h100")
+    pcfg = ParallelConfig(dp=16, tp=4, microbatches=4)
+    kw = dict(batch=64, seq=4096, dtype="bf16-mixed", recompute="full")
+    hidden, exposed = predict_step(cfg, pcfg, h100, **kw), predict_step(cfg, pcfg, h100, overlap=False, **kw)
+    for st in (hidden, exposed):
+        assert st.step_s == pytest.approx(sum(t.seconds for t in st.terms))
+        flops = model_flops_per_token(cfg, 4096) * 64 * 4096
+        assert st.mfu == pytest.approx(flops / (st.step_s * 64 * 989e12))
+        assert st.hfu > st.mfu  # recompute's extra forward
+    dp_h, dp_e = hidden.term("dp all_reduce"), exposed.term("dp all_reduce")
+    hidden_s = next(t.hidden for t in hidden.terms if t.name.startswith("dp"))
+    assert dp_h < dp_e and dp_h + hidden_s == pytest.approx(dp_e)
+
+
+def test_plan_dp_bytes_are_every_gradient_for_llama():
+    """journey plan used to size Llama's dp all-reduce with GPT-2's layer shapes."""
+    cfg = get_preset("llama-mini")
+    plan = make_plan(cfg, ParallelConfig(dp=2), batch=8, dtype="fp32")
+    assert plan["stages"][0]["comm"]["dp"]["all_reduce"]["bytes"] == 4 * sum(
+        p.numel() for p in GPT(cfg).parameters())
+
+
+def test_search_results_fit_and_rank():
+    cfg, cluster = get_preset("llama3-8b"), get_cluster("h100", memory_gb=40)
+    result = search_layouts(cfg, cluster, gpus=8, seq=4096, batch=64)
+    assert result.ranked and result.skipped.get("does not fit 37.25 GiB")  # some layouts are rejected
+    steps = [c.step.step_s for c in result.ranked]
+    assert steps == sorted(steps)
+    for c in result.ranked[:6]:
+        p = c.pcfg
+        assert p.world_size == 8 and 64 == p.dp * p.microbatches * c.micro_batch
+        peaks = [estimate_memory(cfg, batch_size=64, seq_len=4096, dtype="bf16-mixed", dp=p.dp, zero=p.zero,
+                                 tp=p.tp, pp=p.pp, microbatches=p.microbatches,
+                                 sequence_parallel=p.sequence_parallel, recompute=c.recompute == "full",
+                                 stage=s).total for s in range(p.pp)]
+        assert c.peak == max(peaks) <= 40e9
+
+
+def test_bad_cluster_and_search_input():
+    with pytest.raises(ConfigError, match="unknown GPU 'v100'; use one of a100, h100, h200, cpu-gloo"):
+        get_cluster("v100")
+    with pytest.raises(ConfigError, match="64 GPUs do not factor .* tp=8, pp=3: 64 is not a multiple of 24; "
+                                          r"use pp in \[1, 2, 4, 8\]"):
+        dp_for(64, 8, 3)
+    with pytest.raises(ConfigError, match="no layout of 8 GPUs fits in 74.51 GiB .* use more GPUs"):
+        search_layouts(get_preset("llama3-405b"), get_cluster("h100"), gpus=8, seq=8192, batch=8)
+    with pytest.raises(ConfigError, match="unknown cluster setting 'nvlink'"):
+        get_cluster("h100", nvlink=900)
+    with pytest.raises(ConfigError, match="compute_efficiency=1.5 must be a fraction"):
+        get_cluster("a100", compute_efficiency=1.5)
+
+
+def test_cluster_file_round_trip(tmp_path):
+    cluster = get_cluster("h100", inter_gb_s=25, gpus_per_node=4)
+    path = tmp_path / "c.toml"
+    path.write_text(cluster_toml(cluster, "h100"))
+    assert load_cluster(path) == cluster
+    path.write_text('base = "h100"\nlinks = 3\n')
+    with pytest.raises(ConfigError, match="unknown cluster setting 'links'"):
+        load_cluster(path)
+    assert parse_count("4M") == 4e6 and parse_count("4Mi") == 4 * 2**20 and parse_count("15T") == 15e12
+
+
+def test_cpu_gloo_is_the_committed_calibration():
+    """The preset's numbers are the benchmark's (benchmarks/plan_validation_cpu.py writes them)."""
+    committed = json.loads((ROOT / "benchmarks/results/calibration_cpu.json").read_text())["cluster"]
+    preset = CLUSTERS["cpu-gloo"].to_dict()
+    for key in ("peak_flops", "memory_bandwidth", "compute_efficiency", "shared_cores"):
+        assert math.isclose(preset[key], committed[key], rel_tol=1e-3), key
+    for key in ("bandwidth", "latency"):
+        assert math.isclose(preset["intra"][key], committed["intra"][key], rel_tol=1e-3), key
+
+
+def test_unloaded_time_removes_waiting_for_a_cpu():
+    start = [Sample(10.0, 1.0, 2.0), Sample(10.0, 5.0, 0.0)]
+    end = [Sample(11.0, 1.2, 2.6), Sample(10.5, 5.4, 0.2)]  # 0.6 s on a CPU, 0.8 s waiting for one
+    assert unloaded(start, end) == pytest.approx(1.0 * 0.6 / 1.4)
+    assert unloaded([Sample(0, 0, 0)], [Sample(2, 0, 0)]) == 2  # no schedstat: plain wall time
+    busy = sample()
+    sum(i * i for i in range(200_000))
+    assert sample().cpu > busy.cpu  # Linux: this thread's time on a CPU is counted
+
+
+def test_journey_calibrate_writes_a_cluster_file(tmp_path, monkeypatch, capsys):
+    measured = get_cluster("cpu-gloo", peak_tflops=0.05, compute_efficiency=0.5)
+    fake = (measured, {"allreduce": {"latency": 1e-4, "bandwidth": 2e9}, "step": {"efficiency": 0.5}})
+    monkeypatch.setattr("journey_dist.calibrate.calibrate", lambda repeats: fake)
+    assert main(["calibrate", "--out", str(tmp_path), "--repeats", "3"]) == 0
+    assert load_cluster(tmp_path / "calibrate" / "cpu-gloo.toml") == measured
+    record = json.loads((tmp_path / "calibrate" / "calibration.json").read_text())
+    assert record["cluster"]["peak_flops"] == 5e10
+    assert "50.00 GFLOP/s" in capsys.readouterr().out
+
+
+def test_cli_time_and_search(capsys):
+    args = ["plan", "--preset", "llama3-8b", "--gpus", "16", "--gpu", "h100", "--seq", "4096",
+            "--batch", "64", "--tp", "4", "--pp", "2", "--microbatches", "8", "--recompute", "full",
+            "--train-tokens", "1T"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "tp group of 4: inside one node -> NVLink4" in out and "dp group of 2: inside one node" in out
+    assert "pp group of 2: across 2 nodes, 1 per node -> IB NDR 400G" in out
+    assert "pipeline bubble (1f1b)" in out and "1e+12 tokens" in out and "GPU-hours" in out
+    assert main(["plan", "--preset", "gpt2-small", "--gpus", "8", "--gpu", "a100", "--batch", "64",
+                 "--search", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "fastest first" in out and "#1 vs #2" in out
+    assert main(["plan", "--gpus", "6", "--tp", "4", "--gpu", "h100"]) == 2
+    assert "6 GPUs do not factor" in capsys.readouterr().err
+
+
+def test_search_honours_every_flag(capsys):
+    """No flag is silently ignored: fixed choices narrow the search, flags without a use are errors."""
+    base = ["plan", "--preset", "gpt2-small", "--gpus", "8", "--gpu", "a100", "--batch", "64", "--search"]
+    assert main([*base, "--tp", "2", "--sp", "--microbatches", "8", "--recompute", "none", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["parallel"]["tp"] == 2 and r["parallel"]["sequence_parallel"] for r in rows)
+    assert all(r["parallel"]["microbatches"] == 8 and r["recompute"] == "none" for r in rows)
+    assert main([*base, "--gpu-mem", "100MB"]) == 2  # the search's memory limit: nothing fits
+    assert "no layout of 8 GPUs fits in 95.37 MiB" in capsys.readouterr().err
+    for flags, message in ((["--top", "3"], "--top says how many layouts --search prints"),
+                           (["--train-tokens", "1T"], "also give --gpu NAME"),
+                           (["--gpus", "8", "--world", "4"], "--world 4 and --gpus 8 disagree")):
+        assert main(["plan", *flags]) == 2
+        assert message in capsys.readouterr().err
