@@ -127,8 +127,8 @@ def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: 
         raise ConfigError(f"cp={pcfg.cp}: context parallel's collectives are not in the time model yet "
                           "(they join steptime.stage_collectives with issue 19); plan with cp=1")
     if cfg.n_experts:
-        raise ConfigError(f"{cfg.n_experts} experts: a mixture of experts' FLOPs and all-to-alls are not in the "
-                          "time model yet; time a dense preset, or drop --gpu/--cluster for memory and bytes")
+        raise ConfigError(f"{cfg.n_experts} experts: a mixture of experts' FLOPs and all-to-alls are not in "
+                          "the time model yet; time a dense preset or drop --gpu/--cluster")
     comm, missing = comm_per_step(cfg, pcfg, batch=batch, seq=seq, stage=stage, dtype=dtype,
                                   grad_clip=grad_clip)
     if missing:

@@ -15,14 +15,16 @@ PACKAGE = ROOT / "journey_dist"
 LAYERS = [  # bottom first; a module is named by its first component under journey_dist/ (or in SPLIT)
     {"config"},
     {"fault_tolerance", "numerics", "scaling", "compression", "dcp_safe"},
-    {"runtime", "mesh", "data", "comm", "tokenizer", "report", "plots"},  # report, plots: no package imports
+    {"runtime", "mesh", "data", "comm", "tokenizer", "report", "plots", "cluster"},  # no package imports but config
     {"moe", "positions"},
     {"model", "hf_interop", "ngram", "recompute"},
     {"train"},
     {"parity", "extrapolation"},
-    {"parallel", "memory.sizes"},  # memory/sizes.py: the per-rank shape counts compose and the estimator share
-    {"lora", "memory", "serving", "kv_cache", "checkpoint", "resumable", "vocab_growth"},
+    {"parallel", "memory.sizes"},  # memory/sizes.py: per-rank shape counts (compose, estimator)
+    {"lora", "memory", "serving", "kv_cache", "checkpoint", "resumable", "vocab_growth", "flops"},
     {"plan", "notebooks", "labkit"},
+    {"steptime"},  # journey plan's time model, on top of the plan's bytes
+    {"search", "calibrate"},
     {"cli"},
 ]
 SPLIT = {"memory.sizes"}  # modules placed apart from their package's layer
