@@ -262,25 +262,31 @@ def test_lab_runs_both_ways(tmp_path, launcher):
         assert r["parity"]["adapter_diff_vs_one_process"] < 1e-5
 
 
-def test_the_checks_lab_08_prints(data, trained, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_checks_lab_08_prints(data, trained, tmp_path, family):
     """merge_parity, save_and_reload and step_memory on a trained adapter: the numbers lab 08
     prints and writes, each against what it claims."""
-    model, base = trained["peft"]["model"], fresh_model(TINY)  # only the adapters trained
+    config, spec = CONFIGS[family], SPECS[family]
+    model, base = trained["peft", family]["model"], fresh_model(config)  # only the adapters trained
     x, y = _batch(data, step=5)
-    merged = merge_parity(model, base, SPEC, x)
+    merged = merge_parity(model, base, spec, x)
     assert merged["merge_diff"] < 1e-5 and merged["unmerge_diff"] < 1e-5
     assert merged["scratch_vs_peft_diff"] == merged["scratch_vs_peft_merged_diff"] == 0.0
     assert not is_merged(model)  # the merging happened on a copy
-    files = save_and_reload(model, SPEC, tmp_path, x)
+    files = save_and_reload(model, spec, tmp_path, x)
     assert files["round_trip_diff"] == 0.0
     assert files["adapter"] == (tmp_path / "adapter.safetensors").stat().st_size
-    memory = step_memory(base, SPEC, CFG, x, y, batch_size=len(x))
+    if family == "llama":  # the estimator's LoRA terms know GPT-2's layout only: refused by name
+        with pytest.raises(ConfigError, match="adapters are not modelled yet"):
+            step_memory(base, spec, CFG, x, y, batch_size=len(x))
+        return
+    memory = step_memory(base, spec, CFG, x, y, batch_size=len(x))
     for row in memory.values():  # gradients and AdamW state: exact on CPU
         assert row["grads_measured"] == row["grads_estimated"]
         assert row["optimizer_measured"] == row["optimizer_estimated"]
     full, lora = memory["full fine-tuning"], memory["LoRA"]
-    assert lora["grads_measured"] == 4 * lora_param_count(TINY, SPEC) < full["grads_measured"]
+    assert lora["grads_measured"] == 4 * lora_param_count(config, spec) < full["grads_measured"]
     trainable, total = param_counts(model)
-    assert f"trainable {trainable:,} of {total:,} parameters" in describe(model, SPEC)
+    assert f"trainable {trainable:,} of {total:,} parameters" in describe(model, spec)
     lines = checks_table({"merged": merged["merge_diff"], "bad": 1.0, "skipped": None}, tol=1e-5).splitlines()
     assert [line.split()[-1] for line in lines[1:]] == ["yes", "NO", "-"]
