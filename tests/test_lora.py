@@ -290,3 +290,17 @@ def test_the_checks_lab_08_prints(data, trained, tmp_path, family):
     assert f"trainable {trainable:,} of {total:,} parameters" in describe(model, spec)
     lines = checks_table({"merged": merged["merge_diff"], "bad": 1.0, "skipped": None}, tol=1e-5).splitlines()
     assert [line.split()[-1] for line in lines[1:]] == ["yes", "NO", "-"]
+
+
+@pytest.mark.slow
+def test_lab_runs_the_llama_family(tmp_path):
+    """Lab 08 adapts the model's own linears by default (q/k/v/o, gate/up/down for Llama); the memory
+    estimate, which models GPT-2's adapters only, says so instead of failing the lab."""
+    _, r = run_lab("08_lora_finetune", "--preset", "llama-mini", "--pretrain-steps", "3", "--steps", "3",
+                   "--batch-size", "8", runs_dir=tmp_path, timeout_s=300)
+    assert r["base_unchanged"] and r["scratch_vs_peft_diff"] == r["scratch_vs_peft_merged_diff"] == 0.0
+    assert r["merge_diff"] < 1e-5 and r["files"]["round_trip_diff"] == 0.0
+    config = get_preset("llama-mini")
+    model = apply_scratch_lora(fresh_model(config), LoRAConfig.for_model(config, rank=8))
+    assert r["trainable_params"] == param_counts(model)[0]
+    assert r["memory"].startswith("not estimated: the LoRA estimate models GPT-2's layout")
