@@ -117,9 +117,10 @@ CLUSTERS: dict[str, Cluster] = {
     "h200": Cluster("h200", "H200 SXM 141GB", 989 * TB, 141 * GB, 4.8 * TB, 8, _NVLINK4, _NDR, 0.55, 0.80),
     # this machine, from `journey calibrate` (benchmarks/results/calibration_cpu.json; a test keeps
     # them equal): every rank on the one machine, gloo over loopback for every group
-    "cpu-gloo": Cluster("cpu-gloo", "CPU, 1 thread fp32 (calibrated)", 33.47e9, 8 * GB, 10.33e9, 64,
-                        Link("gloo loopback", 0.823e9, 56.4 * US), Link("gloo loopback", 0.823e9, 56.4 * US),
-                        0.6096, 1.0, shared_cores=2),
+    "cpu-gloo": Cluster("cpu-gloo", "CPU, 1 thread fp32 (calibrated)", 71.11e9, 8 * GB, 33.39e9, 64,
+                        Link("gloo loopback", 1.900e9, 380.0 * US),
+                        Link("gloo loopback", 1.900e9, 380.0 * US),
+                        0.5476, 1.0, shared_cores=2),
 }
 ALIASES = {"a100-80gb": "a100", "a100-sxm": "a100", "h100-sxm": "h100", "h100-sxm5": "h100",
            "h200-sxm": "h200", "cpu": "cpu-gloo"}
@@ -156,11 +157,12 @@ def override(cluster: Cluster, **values: float) -> Cluster:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"cluster setting {key} = {value!r} must be a number")
         target, unit = OVERRIDES[key]
+        scaled = value * unit
         if "." in target:
             link, attr = target.split(".")
-            links[link][attr] = value * unit
+            links[link][attr] = scaled
         else:
-            changes[target] = int(value) if key == "gpus_per_node" else value * unit
+            changes[target] = int(value) if key == "gpus_per_node" else scaled
     return replace(cluster, intra=Link(**links["intra"]), inter=Link(**links["inter"]), **changes)
 
 

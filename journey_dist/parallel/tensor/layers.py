@@ -152,6 +152,7 @@ class TensorParallelAttention(CausalSelfAttention):
         setattr(self, "c_proj" if hasattr(attn, "c_proj") else "o_proj", out)
         self.n_head, self.n_kv_head, self.head_dim = attn.n_head // t, attn.n_kv_head // t, attn.head_dim
         self.first_head, self.global_heads = tp_rank(group) * self.n_head, attn.n_head
+        self.recompute_core = attn.recompute_core  # selective recomputation of the attention core
         self.attn_dropout = copy.deepcopy(attn.attn_dropout)
         # after the output projection: replicated without SP (default stream, the same mask on every
         # rank), a sequence shard with SP (the per-rank "tp" stream); see rng.py
