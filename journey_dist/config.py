@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi")
+CP_DESIGNS = ("ring", "zigzag", "ulysses")  # context parallel: parallel/context/
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     schedule: str = "1f1b"  # pipeline schedule: "gpipe" or "1f1b"
     pad_vocab: bool = False  # tp: pad the vocabulary to a multiple of tp (padded logits masked)
+    cp_design: str = "ring"  # cp > 1: "ring", "zigzag" (ring, load-balanced) or "ulysses" (all-to-all)
 
     @property
     def world_size(self) -> int:
@@ -211,6 +213,8 @@ class ParallelConfig:
             raise ConfigError(f"zero={self.zero} is not a ZeRO stage; use 0, 1, 2 or 3")
         if self.schedule not in ("gpipe", "1f1b"):
             raise ConfigError(f"schedule={self.schedule!r}; use 'gpipe' or '1f1b'")
+        if self.cp_design not in CP_DESIGNS:
+            raise ConfigError(f"cp_design={self.cp_design!r}; use one of {', '.join(CP_DESIGNS)}")
         if world_size is not None and world_size != self.world_size:
             raise ConfigError(
                 f"{self._product()} = {self.world_size} but the world "
