@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from journey_dist.config import CP_DESIGNS, ConfigError, GPTConfig
 from journey_dist.model import SINUSOIDAL_SCALE, KVCache
 from journey_dist.parallel.common import mean_over
+from journey_dist.parallel.context.accounting import check_cp_model
 from journey_dist.parallel.context.layout import SequenceLayout
 from journey_dist.parallel.context.ring import Ring, ring_attention
 from journey_dist.parallel.context.ulysses import ulysses_attention
@@ -112,16 +113,6 @@ class ContextParallelAttention(nn.Module):
         return self.resid_dropout(out(y))
 
 
-def check_model(config: GPTConfig) -> None:
-    """ConfigError for model features the context-parallel wrapper does not split."""
-    if config.positions == "alibi":
-        raise ConfigError("positions='alibi' is not supported under context parallel (its per-head "
-                          "distance bias is not passed round the ring here); use learned, sinusoidal or rope")
-    if config.dropout > 0:
-        raise ConfigError(f"dropout={config.dropout}: context parallel here has no attention dropout "
-                          "inside the ring (and cp ranks would draw different masks); use dropout=0")
-
-
 class ContextParallelGPT(nn.Module):
     """`model` (a GPT, or a pipeline stage: GPTStage or its tensor-parallel form) on cp ranks.
 
@@ -132,7 +123,7 @@ class ContextParallelGPT(nn.Module):
 
     def __init__(self, model: nn.Module, cp: ContextParallel):
         super().__init__()
-        check_model(model.config)
+        check_cp_model(model.config)
         model = copy.deepcopy(model)  # the caller's model stays as it was
         self.config, self.cp = model.config, cp
         self.transformer = model.transformer

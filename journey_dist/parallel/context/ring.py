@@ -44,7 +44,7 @@ class Ring:
 
     group: dist.ProcessGroup | None
     layout: SequenceLayout
-    stats: dict[str, float] = field(default_factory=lambda: {"entries": 0, "seconds": 0.0, "calls": 0})
+    stats: dict[str, float] = field(default_factory=lambda: {"entries": 0, "seconds": 0.0, "forwards": 0})
 
     def __post_init__(self) -> None:
         ranks = dist.get_process_group_ranks(self.group or dist.group.WORLD)
@@ -149,6 +149,7 @@ class _RingAttention(torch.autograd.Function):
             out[:, sl] = ungrouped(a, H).transpose(1, 2)
             lse_all[:, :, sl] = ungrouped(l.unsqueeze(-1), H).squeeze(-1)
         out = out.transpose(1, 2)
+        ring.stats["forwards"] += 1
         ctx.save_for_backward(q, k, v, out, lse_all)
         ctx.ring, ctx.bounds = ring, bounds
         return out
@@ -202,7 +203,6 @@ def _attend(ring: Ring, seq_len: int, src: int, qg: list[torch.Tensor], kv: torc
         fold(qi, *block_forward(qg[qi], kb, vb, mask, scale))
         ring.stats["entries"] += (qs.stop - qs.start) * (ks.stop - ks.start)
     ring.stats["seconds"] += time.perf_counter() - t0
-    ring.stats["calls"] += 1
 
 
 def _attend_backward(ring: Ring, seq_len: int, src: int, saved: tuple, kv: torch.Tensor, K: int,

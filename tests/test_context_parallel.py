@@ -1,0 +1,192 @@
+"""Context parallel (ring, zigzag, Ulysses) equals one process; its traffic equals the formula.
+
+Tolerances, fp32: every step's loss, the first batch's logits and every first-step gradient within
+1e-5 (the issue's bar; measured ~1e-7). Parameters after 3 AdamW steps within 1e-4: a gradient
+that is zero in exact arithmetic (attention's key bias: softmax ignores a shift of every score)
+is ~1e-12 of rounding noise in both runs, and AdamW's m/(sqrt(v)+eps) turns different noise into
+different ~1e-6 steps (measured: up to 2e-5 on c_fc elements with 1e-8 gradients).
+The default suite runs cp=2 on tiny configs in one spawn; cp=4 at long sequences is slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from journey_dist.config import ConfigError, ParallelConfig, get_preset
+from journey_dist.data import get_batch, load_tokens
+from journey_dist.parallel.context.accounting import check_context_parallel, layer_comm
+from journey_dist.parallel.context.layout import SequenceLayout, attention_work, imbalance, rank_blocks
+from journey_dist.parallel.context.parallelize import ContextParallel, ContextParallelGPT
+from journey_dist.parallel.context.run import context_parallel_run
+from journey_dist.parity import fresh_model, reference_run, worst_diffs
+from journey_dist.train import TrainConfig
+from tests.dist import run_ranks
+
+TOL = 1e-5
+PARAM_TOL = 1e-4  # after 3 AdamW steps (see the module docstring)
+TINY = get_preset("tiny", block_size=32)
+TINY_LLAMA = get_preset("llama-mini", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64,
+                        block_size=32)
+CFG = TrainConfig(steps=3, batch_size=4, grad_accum=2, warmup_steps=1, eval_batches=1)
+DESIGNS = ("ring", "zigzag", "ulysses")
+
+
+# ----------------------------------------------------------------------------- no processes
+
+
+def test_layouts_place_every_token_once():
+    plain, zigzag = SequenceLayout(4, "plain"), SequenceLayout(4, "zigzag")
+    assert plain.chunks(16, 1) == [range(4, 8)]
+    assert zigzag.chunks(16, 0) == [range(0, 2), range(14, 16)]  # chunks 0 and 2cp-1
+    assert zigzag.chunks(16, 3) == [range(6, 8), range(8, 10)]  # chunks 3 and 4
+    for layout in (plain, zigzag):
+        every = torch.cat([layout.positions(16, r) for r in range(4)])
+        assert sorted(every.tolist()) == list(range(16))
+    x = torch.arange(32).view(2, 16)
+    assert zigzag.shard(x, 1).tolist() == [[2, 3, 12, 13], [18, 19, 28, 29]]
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4, 8])
+def test_zigzag_balances_causal_work_and_plain_does_not(cp):
+    S = 2 * cp * 6
+    plain = attention_work(SequenceLayout(cp, "plain"), S, batch=2, heads=4, head_dim=8)
+    zigzag = attention_work(SequenceLayout(cp, "zigzag"), S, batch=2, heads=4, head_dim=8)
+    # plain: rank r computes r full blocks and its diagonal; the last rank waits for none
+    assert [row["blocks"] for row in plain] == [r + 1 for r in range(cp)]
+    assert imbalance(plain) == pytest.approx(2 * cp / (cp + 1))
+    # zigzag: every rank computes 2cp + 1 half-size blocks, the same causal pairs too
+    assert {row["blocks"] for row in zigzag} == {2 * cp + 1} and imbalance(zigzag) == 1.0
+    assert len({row["causal_pairs"] for row in zigzag}) == 1
+    assert sum(row["causal_pairs"] for row in plain) == S * (S + 1) // 2
+    # every causal (query, key) pair is computed by exactly one rank, in exactly one block
+    for layout in (SequenceLayout(cp, "plain"), SequenceLayout(cp, "zigzag")):
+        seen = torch.zeros(S, S, dtype=torch.int)
+        for r in range(cp):
+            for q, k, _ in rank_blocks(layout, S, r):
+                seen[q.start:q.stop, k.start:k.stop] += 1
+        assert torch.equal(seen.tril(), torch.ones(S, S, dtype=torch.int).tril())
+
+
+@pytest.mark.parametrize("pcfg, config, seq, message", [
+    (ParallelConfig(cp=4), TINY, 30, r"30 tokens does not split into cp = 4 equal chunks.*multiple of 4"),
+    (ParallelConfig(cp=4, cp_design="zigzag"), TINY, 36, r"2\*cp = 8 equal chunks.*multiple of 8"),
+    (ParallelConfig(cp=3, cp_design="ulysses"), TINY, 48, r"cp=3 does not divide the 4 query heads"),
+    (ParallelConfig(cp=4, tp=2, cp_design="ulysses"), TINY_LLAMA, 32,  # 2 heads per tp rank
+     r"cp=4 does not divide the 2 query heads"),
+    (ParallelConfig(cp=2, pp=2, microbatches=2, schedule="interleaved-1f1b"), TINY, 32,
+     r"built and tested with the gpipe and 1f1b schedules, not 'interleaved-1f1b'.*schedule='1f1b'"),
+    (ParallelConfig(cp=2), TINY.with_(positions="alibi"), 32, r"alibi.*use learned, sinusoidal or rope"),
+    (ParallelConfig(cp=2), TINY.with_(dropout=0.1), 32, r"use dropout=0"),
+])
+def test_bad_cp_configs_fail_before_any_rank(pcfg, config, seq, message):
+    with pytest.raises(ConfigError, match=message):
+        check_context_parallel(pcfg, config, seq)
+
+
+def test_ulysses_repeats_kv_heads_when_fewer_than_ranks():
+    # llama-mini: 4 query heads, 2 kv heads; cp=4 repeats each kv head twice (one per rank)
+    comm = layer_comm(get_preset("llama-mini"), "ulysses", 4, micro_batch=1, seq_len=64)
+    a = 16 * 32 * 4  # b x S/cp x head_dim x fp32
+    assert comm["all_to_all"] == {"calls": 8, "bytes": 2 * (2 * 4 * a + 2 * 4 * a)}
+    check_context_parallel(ParallelConfig(cp=4, cp_design="ulysses"), get_preset("llama-mini"), 128)
+
+
+# ----------------------------------------------------------------------------- on ranks
+
+
+class LocalPositions(ContextParallel):
+    """Deliberately wrong: each rank numbers its tokens from 0 (its local index)."""
+
+    def token_positions(self, local_len, device):
+        return torch.arange(local_len, device=device)
+
+
+def _one_step(cp, config, x, y):
+    """|cp - one process| for one forward/backward on (x, y): loss, logits, worst gradient."""
+    ref = fresh_model(config)
+    logits, loss = ref(x, y)
+    loss.backward()
+    model = ContextParallelGPT(fresh_model(config), cp)
+    local = model(cp.shard(x))
+    cp_loss = model.loss(local, cp.shard(y))
+    cp_loss.backward()
+    model.hooks().sync_grads()
+    grads = dict(ref.named_parameters())
+    return {"loss": abs(cp_loss.item() - loss.item()),
+            "logits": (cp.gather(local.detach()) - logits).abs().max().item(),
+            "grad": max((p.grad - grads[n].grad).abs().max().item() for n, p in model.named_parameters())}
+
+
+def _rank_cases(runs, steps):
+    data = load_tokens("handbook")
+    out = {"runs": {}, "steps": {}}
+    for (design, name, config), ref in runs:
+        run = context_parallel_run(config, data, CFG, design=design)
+        x, _ = get_batch(data.train, CFG.batch_size, config.block_size, 0, CFG.seed)
+        with torch.no_grad():
+            logits = fresh_model(config)(x)[0]
+        out["runs"][design, name] = {**worst_diffs(run, ref),
+                                     "logits": (run.details["logits"] - logits).abs().max().item(),
+                                     "comm": run.comm, "analytic": run.analytic, "work": run.details["work"]}
+    for key, cls, design, config, seq in steps:
+        torch.manual_seed(0)
+        x, y = (torch.randint(0, config.vocab_size, (2, seq)) for _ in range(2))
+        out["steps"][key] = _one_step(cls(None, design), config.with_(block_size=seq), x, y)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cp2():
+    data = load_tokens("handbook")
+    models = (("gpt", TINY), ("llama", TINY_LLAMA))
+    refs = {name: reference_run(c, data, CFG, first_grads=True) for name, c in models}
+    # every design on the GPT-2 layout, and zigzag on the Llama one (RoPE, GQA); the rest: slow suite
+    runs = [((d, "gpt", TINY), refs["gpt"]) for d in DESIGNS]
+    runs += [(("zigzag", "llama", TINY_LLAMA), refs["llama"])]
+    steps = [  # an odd number of tokens per rank (ring, Ulysses: 7; zigzag: chunks of 5)
+        (("odd", "ring"), ContextParallel, "ring", TINY, 14),
+        (("odd", "zigzag"), ContextParallel, "zigzag", TINY, 20),
+        (("odd", "ulysses"), ContextParallel, "ulysses", TINY_LLAMA, 14),
+        # local positions on purpose: learned (gpt) and RoPE (llama) must both break
+        (("local", "gpt"), LocalPositions, "ring", TINY, 32),
+        (("local", "llama"), LocalPositions, "zigzag", TINY_LLAMA, 32),
+        (("local", "ulysses"), LocalPositions, "ulysses", TINY_LLAMA, 32),
+    ]
+    return run_ranks(_rank_cases, 2, runs, steps, timeout_s=300)
+
+
+def test_cp2_equals_one_process(cp2):
+    for rank in cp2:
+        for key, r in rank["runs"].items():
+            assert r["loss"] < TOL and r["grad"] < TOL and r["logits"] < TOL, (key, r)
+            assert r["param"] < PARAM_TOL, (key, r)
+        for design in DESIGNS:
+            r = rank["steps"]["odd", design]
+            assert max(r.values()) < TOL, (design, r)
+
+
+def test_cp2_ledger_equals_formula(cp2):
+    for (design, name), r in cp2[0]["runs"].items():
+        measured = {op: {"calls": row["calls"], "bytes": row["bytes"]} for op, row in r["comm"].items()}
+        assert measured == r["analytic"], (design, name)
+        assert ("all_to_all" in measured) == (design == "ulysses")
+
+
+def test_cp2_work_per_rank_is_the_layouts(cp2):
+    for rank_index, rank in enumerate(cp2):
+        for (design, name), r in rank["runs"].items():
+            if design == "ulysses":
+                continue
+            layout = SequenceLayout(2, "zigzag" if design == "zigzag" else "plain")
+            want = attention_work(layout, 32, batch=CFG.batch_size // CFG.grad_accum)[rank_index]["entries"]
+            assert r["work"]["entries_per_forward"] == want, (design, name, rank_index)
+
+
+def test_local_positions_break_parity(cp2):
+    # the same code with each rank's tokens numbered from 0 (learned positions, RoPE): the parity
+    # check above fails, by far (a freshly initialised model is nearly position-blind, so RoPE's
+    # error is small in the loss and large in the logits and gradients)
+    for which in ("gpt", "llama", "ulysses"):
+        r = cp2[0]["steps"]["local", which]
+        assert r["logits"] > 20 * TOL and r["grad"] > 10 * TOL, (which, r)
