@@ -148,7 +148,9 @@ class ContextParallelGPT(nn.Module):
                      SINUSOIDAL_SCALE * sinusoidal_table(pos, self.config.n_embd).to(x.dtype))
         return tr.drop(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        """This rank's tokens in, its (B, S/cp, ...) output out; with `targets` (this rank's, on
+        the last stage) (logits, loss) as GPT.forward, the loss over the full sequence."""
         if self.is_first:
             if x.size(1) * self.cp.size > self.config.block_size:
                 raise ValueError(f"{x.size(1)} tokens per rank x cp={self.cp.size} is longer than "
@@ -156,7 +158,10 @@ class ContextParallelGPT(nn.Module):
             x = self.embed(x)
         for block in self.blocks():
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x)) if self.is_last else x
+        if not self.is_last:
+            return x
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return logits if targets is None else (logits, self.loss(logits, targets))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over every token of the full sequence (targets == -1 ignored), the
@@ -192,7 +197,7 @@ class ContextParallelGPT(nn.Module):
         dp x cp group) and divided by dp; the logged loss is averaged over dp."""
         group = self.cp.group if grad_group is None else grad_group
         cp = self.cp
-        return StepHooks(loss=lambda m, x, y: m.loss(m(cp.shard(x)), cp.shard(y)),
+        return StepHooks(loss=lambda m, x, y: m(cp.shard(x), cp.shard(y))[1],
                          sync_grads=lambda: sync_cp_grads(self, group, dp),
                          reduce_loss=None if dp == 1 else mean_over(dp_group),
                          dp_rank=dp_rank, dp_size=dp)

@@ -103,7 +103,7 @@ def block_forward(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    return (s - lse.unsqueeze(-1)).exp().to(v.dtype) @ v, lse
+    return s.sub_(lse.unsqueeze(-1)).exp_().to(v.dtype) @ v, lse
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:  # noqa: E741
@@ -216,9 +216,10 @@ def _attend_backward(ring: Ring, seq_len: int, src: int, saved: tuple, kv: torch
         if kind == "diagonal":
             groups = qg[qi].size(2) // (qs.stop - qs.start)
             s = s.masked_fill(~causal_rows(qs.stop - qs.start, groups, kv.device), float("-inf"))
-        p = (s - lse[qi].unsqueeze(-1)).exp()
+        p = s.sub_(lse[qi].unsqueeze(-1)).exp_()  # in place: one score-sized buffer, then a second
         dkv[:, K:, ks] += p.transpose(-1, -2) @ dg[qi].float()  # dV = P^T dO
-        ds = p * ((dg[qi] @ vb.transpose(-1, -2)).float() - delta[qi].unsqueeze(-1))  # softmax backward
+        ds = (dg[qi] @ vb.transpose(-1, -2)).float().sub_(delta[qi].unsqueeze(-1)).mul_(p)  # softmax bwd
+        del p, s
         dq[qi] += (ds @ kb.float()) * scale  # dQ = dS K
         dkv[:, :K, ks] += (ds.transpose(-1, -2) @ qg[qi].float()) * scale  # dK = dS^T Q
 
