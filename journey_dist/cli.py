@@ -58,7 +58,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from journey_dist.plan import make_plan, parse_bytes, plan_text
 
     pcfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, microbatches=args.microbatches,
-                          zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule)
+                          zero=args.zero, sequence_parallel=args.sequence_parallel, schedule=args.schedule,
+                          cp=args.cp, cp_design=args.cp_design)
     plan = make_plan(get_preset(args.preset), pcfg, batch=args.batch, seq=args.seq, dtype=args.dtype,
                      optimizer=args.optimizer, world=args.world, device=args.device,
                      gpu_mem=None if args.gpu_mem is None else parse_bytes(args.gpu_mem))
@@ -72,6 +73,9 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt-mini")
     for name in ("dp", "tp", "pp", "microbatches"):
         parser.add_argument(f"--{name}", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks (each holds seq/cp tokens)")
+    parser.add_argument("--cp-design", default="ring", choices=["ring", "zigzag", "ulysses"],
+                        help="with --cp: ring attention, ring with zigzag balance, or Ulysses all-to-all")
     parser.add_argument("--batch", type=int, default=8, help="global batch in sequences per step")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES,
@@ -83,7 +87,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
     parser.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB or 80GiB: say what "
                         f"fits; the exit status is {EXIT_DOES_NOT_FIT} when the plan does not fit")
-    parser.add_argument("--world", type=int, default=None, help="ranks you will launch (checked = dp*tp*pp)")
+    parser.add_argument("--world", type=int, default=None,
+                        help="ranks you will launch (checked = dp*cp*tp*pp)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="memory terms for this device")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -147,7 +152,7 @@ COMMANDS: dict = {
     "presets": (_cmd_presets, "list model presets and their parameter counts", None),
     "estimate": (_cmd_estimate, "memory per rank: estimated vs measured, per component (lab 07)",
                  _estimate_arguments),
-    "plan": (_cmd_plan, "size a dp x tp x pp run before launching it: validation, mesh, memory per "
+    "plan": (_cmd_plan, "size a dp x cp x tp x pp run before launching it: validation, mesh, memory per "
              "stage, communication per step, bubble", _plan_arguments),
     "checkpoints": (_cmd_checkpoints, "list checkpoints in a directory, each validated, and the "
                     "one a resume would use", _checkpoints_arguments),

@@ -97,3 +97,27 @@ def kv_block_bytes(config: GPTConfig, cp: int, *, micro_batch: int, seq_len: int
     """The k/v block a ring rank sends per hop: 2 x kv heads x b x S/cp x head size."""
     K = local_heads(config, tp)[1]
     return 2 * K * micro_batch * (seq_len // cp) * config.head_dim * bytes_per_value
+
+
+def cp_plan_notes(config: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int,
+                  bytes_per_value: int = 4) -> list[str]:
+    """What `journey plan` says about a cp split: tokens per rank, what the cp group carries per
+    layer and micro-step, where gradients are reduced ([] when cp = 1)."""
+    if pcfg.cp == 1:
+        return []
+    b = batch // (pcfg.dp * pcfg.microbatches)
+    per_layer = layer_comm(config, pcfg.cp_design, pcfg.cp, micro_batch=b, seq_len=seq, tp=pcfg.tp,
+                           bytes_per_value=bytes_per_value)
+    if pcfg.cp_design == "ulysses":
+        what = (f"4 all-to-alls forward and 4 backward per layer, {per_layer['all_to_all']['bytes']:,} bytes "
+                "handed over per layer and micro-step")
+    else:
+        kv = kv_block_bytes(config, pcfg.cp, micro_batch=b, seq_len=seq, tp=pcfg.tp,
+                            bytes_per_value=bytes_per_value)
+        what = (f"k/v blocks of {kv:,} bytes round the ring, {pcfg.cp - 1} sends forward and "
+                f"{3 * pcfg.cp - 2} in all per layer and micro-step (backward: the blocks again and "
+                "their dK/dV)" + (", zigzag: every rank the same causal work" if pcfg.cp_design == "zigzag"
+                                  else ""))
+    group = "the dp x cp group" if pcfg.dp > 1 else "the cp group"
+    return [f"context parallel ({pcfg.cp_design}): each rank holds {seq // pcfg.cp} of {seq} tokens; the "
+            f"cp group passes {what}; gradients are summed over {group} (size {pcfg.dp * pcfg.cp})"]

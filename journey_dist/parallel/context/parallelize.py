@@ -15,7 +15,6 @@ gradients over dp x cp in one group).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from journey_dist.config import CP_DESIGNS, ConfigError, GPTConfig
+from journey_dist.config import CP_DESIGNS, ConfigError, GPTConfig, ParallelConfig
+from journey_dist.mesh import Mesh, rank_coords
 from journey_dist.model import SINUSOIDAL_SCALE, KVCache
 from journey_dist.parallel.common import mean_over
 from journey_dist.parallel.context.accounting import check_cp_model
@@ -116,15 +116,16 @@ class ContextParallelAttention(nn.Module):
 class ContextParallelGPT(nn.Module):
     """`model` (a GPT, or a pipeline stage: GPTStage or its tensor-parallel form) on cp ranks.
 
-    Parameters keep the plain model's names (the same modules; attention's core swapped), so
-    parity compares them name for name. forward takes this rank's tokens: ids (B, S/cp) on the
-    first stage, activations (B, S/cp, C) elsewhere; the last stage returns (B, S/cp, V) logits.
+    It takes `model` over: the same modules under the same names (parity compares them name for
+    name), each block's attention swapped in place for its context-parallel form (a tensor-parallel
+    stage holds process groups, which cannot be deep-copied). forward takes this rank's tokens:
+    ids (B, S/cp) on the first stage, activations (B, S/cp, C) elsewhere; the last stage returns
+    (B, S/cp, V) logits.
     """
 
     def __init__(self, model: nn.Module, cp: ContextParallel):
         super().__init__()
         check_cp_model(model.config)
-        model = copy.deepcopy(model)  # the caller's model stays as it was
         self.config, self.cp = model.config, cp
         self.transformer = model.transformer
         if hasattr(model, "lm_head"):
@@ -214,3 +215,18 @@ def sync_cp_grads(module: nn.Module, group: Group, dp: int = 1) -> None:
             dist.all_reduce(p.grad, group=group)
             if dp > 1:
                 p.grad.div_(dp)
+
+
+def dp_cp_ranks(rank: int, pcfg: ParallelConfig) -> list[int]:
+    """Global ranks holding the same (pp, tp) slice as `rank`: every cp rank of every dp replica."""
+    c = rank_coords(rank, pcfg)
+    return [r for r in range(pcfg.world_size)
+            if rank_coords(r, pcfg)["pp"] == c["pp"] and rank_coords(r, pcfg)["tp"] == c["tp"]]
+
+
+def dp_cp_group(mesh: Mesh) -> dist.ProcessGroup:
+    """This rank's dp x cp group, where weight gradients are reduced (as Megatron does).
+    Collective: every rank creates every such group, in the same order."""
+    groups = sorted({tuple(dp_cp_ranks(r, mesh.pcfg)) for r in range(mesh.pcfg.world_size)})
+    mine, _ = dist.new_subgroups_by_enumeration([list(g) for g in groups])
+    return mine
