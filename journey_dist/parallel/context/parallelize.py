@@ -52,13 +52,13 @@ class ContextParallel:
         self.layout = SequenceLayout(self.size, "zigzag" if self.design == "zigzag" else "plain")
         self.ring = Ring(self.group, self.layout)
 
-    def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's tokens of a (B, S, ...) batch tensor (a copy, no communication)."""
-        return self.layout.shard(x, self.rank, dim=1)
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's tokens of a full-sequence tensor, sequence along `dim` (a copy, no communication)."""
+        return self.layout.shard(x, self.rank, dim)
 
-    def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """The (B, S, ...) tensor from every rank's tokens (one all-gather; for checks)."""
-        return self.layout.gather(local, self.group, dim=1)
+    def gather(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The full-sequence tensor from every rank's tokens (one all-gather; for checks)."""
+        return self.layout.gather(local, self.group, dim)
 
     def token_positions(self, local_len: int, device: torch.device) -> torch.Tensor:
         """(S/cp,) the global position of each of this rank's tokens (what embeddings and RoPE use)."""
