@@ -27,6 +27,7 @@ from journey_dist.mesh import Mesh, rank_coords
 from journey_dist.model import SINUSOIDAL_SCALE, KVCache
 from journey_dist.parallel.common import mean_over
 from journey_dist.parallel.context.accounting import check_cp_model
+from journey_dist.parallel.context.allgather import allgather_attention
 from journey_dist.parallel.context.layout import SequenceLayout
 from journey_dist.parallel.context.ring import Ring, ring_attention
 from journey_dist.parallel.context.ulysses import ulysses_attention
@@ -35,18 +36,20 @@ from journey_dist.positions import apply_rope, rope_inv_freq, sinusoidal_table
 from journey_dist.train import StepHooks
 
 Group = dist.ProcessGroup | None
+BASELINES = ("allgather",)  # benchmarks/context_parallel.py's yardstick (allgather.py), not a config choice
 
 
 @dataclass
 class ContextParallel:
-    """The cp group and the design ('ring', 'zigzag' or 'ulysses') every attention layer shares."""
+    """The cp group and the design ('ring', 'zigzag' or 'ulysses'; 'allgather': the benchmark's
+    baseline) every attention layer shares."""
 
     group: Group
     design: str = "ring"
     ring: Ring = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.design not in CP_DESIGNS:
+        if self.design not in CP_DESIGNS + BASELINES:
             raise ConfigError(f"cp design {self.design!r} is unknown; use one of {', '.join(CP_DESIGNS)}")
         self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.layout = SequenceLayout(self.size, "zigzag" if self.design == "zigzag" else "plain")
@@ -68,6 +71,9 @@ class ContextParallel:
         """Causal attention of this rank's tokens over the whole sequence, by the design."""
         if self.design == "ulysses":
             return ulysses_attention(q, k, v, self.group, attn_impl)
+        if self.design == "allgather":
+            return allgather_attention(q, k, v, self.group,
+                                       self.layout.positions(q.size(2) * self.size, self.rank, q.device))
         return ring_attention(q, k, v, self.ring)
 
 
