@@ -3,6 +3,7 @@
     python labs/11_context_parallel.py                        # spawns 2 ranks: gpt-mini at 512 tokens
     python labs/11_context_parallel.py --ranks 4 --preset llama-mini
     torchrun --nproc_per_node=2 labs/11_context_parallel.py
+    torchrun --nproc_per_node=8 labs/11_context_parallel.py --designs ring,zigzag --seq 8192
 
 Each rank holds every weight and S/cp tokens of every sequence; only attention needs the other
 tokens. Ring attention passes k/v blocks round the ring and merges partial softmaxes (its
@@ -25,9 +26,17 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from journey_dist.config import CP_DESIGNS, ParallelConfig, get_preset
+from journey_dist.config import CP_DESIGNS, ConfigError, ParallelConfig, get_preset
 from journey_dist.data import get_batch, load_tokens
-from journey_dist.labkit import check_data, check_memory, lab_parser, parse, positive_float, positive_int
+from journey_dist.labkit import (
+    check_data,
+    check_memory,
+    lab_parser,
+    name_list,
+    parse,
+    positive_float,
+    positive_int,
+)
 from journey_dist.memory.estimate import estimate_memory
 from journey_dist.memory.measure import measure_step
 from journey_dist.parallel.context.accounting import check_context_parallel
@@ -52,12 +61,17 @@ parser.add_argument("--steps", type=positive_int, default=3)
 parser.add_argument("--batch-size", type=positive_int, default=2, help="global batch (sequences)")
 parser.add_argument("--lr", type=positive_float, default=3e-3)
 parser.add_argument("--repeats", type=positive_int, default=5, help="timing repeats of the balance cell")
+parser.add_argument("--designs", type=name_list(CP_DESIGNS), default=CP_DESIGNS,
+                    help=f"comma-separated, from {','.join(CP_DESIGNS)} (Ulysses: cp must divide the heads)")
 args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
 TOL = 1e-5  # fp32: loss, logits, first-step gradients
 world = requested_world_size(args.ranks)
+if world < 2:
+    raise ConfigError(f"context parallel splits each sequence over at least 2 ranks, got {world}; use "
+                      "--ranks 2 (or torchrun --nproc_per_node=2)")
 config = get_preset(args.preset, block_size=args.seq)
-for design in CP_DESIGNS:  # the sequence splits, Ulysses splits the heads, the model is one cp splits
+for design in args.designs:  # the sequence splits, Ulysses splits the heads, the model is one cp splits
     check_context_parallel(ParallelConfig(cp=world, cp_design=design), config, args.seq)
 data = load_tokens(args.data)
 check_data(parser, data, args.batch_size, args.seq)
@@ -79,16 +93,17 @@ def balance_cell(n: int, runs: dict) -> dict:
     b = cfg.batch_size // cfg.grad_accum
     work = balance_table(n, args.seq, batch=b, heads=config.n_head, kv_heads=config.kv_heads,
                          head_dim=config.head_dim, repeats=args.repeats) if dist.get_rank() == 0 else None
-    in_run = gather_objects({d: runs[d].details["work"]["entries_per_forward"] for d in ("ring", "zigzag")})
+    ring = [d for d in ("ring", "zigzag") if d in runs]
+    in_run = gather_objects({d: runs[d].details["work"]["entries_per_forward"] for d in ring})
     if work is None:
         return {}
     rows = [{"rank": r, **{f"{k} {c}": work[k][r][c] for k in work for c in ("blocks", "flops", "seconds")},
-             "run": f"{in_run[r]['ring']:.0f} / {in_run[r]['zigzag']:.0f}"} for r in range(n)]
+             "run": " / ".join(f"{in_run[r][d]:.0f}" for d in ring)} for r in range(n)]
     cols = [("rank", "rank", str)]
     for k in work:
         cols += [(f"{k} blocks", f"{k} blocks", str), (f"{k} flops", "MFLOP", lambda x: f"{x / 1e6:,.0f}"),
                  (f"{k} seconds", "ms", lambda x: f"{x * 1e3:.1f}")]
-    cols.append(("run", "score entries in the run (ring / zigzag)", str))
+    cols.append(("run", f"score entries in the run ({' / '.join(ring)})", str))
     print0(f"\nforward attention per rank, batch {b} x {config.n_head} heads (one thread, fastest of "
            f"{args.repeats}):")
     print0(table(rows, cols))
@@ -108,7 +123,7 @@ def parity_cell(n: int) -> tuple[dict, dict]:
     with torch.no_grad():
         ref_logits = fresh_model(config)(x)[0]
     runs, diffs = {}, {}
-    for design in CP_DESIGNS:
+    for design in args.designs:
         runs[design] = run = context_parallel_run(config, data, cfg, design=design)
         d = worst_diffs(run, ref)
         logits = torch.tensor((run.details["logits"].cpu() - ref_logits).abs().max().item())
@@ -142,13 +157,15 @@ def traffic_cell(runs: dict) -> dict:
 # %% Activation memory per rank: measured (tensor ledger, one step) vs estimated
 def memory_cell(n: int) -> dict:
     x, y = get_batch(data.train, cfg.batch_size, args.seq, 0, cfg.seed)
-    one = estimate_memory(config, batch_size=cfg.batch_size, seq_len=args.seq, device="cpu")
+    device = comm_device()  # the estimate's terms for the device the ranks measure on
+    x, y = x.to(device), y.to(device)
+    one = estimate_memory(config, batch_size=cfg.batch_size, seq_len=args.seq, device=device.type)
     cells, out = {"one process": {"activations": (None, one.activations), "peak": (None, one.total)}}, {}
-    for design in CP_DESIGNS:
-        model = ContextParallelGPT(fresh_model(config), ContextParallel(None, design)).to(comm_device())
+    for design in args.designs:
+        model = ContextParallelGPT(fresh_model(config), ContextParallel(None, design)).to(device)
         cp = model.cp
         meas = measure_step(model, make_optimizer(model, cfg), cp.shard(x), cp.shard(y))
-        est = estimate_memory(config, batch_size=cfg.batch_size, seq_len=args.seq, device="cpu", cp=n,
+        est = estimate_memory(config, batch_size=cfg.batch_size, seq_len=args.seq, device=device.type, cp=n,
                               cp_design=design)
         got = torch.tensor([meas.high_water["activations"], meas.peak], dtype=torch.float64)
         dist.all_reduce(got, op=dist.ReduceOp.MAX)
