@@ -60,7 +60,8 @@ parser.add_argument("--data", default="handbook", help="embedded corpus name or 
 parser.add_argument("--steps", type=positive_int, default=3)
 parser.add_argument("--batch-size", type=positive_int, default=2, help="global batch (sequences)")
 parser.add_argument("--lr", type=positive_float, default=3e-3)
-parser.add_argument("--repeats", type=positive_int, default=5, help="timing repeats of the balance cell")
+parser.add_argument("--repeats", type=positive_int, default=30, help="timing repeats of the balance cell "
+                    "(the fastest counts: a busy machine slows some repeats, not the work)")
 parser.add_argument("--designs", type=name_list(CP_DESIGNS), default=CP_DESIGNS,
                     help=f"comma-separated, from {','.join(CP_DESIGNS)} (Ulysses: cp must divide the heads)")
 args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from journey_dist.cli import main as journey
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
@@ -28,6 +30,7 @@ from journey_dist.parallel.context.accounting import (
 from journey_dist.parallel.context.layout import SequenceLayout, attention_work, imbalance, rank_blocks
 from journey_dist.parallel.context.parallelize import ContextParallel, ContextParallelGPT
 from journey_dist.parallel.context.run import context_parallel_run
+from journey_dist.parallel.context.torch_cp import compare_torch_context_parallel
 from journey_dist.parity import fresh_model, reference_run, worst_diffs
 from journey_dist.plan import make_plan, plan_text
 from journey_dist.train import TrainConfig, make_optimizer
@@ -141,9 +144,15 @@ def _memory(design, config, batch=2):
     return {"activations": (meas.high_water["activations"], est.activations), "peak": (meas.peak, est.total)}
 
 
-def _rank_cases(runs, steps, memory=(), cfg=CFG):
+def _torch_cp():
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",))
+    q, k, v = (torch.randn(1, 4, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    return compare_torch_context_parallel(q, k, v, mesh, ContextParallel(mesh.get_group(), "ring"))
+
+
+def _rank_cases(runs, steps, memory=(), cfg=CFG, torch_cp=False):
     data = load_tokens("handbook")
-    out = {"runs": {}, "steps": {}, "memory": {}}
+    out = {"runs": {}, "steps": {}, "memory": {}, "torch_cp": _torch_cp() if torch_cp else None}
     for design, name, config in memory:
         out["memory"][design, name] = _memory(design, config)
     for (design, name, config), ref in runs:
@@ -179,7 +188,7 @@ def cp2():
         (("local", "ulysses"), LocalPositions, "ulysses", TINY_LLAMA, 32),
     ]
     memory = [(d, "gpt", TINY) for d in DESIGNS] + [("ulysses", "llama", TINY_LLAMA)]
-    return run_ranks(_rank_cases, 2, runs, steps, memory, timeout_s=300)
+    return run_ranks(_rank_cases, 2, runs, steps, memory, CFG, True, timeout_s=300)
 
 
 def check_runs(results):
@@ -222,6 +231,20 @@ def test_cp2_activation_memory_per_rank_is_the_estimate(cp2):
             assert estimated <= measured <= 1.2 * estimated, (design, name, m)
             if design == "ulysses":
                 assert measured - estimated <= 16, (design, name, m)  # the loss's [sum, count] and count
+
+
+def test_torch_context_parallel_runs_or_names_its_error(cp2):
+    # torch 2.13's context_parallel handles the fused SDPA ops of CUDA only; on CPU both ways fail,
+    # and the lab prints these errors instead of skipping the comparison
+    got = cp2[0]["torch_cp"]
+    assert set(got) == {"default SDPA", "math backend"}
+    if not torch.cuda.is_available():
+        assert not got["default SDPA"]["ran"] and not got["math backend"]["ran"]
+        assert "_scaled_dot_product_flash_attention_for_cpu" in got["default SDPA"]["error"]
+        assert "does not have a sharding strategy" in got["default SDPA"]["error"]
+        assert "mixed torch.Tensor and DTensor" in got["math backend"]["error"]
+    for r in got.values():
+        assert not r["ran"] or r["max_diff"] < TOL, r
 
 
 def test_local_positions_break_parity(cp2):
