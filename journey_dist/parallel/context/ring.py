@@ -51,12 +51,12 @@ class Ring:
         self.rank, self.size = dist.get_rank(self.group), len(ranks)
         self.next, self.prev = ranks[(self.rank + 1) % self.size], ranks[(self.rank - 1) % self.size]
 
-    def exchange(self, t: torch.Tensor, tag: int) -> tuple[list[dist.Work], torch.Tensor]:
+    def exchange(self, t: torch.Tensor, tag: int) -> Exchange:
         """Post: send `t` to the next rank, receive a tensor like it from the previous one."""
         buf = torch.empty_like(t)
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag),
                dist.P2POp(dist.irecv, buf, self.prev, self.group, tag)]
-        return dist.batch_isend_irecv(ops), buf
+        return Exchange(dist.batch_isend_irecv(ops), t, buf)
 
     def blocks(self, seq_len: int, src: int) -> list[tuple[int, slice, slice, str]]:
         """(local query chunk index, query slice, key slice in src's block, kind) to compute."""
@@ -72,6 +72,24 @@ class Ring:
                 k_off += len(k)
             q_off += len(q)
         return out
+
+
+@dataclass
+class Exchange:
+    """One posted send and receive. It holds the tensor being sent until `wait`: the caller may drop
+    its own reference at once, and a buffer freed (and reused) while the send reads it would send
+    garbage, or worse."""
+
+    works: list[dist.Work]
+    sending: torch.Tensor | None
+    received: torch.Tensor
+
+    def wait(self) -> torch.Tensor:
+        """Wait for both; return the received tensor."""
+        for w in self.works:
+            w.wait()
+        self.sending = None
+        return self.received
 
 
 # ----------------------------------------------------------------------------- one block
@@ -136,13 +154,11 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.cat([k, v], dim=1)  # (B, 2K, T, D): one message per step
         for step in range(ring.size):
             if step + 1 < ring.size:
-                works, incoming = ring.exchange(kv, KV_TAG)
+                nxt = ring.exchange(kv, KV_TAG)
             _attend(ring, S, (ring.rank - step) % ring.size, qg, kv, K, scale,
                     lambda qi, o, l: merge(acc[qi], lse[qi], o, l))  # noqa: E741
             if step + 1 < ring.size:
-                for w in works:
-                    w.wait()
-                kv = incoming
+                kv = nxt.wait()
         out = q.new_empty(B, T, H, D)  # (B, T, H, D) storage: the caller's (B, T, H·D) view is free
         lse_all = torch.empty(B, H, T, device=q.device)
         for sl, a, l in zip(bounds, acc, lse):  # noqa: E741
@@ -166,29 +182,23 @@ class _RingAttention(torch.autograd.Function):
         delta = [(d.float() * grouped(out[:, :, sl], K).float()).sum(-1) for d, sl in zip(dg, bounds)]
         dq = [torch.zeros(*g.shape, dtype=torch.float32, device=q.device) for g in qg]
         kv = torch.cat([k, v], dim=1)
-        pending: list[dist.Work] = []
-        incoming_grad = None
+        grad_hop = None  # the partial dK/dV on its way to the next rank
         for step in range(ring.size):
             if step + 1 < ring.size:
-                works, incoming = ring.exchange(kv, KV_TAG)
+                nxt = ring.exchange(kv, KV_TAG)
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             _attend_backward(ring, S, (ring.rank - step) % ring.size, (qg, dg, lse, delta), kv, K, scale,
                              dq, dkv)
-            if step > 0:  # the partial dK/dV of this block from the ranks before
-                for w in pending:
-                    w.wait()
-                dkv += incoming_grad
-            pending, incoming_grad = ring.exchange(dkv, DKV_TAG)
+            if grad_hop is not None:  # the partial dK/dV of this block from the ranks before
+                dkv += grad_hop.wait()
+            grad_hop = ring.exchange(dkv, DKV_TAG)
             if step + 1 < ring.size:
-                for w in works:
-                    w.wait()
-                kv = incoming
-        for w in pending:
-            w.wait()  # incoming_grad: this rank's own block, every rank's contribution added
+                kv = nxt.wait()
+        own = grad_hop.wait()  # this rank's own block, every rank's contribution added
         dq_all = torch.empty_like(q)
         for sl, d in zip(bounds, dq):
             dq_all[:, :, sl] = ungrouped(d, q.size(1)).to(q.dtype)
-        dk, dv = incoming_grad[:, :K].to(k.dtype), incoming_grad[:, K:].to(v.dtype)
+        dk, dv = own[:, :K].to(k.dtype), own[:, K:].to(v.dtype)
         return dq_all, dk, dv, None
 
 
