@@ -1,7 +1,7 @@
 """Context parallel step time and peak memory per rank: ring attention vs the all-gather-k/v baseline.
 
     python benchmarks/context_parallel.py                      # 2 gloo ranks, gpt-mini at 1024 tokens
-    python benchmarks/context_parallel.py --ranks 4 --seq 1024 --batch 2 --steps 3 --rounds 3
+    python benchmarks/context_parallel.py --ranks 4 --name context_parallel_cp4
 
 Same fresh GPT (block_size = --seq), same batches, same AdamW; each rank holds seq/cp tokens.
 Variants at the same cp: ring (k/v blocks round the ring, overlapped with compute), zigzag (the
@@ -11,7 +11,7 @@ speed hits all of them; a step's time is the slowest rank's mean, the median ove
 reported, and the ratio to allgather is from this one run. Peak memory: the exact tensor ledger
 (memory.measure) of one step on every rank (max over ranks), next to memory.estimate_memory
 (cp, cp_design) where it models the design. Bytes: the CommLedger of one step on rank 0.
-Writes benchmarks/results/context_parallel.{json,md}.
+Writes benchmarks/results/<--name>.{json,md} (default context_parallel).
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def rank_main(args, data) -> dict | None:
     return {"meta": meta, "variants": rows, "vs_allgather": ratios}
 
 
-def write(result: dict) -> None:
+def write(result: dict, name: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "context_parallel.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["meta"]
 
     def mib(x):
@@ -129,7 +129,7 @@ def write(result: dict) -> None:
                      f"({mib(r['estimated_activations'])}) | {ratio['peak']:.2f}x | {coll} |")
     lines += ["", f"Machine: {m['cpus']} CPUs, 1-minute load average {m['load_average_1min']:.1f} at the end "
               "(a shared box: absolute times are noisy; the ratios are from interleaved rounds of one run)."]
-    (RESULTS / "context_parallel.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
@@ -141,11 +141,14 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--name", default="context_parallel", help="results file stem under benchmarks/results")
     a = p.parse_args()
+    if Path(a.name).name != a.name or not a.name:
+        p.error(f"--name {a.name!r} must be a plain file stem (it is written under benchmarks/results)")
     cfg = get_preset(a.preset, block_size=a.seq)
     for design in CP_DESIGNS:
         check_context_parallel(ParallelConfig(cp=a.ranks, cp_design=design), cfg, a.seq)
     res = launch(rank_main, a.ranks, a, load_tokens("handbook"))[0]
     if res is not None:
-        write(res)
-        print((RESULTS / "context_parallel.md").read_text())
+        write(res, a.name)
+        print((RESULTS / f"{a.name}.md").read_text())
