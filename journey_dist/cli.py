@@ -82,9 +82,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     schedule = args.schedule or "1f1b"
     virtual_stages = args.virtual_stages or (2 if schedule == "interleaved" else 1)
     if args.search:
-        if args.ep != 1 or schedule not in ("1f1b", "gpipe"):
-            raise ConfigError("--search ranks dense layouts with the 1f1b or gpipe schedule; drop --ep and "
-                              "--schedule (or plan that layout without --search)")
+        if args.ep != 1 or args.cp != 1 or schedule not in ("1f1b", "gpipe"):
+            raise ConfigError("--search ranks dense layouts without context parallel, with the 1f1b or "
+                              "gpipe schedule; drop --ep, --cp and --schedule (or plan that layout without "
+                              "--search)")
         if cluster is None or args.gpus is None:
             raise ConfigError("--search ranks layouts of a cluster: give --gpus N and --gpu NAME "
                               "(or --cluster FILE)")
@@ -109,11 +110,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.top is not None:
         raise ConfigError("--top says how many layouts --search prints; add --search or drop --top")
     tp, pp = args.tp or 1, args.pp or 1
-    dp = args.dp if args.dp is not None else (1 if args.gpus is None else dp_for(args.gpus, tp, pp))
+    if args.gpus is not None and args.dp is None and args.gpus % args.cp:
+        raise ConfigError(f"--gpus {args.gpus} is not a multiple of --cp {args.cp}; use a cp dividing it")
+    dp = args.dp if args.dp is not None else (
+        1 if args.gpus is None else dp_for(args.gpus // args.cp, tp, pp))
     world = args.world if args.gpus is None else args.gpus
     pcfg = ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=args.microbatches or 1, zero=args.zero or 0,
                           sequence_parallel=args.sequence_parallel, schedule=schedule, ep=args.ep,
-                          virtual_stages=virtual_stages)
+                          virtual_stages=virtual_stages, cp=args.cp, cp_design=args.cp_design)
     gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else (
         cluster.memory if cluster is not None else None)
     recompute = args.recompute or "none"
@@ -179,6 +183,9 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global batch in sequences per step (default 8)")
     parser.add_argument("--global-batch-tokens", default=None, metavar="N",
                         help="global batch in tokens, e.g. 4M or 4Mi (sequences = N / seq, rounded)")
+    parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks (each holds seq/cp tokens)")
+    parser.add_argument("--cp-design", default="ring", choices=["ring", "zigzag", "ulysses"],
+                        help="with --cp: ring attention, ring with zigzag balance, or Ulysses all-to-all")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="as `journey estimate`: bf16 = pure bf16; bf16-mixed = + fp32 master weights; "
@@ -196,7 +203,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB or 80GiB: say what "
                         f"fits; the exit status is {EXIT_DOES_NOT_FIT} when the plan does not fit "
                         "(default with --gpu: its HBM)")
-    parser.add_argument("--world", type=int, default=None, help="ranks you will launch (checked = dp*tp*pp)")
+    parser.add_argument("--world", type=int, default=None,
+                        help="ranks you will launch (checked = dp*cp*tp*pp)")
     parser.add_argument("--device", default=None, choices=["cuda", "cpu"],
                         help="memory terms for this device (default: cuda; cpu with --gpu cpu-gloo)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -287,7 +295,7 @@ COMMANDS: dict = {
     "presets": (_cmd_presets, "list model presets and their parameter counts", None),
     "estimate": (_cmd_estimate, "memory per rank: estimated vs measured, per component (lab 07)",
                  _estimate_arguments),
-    "plan": (_cmd_plan, "size a dp x tp x pp run before launching it: validation, mesh, memory per "
+    "plan": (_cmd_plan, "size a dp x cp x tp x pp run before launching it: validation, mesh, memory per "
              "stage, communication per step, bubble; with --gpu: step time, MFU, time to train, --search",
              _plan_arguments),
     "calibrate": (_cmd_calibrate, "measure this machine (matmul, memory, gloo all-reduce, a GPT-mini step) "

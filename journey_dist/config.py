@@ -24,6 +24,8 @@ ROUTERS = ("topk_softmax", "softmax_topk")
 # pipeline schedules (parallel/pipeline/orders.py lists each one's actions)
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
+CP_DESIGNS = ("ring", "zigzag", "ulysses")  # context parallel: parallel/context/
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -268,6 +270,7 @@ class ParallelConfig:
     virtual_stages: int = 1  # chunks of layers per pipeline rank (interleaved: v >= 2)
     pad_vocab: bool = False  # tp: pad the vocabulary to a multiple of tp (padded logits masked)
     ep: int = 1  # expert parallel, inside dp (parallel/expert)
+    cp_design: str = "ring"  # cp > 1: "ring", "zigzag" (ring, load-balanced) or "ulysses" (all-to-all)
 
     @property
     def world_size(self) -> int:
@@ -320,6 +323,8 @@ class ParallelConfig:
             raise ConfigError(f"schedule={self.schedule!r}; use one of "
                               f"{', '.join(map(repr, PIPELINE_SCHEDULES))}")
         self._check_schedule()
+        if self.cp_design not in CP_DESIGNS:
+            raise ConfigError(f"cp_design={self.cp_design!r}; use one of {', '.join(CP_DESIGNS)}")
         if world_size is not None and world_size != self.world_size:
             raise ConfigError(
                 f"{self._product()} = {self.world_size} but the world "

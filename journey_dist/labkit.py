@@ -215,6 +215,16 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def name_list(choices: Sequence[str]):
+    """An argparse type: comma-separated names, each one of `choices`, e.g. ring,zigzag."""
+    def parse_names(text: str) -> tuple[str, ...]:
+        names = tuple(n for n in text.split(",") if n)
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated names from {','.join(choices)}")
+        return names
+    return parse_names
+
+
 # ----------------------------------------------------------------- checks that need several flags
 
 

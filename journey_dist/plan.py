@@ -5,7 +5,8 @@ Every number comes from the function the labs and tests check against a measurem
     validation   ParallelConfig.validate (world size, head/vocab/layer divisibility, batch)
     layout       mesh.layout_text (capped for big worlds)
     memory       memory.estimate.estimate_memory, one pipeline stage at a time
-    comm         parallel/compose.expected_comm_per_step (tp all-reduce, pp send, dp all-reduce;
+    comm         parallel/compose.expected_comm_per_step (tp all-reduce, pp send, dp all-reduce, cp
+                 k/v sends or all-to-alls and the dp x cp gradient all-reduce: context/accounting.py;
                  equal to the CommLedger in tests/test_three_d.py); sequence parallel (pp = 1):
                  parallel/tensor/parallelize.analytic_collectives; ZeRO: a reduce-scatter of the
                  gradients and an all-gather of the weights over dp (sharding/zero.py's flat buffer)
@@ -35,6 +36,7 @@ from journey_dist.memory.estimate import (
 from journey_dist.memory.sizes import expert_param_count
 from journey_dist.mesh import layout_text
 from journey_dist.parallel.compose import expected_comm_per_step
+from journey_dist.parallel.context.accounting import cp_plan_notes
 from journey_dist.parallel.expert.accounting import planned_comm
 from journey_dist.parallel.pipeline.orders import bubble_expression, bubble_formula, inflight_formula
 from journey_dist.parallel.pipeline.stage import stage_layers
@@ -79,7 +81,8 @@ def comm_per_step(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int,
     g = int(model_state_bytes(1, dtype)["grads"])
     if cfg.n_experts:
         return _expert_comm(cfg, pcfg, batch=batch, seq=seq, v=v, g=g, grad_clip=grad_clip)
-    m, sizes = pcfg.microbatches, {"tp": pcfg.tp, "dp": pcfg.dp, "pp": pcfg.pp}
+    m, sizes = pcfg.microbatches, {"tp": pcfg.tp, "dp": pcfg.dp, "pp": pcfg.pp, "cp": pcfg.cp,
+                                   "dp_cp": pcfg.dp * pcfg.cp}
     train = TrainConfig(batch_size=batch, grad_accum=m, grad_clip=grad_clip)
     plain = replace(pcfg, zero=0, sequence_parallel=False, pad_vocab=False)  # vocab already padded
     raw = expected_comm_per_step(cfg, plain, train, {"pp": stage, "dp": 0, "tp": 0},
@@ -147,7 +150,8 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
                               dp=pcfg.dp, zero=pcfg.zero, tp=pcfg.tp, pp=pcfg.pp,
                               microbatches=pcfg.microbatches, sequence_parallel=pcfg.sequence_parallel,
                               device=device, schedule=pcfg.schedule, stage=s, ep=pcfg.ep,
-                              virtual_stages=pcfg.virtual_stages, recompute=recompute)
+                              virtual_stages=pcfg.virtual_stages, recompute=recompute,
+                              cp=pcfg.cp, cp_design=pcfg.cp_design)
         comm, missing = comm_per_step(cfg, pcfg, batch=batch, seq=seq, stage=s, dtype=dtype,
                                       grad_clip=grad_clip)
         row = {"stage": s, "layers": len(stage_layers(cfg.n_layer, pcfg.pp)[s]),
@@ -167,10 +171,12 @@ def make_plan(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int | No
     busiest = max(stages, key=lambda r: r["memory"]["peak"])
     return {
         "model": cfg.to_dict(), "parallel": {k: getattr(pcfg, k) for k in (
-            "dp", "tp", "pp", "microbatches", "zero", "sequence_parallel", "schedule", "ep",
-            "virtual_stages")},
+            "dp", "tp", "pp", "cp", "cp_design", "microbatches", "zero", "sequence_parallel", "schedule",
+            "ep", "virtual_stages")},
         "world_size": pcfg.world_size, "batch": batch, "seq": seq, "dtype": dtype, "optimizer": optimizer,
-        "device": device, "grad_clip": grad_clip, "notes": notes,
+        "device": device, "grad_clip": grad_clip,
+        "notes": notes + cp_plan_notes(cfg, pcfg, batch=batch, seq=seq,
+                                       bytes_per_value=PRECISIONS[dtype].residual),
         "layout": layout_text(pcfg, limit=layout_limit),
         "micro_batch": micro, "tokens_per_microbatch": micro * seq,
         "bubble": bubble_formula(pcfg.schedule, pcfg.pp, pcfg.microbatches, pcfg.virtual_stages),
@@ -186,8 +192,10 @@ def plan_text(plan: dict) -> str:
     zero = (f" zero={p['zero']}" if p["zero"] else "") + (f" ep={p['ep']}" if p.get("ep", 1) > 1 else "")
     lines = [f"plan: {m['n_layer']} layers x {m['n_embd']} d_model, vocab {m['vocab_size']}; global batch "
              f"{plan['batch']} x {plan['seq']} tokens, {plan['dtype']}, {plan['optimizer']}; "
-             f"dp={p['dp']} tp={p['tp']} pp={p['pp']}{zero}" + (" +sp" if p["sequence_parallel"] else ""),
-             f"valid: world size {plan['world_size']} = dp*tp*pp; batch {plan['batch']} = dp "
+             f"dp={p['dp']} tp={p['tp']} pp={p['pp']}{zero}" + (" +sp" if p["sequence_parallel"] else "")
+             + (f" cp={p['cp']} ({p['cp_design']})" if p["cp"] > 1 else ""),
+             f"valid: world size {plan['world_size']} = dp*{'cp*' if p['cp'] > 1 else ''}tp*pp; batch "
+             f"{plan['batch']} = dp "
              f"{p['dp']} x {p['microbatches']} microbatches x micro-batch {plan['micro_batch']} "
              f"({plan['tokens_per_microbatch']:,} tokens)"]
     lines += [f"note: {n}" for n in plan["notes"]]

@@ -23,6 +23,7 @@ from journey_dist.cluster import get_cluster, load_cluster
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig, check_bucket_mb, get_preset
 from journey_dist.data import ByteTokenizer, TokenData, check_fits, load_text, load_tokens
 from journey_dist.model import GPT
+from journey_dist.parallel.context.accounting import check_context_parallel
 from journey_dist.parallel.pipeline.orders import bubble_formula
 from journey_dist.parallel.pipeline.split_backward import BackwardSplit
 from journey_dist.parallel.sharding.deepspeed import choose_stages, load_config
@@ -236,6 +237,20 @@ CASES = {
     "journey plan: a cluster file with an unknown key": (
         lambda tmp: load_cluster(_text_file(tmp, b'base = "h100"\nnvlink_gb_s = 900\n', "c.toml")),
         r"unknown cluster setting 'nvlink_gb_s'", r"use gpus_per_node, peak_tflops, .*intra_gb_s"),
+    "cp does not divide the sequence": (
+        lambda tmp: check_context_parallel(ParallelConfig(cp=3), MINI, 128),
+        r"a sequence of 128 tokens does not split into cp = 3 equal chunks", r"a multiple of 3 \(e.g. 126\)"),
+    "zigzag needs 2cp chunks": (
+        lambda tmp: check_context_parallel(ParallelConfig(cp=4, cp_design="zigzag"), MINI, 132),
+        r"132 tokens does not split into 2\*cp = 8 equal chunks", r"a multiple of 8 \(e.g. 128\)"),
+    "Ulysses with cp not dividing the heads": (
+        lambda tmp: check_context_parallel(ParallelConfig(cp=3, cp_design="ulysses"), MINI, 129),
+        r"cp=3 does not divide the 4 query heads", r"use a cp in \[1, 2, 4\], or the ring design"),
+    "cp with a pipeline schedule it is not built for": (
+        lambda tmp: check_context_parallel(ParallelConfig(cp=2, pp=2, microbatches=2, schedule="zb-h1"),
+                                           MINI, 128),
+        r"cp=2 with pp=2: the context-parallel stages are built and tested with the gpipe and 1f1b "
+        r"schedules, not 'zb-h1'", r"use schedule='1f1b' \(or gpipe\), or cp=1"),
 }
 
 
@@ -318,6 +333,11 @@ LAB_CASES = [
     pytest.param("07_memory_profile.py", ["--preset", "gpt2-xl", "--batch", "512"],
                  r"estimated peak .* is more than .* free to use", r"pass --force to measure anyway", None,
                  id="lab07 gpt2-xl does not fit"),
+    pytest.param("11_context_parallel.py", ["--ranks", "3", "--seq", "510"],
+                 r"cp=3 does not divide the 4 query heads", r"or the ring design", None,
+                 id="lab11 Ulysses with cp=3"),
+    pytest.param("11_context_parallel.py", ["--seq", "101"], r"101 tokens does not split into cp = 2",
+                 r"a multiple of 2", None, id="lab11 odd sequence", marks=slow),
     pytest.param("01_single_device.py", [], r"cannot write results to .*/01_single_device: .*runs is a file",
                  r"pass --out DIR \(or set JOURNEY_RUNS_DIR\)", _runs_file, id="lab01 runs/ is a file",
                  marks=slow),

@@ -89,6 +89,20 @@ def test_lab07_memory_claims(tmp_path):
     assert rc["full"]["extra_flops"] > rc["selective"]["extra_flops"] > 0 == rc["ops"]["extra_flops"]
 
 
+def test_lab11_context_parallel_claims(tmp_path):
+    _, r = run_lab("11_context_parallel", "--preset", "tiny", "--seq", "32", "--steps", "2",
+                   "--batch-size", "4", "--repeats", "1", runs_dir=tmp_path)
+    assert r["cp"] == 2 and set(r["parity"]["diffs"]) == {"ring", "zigzag", "ulysses"}
+    for design, d in r["parity"]["diffs"].items():
+        assert max(d["loss"], d["logits"], d["grad"]) < TOL, design
+    assert r["traffic"]["match"]
+    for design, m in r["memory"]["per_design"].items():
+        assert m["activations"] == m["estimated_activations"], design
+    flops = {k: v["flops"] for k, v in r["balance"]["imbalance"].items()}
+    assert flops == {"plain": pytest.approx(4 / 3), "zigzag": 1.0}
+    assert all(not a["ran"] or a["max_diff"] < TOL for a in r["torch_context_parallel"].values())
+
+
 def test_lab13_serving_claims(tmp_path):
     args = ("--preset", "tiny", "--requests", "12", "--blocks", "8", "--max-seqs", "8", "--train-steps", "3",
             "--group-size", "16")

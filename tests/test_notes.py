@@ -48,6 +48,8 @@ from journey_dist.memory.sizes import layer_matrix_params
 from journey_dist.model import GPT
 from journey_dist.ngram import NGramLM, per_byte_perplexity
 from journey_dist.parallel.compose import expected_comm_per_step
+from journey_dist.parallel.context.accounting import kv_block_bytes, layer_comm, step_comm
+from journey_dist.parallel.context.layout import SequenceLayout, attention_work, imbalance
 from journey_dist.parallel.data.replicas import bucket_layout, planned_buckets
 from journey_dist.parallel.expert.accounting import even_load_forwards, expected_collectives, planned_comm
 from journey_dist.parallel.pipeline.timeline import bubble_formula
@@ -148,7 +150,8 @@ DP bucket planning, the model on the meta device (P = get_preset), and the labs'
 the BPE tokenizer (`bpe(corpus, merges)`: trained once per session), WordPiece (`wordpiece(corpus,
 size)`) and Heaps' law (`heaps(corpus)`), the n-gram model (tiny texts only: a note's `let` runs
 once per test session), serving's quantized weight bytes, LoRA parameter counts on a real gpt-mini,
-the KV-cache paging estimate, tensor-parallel and 3D expected collectives, ZeRO/FSDP byte
+the KV-cache paging estimate, tensor-parallel, 3D and context-parallel expected collectives and
+the cp layouts' attention work, ZeRO/FSDP byte
 accounting and DeepSpeed's config builder, number formats (numerics.py), scaling laws
 (scaling.py), communication-reduction bytes (compression.py), a small model's first gradients,
 a mixture of experts' routing rules (journey_dist.moe), parameter counts and expert-parallel bytes
@@ -182,6 +185,8 @@ predicted steps). None of them needs a process group."""
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
               expected_comm_per_step=expected_comm_per_step)
+    ns.update(SequenceLayout=SequenceLayout, attention_work=attention_work, imbalance=imbalance,
+              kv_block_bytes=kv_block_bytes, layer_comm=layer_comm, step_comm=step_comm)
     ns.update(padded_numel=padded_numel, shard_range=shard_range,
               unsharded_adamw_state_bytes=unsharded_adamw_state_bytes, unit_bytes=unit_bytes,
               deepspeed_config=deepspeed_config)
@@ -226,7 +231,8 @@ def test_notes_exist_and_carry_many_checks():
     names = {p.name for p in NOTES}
     for name in ("README.md", "tokens.md", "bpe.md", "ngrams.md", "attention.md", "transformer_block.md",
                  "parameters.md", "parallelism.md", "zero.md", "memory.md", "kv_cache.md", "lora.md",
-                 "serving.md", "reliability.md", "mixed_precision.md", "batch_size.md", "communication.md"):
+                 "serving.md", "reliability.md", "mixed_precision.md", "batch_size.md", "communication.md",
+                 "context_parallel.md"):
         assert name in names, f"notes/{name} is missing"
     # 386 when this floor was set: a floor of 250 let a third of the checks vanish unnoticed
     assert len(CHECKS) >= 380, f"only {len(CHECKS)} checked numbers in notes/ (386 when this was written)"

@@ -71,6 +71,8 @@ class Shape:
     device: str  # "cpu" or "cuda"
     model: GPTConfig  # the switches: norm, mlp (width f), positions, kv heads, experts
     ep: int = 1  # expert-parallel ranks (a mixture of experts)
+    cp: int = 1  # context parallel: s is then this rank's S/cp tokens
+    cp_design: str = "ring"  # "ring", "zigzag" (keep what fused attention keeps) or "ulysses"
 
     @property
     def kv(self) -> int:  # key/value heads (GQA: fewer than a)
@@ -155,7 +157,9 @@ def layer_terms(x: Shape) -> list[Term]:
              + (f", {qkv_in} autocast copies" if qkv_in > 1 else "") + ")",
              qkv_in * v * n * h * x.rep, f"{qkv_in}v·bsh [/t with SP]".replace("1v", "v")),
     ]
-    if x.fused:
+    if x.cp > 1 and x.cp_design == "ulysses":
+        terms += ulysses_terms(x, out_proj)
+    elif x.fused:  # also ring attention (parallel/context/ring.py saves what SDPA saves)
         terms.append(qkv_term(x, "SDPA"))
         terms += [
             Term(f"attention output (SDPA output = {out_proj} input)", v * n * h / t, "v·bsh/t"),
@@ -232,6 +236,21 @@ def selective_terms(x: Shape, terms: list[Term]) -> tuple[list[Term], list[Term]
         at = next(i for i, tm in enumerate(kept) if tm.name.startswith("attention output copy"))
         kept.insert(at, qkv_term(x, "the checkpointed core"))
     return kept, recomputed
+
+
+def ulysses_terms(x: Shape, out_proj: str) -> list[Term]:
+    """Ulysses (parallel/context/ulysses.py), s = S/cp: fused attention on all S tokens of this
+    rank's a/cp heads keeps the same bytes as on s tokens of all heads, but of its own q, k, v (the
+    all-to-all outputs; fewer kv heads than cp are repeated to cp) and its output in head layout,
+    next to the output projection's input (a new tensor from the all-to-all back)."""
+    n, v, t, a = x.b * x.s, x.prec.values, x.t, x.a // x.t
+    kv = x.kv // t if (x.kv // t) % x.cp == 0 else x.cp
+    repeated = ", kv heads repeated to cp" if kv != x.kv // t else ""
+    return [Term(f"q, k, v after the all-to-all (kept by SDPA{repeated})", v * n * (a + 2 * kv) * x.d,
+                 "v·bs(a + 2kv)d/t"),
+            Term("attention output, head layout (SDPA output)", v * n * x.h / t, "v·bsh/t"),
+            Term(f"{out_proj} input (the all-to-all back)", v * n * x.h / t, "v·bsh/t"),
+            Term("SDPA log-sum-exp (fp32)", 4 * x.b * x.a * x.s / t, "4·bas/t")]
 
 
 def mlp_terms(x: Shape) -> list[Term]:

@@ -68,6 +68,7 @@ from journey_dist.memory.sizes import (  # noqa: F401 (re-exported)
     param_count,
     param_tensor_count,
 )
+from journey_dist.parallel.context.accounting import check_context_parallel
 from journey_dist.parallel.pipeline.orders import inflight_formula
 from journey_dist.parallel.pipeline.stage import stage_layers
 from journey_dist.recompute import recompute_mode
@@ -123,7 +124,8 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
                     sequence_parallel: bool = False, recompute: str | bool = "none", attn: str | None = None,
                     dropout: bool | None = None, device: str = "cuda",
                     schedule: str = "1f1b", lora: LoRAConfig | None = None,
-                    stage: int | None = None, ep: int = 1, virtual_stages: int = 1) -> MemoryEstimate:
+                    stage: int | None = None, ep: int = 1, virtual_stages: int = 1, cp: int = 1,
+                    cp_design: str = "ring") -> MemoryEstimate:
     """Estimate one training step's memory on the busiest rank (bytes), or on pipeline `stage`.
 
     batch_size is the global batch (sequences per optimizer step, as in TrainConfig); each
@@ -145,6 +147,8 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
     `stage` (0..pp-1): that stage's ranks instead of the busiest (the first or the last stage).
     A mixture of experts (cfg.n_experts > 0): `ep` ranks (inside dp) split the experts; model states
     are exact per rank; the MoE activations assume an even load (activations.moe_terms).
+    `cp` > 1 (context parallel, `cp_design` ring, zigzag or ulysses): each rank holds seq_len/cp
+    tokens, so every token term falls as 1/cp (parallel/context/; exact vs the CPU ledger).
     Raises ConfigError (config.py's checks) for a layout that cannot work.
     """
     if stage is not None and not 0 <= stage < pp:
@@ -160,9 +164,14 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
         raise ConfigError(f"device={device!r}; use 'cpu' or 'cuda'")
     if seq_len < 1 or seq_len > cfg.block_size:
         raise ConfigError(f"seq_len={seq_len} must be in 1..block_size={cfg.block_size}")
-    ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=microbatches, zero=zero, ep=ep,
-                   sequence_parallel=sequence_parallel, schedule=schedule,
-                   virtual_stages=virtual_stages).validate(cfg, global_batch=batch_size)
+    pcfg = ParallelConfig(dp=dp, tp=tp, pp=pp, cp=cp, microbatches=microbatches, zero=zero, ep=ep,
+                          sequence_parallel=sequence_parallel, schedule=schedule, cp_design=cp_design,
+                          virtual_stages=virtual_stages)
+    pcfg.validate(cfg, global_batch=batch_size)
+    check_context_parallel(pcfg, cfg, seq_len)
+    if cp > 1 and attn != "sdpa":
+        raise ConfigError(f"attn={attn!r} with cp={cp}: the context-parallel estimate models fused attention "
+                          "(ring attention keeps what SDPA keeps); use attn='sdpa'")
     recompute = recompute_mode(recompute)
     if recompute == "ops":
         raise ConfigError("recompute='ops' (a per-op save list) is measured, not modelled by the estimate; "
@@ -181,9 +190,9 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
         trainable_params = lora_param_count(cfg, lora) if trainable_params is None else trainable_params
     prec = PRECISIONS[dtype]
     dropout = cfg.dropout > 0 if dropout is None else dropout
-    x = Shape(b=batch_size // (dp * microbatches), s=seq_len, h=cfg.n_embd, a=cfg.n_head,
+    x = Shape(b=batch_size // (dp * microbatches), s=seq_len // cp, h=cfg.n_embd, a=cfg.n_head,
                V=cfg.vocab_size, t=tp, sp=sequence_parallel, prec=prec, attn=attn, dropout=dropout,
-               device=device, model=cfg, ep=ep)
+               device=device, model=cfg, ep=ep, cp=cp, cp_design=cp_design)
     stages = [stage] if stage is not None else ([0] if pp == 1 else [0, pp - 1])
     results = [_Stage(cfg, x, dtype, optimizer, trainable_params, dp=dp, zero=zero, pp=pp, stage=s,
                       microbatches=microbatches, recompute=recompute, schedule=schedule,
@@ -194,7 +203,8 @@ def estimate_memory(cfg: GPTConfig, *, batch_size: int, seq_len: int, dtype: str
                       pp=pp, microbatches=microbatches, sequence_parallel=sequence_parallel,
                       recompute=recompute, attn=attn, dropout=dropout, device=device, schedule=schedule,
                       virtual_stages=virtual_stages,
-                      micro_batch=x.b, lora=None if lora is None else asdict(lora), ep=ep)
+                      micro_batch=x.b, lora=None if lora is None else asdict(lora), ep=ep, cp=cp,
+                      cp_design=cp_design)
     return est
 
 

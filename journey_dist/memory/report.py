@@ -253,6 +253,9 @@ def add_estimate_arguments(p) -> None:
     p.add_argument("--ep", type=int, default=1, help="expert parallel (MoE presets): experts split over ep "
                    "ranks inside dp (default dp = ep)")
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks: each holds seq/cp tokens")
+    p.add_argument("--cp-design", default="ring", choices=["ring", "zigzag", "ulysses"],
+                   help="with --cp: ring attention, ring with zigzag balance, or Ulysses all-to-all")
     p.add_argument("--recompute", nargs="?", const="full", default="none", choices=RECOMPUTE_MODES[:3],
                    help="activation recompute: selective (the attention core), full (every block; what a "
                         "bare --recompute means)")
@@ -288,8 +291,9 @@ def estimate_command(args) -> dict:
     est = estimate_memory(cfg, batch_size=args.batch, seq_len=seq, dtype=args.dtype,
                           optimizer=args.optimizer, dp=dp, tp=args.tp, pp=args.pp,
                           microbatches=args.microbatches, zero=args.zero, sequence_parallel=args.sp,
-                          recompute=args.recompute, device=device, ep=args.ep)
-    single = dp == 1 and args.tp == 1 and args.pp == 1
+                          recompute=args.recompute, device=device, ep=args.ep,
+                          cp=args.cp, cp_design=args.cp_design)
+    single = dp == 1 and args.tp == 1 and args.pp == 1 and args.cp == 1
     why_not = _why_not_measure(args, est, cfg, single, device, seq, param_count(cfg))
     if args.measure == "yes" and why_not:
         raise ConfigError(f"cannot measure this config here: {why_not}; drop --measure yes (or pass "
@@ -301,13 +305,16 @@ def estimate_command(args) -> dict:
                               recompute=args.recompute, ledger=True)
     rows = compare(est, meas)
     layout = (f"dp={dp} tp={args.tp} pp={args.pp} zero={args.zero}" + (" sp" if args.sp else "")
-              + (f" ep={args.ep}" if args.ep > 1 else ""))
+              + (f" ep={args.ep}" if args.ep > 1 else "")
+              + (f" cp={args.cp} ({args.cp_design})" if args.cp > 1 else ""))
     title = (f"{args.preset}: batch {args.batch} x {seq} tokens, {args.dtype}, {args.optimizer}, "
              f"{est.inputs['attn']}, {layout}, {device}")
     print(title)
     print(f"per rank (busiest): micro-batch {est.inputs['micro_batch']}; peak at: {est.peak_phase}")
     if cfg.n_experts:
         print(moe_params_line(cfg, args.ep))
+    if args.cp > 1:
+        print(f"context parallel: each rank holds {seq // args.cp} of the {seq} tokens (s below is per rank)")
     print(table(rows))
     if meas is None:
         print(f"measured: not run ({why_not})")
@@ -326,7 +333,8 @@ def estimate_command(args) -> dict:
             for t in terms:
                 print(f"  {fmt_bytes(t.nbytes):>12}  {t.name}  [{t.formula}]")
     name = (f"{args.preset}_b{args.batch}_s{seq}_{args.dtype}_dp{dp}_tp{args.tp}_pp{args.pp}"
-            f"_z{args.zero}" + (f"_ep{args.ep}" if args.ep > 1 else ""))
+            f"_z{args.zero}" + (f"_ep{args.ep}" if args.ep > 1 else "")
+            + (f"_cp{args.cp}{args.cp_design}" if args.cp > 1 else ""))
     result = {"title": title, "rows": rows, "estimate": est, "measurement": meas,
               "measured_skipped": why_not}
     path = save_json("estimate", name, result)
@@ -360,8 +368,8 @@ def too_big_to_measure(estimated_peak: int, device: str) -> str:
 def _why_not_measure(args, est, cfg, single: bool, device: str, seq: int, n_params: int) -> str:
     """'' when this process can measure the config, else the reason (and the fix)."""
     if not single:
-        return ("dp/tp/pp > 1 needs one process per rank: the data/tensor/pipeline-parallel and "
-                "ZeRO labs measure per rank")
+        return ("dp/tp/pp/cp > 1 needs one process per rank: the data/tensor/pipeline/context-parallel "
+                "and ZeRO labs measure per rank")
     if args.dtype.endswith("-mixed"):
         return f"{args.dtype} keeps fp32 master weights in the optimizer (DeepSpeed: the ZeRO lab)"
     if args.dtype.endswith("-megatron"):

@@ -1,4 +1,4 @@
-"""3D parallelism: data x tensor x pipeline parallel on one mesh (journey_dist.mesh).
+"""3D (and 4D) parallelism: data x tensor x pipeline (x context) parallel on one mesh (journey_dist.mesh).
 
 Every rank holds one pipeline stage (mesh pp coordinate), split `tp` ways inside its tensor
 parallel group, and is one of `dp` replicas of that slice. A step is:
@@ -14,6 +14,11 @@ parallel group, and is one of `dp` replicas of that slice. A step is:
 
 So the step equals one process training the whole model on the whole batch, up to float rounding
 (tests: 1e-5 on loss, gradients and parameters, fp32, tiny configs).
+
+With cp > 1 (4D) every stage is also split along the sequence (parallel/context/): each cp rank of
+a (dp, tp) slot takes S/cp tokens of every microbatch, the stages pass (b, S/cp, C) activations,
+attention talks over the cp group (ring, zigzag or Ulysses), the last stage's loss adds its sums
+over cp, and step 3's gradient average runs over the dp x cp group (a sum over cp, / dp).
 
 Kept simple on purpose: every tp rank of a stage sends the whole (B, T, C) activation to its
 peer on the next stage, so t copies cross each boundary (Megatron sends 1/t each and all-gathers
@@ -36,6 +41,14 @@ from journey_dist.memory.sizes import param_count  # the one per-rank count (no 
 from journey_dist.mesh import DIMS, Mesh, group_ranks
 from journey_dist.model import GPT
 from journey_dist.parallel.common import ClipFn, clip_fn, mean_over, sync_dp_grads, tp_duplicate
+from journey_dist.parallel.context.accounting import check_context_parallel, step_comm
+from journey_dist.parallel.context.parallelize import (
+    ContextParallel,
+    ContextParallelGPT,
+    dp_cp_group,
+    dp_cp_ranks,
+    sync_cp_grads,
+)
 from journey_dist.parallel.pipeline.schedules import Pipeline
 from journey_dist.parallel.pipeline.stage import GPTStage, stage_layers
 from journey_dist.parallel.tensor.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -44,7 +57,7 @@ from journey_dist.parallel.tensor.parallelize import padded_vocab_size, parallel
 from journey_dist.parallel.tensor.rng import model_parallel_seed
 from journey_dist.parity import RunResult, fresh_model, named_params, run_and_capture
 from journey_dist.runtime import comm_device, gather_objects
-from journey_dist.train import StepResult, TrainConfig
+from journey_dist.train import StepHooks, StepResult, TrainConfig
 
 
 def check_3d(pcfg: ParallelConfig, model: GPTConfig | None = None, world_size: int | None = None,
@@ -54,9 +67,8 @@ def check_3d(pcfg: ParallelConfig, model: GPTConfig | None = None, world_size: i
     if model is not None and model.n_experts:
         raise ConfigError(f"n_experts={model.n_experts}: the 3D run's stages have no mixture of experts (no "
                           "balance loss, no expert parallel); run MoE presets in lab 12 (parallel/expert)")
-    if pcfg.cp > 1:
-        raise ConfigError(f"cp={pcfg.cp}: this composition splits layers (pp), weights (tp) and data (dp) "
-                          "but not sequences; use cp=1 here")
+    if pcfg.cp > 1 and model is not None:  # sequences of block_size tokens split over cp
+        check_context_parallel(pcfg, model, model.block_size)
     if pcfg.zero:
         raise ConfigError(
             f"zero={pcfg.zero}: the 3D run keeps full optimizer states on every dp replica; "
@@ -121,12 +133,17 @@ class TensorParallelStage(GPTStage):
                                             vocab_size=self.config.vocab_size)
 
 
-def build_3d_stage(model: GPT, mesh: Mesh) -> GPTStage:
-    """This rank's slice of `model`: stage mesh.pp_rank of pp, split over its tp group if tp > 1."""
+def build_3d_stage(model: GPT, mesh: Mesh) -> nn.Module:
+    """This rank's slice of `model`: stage mesh.pp_rank of pp, split over its tp group if tp > 1,
+    its sequence over its cp group if cp > 1 (same parameter names in every case)."""
     if mesh.pcfg.tp == 1:
-        return GPTStage(model, mesh.pp_rank, mesh.pcfg.pp)
-    return TensorParallelStage(model, mesh.pp_rank, mesh.pcfg.pp, mesh.tp_group,
-                               pad_vocab=mesh.pcfg.pad_vocab)
+        stage = GPTStage(model, mesh.pp_rank, mesh.pcfg.pp)
+    else:
+        stage = TensorParallelStage(model, mesh.pp_rank, mesh.pcfg.pp, mesh.tp_group,
+                                    pad_vocab=mesh.pcfg.pad_vocab)
+    if mesh.pcfg.cp > 1:
+        stage = ContextParallelGPT(stage, ContextParallel(mesh.cp_group, mesh.pcfg.cp_design))
+    return stage
 
 
 # ----------------------------------------------------------------------------- after the flush
@@ -142,6 +159,19 @@ def clip_3d(pipe: Pipeline, mesh: Mesh) -> ClipFn:
     groups = [g for g, n in ((mesh.tp_group, mesh.pcfg.tp), (mesh.pp_group, mesh.pcfg.pp)) if n > 1]
     tp_copy = tp_duplicate(mesh.tp_rank)
     return clip_fn(groups, lambda p: tp_copy(p) or pipe.is_duplicate(p))
+
+
+def context_parallel_hooks(hooks: StepHooks, stage: ContextParallelGPT, grad_group: dist.ProcessGroup,
+                           dp: int) -> StepHooks:
+    """A pipeline's hooks with every cp rank taking its tokens of each microbatch (the schedule then
+    passes (b, S/cp, C) activations) and the gradient sync over the dp x cp group (sum, / dp)."""
+    step_fn, eval_loss, shard = hooks.step_fn, hooks.eval_loss, stage.cp.shard
+
+    def step(model, optimizer, micro, hooks, **kwargs) -> StepResult:
+        return step_fn(model, optimizer, [(shard(x), shard(y)) for x, y in micro], hooks, **kwargs)
+
+    return hooks.with_(step_fn=step, eval_loss=lambda m, x, y: eval_loss(m, shard(x), shard(y)),
+                       sync_grads=lambda: sync_cp_grads(stage, grad_group, dp))
 
 
 # ----------------------------------------------------------------------------- a training run
@@ -165,6 +195,8 @@ def three_d_run(config: GPTConfig, data: TokenData, cfg: TrainConfig, mesh: Mesh
     hooks = pipe.hooks().with_(sync_grads=lambda: sync_dp_grads(stage, mesh.dp_group),
                                reduce_loss=mean_over(mesh.dp_group), dp_rank=mesh.dp_rank, dp_size=pcfg.dp,
                                clip=clip_3d(pipe, mesh))
+    if pcfg.cp > 1:
+        hooks = context_parallel_hooks(hooks, stage, dp_cp_group(mesh), pcfg.dp)
     if ledger is not None:
         step_fn = hooks.step_fn
 
@@ -216,10 +248,12 @@ def parity(run: RunResult, ref: RunResult, config: GPTConfig, mesh: Mesh) -> dic
 def comm_by_dim(ledger: CommLedger, mesh: Mesh) -> dict[str, dict[str, dict[str, float]]]:
     """This rank's ledger grouped by mesh dimension: {dim: {op: {calls, bytes, wire_bytes}}}.
 
-    A group is named by the dimension whose ranks it holds ("world" for the whole world). A
-    group of one rank (a dimension of size 1) carries no traffic and is skipped.
+    A group is named by the dimension whose ranks it holds ("world" for the whole world; "dp_cp" for
+    the dp x cp gradient group of a 4D run). A group of one rank carries no traffic and is skipped.
     """
     dims = {tuple(group_ranks(mesh.rank, d, mesh.pcfg)): d for d in DIMS if getattr(mesh.pcfg, d) > 1}
+    if mesh.pcfg.cp > 1 and mesh.pcfg.dp > 1:  # gradients are reduced over dp x cp at once
+        dims[tuple(dp_cp_ranks(mesh.rank, mesh.pcfg))] = "dp_cp"
     world = tuple(range(mesh.pcfg.world_size))
     out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     for (op, group), row in ledger.summary().items():
@@ -248,14 +282,19 @@ def expected_comm_per_step(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainCo
         64-byte header;
     per step: tp and pp all-reduce 4 bytes each (the clip norm), pp send the tied (V/t, C) grad
     on the first and last stage, dp all-reduce every gradient of the rank's slice.
+    With cp > 1 a rank holds T/cp tokens of each microbatch (so a and the cross-entropy's floats
+    shrink by cp), the cp group carries context/accounting.step_comm's k/v traffic (and the
+    loss's 8-byte all-reduce on the last stage), and the gradient all-reduce runs over dp x cp
+    ("dp_cp"; the cp group itself when dp = 1).
     """
     m, tp, pp = cfg.grad_accum, pcfg.tp, pcfg.pp
     s, last = coords["pp"], pcfg.pp - 1
-    tokens = cfg.batch_size // (pcfg.dp * m) * (config.block_size if seq_len is None else seq_len)
+    seq = config.block_size if seq_len is None else seq_len
+    tokens = cfg.batch_size // (pcfg.dp * m) * (seq // pcfg.cp)  # this rank's tokens of a microbatch
     a = tokens * config.n_embd * bytes_per_value
     layers = len(stage_layers(config.n_layer, pp)[s])
     clip = 4 if cfg.grad_clip > 0 else 0  # the norm is summed in fp32 (compose.clip_3d)
-    out: dict[str, dict[str, int]] = {"tp": {}, "pp": {}, "dp": {}}
+    out: dict[str, dict[str, int]] = {"tp": {}, "pp": {}, "dp": {}, "cp": {}, "dp_cp": {}}
     if tp > 1:
         per_micro = 4 * layers * a + (a if s == 0 else 0) + (a + 3 * tokens * 4 if s == last else 0)
         out["tp"]["all_reduce"] = m * per_micro + clip
@@ -264,8 +303,15 @@ def expected_comm_per_step(config: GPTConfig, pcfg: ParallelConfig, cfg: TrainCo
         tied = config.tie_embeddings and s in (0, last)
         out["pp"]["send"] = m * boundary + tied * _vocab_rows(config, pcfg) * config.n_embd * bytes_per_value
         out["pp"]["all_reduce"] = clip
-    if pcfg.dp > 1:
-        out["dp"]["all_reduce"] = _slice_param_bytes(config, pcfg, s, bytes_per_value)
+    if pcfg.cp > 1:
+        ops = step_comm(config, pcfg.cp_design, pcfg.cp, micro_batch=cfg.batch_size // (pcfg.dp * m),
+                        seq_len=seq, micro_steps=m, layers=layers, loss=s == last, tp=tp,
+                        bytes_per_value=bytes_per_value)
+        out["cp"] = {op: row["bytes"] for op, row in ops.items()}
+    if pcfg.dp > 1 or pcfg.cp > 1:
+        grads = out["dp" if pcfg.cp == 1 else "dp_cp" if pcfg.dp > 1 else "cp"]
+        slice_bytes = _slice_param_bytes(config, pcfg, s, bytes_per_value)
+        grads["all_reduce"] = grads.get("all_reduce", 0) + slice_bytes
     return {dim: ops for dim, ops in out.items() if ops}
 
 
