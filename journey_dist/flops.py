@@ -43,11 +43,11 @@ def moe_matrix_params(cfg: GPTConfig) -> dict[str, int]:
     out = {"router": 0, "expert": 0, "shared": 0}
     if not cfg.n_experts:
         return out
+    prefixes = {"router": "mlp.router.", "expert": "mlp.experts.0.", "shared": "mlp.shared_expert."}
     for p in moe_tensors(cfg):
-        kind = ("router" if p.name.startswith("mlp.router.") else "expert" if p.name.startswith("mlp.experts.0.")
-                else "shared" if p.name.startswith("mlp.shared_expert.") else None)
-        if kind is not None and p.matrix:
-            out[kind] += p.numel
+        for kind, prefix in prefixes.items():
+            if p.matrix and p.name.startswith(prefix):
+                out[kind] += p.numel
     return out
 
 
