@@ -110,7 +110,7 @@ def test_link_follows_placement():
 def test_pipeline_time_and_bubble():
     assert pipeline_time([1.0] * 4, 8) == (8 + 4 - 1) * 1.0
     bubble = pipeline_time([1.0] * 4, 8) - 8 * 1.0
-    assert bubble / pipeline_time([1.0] * 4, 8) == pytest.approx(bubble_formula(4, 8))
+    assert bubble / pipeline_time([1.0] * 4, 8) == pytest.approx(bubble_formula("1f1b", 4, 8))
     assert pipeline_time([1.0, 2.0], 4) == 3 * 2.0 + 3.0  # the slowest stage sets the pace
     assert pipeline_time([1.0] * 4, 8, virtual_stages=3) == pytest.approx(8 + 3 / 3)
 
