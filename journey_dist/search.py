@@ -77,6 +77,10 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
     if ep is not None and ep > 1 and not cfg.n_experts:
         raise ConfigError(f"ep={ep} splits the experts of a mixture of experts, but this model is dense "
                           "(n_experts=0); drop --ep or search an MoE preset (moe-mini, mixtral-mini)")
+    if ep is not None and cfg.n_experts and cfg.n_experts % ep:
+        raise ConfigError(f"ep={ep} does not divide n_experts={cfg.n_experts}: every ep rank holds the "
+                          f"same number of experts; use an ep in {_divisors(cfg.n_experts)} (or drop --ep "
+                          "to search)")
     if seq > cfg.block_size:
         raise ConfigError(f"seq={seq} is longer than the model's context block_size={cfg.block_size}; "
                           f"use --seq <= {cfg.block_size}")

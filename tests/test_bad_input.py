@@ -238,6 +238,10 @@ CASES = {
         lambda tmp: search_layouts(MINI, get_cluster("h100"), gpus=8, seq=128, batch=8, ep=2),
         r"ep=2 splits the experts of a mixture of experts, but this model is dense",
         r"drop --ep or search an MoE preset"),
+    "journey plan --search --ep not dividing the experts": (
+        lambda tmp: search_layouts(get_preset("moe-mini"), get_cluster("h100"), gpus=8, seq=128, batch=8,
+                                   ep=3),
+        r"ep=3 does not divide n_experts=8", r"use an ep in \[1, 2, 4, 8\] \(or drop --ep to search\)"),
     "journey plan: ZeRO with a mixture of experts in the time model": (
         lambda tmp: predict_step(get_preset("moe-mini"), ParallelConfig(dp=2, zero=1), get_cluster("h100"),
                                  batch=8),
