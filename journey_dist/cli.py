@@ -82,10 +82,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     schedule = args.schedule or "1f1b"
     virtual_stages = args.virtual_stages or (2 if schedule == "interleaved" else 1)
     if args.search:
-        if args.ep != 1 or args.cp != 1 or schedule not in ("1f1b", "gpipe"):
-            raise ConfigError("--search ranks dense layouts without context parallel, with the 1f1b or "
-                              "gpipe schedule; drop --ep, --cp and --schedule (or plan that layout without "
-                              "--search)")
+        if args.cp != 1 or schedule not in ("1f1b", "gpipe"):
+            raise ConfigError("--search ranks layouts without context parallel, with the 1f1b or gpipe "
+                              "schedule; drop --cp and --schedule (or plan that layout without --search)")
         if cluster is None or args.gpus is None:
             raise ConfigError("--search ranks layouts of a cluster: give --gpus N and --gpu NAME "
                               "(or --cluster FILE)")
@@ -96,7 +95,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             overlap=not args.no_overlap, tp=args.tp, pp=args.pp, dp=args.dp, zero=args.zero,
             microbatches=args.microbatches, schedule=schedule, device=device,
             sequence_parallel=True if args.sequence_parallel else None,
-            recomputes=(args.recompute,) if args.recompute else None)
+            recomputes=(args.recompute,) if args.recompute else None, ep=args.ep)
         if args.json:
             print(json.dumps([{"layout": c.label(), "parallel": c.pcfg.__dict__, "micro_batch": c.micro_batch,
                                "recompute": c.recompute, "peak": c.peak, **time_summary(c.step, tokens)}
@@ -116,8 +115,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         1 if args.gpus is None else dp_for(args.gpus // args.cp, tp, pp))
     world = args.world if args.gpus is None else args.gpus
     pcfg = ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=args.microbatches or 1, zero=args.zero or 0,
-                          sequence_parallel=args.sequence_parallel, schedule=schedule, ep=args.ep,
-                          virtual_stages=virtual_stages, cp=args.cp, cp_design=args.cp_design)
+                          sequence_parallel=args.sequence_parallel, schedule=schedule,
+                          ep=1 if args.ep is None else args.ep, virtual_stages=virtual_stages, cp=args.cp,
+                          cp_design=args.cp_design)
     gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else (
         cluster.memory if cluster is not None else None)
     recompute = args.recompute or "none"
@@ -177,8 +177,9 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
                             help="default 1 (--gpus: dp = gpus / (tp pp)); with --search: fix it")
     parser.add_argument("--microbatches", type=int, default=None, help="per dp replica (default 1; "
                         "with --search: fix it)")
-    parser.add_argument("--ep", type=int, default=1, help="expert parallel (MoE presets): experts split over "
-                        "ep ranks inside dp (ep divides dp and the number of experts)")
+    parser.add_argument("--ep", type=int, default=None, help="expert parallel (MoE presets): experts split "
+                        "over ep ranks inside dp (ep divides dp and the number of experts; default 1; with "
+                        "--search: fix it)")
     parser.add_argument("--batch", type=int, default=None,
                         help="global batch in sequences per step (default 8)")
     parser.add_argument("--global-batch-tokens", default=None, metavar="N",

@@ -3,8 +3,9 @@
     result = search_layouts(get_preset("llama3-70b"), get_cluster("h100"), gpus=64, seq=8192, batch=512)
     print(search_text(result, top=5))
 
-A layout is dp x tp x pp (x cp, ep: 1 until issues 19 and 20 add them), a ZeRO stage, a micro-batch
-size (so m = batch / (dp x micro-batch) micro-batches), recompute (none or full), sequence parallel
+A layout is dp x tp x pp (x cp: 1 until issue 19 adds it), for a mixture of experts an ep dividing
+dp and the number of experts (inside dp: it adds no ranks), a ZeRO stage, a micro-batch size (so
+m = batch / (dp x micro-batch) micro-batches), recompute (none or full), sequence parallel
 (tp > 1, pp = 1) and the schedule (1F1B: GPipe takes the same time and holds more activations).
 Each is validated (ParallelConfig.validate), sized by the memory estimator on every pipeline stage
 (memory/estimate.py: the search keeps only layouts whose busiest stage fits the GPU) and timed by
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import product
 
 from journey_dist.cluster import Cluster
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
@@ -38,7 +40,8 @@ class Candidate:
 
     def label(self) -> str:
         p = self.pcfg
-        extras = [f"zero{p.zero}" if p.zero else "", "sp" if p.sequence_parallel else "",
+        extras = [f"ep{p.ep}" if p.ep > 1 else "", f"zero{p.zero}" if p.zero else "",
+                  "sp" if p.sequence_parallel else "",
                   f"rc={self.recompute}" if self.recompute != "none" else ""]
         return (f"dp{p.dp} tp{p.tp} pp{p.pp} mb{self.micro_batch} m{p.microbatches} "
                 + " ".join(e for e in extras if e)).strip()
@@ -62,12 +65,22 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
                    zero: int | None = None, microbatches: int | None = None,
                    sequence_parallel: bool | None = None, recomputes: tuple[str, ...] | None = None,
                    micro_batches: tuple[int, ...] = MICRO_BATCHES, schedule: str = "1f1b",
-                   device: str | None = None) -> SearchResult:
+                   device: str | None = None, ep: int | None = None) -> SearchResult:
     """Every valid layout of `gpus` GPUs for `batch` sequences of `seq` tokens that fits in
     cluster.memory per GPU, ranked fastest first. tp, pp, dp, zero, microbatches,
-    sequence_parallel, recomputes: fix that choice (None: try every one)."""
+    sequence_parallel, recomputes, ep: fix that choice (None: try every one; ep: every divisor of
+    dp and n_experts for a mixture of experts, 1 for a dense model)."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"gpus={gpus!r} must be a positive number of GPUs")
+    if ep is not None and (not isinstance(ep, int) or ep < 1):
+        raise ConfigError(f"ep={ep!r} must be a positive integer (1: no expert parallel)")
+    if ep is not None and ep > 1 and not cfg.n_experts:
+        raise ConfigError(f"ep={ep} splits the experts of a mixture of experts, but this model is dense "
+                          "(n_experts=0); drop --ep or search an MoE preset (moe-mini, mixtral-mini)")
+    if ep is not None and cfg.n_experts and cfg.n_experts % ep:
+        raise ConfigError(f"ep={ep} does not divide n_experts={cfg.n_experts}: every ep rank holds the "
+                          f"same number of experts; use an ep in {_divisors(cfg.n_experts)} (or drop --ep "
+                          "to search)")
     if seq > cfg.block_size:
         raise ConfigError(f"seq={seq} is longer than the model's context block_size={cfg.block_size}; "
                           f"use --seq <= {cfg.block_size}")
@@ -91,48 +104,53 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
             d = gpus // (t * p)
             if dp is not None and d != dp:
                 continue
-            for z in ((0, 1, 2, 3) if zero is None else (zero,)):
-                sps = (False, True) if t > 1 and p == 1 else (False,)
-                for sp in (sps if sequence_parallel is None else (sequence_parallel,)):
-                    for b in micro_batches:
-                        for rc in recomputes:
-                            if microbatches is not None and d * b * microbatches != batch:
-                                continue
-                            considered += 1
-                            if batch % (d * b):
-                                skip(f"batch {batch} is not a multiple of dp x micro-batch")
-                                continue
-                            if z and d == 1:
-                                skip("ZeRO needs dp > 1")
-                                continue
-                            if z >= 2 and p > 1:
-                                skip("ZeRO-2/3 with pp > 1 (unsupported)")
-                                continue
-                            if sp and (p > 1 or t == 1):
-                                skip("sequence parallel needs tp > 1 and (in the time model) pp = 1")
-                                continue
-                            if p > 1 and batch // (d * b) < p:
-                                skip("fewer micro-batches than pipeline stages")
-                                continue
-                            pcfg = ParallelConfig(dp=d, tp=t, pp=p, microbatches=batch // (d * b), zero=z,
-                                                  sequence_parallel=sp, pad_vocab=True, schedule=schedule)
-                            try:
-                                model, _ = padded_for_tp(cfg, t)
-                                pcfg.validate(model, world_size=gpus, global_batch=batch)
-                            except ConfigError as e:  # tp vs heads/kv heads/MLP width, pp vs layers
-                                skip(re.sub(r"\d+", "N", str(e).split(";")[0]))
-                                continue
-                            peak = _peak(model, pcfg, b * d * pcfg.microbatches, seq, dtype, optimizer, rc,
-                                         device, cluster.memory)
-                            if peak > cluster.memory:
-                                skip(f"does not fit {fmt_bytes(cluster.memory)}")
-                                label = f"dp{d} tp{t} pp{p} mb{b} zero{z} rc={rc}"
-                                if smallest is None or peak < smallest[0]:
-                                    smallest = (peak, label)
-                                continue
-                            step = predict_step(cfg, pcfg, cluster, batch=batch, seq=seq, dtype=dtype,
-                                                optimizer=optimizer, recompute=rc, overlap=overlap)
-                            ranked.append(Candidate(pcfg, b, rc, peak, step))
+            eps = [x for x in _divisors(d) if cfg.n_experts % x == 0] if cfg.n_experts else [1]
+            sps = (False, True) if t > 1 and p == 1 else (False,)
+            zs = (0, 1, 2, 3) if zero is None else (zero,)
+            for e, z, sp, b, rc in product(eps if ep is None else [ep], zs,
+                                           sps if sequence_parallel is None else (sequence_parallel,),
+                                           micro_batches, recomputes):
+                if microbatches is not None and d * b * microbatches != batch:
+                    continue
+                considered += 1
+                if batch % (d * b):
+                    skip(f"batch {batch} is not a multiple of dp x micro-batch")
+                    continue
+                if z and d == 1:
+                    skip("ZeRO needs dp > 1")
+                    continue
+                if z and cfg.n_experts:
+                    skip("ZeRO with a mixture of experts (not in the time model)")
+                    continue
+                if z >= 2 and p > 1:
+                    skip("ZeRO-2/3 with pp > 1 (unsupported)")
+                    continue
+                if sp and (p > 1 or t == 1):
+                    skip("sequence parallel needs tp > 1 and (in the time model) pp = 1")
+                    continue
+                if p > 1 and batch // (d * b) < p:
+                    skip("fewer micro-batches than pipeline stages")
+                    continue
+                pcfg = ParallelConfig(dp=d, tp=t, pp=p, microbatches=batch // (d * b), zero=z,
+                                      sequence_parallel=sp, pad_vocab=True, schedule=schedule,
+                                      ep=e)
+                try:
+                    model, _ = padded_for_tp(cfg, t)
+                    pcfg.validate(model, world_size=gpus, global_batch=batch)
+                except ConfigError as err:  # tp vs heads/kv heads/MLP width, pp vs layers
+                    skip(re.sub(r"\d+", "N", str(err).split(";")[0]))
+                    continue
+                peak = _peak(model, pcfg, b * d * pcfg.microbatches, seq, dtype, optimizer, rc,
+                             device, cluster.memory)
+                if peak > cluster.memory:
+                    skip(f"does not fit {fmt_bytes(cluster.memory)}")
+                    label = f"dp{d} tp{t} pp{p} ep{e} mb{b} zero{z} rc={rc}"
+                    if smallest is None or peak < smallest[0]:
+                        smallest = (peak, label)
+                    continue
+                step = predict_step(cfg, pcfg, cluster, batch=batch, seq=seq, dtype=dtype,
+                                    optimizer=optimizer, recompute=rc, overlap=overlap)
+                ranked.append(Candidate(pcfg, b, rc, peak, step))
     if not ranked:
         worst = f"; the smallest peak was {fmt_bytes(smallest[0])} ({smallest[1]})" if smallest else ""
         reasons = "; ".join(f"{n} x {r}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1])[:3])
@@ -163,7 +181,8 @@ def _peak(cfg: GPTConfig, pcfg: ParallelConfig, batch: int, seq: int, dtype: str
         est = estimate_memory(cfg, batch_size=batch, seq_len=seq, dtype=dtype, optimizer=optimizer,
                               dp=pcfg.dp, zero=pcfg.zero, tp=pcfg.tp, pp=pcfg.pp,
                               microbatches=pcfg.microbatches, sequence_parallel=pcfg.sequence_parallel,
-                              recompute=recompute == "full", device=device, schedule=pcfg.schedule, stage=s)
+                              recompute=recompute == "full", device=device, schedule=pcfg.schedule, stage=s,
+                              ep=pcfg.ep)
         worst = max(worst, est.total)
         if worst > limit:
             break
@@ -172,11 +191,11 @@ def _peak(cfg: GPTConfig, pcfg: ParallelConfig, batch: int, seq: int, dtype: str
 
 _GROUPS = {"compute": ("forward", "backward"), "recompute": ("recompute",), "tp comm": ("tp ",),
            "pp comm": ("pp ",), "bubble": ("pipeline bubble",), "dp comm": ("dp ",),
-           "optimizer": ("optimizer",)}
+           "ep comm": ("ep ",), "edp comm": ("edp ",), "optimizer": ("optimizer",)}
 
 
 def breakdown(step: StepTime) -> dict[str, float]:
-    """Seconds per kind of term: compute, recompute, tp/pp/dp communication, bubble, optimizer."""
+    """Seconds per kind of term: compute, recompute, tp/pp/dp/ep/edp communication, bubble, optimizer."""
     return {k: sum(step.term(prefix) for prefix in prefixes) for k, prefixes in _GROUPS.items()}
 
 
@@ -200,7 +219,7 @@ def search_text(result: SearchResult, cluster: Cluster, *, top: int = 5, gpus: i
              f"{'exposed comm':>12} {'recompute':>9} {'peak mem':>10}"]
     for i, c in enumerate(result.ranked[:top], 1):
         br, st = breakdown(c.step), c.step
-        comm = br["tp comm"] + br["pp comm"] + br["dp comm"]
+        comm = sum(v for k, v in br.items() if k.endswith(" comm"))
         lines.append(f"{i:>2} {c.label():<34} {st.step_s:>8.3f} {st.tokens_per_s:>10,.0f} {st.mfu:>6.1%} "
                      f"{br['bubble'] / st.step_s:>7.1%} {comm / st.step_s:>12.1%} "
                      f"{br['recompute'] / st.step_s:>9.1%} {fmt_bytes(c.peak):>10}")

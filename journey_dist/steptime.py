@@ -13,6 +13,11 @@ The model, per pipeline stage s and micro-batch (rank rate R = cluster.rank_flop
                      t = ring_factor(op, n) x bytes / (bandwidth x comm_efficiency)
                          + calls x ring_steps(op, n) x latency
                  tp (and cp, ep) inside every micro-batch are exposed: compute waits for them;
+                 a mixture of experts (`expert_collectives`): the ep all-to-alls (router counts,
+                 then dispatch and combine, forward and backward, per MoE layer and micro-batch)
+                 on the link the ep group's placement gives (ep consecutive ranks of a dp group),
+                 the dp all-gather of router counts; the dense gradients reduced over dp and the
+                 experts' over edp = dp / ep after the flush;
                  pp sends sit between micro-batches (counted in each micro-batch's time)
     pipeline     t_s = compute + exposed per-micro-batch communication; GPipe and 1F1B take
                  (m - 1) max_s t_s + sum_s t_s (balanced: (m + p - 1) t, the bubble (p-1)/(m+p-1));
@@ -25,12 +30,13 @@ The model, per pipeline stage s and micro-batch (rank rate R = cluster.rank_flop
                  gradients (norm) and reads and writes every state once, at HBM bandwidth.
 
 step = pipeline + the slowest stage's after-flush time; tokens/s = batch x seq / step;
-MFU = model FLOPs (6 N_mm + attention, no recompute) x tokens / (step x world x peak).
+MFU = model FLOPs (6 N_mm + attention, no recompute; an MoE's active matrices) x tokens /
+(step x world x peak).
 
-Where new parallelism plugs in: a context-parallel (cp) or expert-parallel (ep) group adds its
-rows to `stage_collectives` (when="microbatch", exposed inside the stage like tp); their group's
-link comes from `group_span` once mesh.py places the dimension; a new pipeline schedule adds its
-formula to `pipeline_time`.
+Where new parallelism plugs in: a context-parallel (cp) group adds its rows to `stage_collectives`
+(when="microbatch", exposed inside the stage like tp, as ep's); its group's link comes from
+`group_span` once mesh.py places the dimension; a new pipeline schedule adds its formula to
+`pipeline_time`.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from journey_dist.parallel.tensor.parallelize import analytic_collectives
 from journey_dist.plan import comm_per_step, padded_for_tp
 
 DDP_BUCKET_BYTES = 25 * 2**20  # DDP's bucket_cap_mb default: dp all-reduce calls = bytes / bucket
+MICROBATCH_GROUPS = ("tp", "ep", "dp", "pp")  # groups that may communicate inside a micro-batch
 
 
 def ring_steps(op: str, n: int) -> int:
@@ -74,23 +81,49 @@ def collective_time(op: str, nbytes: float, n: int, link: Link, *, calls: int = 
     return bandwidth_term + calls * ring_steps(op, n) * link.latency
 
 
+EXPERT_GROUPS = ("ep", "edp")  # expert parallel's groups inside dp (parallel/expert/layer.py)
+
+
+def group_ranks_matrix(dim: str, pcfg: ParallelConfig) -> torch.Tensor:
+    """(groups, size) global ranks of every group along `dim`: a mesh dimension (mesh.py's layout), or
+    expert parallel's "ep" (ep consecutive ranks of each dp group) and "edp" (the ranks of a dp group
+    holding the same experts, one per ep group), as parallel/expert/layer.expert_group_ranks cuts them."""
+    if dim not in DIMS + EXPERT_GROUPS:
+        raise ConfigError(f"group {dim!r} is not a mesh dimension; mesh.py places {', '.join(DIMS)} "
+                          f"(and expert parallel {', '.join(EXPERT_GROUPS)} inside dp)")
+    mesh_dim = "dp" if dim in EXPERT_GROUPS else dim
+    size = getattr(pcfg, mesh_dim)
+    unit = {d: 0 for d in DIMS}
+    stride = coords_rank(**{**unit, mesh_dim: 1}, pcfg=pcfg) if size > 1 else 1
+    ranks = torch.arange(pcfg.world_size)
+    bases = ranks[(ranks // stride) % size == 0]  # the first rank of every group
+    groups = bases[:, None] + stride * torch.arange(size)[None, :]  # (groups, size)
+    if dim == "ep":
+        return groups.reshape(-1, pcfg.ep)
+    if dim == "edp":
+        blocks = groups.reshape(len(bases), size // pcfg.ep, pcfg.ep)  # (dp groups, ep groups, ep)
+        return blocks.transpose(1, 2).reshape(-1, size // pcfg.ep)
+    return groups
+
+
 def group_span(dim: str, pcfg: ParallelConfig, gpus_per_node: int) -> tuple[int, int]:
     """(ranks per node, nodes) of the worst-placed group along `dim`, by mesh.py's rank layout
     (global rank = coords_rank(...); node = rank // gpus_per_node). Placement decides the link:
-    a tp group of adjacent ranks stays inside a node; dp and pp groups stride across nodes."""
-    if dim not in DIMS:
-        raise ConfigError(f"group {dim!r} is not a mesh dimension; mesh.py places {', '.join(DIMS)}")
-    size = getattr(pcfg, dim)
+    a tp group of adjacent ranks stays inside a node; dp and pp groups stride across nodes; an ep
+    group takes ep consecutive ranks of a dp group, edp every ep-th."""
+    groups = group_ranks_matrix(dim, pcfg)
+    size = groups.size(1)
     if size == 1:
         return 1, 1
-    unit = {d: 0 for d in DIMS}
-    stride = coords_rank(**{**unit, dim: 1}, pcfg=pcfg)
-    ranks = torch.arange(pcfg.world_size)
-    bases = ranks[(ranks // stride) % size == 0]  # the first rank of every group
-    nodes = (bases[:, None] + stride * torch.arange(size)[None, :]) // gpus_per_node  # (groups, size)
+    nodes = groups // gpus_per_node
     distinct = (nodes.sort(dim=1).values.diff(dim=1) != 0).sum(dim=1) + 1  # nodes each group touches
     worst = int(distinct.max())
     return -(-size // worst), worst
+
+
+def group_sizes(pcfg: ParallelConfig) -> dict[str, int]:
+    """Ranks per group of every kind the time model times (edp = dp / ep)."""
+    return {"tp": pcfg.tp, "pp": pcfg.pp, "dp": pcfg.dp, "ep": pcfg.ep, "edp": pcfg.dp // pcfg.ep}
 
 
 @dataclass(frozen=True)
@@ -100,7 +133,8 @@ class Collective:
     when: "microbatch" (inside every micro-batch, compute waits: tp, cp, ep, pp sends) or "step"
     (once per step, after the pipeline flush: dp, the tied-embedding send, clip norms).
     hides_behind: the compute `overlap` may hide it behind ("last_backward", "backward",
-    "compute", "next_forward"), or None (always exposed)."""
+    "compute", "next_forward"), or None (always exposed). what: a word telling apart rows of the
+    same group and op (its own term in the table), e.g. an MoE's "counts" and "tokens"."""
 
     group: str
     op: str
@@ -108,6 +142,7 @@ class Collective:
     calls: int
     when: str
     hides_behind: str | None = None
+    what: str = ""
 
 
 def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int, stage: int,
@@ -122,17 +157,21 @@ def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: 
       `dp_bucket_bytes` bucket; ZeRO-1/2: bucketed reduce-scatters per step (ZeRO-2: per backward)
       and all-gathers of the updated weights; ZeRO-3 as FSDP: per block (and the root), an
       all-gather before every forward and backward and a reduce-scatter after every backward;
-      clip: one 4-byte all-reduce per group. cp and ep add their rows here."""
+      clip: one 4-byte all-reduce per group. A mixture of experts: `expert_collectives`. cp adds
+      its rows here."""
     if pcfg.cp > 1:
         raise ConfigError(f"cp={pcfg.cp}: context parallel's collectives are not in the time model yet "
                           "(they join steptime.stage_collectives with issue 19); plan with cp=1")
-    if cfg.n_experts:
-        raise ConfigError(f"{cfg.n_experts} experts: a mixture of experts' FLOPs and all-to-alls are not in "
-                          "the time model yet; time a dense preset or drop --gpu/--cluster")
+    if cfg.n_experts and pcfg.zero:
+        raise ConfigError(f"zero={pcfg.zero} with a mixture of experts: ZeRO's collectives over dp and edp "
+                          "are not in the time model; time it with zero=0 (drop --zero) or drop --gpu")
     comm, missing = comm_per_step(cfg, pcfg, batch=batch, seq=seq, stage=stage, dtype=dtype,
                                   grad_clip=grad_clip)
     if missing:
         raise ConfigError("; ".join(f"{dim}: {why}" for dim, why in missing.items()))
+    if cfg.n_experts:
+        return expert_collectives(cfg, pcfg, comm, grad_clip=grad_clip, dp_calls=dp_calls,
+                                  dp_bucket_bytes=dp_bucket_bytes)
     m, clip = pcfg.microbatches, 4 if grad_clip > 0 else 0
     first, last = stage == 0, stage == pcfg.pp - 1
     layers = len(stage_layers(cfg.n_layer, pcfg.pp)[stage])
@@ -188,6 +227,56 @@ def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: 
             nbytes = bytes_of("dp", "all_reduce")
             calls = dp_calls if dp_calls is not None else max(1, math.ceil(nbytes / dp_bucket_bytes))
             out.append(Collective("dp", "all_reduce", nbytes, calls, "step", "last_backward"))
+    return out
+
+
+def expert_collectives(cfg: GPTConfig, pcfg: ParallelConfig, comm: dict, *, grad_clip: float = 1.0,
+                       dp_calls: int | None = None,
+                       dp_bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Collective]:
+    """A mixture of experts' collectives per step (pp = 1), bytes from plan.comm_per_step (which
+    takes parallel/expert/accounting.planned_comm: an even load, every token's k pairs kept), calls
+    from expected_collectives' rules, per MoE layer (L) and micro-batch (m):
+      ep all-to-all, inside every micro-batch (exposed: the experts wait for their rows):
+        counts  L m calls of E int64 (how many rows each peer sends)
+        tokens  4 L m calls: dispatch and combine forward (t k rows of C values each), their
+                reverses backward
+      dp all-gather of the router counts (the batch-wide load the balance loss and capacity need):
+        L m calls, exposed; dp all-reduce of the dense gradients, once per step (hides behind the
+        last backward, as DDP); edp all-reduce of this rank's expert gradients (dp / ep ranks hold
+        the same experts), likewise; tp: 2L + 2 activation all-reduces and 3 of the cross-entropy
+        per micro-batch (the MoE runs whole on every tp rank); the clip's scalar over ep and tp."""
+    m, L, E = pcfg.microbatches, cfg.n_layer, cfg.n_experts
+    clip = 4 if grad_clip > 0 else 0
+
+    def bytes_of(dim: str, op: str) -> float:
+        return comm.get(dim, {}).get(op, {}).get("bytes", 0)
+
+    def buckets(nbytes: float) -> int:
+        return dp_calls if dp_calls is not None else max(1, math.ceil(nbytes / dp_bucket_bytes))
+
+    out: list[Collective] = []
+    if "ep" in comm:
+        counts = m * L * 8 * E
+        out.append(Collective("ep", "all_to_all", counts, m * L, "microbatch", what="counts"))
+        out.append(Collective("ep", "all_to_all", bytes_of("ep", "all_to_all") - counts, 4 * m * L,
+                              "microbatch", what="tokens"))
+        if clip:
+            out.append(Collective("ep", "all_reduce", clip, 1, "step"))
+    if "dp" in comm:
+        out.append(Collective("dp", "all_gather", bytes_of("dp", "all_gather"), m * L, "microbatch",
+                              what="counts"))
+        dense = bytes_of("dp", "all_reduce")
+        out.append(Collective("dp", "all_reduce", dense, buckets(dense), "step", "last_backward",
+                              what="dense grads"))
+    if "edp" in comm:
+        experts = bytes_of("edp", "all_reduce")
+        out.append(Collective("edp", "all_reduce", experts, buckets(experts), "step", "last_backward",
+                              what="expert grads"))
+    if "tp" in comm:
+        out.append(Collective("tp", "all_reduce", bytes_of("tp", "all_reduce") - clip, m * (2 * L + 5),
+                              "microbatch"))
+        if clip:
+            out.append(Collective("tp", "all_reduce", clip, 1, "step"))
     return out
 
 
@@ -256,12 +345,12 @@ class StepTime:
 
     def table(self) -> str:
         """Every term, its share of the step and what it is made of."""
-        lines = [f"{'term':<38} {'seconds':>10} {'share':>6}  how", "-" * 90]
+        lines = [f"{'term':<50} {'seconds':>10} {'share':>6}  how", "-" * 100]
         for t in self.terms:
             hidden = f" (+{t.hidden:.4g} s hidden by overlap)" if t.hidden > 0 else ""
             share = t.seconds / self.step_s
-            lines.append(f"{t.name:<38} {t.seconds:>10.4g} {share:>6.1%}  {t.detail}{hidden}")
-        lines.append(f"{'step':<38} {self.step_s:>10.4g} {1:>6.0%}")
+            lines.append(f"{t.name:<50} {t.seconds:>10.4g} {share:>6.1%}  {t.detail}{hidden}")
+        lines.append(f"{'step':<50} {self.step_s:>10.4g} {1:>6.0%}")
         return "\n".join(lines)
 
 
@@ -284,9 +373,8 @@ def predict_step(cfg: GPTConfig, pcfg: ParallelConfig, cluster: Cluster, *, batc
     m, world = pcfg.microbatches, pcfg.world_size
     tokens = batch // (pcfg.dp * m) * seq  # per micro-batch on one rank
     rate = cluster.rank_flops(min(world, cluster.gpus_per_node))
-    links = {dim: cluster.link_for(*group_span(dim, pcfg, cluster.gpus_per_node))
-             for dim in ("tp", "pp", "dp")}
-    sizes = {"tp": pcfg.tp, "pp": pcfg.pp, "dp": pcfg.dp}
+    sizes = group_sizes(pcfg)
+    links = {dim: cluster.link_for(*group_span(dim, pcfg, cluster.gpus_per_node)) for dim in sizes}
 
     def seconds(c: Collective) -> float:
         return collective_time(c.op, c.nbytes, sizes[c.group], links[c.group], calls=c.calls,
@@ -300,11 +388,11 @@ def predict_step(cfg: GPTConfig, pcfg: ParallelConfig, cluster: Cluster, *, batc
         row = {"stage": s, "forward": fl["forward"] / rate, "backward": fl["backward"] / rate,
                "recompute": fl["recompute"] / rate, "flops": fl}
         per_micro = {g: sum(seconds(c) for c in comms if c.when == "microbatch" and c.group == g) / m
-                     for g in ("tp", "pp")}
+                     for g in MICROBATCH_GROUPS}
         row.update({f"{g} per microbatch": t for g, t in per_micro.items()})
         row["t"] = row["forward"] + row["backward"] + row["recompute"] + sum(per_micro.values())
         row["after"] = _after_flush(comms, seconds, row, m, overlap)
-        n_updated = param_count(cfg, pcfg.tp, pcfg.pp, s) / (pcfg.dp if pcfg.zero else 1)
+        n_updated = param_count(cfg, pcfg.tp, pcfg.pp, s, pcfg.ep) / (pcfg.dp if pcfg.zero else 1)
         opt = optimizer_seconds(n_updated, dtype, optimizer, cluster.memory_bandwidth)
         row["after"].append(Term("optimizer step", opt,
                                  f"{opt * cluster.memory_bandwidth / 1e9:.3g} GB (grads read for the norm, "
@@ -323,11 +411,14 @@ def predict_step(cfg: GPTConfig, pcfg: ParallelConfig, cluster: Cluster, *, batc
     if recompute != "none":
         terms.append(Term(f"recompute ({recompute})", m * busiest["recompute"],
                           f"{m} x {busiest['flops']['recompute']:.4g} FLOP again"))
-    for g in ("tp", "pp"):
-        if busiest[f"{g} per microbatch"] > 0:
-            rows = [c for c in busiest["collectives"] if c.group == g and c.when == "microbatch"]
-            terms.append(Term(f"{g} {'+'.join(c.op for c in rows)} (exposed)",
-                              m * busiest[f"{g} per microbatch"], _how(rows, sizes[g], links[g], cluster)))
+    for g in MICROBATCH_GROUPS:
+        rows = [c for c in busiest["collectives"] if c.group == g and c.when == "microbatch"]
+        for what in dict.fromkeys(c.what for c in rows):  # rows with a `what`: a term each
+            mine = [c for c in rows if c.what == what]
+            t = sum(seconds(c) for c in mine)
+            if t > 0:
+                name = f"{g} {'+'.join(c.op for c in mine)}{' ' + what if what else ''} (exposed)"
+                terms.append(Term(name, t, _how(mine, sizes[g], links[g], cluster)))
     if pcfg.pp > 1:
         terms.append(Term(f"pipeline bubble ({pcfg.schedule})", pipe - m * busiest["t"],
                           f"(m-1) max t + sum t - m max t; balanced: (p-1)/(m+p-1) = "
@@ -366,7 +457,8 @@ def _after_flush(comms: list[Collective], seconds, row: dict, m: int, overlap: b
         hidden = overlap and c.hides_behind is not None
         why = f"behind {c.hides_behind.replace('_', ' ')}" if hidden else "after the flush"
         calls = f"{c.calls} call{'s' if c.calls > 1 else ''}"
-        out.append(Term(f"{c.group} {c.op} ({why})", exposed, f"{calls}, {c.nbytes / 1e6:.4g} MB",
+        what = f" {c.what}" if c.what else ""
+        out.append(Term(f"{c.group} {c.op}{what} ({why})", exposed, f"{calls}, {c.nbytes / 1e6:.4g} MB",
                         hidden=t - exposed))
     return out
 
@@ -387,8 +479,9 @@ def time_text(st: StepTime, cluster: Cluster, pcfg: ParallelConfig, train_tokens
     eff = f"compute at {cluster.compute_efficiency:.0%} of {cluster.peak_flops / 1e12:.4g} TFLOP/s peak"
     lines = [f"step time on {pcfg.world_size} x {cluster.gpu} ({cluster.name}: {cluster.gpus_per_node} per "
              f"node; {eff}; links at {cluster.comm_efficiency:.0%} of their bandwidth):"]
-    for dim in ("tp", "dp", "pp"):
-        n = getattr(pcfg, dim)
+    sizes = group_sizes(pcfg)
+    for dim in ("tp", "dp", "ep", "edp", "pp") if pcfg.ep > 1 else ("tp", "dp", "pp"):
+        n = sizes[dim]
         if n > 1:
             per_node, nodes = group_span(dim, pcfg, cluster.gpus_per_node)
             link = cluster.link_for(per_node, nodes)

@@ -28,6 +28,7 @@ from journey_dist.parallel.pipeline.orders import bubble_formula
 from journey_dist.parallel.pipeline.split_backward import BackwardSplit
 from journey_dist.parallel.sharding.deepspeed import choose_stages, load_config
 from journey_dist.search import dp_for, search_layouts
+from journey_dist.steptime import predict_step
 from journey_dist.train import StepHooks, TrainConfig, train
 
 MINI = get_preset("gpt-mini")  # 4 layers, 4 heads, vocab 256, block 128
@@ -234,6 +235,19 @@ CASES = {
         lambda tmp: search_layouts(get_preset("llama3-405b"), get_cluster("h100"), gpus=8, seq=8192, batch=8),
         r"no layout of 8 GPUs fits in 74.51 GiB per GPU .*the smallest peak was",
         r"use more GPUs, a shorter --seq or a smaller batch"),
+    "journey plan --search --ep on a dense model": (
+        lambda tmp: search_layouts(MINI, get_cluster("h100"), gpus=8, seq=128, batch=8, ep=2),
+        r"ep=2 splits the experts of a mixture of experts, but this model is dense",
+        r"drop --ep or search an MoE preset"),
+    "journey plan --search --ep not dividing the experts": (
+        lambda tmp: search_layouts(get_preset("moe-mini"), get_cluster("h100"), gpus=8, seq=128, batch=8,
+                                   ep=3),
+        r"ep=3 does not divide n_experts=8", r"use an ep in \[1, 2, 4, 8\] \(or drop --ep to search\)"),
+    "journey plan: ZeRO with a mixture of experts in the time model": (
+        lambda tmp: predict_step(get_preset("moe-mini"), ParallelConfig(dp=2, zero=1), get_cluster("h100"),
+                                 batch=8),
+        r"zero=1 with a mixture of experts: ZeRO's collectives over dp and edp are not in the time model",
+        r"time it with zero=0 \(drop --zero\)"),
     "journey plan: a cluster file with an unknown key": (
         lambda tmp: load_cluster(_text_file(tmp, b'base = "h100"\nnvlink_gb_s = 900\n', "c.toml")),
         r"unknown cluster setting 'nvlink_gb_s'", r"use gpus_per_node, peak_tflops, .*intra_gb_s"),

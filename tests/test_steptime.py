@@ -17,11 +17,12 @@ from journey_dist.calibrate import Sample, sample, unloaded
 from journey_dist.cli import main
 from journey_dist.cluster import CLUSTERS, Link, cluster_toml, get_cluster, load_cluster, parse_count
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
-from journey_dist.flops import attention_share, model_flops_per_token, stage_flops
-from journey_dist.memory.estimate import estimate_memory, param_count
-from journey_dist.memory.sizes import model_tensors
+from journey_dist.flops import attention_share, layer_forward_flops, model_flops_per_token, stage_flops
+from journey_dist.memory.estimate import PRECISIONS, estimate_memory, model_state_bytes, param_count
+from journey_dist.memory.sizes import active_param_count, expert_param_count, model_tensors
 from journey_dist.mesh import all_groups
 from journey_dist.model import GPT
+from journey_dist.parallel.expert.layer import expert_group_ranks
 from journey_dist.parallel.pipeline.orders import bubble_formula
 from journey_dist.plan import make_plan
 from journey_dist.search import dp_for, search_layouts
@@ -241,6 +242,98 @@ def test_search_honours_every_flag(capsys):
                            (["--gpus", "8", "--world", "4"], "--world 4 and --gpus 8 disagree")):
         assert main(["plan", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def test_moe_flops_equal_torch_flop_counter():
+    """moe-mini with a shared expert: the router, k experts per token and the shared expert, counted
+    from the shapes, equal FlopCounterMode's forward + backward (no token dropped: whatever the
+    routing, the experts take t k rows). Under tp the MoE runs whole on both ranks."""
+    cfg = get_preset("moe-mini").with_(attn_impl="eager", block_size=16, n_layer=2, moe_shared_hidden=64)
+    batch, seq = 2, cfg.block_size
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    tokens = batch * seq
+    assert counter.get_total_flops() == model_flops_per_token(cfg, seq) * tokens
+    whole = stage_flops(cfg, tokens=tokens, seq=seq)
+    assert whole["forward"] + whole["backward"] == counter.get_total_flops()
+    layer = layer_forward_flops(cfg, tokens, seq)
+    moe = layer["router"] + layer["experts"] + layer["shared"]
+    assert layer["experts"] == 2 * tokens * cfg.moe_top_k * (2 * 128 * 256)  # k experts of c_fc + c_proj
+    tp2 = stage_flops(cfg, tokens=tokens, seq=seq, tp=2)
+    assert 2 * tp2["forward"] == whole["forward"] + cfg.n_layer * moe  # the MoE on both tp ranks
+
+
+def test_moe_flops_are_6n_active_plus_attention():
+    """6 x the active parameters' matrices (memory.sizes.active_param_count: the router, k experts)
+    + attention: the E - k experts a token skips cost nothing."""
+    cfg = get_preset("mixtral-mini")  # no biases: every non-norm parameter but wte is a matmul weight
+    seq = cfg.block_size
+    not_matmul = sum(p.numel for p in model_tensors(cfg) if not p.matrix) + cfg.vocab_size * cfg.n_embd
+    active_mm = active_param_count(cfg) - not_matmul
+    assert model_flops_per_token(cfg, seq) == 6 * active_mm + 12 * cfg.n_layer * seq * cfg.n_embd
+    assert active_param_count(cfg) < param_count(cfg)
+
+
+@pytest.mark.parametrize("layout", [(16, 1, 8, 8), (8, 2, 2, 4), (4, 2, 4, 4), (8, 1, 2, 8), (4, 1, 4, 2)])
+def test_expert_group_span_is_expert_parallel_placement(layout):
+    """ep and edp groups placed as parallel/expert/layer.py cuts each dp group of mesh.py."""
+    dp, tp, ep, gpn = layout
+    pcfg = ParallelConfig(dp=dp, tp=tp, ep=ep)
+    eps, edps = zip(*(expert_group_ranks(g, ep) for g in all_groups("dp", pcfg)))
+    for dim, groups in (("ep", [g for gs in eps for g in gs]), ("edp", [g for gs in edps for g in gs])):
+        nodes = max(len({r // gpn for r in g}) for g in groups)
+        assert group_span(dim, pcfg, gpn) == (-(-len(groups[0]) // nodes), nodes), dim
+
+
+def test_expert_all_to_all_is_alpha_beta_on_the_ep_link():
+    """mixtral-mini on 16 H100s, dp=16, ep=8: the ep group (8 consecutive ranks) stays on NVLink, the
+    edp group (ranks 8 apart) crosses the network. Each term is the alpha-beta formula on its link
+    with the bytes of planned_comm's even load: 4 L m calls of t k C values (dispatch, combine and
+    their backward), L m calls of E int64 counts."""
+    cfg, h100 = get_preset("mixtral-mini"), get_cluster("h100")
+    pcfg = ParallelConfig(dp=16, ep=8, microbatches=2)
+    batch, seq, m, L = 64, 128, 2, cfg.n_layer
+    st = predict_step(cfg, pcfg, h100, batch=batch, seq=seq, overlap=False)
+    t, v = batch // (16 * m) * seq, PRECISIONS["bf16-mixed"].residual
+    eff = h100.comm_efficiency
+    tokens = collective_time("all_to_all", 4 * L * m * t * cfg.moe_top_k * cfg.n_embd * v, 8, h100.intra,
+                             calls=4 * L * m, efficiency=eff)
+    assert st.term("ep all_to_all tokens") == pytest.approx(tokens)
+    counts = collective_time("all_to_all", L * m * 8 * cfg.n_experts, 8, h100.intra, calls=L * m,
+                             efficiency=eff)
+    assert st.term("ep all_to_all counts") == pytest.approx(counts)
+    g = model_state_bytes(1, "bf16-mixed")["grads"]
+    edp = collective_time("all_reduce", expert_param_count(cfg, 8) * g, 2, h100.link_for(1, 2),
+                          efficiency=eff)
+    assert st.term("edp all_reduce expert grads") == pytest.approx(edp)
+    dense = (param_count(cfg, ep=8) - expert_param_count(cfg, 8)) * g
+    assert st.term("dp all_reduce dense grads") == pytest.approx(
+        collective_time("all_reduce", dense, 16, h100.link_for(8, 2), efficiency=eff))
+    assert st.step_s == pytest.approx(sum(x.seconds for x in st.terms))
+    assert st.mfu == pytest.approx(model_flops_per_token(cfg, seq) * batch * seq / (st.step_s * 16 * 989e12))
+
+
+def test_search_enumerates_ep_and_respects_a_fixed_ep(capsys):
+    cfg, h100 = get_preset("moe-mini"), get_cluster("h100")
+    free = search_layouts(cfg, h100, gpus=8, seq=128, batch=64)
+    assert {c.pcfg.ep for c in free.ranked} == {1, 2, 4, 8}  # every divisor of dp=8 and E=8
+    for c in free.ranked:
+        p = c.pcfg
+        assert p.dp % p.ep == 0 and cfg.n_experts % p.ep == 0 and p.zero == 0 and p.pp == 1
+        assert c.peak == estimate_memory(cfg, batch_size=64, seq_len=128, dtype="bf16-mixed", dp=p.dp,
+                                         tp=p.tp, microbatches=p.microbatches,
+                                         recompute=c.recompute == "full", ep=p.ep).total <= h100.memory
+    fixed = search_layouts(cfg, h100, gpus=8, seq=128, batch=64, ep=2)
+    assert fixed.ranked and all(c.pcfg.ep == 2 for c in fixed.ranked)
+    args = ["plan", "--preset", "moe-mini", "--gpus", "8", "--gpu", "h100", "--batch", "64", "--search"]
+    assert main([*args, "--ep", "4", "--json"]) == 0
+    assert all(r["parallel"]["ep"] == 4 for r in json.loads(capsys.readouterr().out))
 
 
 def _flat(cluster) -> dict:
