@@ -185,7 +185,7 @@ predicted steps). None of them needs a process group."""
               kv_memory_table=kv_memory_table)
     ns.update(analytic_collectives=analytic_collectives, padded_vocab_size=padded_vocab_size,
               expected_comm_per_step=expected_comm_per_step)
-    ns.update(SequenceLayout=SequenceLayout, attention_work=attention_work, imbalance=imbalance,
+    ns.update(SequenceLayout=SequenceLayout, attention_work=attention_work, work_imbalance=imbalance,
               kv_block_bytes=kv_block_bytes, layer_comm=layer_comm, step_comm=step_comm)
     ns.update(padded_numel=padded_numel, shard_range=shard_range,
               unsharded_adamw_state_bytes=unsharded_adamw_state_bytes, unit_bytes=unit_bytes,
