@@ -3,13 +3,16 @@
 Parity with one process (the same tolerances as FSDP2 alone, tests/test_zero.py): losses and
 parameters within 1e-5, first-step gradients within 1e-6. Per-rank bytes of weights, gradients and
 AdamW moments equal memory.estimate's model states with dp, zero=3 and tp (tiny: every dim 0
-divides, so no padding). FSDP2's all-gathers and reduce-scatters on the dp group equal the
-count derived from the tp shards (fsdp_tp.tp_unit_bytes).
+divides, so no padding). One step's collectives on the dp and the tp groups equal their
+count (fsdp_tp.run_fsdp_tp's analytic: units of tp shards, the clip's scalars, the TP plan).
 """
+
+import json
 
 import pytest
 import torch.distributed as dist
 
+from journey_dist.comm import calls_and_bytes
 from journey_dist.config import ConfigError, get_preset
 from journey_dist.data import load_tokens
 from journey_dist.memory.estimate import estimate_memory
@@ -17,6 +20,7 @@ from journey_dist.parallel.sharding.fsdp_tp import check_layout, run_fsdp_tp
 from journey_dist.parity import reference_run, worst_diffs
 from journey_dist.train import TrainConfig
 from tests.dist import run_ranks
+from tests.labs import run_lab
 
 TOL = 1e-5
 GRAD_TOL = 1e-6
@@ -64,11 +68,14 @@ def test_2d_mesh_bytes_per_rank_equal_the_estimate(results, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_2d_mesh_dp_collectives_equal_the_unit_count(results, name):
+def test_2d_mesh_collectives_equal_the_count(results, name):
+    """dp: FSDP2's gathers and reduce-scatters per unit of tp shards, the clip's scalars (and HSDP's
+    all-reduce of each gradient shard over dp_replicate); tp: the DTensor plan's activations, loss
+    and clip (tensor/dtensor.py's count)."""
     for rank in results:
-        comm, want = rank[name]["comm"]["dp"], rank[name]["analytic"]["dp"]
-        for op in ("all_gather", "reduce_scatter"):
-            assert (comm[op]["calls"], comm[op]["bytes"]) == (want[op]["calls"], want[op]["bytes"]), op
+        for group in ("dp", "tp"):
+            comm, want = rank[name]["comm"][group], rank[name]["analytic"][group]
+            assert calls_and_bytes(comm) == calls_and_bytes(want), (group, comm, want)
 
 
 @pytest.mark.slow
@@ -86,3 +93,17 @@ def test_2d_placements_shard_over_dp_then_tp(results):
 def test_bad_2d_layout_is_a_config_error(world, dp, tp, replicate, match):
     with pytest.raises(ConfigError, match=match):
         check_layout(world, dp, tp, replicate)
+
+
+@pytest.mark.slow
+def test_lab06_mesh_2d_section(tmp_path):
+    """Lab 06 spawns its own 4 ranks for the 2-D section and prints/writes what it measured."""
+    out, _ = run_lab("06_zero_and_fsdp", "--preset", "tiny", "--steps", "2", "--batch-size", "8",
+                     "--skip-deepspeed", runs_dir=tmp_path)
+    r = json.loads((tmp_path / "06_zero_and_fsdp" / "mesh_2d.json").read_text())
+    assert r["world_size"] == 4 and set(r["layouts"]) == {"fsdp2 x tp (2 x 2)", "hsdp (2 x 2) x tp 1"}
+    for name, row in r["layouts"].items():
+        assert max(v for v in row["diffs"].values() if v is not None) <= TOL, name
+        assert row["state"] == {k: int(v) for k, v in row["estimate"].items()}, name
+        assert name in out
+    assert r["layouts"]["fsdp2 x tp (2 x 2)"]["mesh"] == [[0, 1], [2, 3]]  # tp fastest, as mesh.py

@@ -15,7 +15,7 @@ Communication of one step:
                the column-parallel input gradients), loss_parallel's three scalar all-reduces
     dp group   FSDP2: all-gather each unit's tp shard before forward and before backward,
                reduce-scatter its gradients (mean over dp) after backward
-HSDP (`hsdp=True`): the dp dimension is itself 2-D, ("dp_replicate", "dp_shard"): fully_shard on
+HSDP (`replicate` > 1): the dp dimension is itself 2-D, ("dp_replicate", "dp_shard"): fully_shard on
 that pair replicates over the first and shards over the second; with tp that is a 3-D mesh.
 """
 
@@ -28,12 +28,13 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from journey_dist.comm import CommLedger, analytic, ledger_by_op
+from journey_dist.comm import CommLedger, analytic, ledger_by_op, ring_factor
 from journey_dist.config import ConfigError, GPTConfig
 from journey_dist.data import TokenData
 from journey_dist.parallel.common import mean_over
 from journey_dist.parallel.sharding.fsdp import local
 from journey_dist.parallel.tensor.dtensor import (
+    dtensor_analytic_collectives,
     dtensor_hooks,
     gather_dtensor_tensors,
     parallelize_with_dtensor,
@@ -140,6 +141,12 @@ def run_fsdp_tp(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, dp: int
     model = parallelize_with_dtensor(fresh_model(config, seed, device), mesh["tp"])
     shard_size = dp_mesh(mesh).size(dp_mesh(mesh).ndim - 1)  # HSDP: shards over dp_shard only
     units = tp_unit_bytes(model, shard_size)
+    tokens = cfg.batch_size // (dp * cfg.grad_accum) * config.block_size  # one micro-step on this rank
+    if tp > 1:
+        tp_comm = dtensor_analytic_collectives(model, tokens, grad_clip=cfg.grad_clip > 0)
+    else:  # a 1-rank tp mesh: DTensor skips every collective except loss_parallel's three per micro-step
+        calls = 3 * cfg.grad_accum
+        tp_comm = {"all_reduce": {"calls": calls, "bytes": calls * tokens * 4}}
     shard_tp_model(model, mesh)
     optimizer = make_optimizer(model, cfg)  # torch AdamW on 2-D DTensors: updates the local shards
     hooks = fsdp_tp_hooks(mesh)
@@ -159,7 +166,14 @@ def run_fsdp_tp(config: GPTConfig, data: TokenData, cfg: TrainConfig, *, dp: int
     # each unit: all-gather (over the shard group) before forward and again before backward, then
     # reduce-scatter its gradients; HSDP adds an all-reduce of each gradient shard over dp_replicate
     run.buffers = {"all_gather": units * 2, "reduce_scatter": units}
-    run.analytic = {"dp": {op: analytic(op, b, shard_size) for op, b in run.buffers.items()}}
+    dp_comm = {op: analytic(op, b, shard_size) for op, b in run.buffers.items()}
+    # the clip: one scalar all-reduce per parameter (all are Shard(0) over dp_shard), DTensor's norm
+    clips = len(list(model.parameters())) if cfg.grad_clip > 0 else 0
+    replicas = [b // shard_size for b in units] if replicate > 1 else []  # HSDP: each unit's grad shard
+    dp_comm["all_reduce"] = {"calls": clips + len(replicas), "bytes": 4 * clips + sum(replicas),
+                             "wire_bytes": ring_factor("all_reduce", shard_size) * 4 * clips
+                             + ring_factor("all_reduce", replicate) * sum(replicas)}
+    run.analytic = {"dp": dp_comm, "tp": tp_comm}
     run.details = {"mesh": mesh.mesh.tolist(), "dims": list(mesh.mesh_dim_names or ()),
                    "placements": {n: [str(pl) for pl in p.placements] for n, p in model.named_parameters()
                                   if isinstance(p, DTensor)}}
