@@ -15,7 +15,8 @@ PACKAGE = ROOT / "journey_dist"
 LAYERS = [  # bottom first; a module is named by its first component under journey_dist/
     {"config"},
     {"fault_tolerance", "numerics", "scaling", "compression", "dcp_safe"},
-    {"runtime", "mesh", "data", "comm", "tokenizer", "report"},  # report: tables only, no package imports
+    {"runtime", "mesh", "data", "comm", "tokenizer", "report",  # report: tables only, no package imports
+     "desync"},
     {"moe", "positions"},
     {"model", "hf_interop", "ngram"},
     {"train"},
