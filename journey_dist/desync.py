@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,19 @@ SCENARIOS = {
 DEBUG_LEVELS = ("OFF", "INFO", "DETAIL")
 TRACE_PREFIX = "rank_"  # flight-recorder dumps: <dir>/rank_<r>, the names torchfrtrace reads
 BUFFER_ENTRIES = 2000  # TORCH_FR_BUFFER_SIZE for a traced run: collectives kept per rank
+
+
+def short_error(text: str) -> str:
+    """One line a table can hold: DETAIL's verdict ("Collectives differ in the following aspects: ...",
+    with the op of each rank), or the first line without gloo's source-file prefix and advice."""
+    if "Collectives differ in the following aspects:" in text:
+        ops = re.findall(r"Rank (\d+) is running collective: CollectiveFingerPrint\(SequenceNumber=(\d+), "
+                         r"OpType=(\w+), TensorShape=\[([\d, ]*)\]", text)
+        who = "; ".join(f"rank {r}: #{seq} {op} [{shape}]" for r, seq, op, shape in ops)
+        return f"mismatch ({who}): {' '.join(text.split('aspects:', 1)[1].split())}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = first.split(" This is typically caused by")[0]  # gloo's advice after every socket error
+    return re.sub(r"\[/[^\]]*/third_party/gloo/[^\]]*\] ", "", first)
 
 
 def _first_line(error: BaseException) -> str:

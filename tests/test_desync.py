@@ -19,9 +19,22 @@ from journey_dist.desync import (
     pair_by_order,
     repair_gloo_dump,
     run_desync,
+    short_error,
     step_calls,
     torchfrtrace,
 )
+from tests.labs import run_lab
+
+DETAIL_TEXT = ("Detected mismatch between collectives on ranks. Rank 0 is running collective: "
+               "CollectiveFingerPrint(SequenceNumber=2, OpType=ALLREDUCE, TensorShape=[4], "
+               "TensorDtypes=Float, TensorDeviceTypes=TensorOptions(dtype=float (default), device=cpu)), "
+               "but Rank 1 is running collective: "
+               "CollectiveFingerPrint(SequenceNumber=2, OpType=ALLREDUCE, TensorShape=[6], "
+               "TensorDtypes=Float, TensorDeviceTypes=TensorOptions(dtype=float (default), device=cpu))."
+               "Collectives differ in the following aspects: \t Tensor Tensor shapes: 4vs 6")
+GLOO_TEXT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] "
+             "Connection closed by peer [127.0.0.1]:1754. This is typically caused by a remote worker "
+             "crashing. Check the logs.")
 
 
 def _entry(seq: int, op: str = "all_reduce", sizes=((4,),), line: int = 10, group: str = "0") -> dict:
@@ -59,6 +72,12 @@ def test_first_divergence_names_the_first_differing_collective(rank1, kind, seq)
     assert found["ranks"][0] == "gloo:all_reduce [[4]] at train.py:10 (step)"  # torch's own frames skipped
     if kind == "missing":
         assert found["ranks"][1] == "never issued"
+
+
+def test_short_error_keeps_the_verdict():
+    assert short_error(DETAIL_TEXT) == ("mismatch (rank 0: #2 ALLREDUCE [4]; rank 1: #2 ALLREDUCE [6]): "
+                                        "Tensor Tensor shapes: 4vs 6")
+    assert short_error(GLOO_TEXT) == "Connection closed by peer [127.0.0.1]:1754."
 
 
 def test_repair_keys_pg_config_by_the_entries_group(tmp_path):
@@ -135,3 +154,17 @@ def test_torchfrtrace_needs_the_repaired_gloo_dump(runs, tmp_path):
     report = fixed.stdout + fixed.stderr
     assert fixed.returncode == 0 and "Not all ranks joining collective" in report
     assert "missing ranks: {1}" in report
+
+
+@pytest.mark.slow
+def test_lab10_desync_and_flight_recorder_cells(tmp_path):
+    out, r = run_lab("10_reliability", "--preset", "tiny", "--steps", "6", "--every", "2", "--crash-at", "4",
+                     "--desync", "skip", "--desync-timeout", "2", runs_dir=tmp_path)
+    saw = {(row["debug"], row["rank"]): row["saw"] for row in r["desync"]}
+    assert saw[("OFF", 1)] == saw[("DETAIL", 1)] == "no error; loss 12 (intended 21)"
+    assert "Ranks 1 failed to pass monitoredBarrier in 2000 ms" in saw[("DETAIL", 0)]
+    found = r["flight_recorder"]["first_divergence"]
+    assert (found["kind"], found["seq"]) == ("call site", 3)
+    assert r["flight_recorder"]["torchfrtrace_raw"] == "KeyError: ('0', 0)"
+    assert "missing ranks: {1}" in r["flight_recorder"]["torchfrtrace"]
+    assert "no error; loss 12 (intended 21)" in out and found["ranks"]["1"] in out
