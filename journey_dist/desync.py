@@ -100,6 +100,14 @@ def pair_by_order(calls: dict[int, list[tuple[str, float]]]) -> dict[int, dict[s
     return out
 
 
+def straggler_probability(p_slow: float, ranks: int) -> float:
+    """Chance that at least one of `ranks` independent ranks is slow in a step, when each is with
+    probability `p_slow`: 1 - (1 - p)^n. A synchronous step (every collective) waits for it."""
+    if not 0 <= p_slow <= 1 or ranks < 1:
+        raise ConfigError(f"p_slow={p_slow}, ranks={ranks}: need 0 <= p_slow <= 1 and ranks >= 1")
+    return 1 - (1 - p_slow) ** ranks
+
+
 def _buggy_step(scenario: str, rank: int, timeout_s: float) -> list[float]:
     """One 'training step' of two all-reduces (step_calls); rank 1 gets it wrong as the scenario
     says. Returns this rank's [grads..., loss...] after the step (grads of a skipping rank: as sent)."""

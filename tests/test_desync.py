@@ -21,6 +21,7 @@ from journey_dist.desync import (
     run_desync,
     short_error,
     step_calls,
+    straggler_probability,
     torchfrtrace,
 )
 from tests.labs import run_lab
@@ -74,6 +75,13 @@ def test_first_divergence_names_the_first_differing_collective(rank1, kind, seq)
         assert found["ranks"][1] == "never issued"
 
 
+def test_straggler_probability():
+    assert straggler_probability(0.5, 2) == 0.75 and straggler_probability(0.0, 10**6) == 0.0
+    assert straggler_probability(1e-3, 1024) == pytest.approx(0.641, abs=1e-3)
+    with pytest.raises(ConfigError, match="need 0 <= p_slow <= 1 and ranks >= 1"):
+        straggler_probability(1.5, 8)
+
+
 def test_short_error_keeps_the_verdict():
     assert short_error(DETAIL_TEXT) == ("mismatch (rank 0: #2 ALLREDUCE [4]; rank 1: #2 ALLREDUCE [6]): "
                                         "Tensor Tensor shapes: 4vs 6")
@@ -111,6 +119,7 @@ def runs(tmp_path_factory) -> dict:
     out = {(s, d): run_desync(s, debug=d, collective_timeout_s=2.0)
            for s in ("op", "shape") for d in ("OFF", "DETAIL")}
     out[("skip", "DETAIL")] = run_desync("skip", debug="DETAIL", collective_timeout_s=2.0)
+    out[("straggler", "DETAIL")] = run_desync("straggler", debug="DETAIL", collective_timeout_s=2.0)
     out[("skip", "OFF")] = run_desync("skip", trace_dir=trace, collective_timeout_s=2.0)
     out["trace"] = trace
     return out
@@ -123,6 +132,7 @@ def test_detail_names_the_mismatched_op_and_shape(runs):
         rank0 = runs[(scenario, "DETAIL")]["ranks"][0]
         assert rank0["error"].startswith("RuntimeError: Detected mismatch between collectives on ranks.")
         assert aspect in rank0["error_text"], rank0["error_text"]
+        assert "SequenceNumber=2" in rank0["error_text"]  # two warm-up collectives: 0 and 1
 
 
 @pytest.mark.slow
@@ -140,7 +150,8 @@ def test_skip_is_a_silent_wrong_sum_that_only_the_stack_shows(runs):
     for debug in ("OFF", "DETAIL"):
         rank1 = runs[("skip", debug)]["ranks"][1]
         assert rank1["error"] is None and rank1["result"][4:] == [wrong] * 4  # no error, wrong loss
-    assert "Ranks 1 failed to pass monitoredBarrier" in runs[("skip", "DETAIL")]["ranks"][0]["error"]
+    for scenario in ("skip", "straggler"):  # DETAIL names the rank that never arrives
+        assert "Ranks 1 failed to pass monitoredBarrier" in runs[(scenario, "DETAIL")]["ranks"][0]["error"]
     found = first_divergence(load_traces(runs["trace"]))
     assert (found["kind"], found["seq"]) == ("call site", 3), found  # 2 warm-up collectives, then the skip
     assert all("desync.py" in where for where in found["ranks"].values())

@@ -31,10 +31,12 @@ import torch
 
 import journey_dist.compression as compression
 import journey_dist.config as config
+import journey_dist.desync as desync
 import journey_dist.memory.estimate as estimate
 import journey_dist.memory.sizes as sizes
 import journey_dist.moe as moe
 import journey_dist.numerics as numerics
+import journey_dist.runtime as runtime
 import journey_dist.scaling as scaling
 from journey_dist.comm import analytic, ring_factor
 from journey_dist.data import get_batch, load_text, load_tokens
@@ -185,6 +187,9 @@ expert-parallel bytes (planned_comm). None of them needs a process group."""
     ns.update({k: getattr(sizes, k) for k in ("active_param_count", "expert_param_count", "expert_params")})
     ns.update(planned_comm=planned_comm, expected_collectives=expected_collectives,
               even_load_forwards=even_load_forwards)
+    # desyncs (notes/debugging.md): pairing by order, stragglers, the repo's and torch's timeouts
+    ns.update({k: getattr(desync, k) for k in ("pair_by_order", "step_calls", "straggler_probability")})
+    ns.update(runtime=runtime)
     return ns
 
 
