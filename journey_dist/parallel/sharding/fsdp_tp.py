@@ -4,11 +4,12 @@
     model: the DTensor TP plan (parallel/tensor/dtensor.py) on mesh["tp"], then fully_shard of every
            block and of the root on mesh["dp"]
 
-Each parameter ends as one DTensor on the 2-D mesh: placements (Shard(0), tp's placement). Its
-tp placement comes first (a column-parallel weight is Shard(0) over tp), FSDP2 then shards what a
-tp rank holds along dim 0 again over dp ("_StridedShard" when both split dim 0). Per rank, in fp32
-AdamW: weights, gradients and moments are each 1/(dp*tp) of the sharded matrices and 1/dp of what
-tp replicates (LayerNorms, row biases): ZeRO-3 inside each tp shard.
+A parameter the plan splits ends as one DTensor on the 2-D mesh, placements (dp's, tp's): tp
+splits first (a column-parallel weight is Shard(0) over tp, a row-parallel one Shard(1)), then
+FSDP2 shards what a tp rank holds on dim 0 again over dp (shown as _StridedShard(0) when both split
+dim 0). What the plan leaves whole (LayerNorms, wpe) is a 1-D DTensor on the dp mesh. Per rank,
+in fp32 AdamW: weights, gradients and moments are each 1/(dp*tp) of the split tensors and 1/dp of
+what tp replicates: ZeRO-3 of each tp shard (memory.estimate with dp, tp and zero=3).
 
 Communication of one step:
     tp group   the plan's activations (forward: all-reduce after each row-parallel layer; backward:
@@ -78,15 +79,9 @@ def dp_coords(mesh: DeviceMesh) -> tuple[int, int]:
     return rep * sub.size(1) + shard, sub.size()
 
 
-def parallelize_2d(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> nn.Module:
-    """TP on mesh["tp"] first (the DTensor plan), then fully_shard each block and the root over the
-    dp sub-mesh (FSDP2 composes with the tp placements: it shards each tp shard again)."""
-    parallelize_with_dtensor(model, mesh["tp"])
-    return shard_tp_model(model, mesh, reshard_after_forward=reshard_after_forward)
-
-
 def shard_tp_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> nn.Module:
-    """fully_shard each block, then the root, over the dp sub-mesh of a model already split by tp."""
+    """fully_shard each block, then the root, over the dp sub-mesh of a model already split by tp
+    (parallelize_with_dtensor on mesh["tp"] first, as torchtitan orders them: TP, then FSDP)."""
     shard_over = dp_mesh(mesh)
     for block in model.transformer.h:
         fully_shard(block, mesh=shard_over, reshard_after_forward=reshard_after_forward)
