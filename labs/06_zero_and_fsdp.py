@@ -20,12 +20,22 @@ include it). And the communication of one step: ZeRO-1 hands reduce-scatter + al
 bytes DDP hands all-reduce; FSDP2 all-gathers each unit twice (forward, backward). DeepSpeed's
 collectives are measured, not derived: stages 1 and 2 all-reduce gradient buckets and keep their
 slice, stage 3 gathers the tied wte for both the embedding and the head. More: notes/zero.md.
-Results: runs/06_zero_and_fsdp/result.json
+
+The last section composes on a 2-D DeviceMesh the way torchtitan does (its own 4 ranks under
+python): ("dp", "tp") = 2 x 2, the DTensor TP plan on mesh["tp"], then fully_shard on mesh["dp"];
+and HSDP as the dp dimension, ("dp_replicate", "dp_shard") = 2 x 2 (tp = 1 on 4 ranks; --hsdp-tp 2
+with --ranks-2d 8 makes it 3-D). Both against one process, and each rank's bytes next to
+memory.estimate with dp (the shard group), tp and zero=3 (equal), the parameters next to the
+rounding floor it prints (one process summing the batch in 2 micro-batches: the same float
+rounding, which AdamW's first steps turn into parameter differences). Under a launcher the
+section runs in the launched job when its world has --ranks-2d ranks.
+Results: runs/06_zero_and_fsdp/result.json, runs/06_zero_and_fsdp/mesh_2d.json
 """
 
 # %% Setup: arguments, model config, and every check that can fail, before any process starts
 import argparse
 import os
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -42,11 +52,12 @@ from journey_dist.labkit import (
     positive_float,
     positive_int,
 )
-from journey_dist.memory.estimate import model_state_bytes
+from journey_dist.memory.estimate import estimate_memory, model_state_bytes
 from journey_dist.parallel.data.replicas import run_data_parallel
 from journey_dist.parallel.sharding.accelerate import run_accelerate, under_accelerate
 from journey_dist.parallel.sharding.deepspeed import choose_stages, load_config, run_deepspeed
 from journey_dist.parallel.sharding.fsdp import run_fsdp2
+from journey_dist.parallel.sharding.fsdp_tp import check_layout, run_fsdp_tp
 from journey_dist.parallel.sharding.zero import run_zero1
 from journey_dist.parity import (
     RunResult,
@@ -55,10 +66,18 @@ from journey_dist.parity import (
     loss_diff,
     max_abs_diff,
     reference_run,
+    worst_diffs,
     worst_over_ranks,
 )
-from journey_dist.report import bytes_table, ledger_tables, losses_table, parity_table
-from journey_dist.runtime import comm_device, launch, print0, requested_world_size, save_json
+from journey_dist.report import bytes_table, ledger_tables, losses_table, parity_table, table
+from journey_dist.runtime import (
+    comm_device,
+    launch,
+    print0,
+    requested_world_size,
+    save_json,
+    under_torchrun,
+)
 from journey_dist.train import TrainConfig
 
 LAB = "06_zero_and_fsdp"
@@ -73,6 +92,11 @@ parser.add_argument("--skip-deepspeed", action="store_true", help="leave out the
 parser.add_argument("--stages", type=int_list, default=None,
                     help="DeepSpeed ZeRO stages to run (default 1,2,3 when DeepSpeed is installed)")
 parser.add_argument("--ds-config", default=None, help="a DeepSpeed JSON (its stage replaces --stages)")
+parser.add_argument("--skip-2d", action="store_true", help="leave out the 2-D mesh section")
+parser.add_argument("--ranks-2d", type=positive_int, default=4, help="ranks of the 2-D mesh section")
+parser.add_argument("--tp-2d", type=positive_int, default=2, help="tp size of the (dp, tp) mesh")
+parser.add_argument("--hsdp-tp", type=positive_int, default=1,
+                    help="tp size beside HSDP's (dp_replicate=2, dp_shard) dimensions")
 # the deepspeed launcher passes --local_rank (torch's older launcher --local-rank); the rank comes from env
 parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
@@ -91,6 +115,18 @@ ds_file = None
 if args.ds_config:
     ds_file = load_config(args.ds_config, cfg, world)  # validated here, before any rank starts
     stages = [ds_file["zero_optimization"]["stage"]]
+LAYOUTS_2D = {f"fsdp2 x tp ({args.ranks_2d // args.tp_2d} x {args.tp_2d})":
+              {"dp": args.ranks_2d // args.tp_2d, "tp": args.tp_2d},
+              f"hsdp (2 x {args.ranks_2d // (2 * args.hsdp_tp)}) x tp {args.hsdp_tp}":
+              {"dp": args.ranks_2d // args.hsdp_tp, "tp": args.hsdp_tp, "replicate": 2}}
+if not args.skip_2d:
+    for layout in LAYOUTS_2D.values():  # before any process starts
+        check_layout(args.ranks_2d, **layout)
+        pcfg_2d = ParallelConfig(dp=layout["dp"], tp=layout["tp"], zero=3)
+        pcfg_2d.validate(config, args.ranks_2d, args.batch_size)
+    check_memory(args.force, config, args.batch_size, ranks=args.ranks_2d)
+# loss and first gradients: rounding only; parameters after AdamW steps: next to the rounding floor
+TOL_2D = {"loss": 1e-5, "grad": 1e-6, "param": 1e-4}
 ZERO_STAGE = {"ddp": 0, "zero1 (ours)": 1, **{f"deepspeed zero-{s}": s for s in stages}, "fsdp2 (zero-3)": 3}
 
 
@@ -181,6 +217,49 @@ def rank_main(data: TokenData) -> dict:
               # who started the ranks: a launcher (torchrun, accelerate, deepspeed) or this lab's spawn
               "launcher": "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "lab spawn"}
     print0(f"wrote {save_json(LAB, 'result', result)}")
+    if under_torchrun() and not args.skip_2d:  # a launcher's job: the 2-D section runs in it if it fits
+        if n == args.ranks_2d:
+            rank_2d(data)
+        else:
+            note(f"the 2-D mesh section needs {args.ranks_2d} ranks and this job has {n}: launch "
+                 f"--nproc_per_node={args.ranks_2d}, or run the lab under python (it spawns them)")
+    return result
+
+
+# %% 5. FSDP2 + TP on a 2-D DeviceMesh (and HSDP as the dp dimension): parity and bytes per rank
+def rank_2d(data: TokenData) -> dict:
+    """Each layout against one process; this rank's shards next to estimate_memory(dp=shard group,
+    tp, zero=3); the collectives of one step on the dp and the tp groups."""
+    ref = reference_run(config, data, cfg, first_grads=True)
+    # rounding floor: one process summing the same batch in 2 micro-batches (another order, as dp
+    # halves and tp partial sums do); AdamW's first steps (~lr * sign g) turn such rounding into steps
+    floor = max_abs_diff(reference_run(config, data, replace(cfg, grad_accum=2)).params, ref.params)
+    runs = {name: run_fsdp_tp(config, data, cfg, **layout) for name, layout in LAYOUTS_2D.items()}
+    diffs = {name: worst_diffs(run, ref) for name, run in runs.items()}
+    print0(f"2-D mesh on {dist.get_world_size()} ranks; mesh of {next(iter(runs))}: "
+           f"{next(iter(runs.values())).details['mesh']} (rows: dp, columns: tp)")
+    shown = {k: ", ".join(v) for k, v in next(iter(runs.values())).details["placements"].items()
+             if ".h.0." in k or "wte" in k}  # a DTensor on (dp, tp), or on dp only where tp replicates
+    print0(table([{"param": k, "placements": v} for k, v in shown.items()],
+                 [("param", "parameter", str), ("placements", "placements", str)]))
+    print0(parity_table(diffs, tol=TOL_2D, seconds={k: r.seconds for k, r in runs.items()}))
+    print0(f"rounding floor (one process, the batch in 2 micro-batches): max|param| {floor:.1e}")
+    cells, estimates = {}, {}
+    for name, layout in LAYOUTS_2D.items():
+        shard = layout["dp"] // layout.get("replicate", 1)
+        est = estimate_memory(config, batch_size=cfg.batch_size, seq_len=config.block_size, dp=shard,
+                              tp=layout["tp"], zero=3)
+        estimates[name] = {"params": est.params, "grads": est.grads, "optimizer": est.optimizer}
+        cells[name] = {k: (runs[name].state_bytes[k], estimates[name][k]) for k in estimates[name]}
+    print0(bytes_table(cells))
+    print0(ledger_tables({f"{name} [{group}]": (run.comm[group], run.analytic.get(group, {}))
+                          for name, run in runs.items() for group in ("dp", "tp")}))
+    layouts = {name: {**LAYOUTS_2D[name], "diffs": diffs[name], "state": runs[name].state_bytes,
+                      "estimate": estimates[name], "comm": runs[name].comm, "analytic": runs[name].analytic,
+                      "mesh": runs[name].details["mesh"]} for name in runs}
+    result = {"world_size": dist.get_world_size(), "preset": args.preset, "train": cfg.to_dict(),
+              "tolerance": TOL_2D, "rounding_floor_param_diff": floor, "layouts": layouts}
+    print0(f"wrote {save_json(LAB, 'mesh_2d', result)}")
     return result
 
 
@@ -188,3 +267,5 @@ def rank_main(data: TokenData) -> dict:
 # python it spawns --ranks ranks
 if __name__ == "__main__":
     launch(rank_main, world, data)
+    if not args.skip_2d and not under_torchrun():
+        launch(rank_2d, args.ranks_2d, data)

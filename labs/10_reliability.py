@@ -16,8 +16,15 @@ from the DCP shards; (5) kill rank 1 in the middle of a step and time how long r
 name it. Under torchrun with --crash-once: the last rank dies once after --crash-at (a marker file
 says it already did), torchrun restarts every rank, they resume from the checkpoint and check
 the result against an uninterrupted run computed in the same process.
+(6) A desync on purpose, each case a fresh 2-rank job in a subprocess (--desync): rank 1 calls a
+different collective ("op"), a different shape ("shape"), skips an all-reduce ("skip") or
+arrives late ("straggler"); what each rank sees without and with TORCH_DISTRIBUTED_DEBUG=DETAIL;
+(7) the skip again with the flight recorder on: every rank's collectives compared, and torch's
+torchfrtrace on the same dumps. More: notes/debugging.md.
 What to look at: 'bitwise equal: yes' for both checkpoint kinds; which checkpoint the resume
-used and why; the detection time, far below the collective timeout.
+used and why; the detection time, far below the collective timeout; in (6) the skip, which
+returns a wrong loss on rank 1 without any error, and DETAIL naming the mismatch or the absent
+rank; in (7) the first collective whose call sites differ.
 Results: runs/10_reliability/result.json
 """
 
@@ -31,6 +38,17 @@ import torch.distributed as dist
 from journey_dist.checkpoint import checkpoints_table, latest_valid, list_checkpoints
 from journey_dist.config import ConfigError, ParallelConfig, get_preset
 from journey_dist.data import load_tokens
+from journey_dist.desync import (
+    SCENARIOS,
+    first_divergence,
+    load_traces,
+    pair_by_order,
+    repair_gloo_dump,
+    run_desync,
+    short_error,
+    step_calls,
+    torchfrtrace,
+)
 from journey_dist.labkit import (
     check_data,
     check_memory,
@@ -38,9 +56,11 @@ from journey_dist.labkit import (
     clear_owned,
     lab_parser,
     parse,
+    positive_float,
     positive_int,
     probability,
 )
+from journey_dist.report import table
 from journey_dist.resumable import bitwise_equal, resume_table, run_resumable, time_to_name_a_dead_rank
 from journey_dist.runtime import (
     RankFailure,
@@ -69,6 +89,10 @@ parser.add_argument("--dropout", type=probability, default=0.1, help="> 0 so res
 parser.add_argument("--dir", default=None, help="checkpoint directory (default <out>/10_reliability/ckpt); "
                     "must be new, empty or one this lab created: the lab deletes only what it wrote there")
 parser.add_argument("--crash-once", action="store_true", help="torchrun --max-restarts demo")
+parser.add_argument("--desync", default="op,skip",
+                    help=f"desync scenarios to provoke in (6), from {', '.join(SCENARIOS)}; 'none' for none")
+parser.add_argument("--desync-timeout", type=positive_float, default=3.0,
+                    help="collective timeout (s) of the desync jobs")
 args = parse(parser, LAB)  # from here a ConfigError is one `error:` line and exit 2
 
 world = requested_world_size(args.ranks)
@@ -80,6 +104,11 @@ if not args.crash_at < args.steps:
 if not args.every <= args.crash_at:
     raise ConfigError(f"--every {args.every} must be in [1, --crash-at] so a checkpoint exists before the "
                       f"crash; use --every <= {args.crash_at}")
+DESYNC = [] if args.desync == "none" else args.desync.split(",")
+unknown = sorted(set(DESYNC) - set(SCENARIOS))
+if unknown:
+    raise ConfigError(f"--desync {','.join(unknown)}: no such scenario; use some of "
+                      f"{','.join(SCENARIOS)}, or none")
 if args.keep == 1 or args.keep < 0:  # step 3 truncates the newest and resumes from the one before
     raise ConfigError(f"--keep {args.keep}: the truncated-checkpoint step needs a previous checkpoint to "
                       "fall back to; use --keep >= 2 (or 0 to keep all)")
@@ -90,7 +119,7 @@ cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=3e-3,
                   warmup_steps=max(1, args.steps // 5), log_every=1)
 # The lab empties these entries of its checkpoint directory at each run, and nothing else in it.
 root = claim_dir(args.dir or runs_dir(LAB) / "ckpt", LAB, "--dir")
-RUN_ENTRIES = ("file", "dcp", "dead_rank")  # plain python: one-file checkpoints, DCP shards, marks
+RUN_ENTRIES = ("file", "dcp", "dead_rank", "flight_recorder")  # plain python: checkpoints, marks, dumps
 TORCHRUN_ENTRY = "torchrun"  # under torchrun: the restartable job's checkpoints
 
 
@@ -148,6 +177,40 @@ def dead_rank() -> tuple[dict, float]:
                                     root / "dead_rank", collective_timeout_s=60)
 
 
+# %% 6. A desync on purpose: what each rank sees, without and with TORCH_DISTRIBUTED_DEBUG=DETAIL
+def desync_cases() -> list[dict]:
+    """One row per (scenario, debug level, rank): its error in one line, or the loss it returned next
+    to the loss the intended program returns (pair_by_order models the skip's wrong sum)."""
+    intended = pair_by_order(step_calls("none"))
+    rows = []
+    for scenario in DESYNC:
+        for debug in ("OFF", "DETAIL"):
+            run = run_desync(scenario, debug=debug, collective_timeout_s=args.desync_timeout)
+            for r in run.get("ranks", []):
+                saw = short_error(r["error_text"]) if r["error"] else (
+                    f"no error; loss {r['result'][-1]:g} (intended {intended[r['rank']]['loss']:g})")
+                rows.append({"scenario": scenario, "debug": debug, "rank": r["rank"], "saw": saw,
+                             "seconds": run["seconds"]})
+            if "job_error" in run:  # gloo's C++ check killed a rank: its stderr has the reason
+                rows.append({"scenario": scenario, "debug": debug, "rank": "job", "seconds": run["seconds"],
+                             "saw": " ".join(run["job_error"].split()) + " | " + " ".join(run["aborts"])})
+    return rows
+
+
+# %% 7. The flight recorder on the skipped all-reduce: every rank's collectives compared
+def flight_recorder(trace_dir: Path) -> dict:
+    """Run the skip with TORCH_FR_BUFFER_SIZE set; compare the dumps (first_divergence) and hand them
+    to torchfrtrace, as dumped (torch 2.13's gloo dump stops it) and repaired."""
+    run_desync("skip", trace_dir=trace_dir, collective_timeout_s=args.desync_timeout)
+    found = first_divergence(load_traces(trace_dir))
+    raw = torchfrtrace(trace_dir)
+    fixed = torchfrtrace(repair_gloo_dump(trace_dir, trace_dir.parent / "repaired"))
+    return {"first_divergence": found,
+            "torchfrtrace_raw": (raw.stdout + raw.stderr).strip().splitlines()[-1],
+            "torchfrtrace": [line for line in (fixed.stdout + fixed.stderr).splitlines()
+                             if line and "tabulate" not in line][:6]}
+
+
 # %% Plain python runs the steps in order, each phase a fresh set of processes as after a real crash
 def main() -> dict:
     clear_owned(root, LAB, RUN_ENTRIES)  # only what an earlier run of this lab wrote
@@ -167,9 +230,21 @@ def main() -> dict:
     print0(f"\n(5) rank 1 killed mid-step (exit 17). Rank 0, waiting in its all-reduce, raised after "
            f"{dead['detection_s']:.2f}s (collective timeout 60s):\n    {dead['message']}\n    launcher "
            f"report ({launcher_s:.1f}s incl. start-up): {'; '.join(dead['launcher_report'])}")
+    desync, recorder = [], None
+    if DESYNC:
+        desync = desync_cases()
+        print0(f"\n(6) desync, rank 1 the buggy rank (collective timeout {args.desync_timeout:g}s):\n"
+               + table(desync, [("saw", "what the rank saw", str), ("scenario", "case", str),
+                                ("debug", "DEBUG", str), ("rank", "rank", str)]))
+        recorder = flight_recorder(root / "flight_recorder" / "dumps")
+        where = "\n".join(f"    rank {r}: {w}" for r, w in recorder["first_divergence"]["ranks"].items())
+        print0(f"\n(7) flight recorder, skip: first difference at collective "
+               f"#{recorder['first_divergence']['seq']} ({recorder['first_divergence']['kind']}):\n{where}\n"
+               f"    torchfrtrace on gloo's dump: {recorder['torchfrtrace_raw']}\n    torchfrtrace, "
+               f"repaired: " + " | ".join(recorder["torchfrtrace"]))
     result = {"world_size": world, "preset": args.preset, "train": cfg.to_dict(), "every": args.every,
               "crash_at": args.crash_at, "truncated": truncated, "fallback": fallback, "resume": rows,
-              "dead_rank": dead}
+              "dead_rank": dead, "desync": desync, "flight_recorder": recorder}
     print0(f"\nwrote {save_json(LAB, 'result', result)}; list checkpoints: `journey checkpoints {file_dir}`")
     return result
 

@@ -516,6 +516,9 @@ def test_journey_estimate_checks_its_output_directory_first(tmp_path, capsys, mo
     ("02_data_parallel.py", ["--batch-size", "7"], "global batch 7 is not divisible by dp*microbatches"),
     ("04_pipeline_parallel.py", ["--sweep", "1,x"], "argument --sweep: '1,x': want comma-separated integers"),
     ("10_reliability.py", ["--keep", "1"], "--keep 1: the truncated-checkpoint step needs a previous"),
+    ("10_reliability.py", ["--desync", "op,deadlock"], "--desync deadlock: no such scenario; use some"),
+    pytest.param("06_zero_and_fsdp.py", ["--ranks-2d", "6", "--tp-2d", "4"],
+                 "dp=1 x tp=4 = 4 ranks, but the world has 6", marks=pytest.mark.slow),
 ])
 def test_labs_reject_bad_arguments_before_any_rank_starts(tmp_path, lab, args, message):
     """Each of these used to pass the checks and fail inside a rank (or after the training)."""

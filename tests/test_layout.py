@@ -15,8 +15,8 @@ PACKAGE = ROOT / "journey_dist"
 LAYERS = [  # bottom first; a module is named by its first component under journey_dist/ (or in SPLIT)
     {"config"},
     {"fault_tolerance", "numerics", "scaling", "compression", "dcp_safe"},
-    {"runtime", "mesh", "data", "comm", "tokenizer", "report", "plots", "cluster"},  # at most config
-    {"moe", "positions"},
+    {"runtime", "mesh", "data", "comm", "tokenizer", "report", "plots", "cluster"},  # report, plots, cluster: config only
+    {"moe", "positions", "desync"},
     {"model", "hf_interop", "ngram", "recompute"},
     {"train"},
     {"parity", "extrapolation"},

@@ -32,11 +32,13 @@ import torch
 import journey_dist.cluster as cluster
 import journey_dist.compression as compression
 import journey_dist.config as config
+import journey_dist.desync as desync
 import journey_dist.flops as flops
 import journey_dist.memory.estimate as estimate
 import journey_dist.memory.sizes as sizes
 import journey_dist.moe as moe
 import journey_dist.numerics as numerics
+import journey_dist.runtime as runtime
 import journey_dist.scaling as scaling
 import journey_dist.search as search
 import journey_dist.steptime as steptime
@@ -202,6 +204,9 @@ predicted steps). None of them needs a process group."""
               optimizer_seconds=steptime.optimizer_seconds, model_flops_per_token=flops.model_flops_per_token,
               stage_flops=flops.stage_flops, attention_share=flops.attention_share,
               layer_matrix_params=layer_matrix_params, search_layouts=search.search_layouts)
+    # desyncs (notes/debugging.md): pairing by order, stragglers, the repo's and torch's timeouts
+    ns.update({k: getattr(desync, k) for k in ("pair_by_order", "step_calls", "straggler_probability")})
+    ns.update(runtime=runtime)
     return ns
 
 
