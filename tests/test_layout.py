@@ -15,7 +15,7 @@ PACKAGE = ROOT / "journey_dist"
 LAYERS = [  # bottom first; a module is named by its first component under journey_dist/ (or in SPLIT)
     {"config"},
     {"fault_tolerance", "numerics", "scaling", "compression", "dcp_safe"},
-    {"runtime", "mesh", "data", "comm", "tokenizer", "report", "plots", "cluster"},  # report, plots, cluster: config only
+    {"runtime", "mesh", "data", "comm", "tokenizer", "report", "plots", "cluster"},  # the base
     {"moe", "positions", "desync"},
     {"model", "hf_interop", "ngram", "recompute"},
     {"train"},
