@@ -82,7 +82,7 @@ class Heartbeat:
 
     def __init__(self, interval_s: float = 0.5, stale_s: float = 5.0, *, abort: bool = True,
                  prefix: str = "journey/heartbeat", on_abort: Callable[[str], None] | None = None,
-                 hint: str = "", store_host: str = "rank 0, or torchrun's agent on that node"):
+                 hint: str = "", store_host: str = "the launcher (runtime.spawn or torchrun's agent)"):
         if stale_s <= interval_s:
             raise ValueError(f"stale_s={stale_s} must exceed interval_s={interval_s}; use a stale_s of a few "
                              f"intervals (e.g. {3 * interval_s})")
@@ -105,9 +105,9 @@ class Heartbeat:
         self._peers = {r: PeerState(r) for r in range(self.world) if r != self.rank}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="journey-heartbeat", daemon=True)
-        # A store whose host froze (a SIGSTOPped rank 0 hosts it under runtime.spawn) does not
-        # fail a store call: the call blocks past the store's timeout. The watchdog notices the
-        # heartbeat thread stuck in one and names the store's host instead.
+        # A store whose host froze (a SIGSTOPped launcher) does not fail a store call: the call
+        # blocks past the store's timeout. The watchdog notices the heartbeat thread stuck in one
+        # and names the store's host instead.
         self._watchdog = threading.Thread(target=self._watch_store, name="journey-heartbeat-watchdog",
                                           daemon=True)
 

@@ -211,6 +211,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
             if world_size > 1:
                 raise RankFailure("MASTER_PORT is not set; start with torchrun or launch()")
             os.environ["MASTER_PORT"] = str(find_free_port())
+            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # one process hosts its own store
         timeout = datetime.timedelta(seconds=timeout_s or configured_collective_timeout())
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
@@ -231,8 +232,9 @@ def start_job_heartbeat(hang_timeout: float | None = None,
     if timeout == 0 or get_world_size() == 1:
         return None
     hint = f" [hang timeout {timeout:g}s: {HANG_TIMEOUT_ENV} or --hang-timeout; 0 turns it off]"
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # set by torchrun
-    host = f"torchrun's agent on {os.environ.get('MASTER_ADDR', '?')}" if agent_store else "rank 0"
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # set by torchrun and spawn
+    host = os.environ.get(STORE_HOST_ENV) or (
+        f"torchrun's agent on {os.environ.get('MASTER_ADDR', '?')}" if agent_store else "rank 0")
     _job_heartbeat = Heartbeat(interval_s=min(1.0, timeout / 5), stale_s=timeout, abort=True,
                                prefix=_HEARTBEAT_PREFIX, on_abort=on_abort, hint=hint,
                                store_host=host).start()
@@ -266,6 +268,9 @@ def shutdown(failed: bool = False) -> None:
             dist.destroy_process_group()
 
 
+STORE_HOST_ENV = "JOURNEY_STORE_HOST"  # who hosts the job's store, for the heartbeat's message
+
+
 def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -283,6 +288,8 @@ def _rank_main(
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # the launcher hosts the store (as torchrun's agent does)
+        **{STORE_HOST_ENV: f"the launcher (pid {parent_pid})"},
     )
     torch.set_num_threads(threads)
     out = Path(out_dir)
@@ -333,7 +340,11 @@ def spawn(
     if not hang_timeout >= 0:
         raise ConfigError(f"hang_timeout_s={hang_timeout_s} is not a timeout; use seconds > 0, or 0 for none")
     ctx = mp.get_context(_start_method(fn))
-    port = find_free_port()
+    # This process hosts the job's store on a port the OS picks and it keeps bound: a port found free
+    # and released (find_free_port) could be taken by another job starting on this machine meanwhile.
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=coll_timeout))
+    port = store.port
     out_dir = tempfile.mkdtemp(prefix="journey-ranks-")
     threads = max(1, (os.cpu_count() or 1) // world_size)
     procs = [
@@ -380,6 +391,7 @@ def spawn(
             if p.is_alive():
                 p.kill()
         shutil.rmtree(out_dir, ignore_errors=True)
+        del store  # the port is released once every rank is gone
 
 
 def _failure_message(out_dir: str, procs: list, failed: list[int], hung: list[int]) -> str:
@@ -422,6 +434,7 @@ def launch(fn: Callable, world_size: int, *args: Any, timeout_s: float = 1800.0)
     if world_size == 1:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(find_free_port()))
+        os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # one process hosts its own store
         init_distributed()
         failed = True
         try:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from journey_dist.parallel.data_parallel import make_data_parallel
 
 from journey_dist.config import get_preset
 from journey_dist.model import GPT
+from journey_dist.parallel.data.replicas import make_data_parallel
 from journey_dist.runtime import launch
 
 

@@ -38,6 +38,21 @@ def test_results_in_rank_order():
     assert run_ranks(_all_reduce_rank, 2) == [(0, 2, 3.0), (1, 2, 3.0)]
 
 
+def test_a_port_taken_by_another_job_cannot_break_the_rendezvous(monkeypatch):
+    """spawn's launcher hosts the store on a port it keeps bound. Finding a free port and releasing
+    it let another job on the machine take it first: rank 0 then failed to bind, or worse, ranks of
+    two jobs met in one store. Simulated: every 'free' port found is already taken."""
+    import socket
+
+    import journey_dist.runtime as runtime
+
+    with socket.socket() as other_job:
+        other_job.bind(("127.0.0.1", 0))
+        other_job.listen()
+        monkeypatch.setattr(runtime, "find_free_port", lambda: other_job.getsockname()[1])
+        assert run_ranks(_all_reduce_rank, 2) == [(0, 2, 3.0), (1, 2, 3.0)]
+
+
 def test_four_ranks():
     results = run_ranks(_all_reduce_rank, 4)
     assert [r[0] for r in results] == [0, 1, 2, 3] and all(r[2] == 10.0 for r in results)
