@@ -394,8 +394,8 @@ def test_cp_terms_are_alpha_beta_on_the_cp_link():
     """llama3.1-8b on 64 H100s, tp=8 in a node, so a cp group puts one rank on each of cp nodes (IB).
     Ring (zigzag): cp - 1 k/v sends forward and 2cp - 1 backward per layer and micro-batch, each
     exposed by max(0, send - W), W = one layer's attention forward / cp: 2K-token sequences expose
-    them, 32K ones hide them (W grows as S^2, a block as S). Ulysses: 8 all-to-alls per layer, exposed. Gradients: one all-reduce
-    over dp x cp."""
+    them, 32K ones hide them (W grows as S^2, a block as S). Ulysses: 8 all-to-alls per layer,
+    exposed. Gradients: one all-reduce over dp x cp."""
     cfg, h100 = get_preset("llama3.1-8b"), get_cluster("h100")
     eff, rate, ib8 = h100.comm_efficiency, h100.rank_flops(8), h100.link_for(1, 8)
     g = model_state_bytes(1, "bf16-mixed")["grads"]
