@@ -141,6 +141,16 @@ def test_plan_dp_bytes_are_every_gradient_for_llama():
         p.numel() for p in GPT(cfg).parameters())
 
 
+def test_plan_dp_cp_bytes_are_every_gradient_at_its_width():
+    """Under cp the gradients cross dp x cp (the cp group when dp = 1, after the loss's 8 bytes per
+    micro-batch) at the gradients' width: fp32 main grads for bf16-megatron, not the residual's 2."""
+    cfg = get_preset("llama-mini")
+    n = sum(p.numel() for p in GPT(cfg).parameters())
+    for dp, group, loss in ((2, "dp_cp", 0), (1, "cp", 8 * 2)):
+        plan = make_plan(cfg, ParallelConfig(dp=dp, cp=2, microbatches=2), batch=4, dtype="bf16-megatron")
+        assert plan["stages"][0]["comm"][group]["all_reduce"]["bytes"] == loss + 4 * n
+
+
 def test_search_results_fit_and_rank():
     cfg, cluster = get_preset("llama3-8b"), get_cluster("h100", memory_gb=40)
     result = search_layouts(cfg, cluster, gpus=8, seq=4096, batch=64)
