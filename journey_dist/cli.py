@@ -110,6 +110,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.top is not None:
         raise ConfigError("--top says how many layouts --search prints; add --search or drop --top")
     tp, pp, cp = args.tp or 1, args.pp or 1, args.cp or 1
+    if args.cp_design is not None and cp == 1:
+        raise ConfigError(f"--cp-design {args.cp_design} says how --cp splits each sequence; add --cp N "
+                          "(N > 1) or drop --cp-design")
     if args.gpus is not None and args.dp is None and args.gpus % cp:
         raise ConfigError(f"--gpus {args.gpus} is not a multiple of --cp {cp}; use a cp dividing it")
     dp = args.dp if args.dp is not None else (

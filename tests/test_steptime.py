@@ -461,3 +461,5 @@ def test_search_enumerates_cp_and_respects_a_fixed_cp(capsys):
             "--batch", "4", "--search", "--recompute", "full", "--tp", "8"]
     assert main([*args, "--cp", "2", "--json"]) == 0
     assert all(r["parallel"]["cp"] == 2 for r in json.loads(capsys.readouterr().out))
+    assert main(["plan", "--preset", "gpt-mini", "--cp-design", "zigzag"]) == 2  # no --cp: not ignored
+    assert "--cp-design zigzag says how --cp splits each sequence; add --cp N" in capsys.readouterr().err
