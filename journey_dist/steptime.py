@@ -34,13 +34,14 @@ MFU = model FLOPs (6 N_mm + attention, no recompute; an MoE's active matrices) x
 (step x world x peak); HFU counts every rank at its stage's (under cp: the busiest cp rank's) FLOPs.
 
 Context parallel (cp ranks split each sequence; `context_collectives`): compute is the busiest cp
-rank's (flops.py: tokens / cp through the linears, its attention blocks); the cp group is cp
+rank's (flops.py: tokens / cp through the linears, its share of attention); the cp group is cp
 ranks tp apart (mesh.py: pp x dp x cp x tp), its link from `group_span("cp")`. Ring and zigzag
 pass a k/v block per ring step: cp - 1 sends forward, 2cp - 1 backward (the blocks again and each
-block's dK/dV home) per layer and micro-batch; each send overlaps the attention of the block in
-hand, W = one layer's attention forward / cp (backward: two sends against the step's 2W, so W
-each): exposed = max(0, send - W) per send. Ulysses' 8 all-to-alls per layer (q, k, v, output
-forward and their reverses backward) are exposed: attention needs what they bring. The loss's
+block's dK/dV home) per layer and micro-batch, and the forward's cp - 1 again under recompute;
+each send overlaps the attention of the block in hand, W = one layer's attention forward / cp
+(backward: two sends against the step's 2W, so W each): exposed = max(0, send - W) per send.
+Ulysses' 8 all-to-alls per layer (q, k, v, output forward and their reverses backward; the
+forward's 4 again under recompute) are exposed: attention needs what they bring. The loss's
 8-byte all-reduce over cp per micro-batch; the gradients are all-reduced once per step over the
 dp x cp group ("dp_cp": every rank with the same weights; hides behind the last backward).
 
@@ -168,7 +169,7 @@ class Collective:
 
 def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int, stage: int,
                       dtype: str = "bf16-mixed", grad_clip: float = 1.0, dp_calls: int | None = None,
-                      dp_bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Collective]:
+                      dp_bucket_bytes: float = DDP_BUCKET_BYTES, recompute: str = "none") -> list[Collective]:
     """Every collective of a rank of pipeline `stage` per step. Bytes: plan.comm_per_step (the
     numbers tests check against the CommLedger); calls: the schemes' rules —
     tp: 4 per layer per micro-batch (attention and MLP: g forward, f backward), the embedding on the
@@ -233,7 +234,7 @@ def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: 
         out.append(Collective("pp", "broadcast", 4, 1, "step"))
     if pcfg.cp > 1:
         out += context_collectives(pcfg, comm, layers=layers, last=last, dp_calls=dp_calls,
-                                   dp_bucket_bytes=dp_bucket_bytes)
+                                   dp_bucket_bytes=dp_bucket_bytes, recompute=recompute)
     if "dp" in comm:
         if pcfg.zero:
             rs, ag = bytes_of("dp", "reduce_scatter"), bytes_of("dp", "all_gather")
@@ -258,26 +259,33 @@ def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: 
 
 
 def context_collectives(pcfg: ParallelConfig, comm: dict, *, layers: int, last: bool,
-                        dp_calls: int | None = None,
-                        dp_bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Collective]:
+                        dp_calls: int | None = None, dp_bucket_bytes: float = DDP_BUCKET_BYTES,
+                        recompute: str = "none") -> list[Collective]:
     """Context parallel's collectives per step of a stage's rank, bytes from plan.comm_per_step
     (context/accounting.step_comm), per layer (`layers`) and micro-batch (m):
       ring, zigzag  cp send, k/v blocks: cp - 1 forward, 2cp - 1 backward (the blocks again, each
                     block's dK/dV), each hidden behind the block in hand ("ring_block"); the
                     receives are the other end of the same sends (not timed twice)
       ulysses       cp all-to-all: 8 calls (q, k, v, output forward; their reverses backward), exposed
+      recompute     (full or selective: attention's core runs again in backward) the forward's
+                    traffic again: cp - 1 k/v sends, or Ulysses' 4 forward all-to-alls
       loss          cp all-reduce of [loss sum, tokens], 8 bytes per micro-batch on the last stage
       gradients     dp_cp all-reduce once per step (the cp group's when dp = 1), one per bucket."""
     m, cp = pcfg.microbatches, pcfg.cp
     loss = 8 * m if last else 0
     rows = comm["cp"]
     out: list[Collective] = []
+    again = recompute != "none"
     if pcfg.cp_design == "ulysses":
-        out.append(Collective("cp", "all_to_all", rows["all_to_all"]["bytes"], 8 * m * layers, "microbatch",
-                              what="q/k/v/out"))
+        a2a = rows["all_to_all"]["bytes"]
+        out.append(Collective("cp", "all_to_all", a2a, 8 * m * layers, "microbatch", what="q/k/v/out"))
+        if again:  # the forward half (q, k, v, output) again
+            out.append(Collective("cp", "all_to_all", a2a / 2, 4 * m * layers, "microbatch",
+                                  what="q/k/v/out recompute"))
     else:
         block = rows["send"]["bytes"] / (m * layers * (3 * cp - 2))  # one k/v block
-        for hops, what in ((cp - 1, "k/v forward"), (2 * cp - 1, "k/v + dK/dV backward")):
+        passes = [(cp - 1, "k/v forward"), (2 * cp - 1, "k/v + dK/dV backward")]
+        for hops, what in passes + ([(cp - 1, "k/v recompute")] if again else []):
             out.append(Collective("cp", "send", hops * m * layers * block, hops * m * layers, "microbatch",
                                   "ring_block", what=what))
     if loss:
@@ -455,7 +463,7 @@ def predict_step(cfg: GPTConfig, pcfg: ParallelConfig, cluster: Cluster, *, batc
         fl = stage_flops(cfg, tokens=tokens, seq=seq, tp=pcfg.tp, pp=pcfg.pp, stage=s, recompute=recompute,
                          cp=pcfg.cp, cp_design=pcfg.cp_design)
         comms = stage_collectives(cfg, pcfg, batch=batch, seq=seq, stage=s, dtype=dtype, grad_clip=grad_clip,
-                                  dp_calls=dp_calls, dp_bucket_bytes=dp_bucket_bytes)
+                                  dp_calls=dp_calls, dp_bucket_bytes=dp_bucket_bytes, recompute=recompute)
         row = {"stage": s, "forward": fl["forward"] / rate, "backward": fl["backward"] / rate,
                "recompute": fl["recompute"] / rate, "flops": fl}
         per_micro = {g: sum(exposed(c) for c in comms if c.when == "microbatch" and c.group == g) / m

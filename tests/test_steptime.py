@@ -425,12 +425,19 @@ def test_cp_terms_are_alpha_beta_on_the_cp_link():
         assert st.term("dp_cp all_reduce grads") == pytest.approx(collective_time(
             "all_reduce", grads, 8, ib8, calls=math.ceil(grads / (25 * 2**20)), efficiency=eff))
         assert st.step_s == pytest.approx(sum(t.seconds for t in st.terms))
+    # recompute runs attention's forward again, and with it the forward's k/v sends
+    full = predict_step(cfg, pcfg, h100, batch=2, seq=2048, overlap=False, recompute="full")
+    again = next(t for t in full.terms if t.name.startswith("cp send k/v recompute"))
+    forward = next(t for t in full.terms if t.name.startswith("cp send k/v forward"))
+    assert again.seconds == pytest.approx(forward.seconds) and again.seconds > 0
+    assert "cp send k/v recompute" not in " ".join(t.name for t in st.terms)
     pcfg = ParallelConfig(dp=2, cp=4, tp=8, microbatches=2, cp_design="ulysses")
-    st = predict_step(cfg, pcfg, h100, batch=4, seq=8192, overlap=False)
     a2a = layer_comm(cfg, "ulysses", 4, micro_batch=1, seq_len=8192, tp=8, bytes_per_value=2)["all_to_all"]
-    assert st.term("cp all_to_all") == pytest.approx(collective_time(
-        "all_to_all", a2a["bytes"] * 2 * cfg.n_layer, 4, h100.link_for(1, 4), calls=8 * 2 * cfg.n_layer,
-        efficiency=eff))
+    for recompute, passes in (("none", 8), ("full", 12)):  # 4 forward, 4 backward, the forward again
+        st = predict_step(cfg, pcfg, h100, batch=4, seq=8192, overlap=False, recompute=recompute)
+        assert st.term("cp all_to_all") == pytest.approx(collective_time(
+            "all_to_all", a2a["bytes"] / 8 * passes * 2 * cfg.n_layer, 4, h100.link_for(1, 4),
+            calls=passes * 2 * cfg.n_layer, efficiency=eff))
     grads = param_count(cfg, 8) * g
     assert st.term("dp_cp all_reduce grads") == pytest.approx(collective_time(  # 8 ranks, 8 apart
         "all_reduce", grads, 8, ib8, calls=math.ceil(grads / (25 * 2**20)), efficiency=eff))
