@@ -33,7 +33,7 @@ from journey_dist.memory.report import add_estimate_arguments, estimate_command
 from journey_dist.model import GPT
 from journey_dist.plan import make_plan, parse_bytes, plan_text
 from journey_dist.runtime import runs_dir
-from journey_dist.search import dp_for, search_layouts, search_text
+from journey_dist.search import LONG_SEQ, dp_for, search_layouts, search_text
 from journey_dist.steptime import predict_step, time_summary, time_text
 
 EXIT_BAD_INPUT = 2
@@ -82,9 +82,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     schedule = args.schedule or "1f1b"
     virtual_stages = args.virtual_stages or (2 if schedule == "interleaved" else 1)
     if args.search:
-        if args.cp != 1 or schedule not in ("1f1b", "gpipe"):
-            raise ConfigError("--search ranks layouts without context parallel, with the 1f1b or gpipe "
-                              "schedule; drop --cp and --schedule (or plan that layout without --search)")
+        if schedule not in ("1f1b", "gpipe"):
+            raise ConfigError("--search ranks layouts with the 1f1b or gpipe schedule; drop --schedule "
+                              "(or plan that layout without --search)")
         if cluster is None or args.gpus is None:
             raise ConfigError("--search ranks layouts of a cluster: give --gpus N and --gpu NAME "
                               "(or --cluster FILE)")
@@ -95,7 +95,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             overlap=not args.no_overlap, tp=args.tp, pp=args.pp, dp=args.dp, zero=args.zero,
             microbatches=args.microbatches, schedule=schedule, device=device,
             sequence_parallel=True if args.sequence_parallel else None,
-            recomputes=(args.recompute,) if args.recompute else None, ep=args.ep)
+            recomputes=(args.recompute,) if args.recompute else None, ep=args.ep, cp=args.cp,
+            cp_design=args.cp_design)
         if args.json:
             print(json.dumps([{"layout": c.label(), "parallel": c.pcfg.__dict__, "micro_batch": c.micro_batch,
                                "recompute": c.recompute, "peak": c.peak, **time_summary(c.step, tokens)}
@@ -108,16 +109,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0
     if args.top is not None:
         raise ConfigError("--top says how many layouts --search prints; add --search or drop --top")
-    tp, pp = args.tp or 1, args.pp or 1
-    if args.gpus is not None and args.dp is None and args.gpus % args.cp:
-        raise ConfigError(f"--gpus {args.gpus} is not a multiple of --cp {args.cp}; use a cp dividing it")
+    tp, pp, cp = args.tp or 1, args.pp or 1, args.cp or 1
+    if args.cp_design is not None and cp == 1:
+        raise ConfigError(f"--cp-design {args.cp_design} says how --cp splits each sequence; add --cp N "
+                          "(N > 1) or drop --cp-design")
+    if args.gpus is not None and args.dp is None and args.gpus % cp:
+        raise ConfigError(f"--gpus {args.gpus} is not a multiple of --cp {cp}; use a cp dividing it")
     dp = args.dp if args.dp is not None else (
-        1 if args.gpus is None else dp_for(args.gpus // args.cp, tp, pp))
+        1 if args.gpus is None else dp_for(args.gpus // cp, tp, pp))
     world = args.world if args.gpus is None else args.gpus
     pcfg = ParallelConfig(dp=dp, tp=tp, pp=pp, microbatches=args.microbatches or 1, zero=args.zero or 0,
                           sequence_parallel=args.sequence_parallel, schedule=schedule,
-                          ep=1 if args.ep is None else args.ep, virtual_stages=virtual_stages, cp=args.cp,
-                          cp_design=args.cp_design)
+                          ep=1 if args.ep is None else args.ep, virtual_stages=virtual_stages, cp=cp,
+                          cp_design=args.cp_design or "ring")
     gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else (
         cluster.memory if cluster is not None else None)
     recompute = args.recompute or "none"
@@ -184,8 +188,10 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global batch in sequences per step (default 8)")
     parser.add_argument("--global-batch-tokens", default=None, metavar="N",
                         help="global batch in tokens, e.g. 4M or 4Mi (sequences = N / seq, rounded)")
-    parser.add_argument("--cp", type=int, default=1, help="context-parallel ranks (each holds seq/cp tokens)")
-    parser.add_argument("--cp-design", default="ring", choices=["ring", "zigzag", "ulysses"],
+    parser.add_argument("--cp", type=int, default=None,
+                        help="context-parallel ranks (each holds seq/cp tokens; default 1; with --search: "
+                        f"fix it, else cp is searched from --seq {LONG_SEQ} on)")
+    parser.add_argument("--cp-design", default=None, choices=["ring", "zigzag", "ulysses"],
                         help="with --cp: ring attention, ring with zigzag balance, or Ulysses all-to-all")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: block_size)")
     parser.add_argument("--dtype", default=None, choices=DTYPES,

@@ -234,6 +234,9 @@ PRESETS: dict[str, GPTConfig] = {
                               mlp_hidden=llama_ffn_dim(128, multiple_of=32), **_LLAMA, **_MOE),
     "llama3-8b": GPTConfig(n_layer=32, n_head=32, n_embd=4096, mlp_hidden=llama_ffn_dim(4096, 1024, 1.3),
                            **_LLAMA3),
+    # Llama 3.1 8B: the same shapes with a 128K context (the long-context runs context parallel plans).
+    "llama3.1-8b": GPTConfig(n_layer=32, n_head=32, n_embd=4096, mlp_hidden=llama_ffn_dim(4096, 1024, 1.3),
+                             **{**_LLAMA3, "block_size": 131_072}),
     "llama3-70b": GPTConfig(n_layer=80, n_head=64, n_embd=8192, mlp_hidden=llama_ffn_dim(8192, 4096, 1.3),
                             **_LLAMA3),
     "llama3-405b": GPTConfig(n_layer=126, n_head=128, n_embd=16384,

@@ -89,6 +89,9 @@ def comm_per_step(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int,
                                  bytes_per_value=v, seq_len=seq)
     if "dp" in raw:  # the dp all-reduce is every gradient of the slice (either family), at g bytes each
         raw["dp"]["all_reduce"] = param_count(cfg, pcfg.tp, pcfg.pp, stage) * g
+    if pcfg.cp > 1:  # likewise over dp x cp (over cp when dp = 1, after the last stage's 8-byte loss sums)
+        group, loss = ("dp_cp", 0) if pcfg.dp > 1 else ("cp", 8 * m * (stage == pcfg.pp - 1))
+        raw[group]["all_reduce"] = loss + param_count(cfg, pcfg.tp, pcfg.pp, stage) * g
     missing: dict[str, str] = {}
     if pcfg.sequence_parallel:
         raw.pop("tp", None)

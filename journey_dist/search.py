@@ -3,13 +3,18 @@
     result = search_layouts(get_preset("llama3-70b"), get_cluster("h100"), gpus=64, seq=8192, batch=512)
     print(search_text(result, top=5))
 
-A layout is dp x tp x pp (x cp: 1 until issue 19 adds it), for a mixture of experts an ep dividing
+A layout is dp x cp x tp x pp, for a mixture of experts an ep dividing
 dp and the number of experts (inside dp: it adds no ranks), a ZeRO stage, a micro-batch size (so
 m = batch / (dp x micro-batch) micro-batches), recompute (none or full), sequence parallel
 (tp > 1, pp = 1) and the schedule (1F1B: GPipe takes the same time and holds more activations).
 Each is validated (ParallelConfig.validate), sized by the memory estimator on every pipeline stage
 (memory/estimate.py: the search keeps only layouts whose busiest stage fits the GPU) and timed by
 steptime.predict_step. tp stays inside a node (a tp group across the network is never faster).
+Context parallel is tried for long sequences (seq >= LONG_SEQ: cp in CP_SIZES dividing the GPUs,
+zigzag and Ulysses; plain ring is zigzag's traffic with a busier last rank, so it is only timed when
+asked for), dense models, ZeRO off (its dp x cp collectives are not in the time model); each cp
+is checked by parallel/context/accounting.check_context_parallel (2cp chunks for zigzag, heads
+for Ulysses). --cp and --cp-design fix it (cp = 1: none).
 """
 
 from __future__ import annotations
@@ -20,12 +25,18 @@ from itertools import product
 
 from journey_dist.cluster import Cluster
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
+from journey_dist.flops import CP_DESIGNS
 from journey_dist.memory.estimate import estimate_memory, fmt_bytes
+from journey_dist.parallel.context.accounting import check_context_parallel
+from journey_dist.parallel.context.layout import SequenceLayout
 from journey_dist.plan import padded_for_tp
 from journey_dist.steptime import StepTime, predict_step
 
 MICRO_BATCHES = (1, 2, 4, 8)
 RECOMPUTES = ("none", "full")  # the estimator models full recompute; selective joins with issue 21
+LONG_SEQ = 16384  # from here on the search also splits the sequence (context parallel)
+CP_SIZES = (2, 4, 8, 16)
+CP_SEARCHED = ("zigzag", "ulysses")
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,8 @@ class Candidate:
 
     def label(self) -> str:
         p = self.pcfg
-        extras = [f"ep{p.ep}" if p.ep > 1 else "", f"zero{p.zero}" if p.zero else "",
+        extras = [f"cp{p.cp} {p.cp_design}" if p.cp > 1 else "",
+                  f"ep{p.ep}" if p.ep > 1 else "", f"zero{p.zero}" if p.zero else "",
                   "sp" if p.sequence_parallel else "",
                   f"rc={self.recompute}" if self.recompute != "none" else ""]
         return (f"dp{p.dp} tp{p.tp} pp{p.pp} mb{self.micro_batch} m{p.microbatches} "
@@ -65,11 +77,13 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
                    zero: int | None = None, microbatches: int | None = None,
                    sequence_parallel: bool | None = None, recomputes: tuple[str, ...] | None = None,
                    micro_batches: tuple[int, ...] = MICRO_BATCHES, schedule: str = "1f1b",
-                   device: str | None = None, ep: int | None = None) -> SearchResult:
+                   device: str | None = None, ep: int | None = None, cp: int | None = None,
+                   cp_design: str | None = None) -> SearchResult:
     """Every valid layout of `gpus` GPUs for `batch` sequences of `seq` tokens that fits in
     cluster.memory per GPU, ranked fastest first. tp, pp, dp, zero, microbatches,
-    sequence_parallel, recomputes, ep: fix that choice (None: try every one; ep: every divisor of
-    dp and n_experts for a mixture of experts, 1 for a dense model)."""
+    sequence_parallel, recomputes, ep, cp, cp_design: fix that choice (None: try every one; ep:
+    every divisor of dp and n_experts for a mixture of experts, 1 for a dense model; cp: 1, and
+    CP_SIZES for a dense model when seq >= LONG_SEQ; cp_design: CP_SEARCHED)."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"gpus={gpus!r} must be a positive number of GPUs")
     if ep is not None and (not isinstance(ep, int) or ep < 1):
@@ -81,6 +95,13 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
         raise ConfigError(f"ep={ep} does not divide n_experts={cfg.n_experts}: every ep rank holds the "
                           f"same number of experts; use an ep in {_divisors(cfg.n_experts)} (or drop --ep "
                           "to search)")
+    if cp_design is not None and cp_design not in CP_DESIGNS:
+        raise ConfigError(f"cp_design={cp_design!r}; use one of {', '.join(CP_DESIGNS)}")
+    if cp is not None:
+        if not isinstance(cp, int) or cp < 1 or gpus % cp:
+            raise ConfigError(f"cp={cp!r} must be a positive integer dividing the {gpus} GPUs; use one of "
+                              f"{_divisors(gpus)}")
+        SequenceLayout(cp, "zigzag" if cp_design == "zigzag" else "plain").check(seq)
     if seq > cfg.block_size:
         raise ConfigError(f"seq={seq} is longer than the model's context block_size={cfg.block_size}; "
                           f"use --seq <= {cfg.block_size}")
@@ -97,11 +118,15 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
         skipped[reason] = skipped.get(reason, 0) + 1
 
     tps = [t for t in _divisors(gpus) if t <= cluster.gpus_per_node] if tp is None else [tp]
-    for t in tps:
+    long = seq >= LONG_SEQ and not cfg.n_experts
+    cps = [cp] if cp is not None else [1] + [c for c in CP_SIZES if long and gpus % c == 0]
+    splits = [(t, c, des) for t in tps for c in cps
+              for des in ((cp_design,) if cp_design else CP_SEARCHED if c > 1 else ("ring",))]
+    for t, c, design in splits:
         for p in ([q for q in _divisors(gpus // t) if q <= cfg.n_layer] if pp is None else [pp]):
-            if gpus % (t * p):
+            if gpus % (t * c * p):
                 continue
-            d = gpus // (t * p)
+            d = gpus // (t * c * p)
             if dp is not None and d != dp:
                 continue
             eps = [x for x in _divisors(d) if cfg.n_experts % x == 0] if cfg.n_experts else [1]
@@ -122,6 +147,12 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
                 if z and cfg.n_experts:
                     skip("ZeRO with a mixture of experts (not in the time model)")
                     continue
+                if c > 1 and (z or cfg.n_experts):
+                    skip("cp with ZeRO or a mixture of experts (not in the time model)")
+                    continue
+                if c > 1 and sp:
+                    skip("cp with sequence parallel (both split the sequence)")
+                    continue
                 if z >= 2 and p > 1:
                     skip("ZeRO-2/3 with pp > 1 (unsupported)")
                     continue
@@ -133,10 +164,11 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
                     continue
                 pcfg = ParallelConfig(dp=d, tp=t, pp=p, microbatches=batch // (d * b), zero=z,
                                       sequence_parallel=sp, pad_vocab=True, schedule=schedule,
-                                      ep=e)
+                                      ep=e, cp=c, cp_design=design)
                 try:
                     model, _ = padded_for_tp(cfg, t)
                     pcfg.validate(model, world_size=gpus, global_batch=batch)
+                    check_context_parallel(pcfg, model, seq)
                 except ConfigError as err:  # tp vs heads/kv heads/MLP width, pp vs layers
                     skip(re.sub(r"\d+", "N", str(err).split(";")[0]))
                     continue
@@ -144,7 +176,7 @@ def search_layouts(cfg: GPTConfig, cluster: Cluster, *, gpus: int, seq: int, bat
                              device, cluster.memory)
                 if peak > cluster.memory:
                     skip(f"does not fit {fmt_bytes(cluster.memory)}")
-                    label = f"dp{d} tp{t} pp{p} ep{e} mb{b} zero{z} rc={rc}"
+                    label = f"dp{d} cp{c} tp{t} pp{p} ep{e} mb{b} zero{z} rc={rc}"
                     if smallest is None or peak < smallest[0]:
                         smallest = (peak, label)
                     continue
@@ -182,7 +214,7 @@ def _peak(cfg: GPTConfig, pcfg: ParallelConfig, batch: int, seq: int, dtype: str
                               dp=pcfg.dp, zero=pcfg.zero, tp=pcfg.tp, pp=pcfg.pp,
                               microbatches=pcfg.microbatches, sequence_parallel=pcfg.sequence_parallel,
                               recompute=recompute == "full", device=device, schedule=pcfg.schedule, stage=s,
-                              ep=pcfg.ep)
+                              ep=pcfg.ep, cp=pcfg.cp, cp_design=pcfg.cp_design)
         worst = max(worst, est.total)
         if worst > limit:
             break
@@ -190,12 +222,14 @@ def _peak(cfg: GPTConfig, pcfg: ParallelConfig, batch: int, seq: int, dtype: str
 
 
 _GROUPS = {"compute": ("forward", "backward"), "recompute": ("recompute",), "tp comm": ("tp ",),
-           "pp comm": ("pp ",), "bubble": ("pipeline bubble",), "dp comm": ("dp ",),
+           "cp comm": ("cp ",), "pp comm": ("pp ",), "bubble": ("pipeline bubble",),
+           "dp comm": ("dp ", "dp_cp "),
            "ep comm": ("ep ",), "edp comm": ("edp ",), "optimizer": ("optimizer",)}
 
 
 def breakdown(step: StepTime) -> dict[str, float]:
-    """Seconds per kind of term: compute, recompute, tp/pp/dp/ep/edp communication, bubble, optimizer."""
+    """Seconds per kind of term: compute, recompute, tp/cp/pp/dp/ep/edp communication (dp: the
+    gradients over dp x cp too), bubble, optimizer."""
     return {k: sum(step.term(prefix) for prefix in prefixes) for k, prefixes in _GROUPS.items()}
 
 

@@ -31,12 +31,23 @@ The model, per pipeline stage s and micro-batch (rank rate R = cluster.rank_flop
 
 step = pipeline + the slowest stage's after-flush time; tokens/s = batch x seq / step;
 MFU = model FLOPs (6 N_mm + attention, no recompute; an MoE's active matrices) x tokens /
-(step x world x peak).
+(step x world x peak); HFU counts every rank at its stage's (under cp: the busiest cp rank's) FLOPs.
 
-Where new parallelism plugs in: a context-parallel (cp) group adds its rows to `stage_collectives`
-(when="microbatch", exposed inside the stage like tp, as ep's); its group's link comes from
-`group_span` once mesh.py places the dimension; a new pipeline schedule adds its formula to
-`pipeline_time`.
+Context parallel (cp ranks split each sequence; `context_collectives`): compute is the busiest cp
+rank's (flops.py: tokens / cp through the linears, its share of attention); the cp group is cp
+ranks tp apart (mesh.py: pp x dp x cp x tp), its link from `group_span("cp")`. Ring and zigzag
+pass a k/v block per ring step: cp - 1 sends forward, 2cp - 1 backward (the blocks again and each
+block's dK/dV home) per layer and micro-batch, and the forward's cp - 1 again under recompute;
+each send overlaps the attention of the block in hand, W = one layer's attention forward / cp
+(backward: two sends against the step's 2W, so W each): exposed = max(0, send - W) per send.
+Ulysses' 8 all-to-alls per layer (q, k, v, output forward and their reverses backward; the
+forward's 4 again under recompute) are exposed: attention needs what they bring. The loss's
+8-byte all-reduce over cp per micro-batch; the gradients are all-reduced once per step over the
+dp x cp group ("dp_cp": every rank with the same weights; hides behind the last backward).
+
+Where new parallelism plugs in: a group adds its rows to `stage_collectives` (when="microbatch",
+exposed inside the stage like tp, as ep's and cp's), its link from `group_span`; a new pipeline
+schedule adds its formula to `pipeline_time`.
 """
 
 from __future__ import annotations
@@ -49,15 +60,16 @@ import torch
 from journey_dist.cluster import Cluster, Link
 from journey_dist.comm import ring_factor
 from journey_dist.config import ConfigError, GPTConfig, ParallelConfig
-from journey_dist.flops import model_flops_per_token, stage_flops
+from journey_dist.flops import layer_forward_flops, model_flops_per_token, stage_flops
 from journey_dist.memory.estimate import PRECISIONS, model_state_bytes, param_count
 from journey_dist.mesh import DIMS, coords_rank
+from journey_dist.parallel.context.accounting import check_context_parallel
 from journey_dist.parallel.pipeline.stage import stage_layers
 from journey_dist.parallel.tensor.parallelize import analytic_collectives
 from journey_dist.plan import comm_per_step, padded_for_tp
 
 DDP_BUCKET_BYTES = 25 * 2**20  # DDP's bucket_cap_mb default: dp all-reduce calls = bytes / bucket
-MICROBATCH_GROUPS = ("tp", "ep", "dp", "pp")  # groups that may communicate inside a micro-batch
+MICROBATCH_GROUPS = ("tp", "cp", "ep", "dp", "pp")  # groups that may communicate inside a micro-batch
 
 
 def ring_steps(op: str, n: int) -> int:
@@ -82,19 +94,26 @@ def collective_time(op: str, nbytes: float, n: int, link: Link, *, calls: int = 
 
 
 EXPERT_GROUPS = ("ep", "edp")  # expert parallel's groups inside dp (parallel/expert/layer.py)
+GRAD_GROUPS = ("dp_cp",)  # context parallel's gradient group: every dp and cp rank of a (pp, tp) slot
 
 
 def group_ranks_matrix(dim: str, pcfg: ParallelConfig) -> torch.Tensor:
-    """(groups, size) global ranks of every group along `dim`: a mesh dimension (mesh.py's layout), or
+    """(groups, size) global ranks of every group along `dim`: a mesh dimension (mesh.py's layout),
     expert parallel's "ep" (ep consecutive ranks of each dp group) and "edp" (the ranks of a dp group
-    holding the same experts, one per ep group), as parallel/expert/layer.expert_group_ranks cuts them."""
-    if dim not in DIMS + EXPERT_GROUPS:
+    holding the same experts, one per ep group), as parallel/expert/layer.expert_group_ranks cuts them,
+    or "dp_cp" (the dp x cp ranks of one (pp, tp) slot, where gradients are reduced under cp:
+    parallel/context/parallelize.dp_cp_ranks; dp and cp are adjacent in the layout, so tp apart)."""
+    if dim not in DIMS + EXPERT_GROUPS + GRAD_GROUPS:
         raise ConfigError(f"group {dim!r} is not a mesh dimension; mesh.py places {', '.join(DIMS)} "
-                          f"(and expert parallel {', '.join(EXPERT_GROUPS)} inside dp)")
-    mesh_dim = "dp" if dim in EXPERT_GROUPS else dim
-    size = getattr(pcfg, mesh_dim)
-    unit = {d: 0 for d in DIMS}
-    stride = coords_rank(**{**unit, mesh_dim: 1}, pcfg=pcfg) if size > 1 else 1
+                          f"(and expert parallel {', '.join(EXPERT_GROUPS)} inside dp, "
+                          f"{', '.join(GRAD_GROUPS)} for context parallel's gradients)")
+    if dim == "dp_cp":
+        size, stride = pcfg.dp * pcfg.cp, pcfg.tp
+    else:
+        mesh_dim = "dp" if dim in EXPERT_GROUPS else dim
+        size = getattr(pcfg, mesh_dim)
+        unit = {d: 0 for d in DIMS}
+        stride = coords_rank(**{**unit, mesh_dim: 1}, pcfg=pcfg) if size > 1 else 1
     ranks = torch.arange(pcfg.world_size)
     bases = ranks[(ranks // stride) % size == 0]  # the first rank of every group
     groups = bases[:, None] + stride * torch.arange(size)[None, :]  # (groups, size)
@@ -110,7 +129,8 @@ def group_span(dim: str, pcfg: ParallelConfig, gpus_per_node: int) -> tuple[int,
     """(ranks per node, nodes) of the worst-placed group along `dim`, by mesh.py's rank layout
     (global rank = coords_rank(...); node = rank // gpus_per_node). Placement decides the link:
     a tp group of adjacent ranks stays inside a node; dp and pp groups stride across nodes; an ep
-    group takes ep consecutive ranks of a dp group, edp every ep-th."""
+    group takes ep consecutive ranks of a dp group, edp every ep-th; a cp group is cp ranks tp
+    apart, the dp x cp gradient group dp x cp ranks tp apart."""
     groups = group_ranks_matrix(dim, pcfg)
     size = groups.size(1)
     if size == 1:
@@ -122,8 +142,9 @@ def group_span(dim: str, pcfg: ParallelConfig, gpus_per_node: int) -> tuple[int,
 
 
 def group_sizes(pcfg: ParallelConfig) -> dict[str, int]:
-    """Ranks per group of every kind the time model times (edp = dp / ep)."""
-    return {"tp": pcfg.tp, "pp": pcfg.pp, "dp": pcfg.dp, "ep": pcfg.ep, "edp": pcfg.dp // pcfg.ep}
+    """Ranks per group of every kind the time model times (edp = dp / ep, dp_cp = dp x cp)."""
+    return {"tp": pcfg.tp, "cp": pcfg.cp, "pp": pcfg.pp, "dp": pcfg.dp, "ep": pcfg.ep,
+            "edp": pcfg.dp // pcfg.ep, "dp_cp": pcfg.dp * pcfg.cp}
 
 
 @dataclass(frozen=True)
@@ -133,7 +154,8 @@ class Collective:
     when: "microbatch" (inside every micro-batch, compute waits: tp, cp, ep, pp sends) or "step"
     (once per step, after the pipeline flush: dp, the tied-embedding send, clip norms).
     hides_behind: the compute `overlap` may hide it behind ("last_backward", "backward",
-    "compute", "next_forward"), or None (always exposed). what: a word telling apart rows of the
+    "compute", "next_forward"; inside a micro-batch "ring_block": each call behind the attention
+    of the ring block in hand), or None (always exposed). what: a word telling apart rows of the
     same group and op (its own term in the table), e.g. an MoE's "counts" and "tokens"."""
 
     group: str
@@ -147,7 +169,7 @@ class Collective:
 
 def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: int, stage: int,
                       dtype: str = "bf16-mixed", grad_clip: float = 1.0, dp_calls: int | None = None,
-                      dp_bucket_bytes: float = DDP_BUCKET_BYTES) -> list[Collective]:
+                      dp_bucket_bytes: float = DDP_BUCKET_BYTES, recompute: str = "none") -> list[Collective]:
     """Every collective of a rank of pipeline `stage` per step. Bytes: plan.comm_per_step (the
     numbers tests check against the CommLedger); calls: the schemes' rules —
     tp: 4 per layer per micro-batch (attention and MLP: g forward, f backward), the embedding on the
@@ -157,11 +179,14 @@ def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: 
       `dp_bucket_bytes` bucket; ZeRO-1/2: bucketed reduce-scatters per step (ZeRO-2: per backward)
       and all-gathers of the updated weights; ZeRO-3 as FSDP: per block (and the root), an
       all-gather before every forward and backward and a reduce-scatter after every backward;
-      clip: one 4-byte all-reduce per group. A mixture of experts: `expert_collectives`. cp adds
-      its rows here."""
+      clip: one 4-byte all-reduce per group. A mixture of experts: `expert_collectives`; context
+      parallel: `context_collectives`."""
     if pcfg.cp > 1:
-        raise ConfigError(f"cp={pcfg.cp}: context parallel's collectives are not in the time model yet "
-                          "(they join steptime.stage_collectives with issue 19); plan with cp=1")
+        check_context_parallel(pcfg, cfg, seq)
+        if cfg.n_experts or pcfg.zero:
+            raise ConfigError(f"cp={pcfg.cp} with {'a mixture of experts' if cfg.n_experts else 'ZeRO'}: "
+                              "its collectives over the dp x cp group are not in the time model; time it "
+                              "with cp=1 or with a dense model and zero=0")
     if cfg.n_experts and pcfg.zero:
         raise ConfigError(f"zero={pcfg.zero} with a mixture of experts: ZeRO's collectives over dp and edp "
                           "are not in the time model; time it with zero=0 (drop --zero) or drop --gpu")
@@ -207,6 +232,9 @@ def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: 
             out.append(Collective("pp", "all_reduce", clip, 1, "step"))
         # this package's Pipeline broadcasts each step's loss from the last stage (for logging)
         out.append(Collective("pp", "broadcast", 4, 1, "step"))
+    if pcfg.cp > 1:
+        out += context_collectives(pcfg, comm, layers=layers, last=last, dp_calls=dp_calls,
+                                   dp_bucket_bytes=dp_bucket_bytes, recompute=recompute)
     if "dp" in comm:
         if pcfg.zero:
             rs, ag = bytes_of("dp", "reduce_scatter"), bytes_of("dp", "all_gather")
@@ -227,6 +255,44 @@ def stage_collectives(cfg: GPTConfig, pcfg: ParallelConfig, *, batch: int, seq: 
             nbytes = bytes_of("dp", "all_reduce")
             calls = dp_calls if dp_calls is not None else max(1, math.ceil(nbytes / dp_bucket_bytes))
             out.append(Collective("dp", "all_reduce", nbytes, calls, "step", "last_backward"))
+    return out
+
+
+def context_collectives(pcfg: ParallelConfig, comm: dict, *, layers: int, last: bool,
+                        dp_calls: int | None = None, dp_bucket_bytes: float = DDP_BUCKET_BYTES,
+                        recompute: str = "none") -> list[Collective]:
+    """Context parallel's collectives per step of a stage's rank, bytes from plan.comm_per_step
+    (context/accounting.step_comm), per layer (`layers`) and micro-batch (m):
+      ring, zigzag  cp send, k/v blocks: cp - 1 forward, 2cp - 1 backward (the blocks again, each
+                    block's dK/dV), each hidden behind the block in hand ("ring_block"); the
+                    receives are the other end of the same sends (not timed twice)
+      ulysses       cp all-to-all: 8 calls (q, k, v, output forward; their reverses backward), exposed
+      recompute     (full or selective: attention's core runs again in backward) the forward's
+                    traffic again: cp - 1 k/v sends, or Ulysses' 4 forward all-to-alls
+      loss          cp all-reduce of [loss sum, tokens], 8 bytes per micro-batch on the last stage
+      gradients     dp_cp all-reduce once per step (the cp group's when dp = 1), one per bucket."""
+    m, cp = pcfg.microbatches, pcfg.cp
+    loss = 8 * m if last else 0
+    rows = comm["cp"]
+    out: list[Collective] = []
+    again = recompute != "none"
+    if pcfg.cp_design == "ulysses":
+        a2a = rows["all_to_all"]["bytes"]
+        out.append(Collective("cp", "all_to_all", a2a, 8 * m * layers, "microbatch", what="q/k/v/out"))
+        if again:  # the forward half (q, k, v, output) again
+            out.append(Collective("cp", "all_to_all", a2a / 2, 4 * m * layers, "microbatch",
+                                  what="q/k/v/out recompute"))
+    else:
+        block = rows["send"]["bytes"] / (m * layers * (3 * cp - 2))  # one k/v block
+        passes = [(cp - 1, "k/v forward"), (2 * cp - 1, "k/v + dK/dV backward")]
+        for hops, what in passes + ([(cp - 1, "k/v recompute")] if again else []):
+            out.append(Collective("cp", "send", hops * m * layers * block, hops * m * layers, "microbatch",
+                                  "ring_block", what=what))
+    if loss:
+        out.append(Collective("cp", "all_reduce", loss, m, "microbatch", what="loss"))
+    grads = comm["dp_cp"]["all_reduce"]["bytes"] if pcfg.dp > 1 else rows["all_reduce"]["bytes"] - loss
+    calls = dp_calls if dp_calls is not None else max(1, math.ceil(grads / dp_bucket_bytes))
+    out.append(Collective("dp_cp", "all_reduce", grads, calls, "step", "last_backward", what="grads"))
     return out
 
 
@@ -367,6 +433,7 @@ def predict_step(cfg: GPTConfig, pcfg: ParallelConfig, cluster: Cluster, *, batc
     cfg, _ = padded_for_tp(cfg, pcfg.tp)
     pcfg.validate(cfg, global_batch=batch)
     seq = cfg.block_size if seq is None else seq
+    check_context_parallel(pcfg, cfg, seq)
     if not isinstance(virtual_stages, int) or virtual_stages < 1:
         raise ConfigError(f"virtual_stages={virtual_stages!r} must be a positive integer "
                           "(1: no interleaving)")
@@ -380,14 +447,26 @@ def predict_step(cfg: GPTConfig, pcfg: ParallelConfig, cluster: Cluster, *, batc
         return collective_time(c.op, c.nbytes, sizes[c.group], links[c.group], calls=c.calls,
                                efficiency=cluster.comm_efficiency)
 
+    # a ring send hides behind the attention of the block in hand: one layer's forward / cp
+    ring_block = layer_forward_flops(cfg, tokens, seq, pcfg.tp, pcfg.cp, pcfg.cp_design)["attention"] / (
+        pcfg.cp * rate)
+
+    def exposed(c: Collective) -> float:
+        """A micro-batch collective's seconds compute waits for: all of them, or for a ring send
+        max(0, send - ring_block) per call."""
+        if c.hides_behind != "ring_block":
+            return seconds(c)
+        return c.calls * max(0.0, seconds(c) / c.calls - ring_block)
+
     stages = []
     for s in range(pcfg.pp):
-        fl = stage_flops(cfg, tokens=tokens, seq=seq, tp=pcfg.tp, pp=pcfg.pp, stage=s, recompute=recompute)
+        fl = stage_flops(cfg, tokens=tokens, seq=seq, tp=pcfg.tp, pp=pcfg.pp, stage=s, recompute=recompute,
+                         cp=pcfg.cp, cp_design=pcfg.cp_design)
         comms = stage_collectives(cfg, pcfg, batch=batch, seq=seq, stage=s, dtype=dtype, grad_clip=grad_clip,
-                                  dp_calls=dp_calls, dp_bucket_bytes=dp_bucket_bytes)
+                                  dp_calls=dp_calls, dp_bucket_bytes=dp_bucket_bytes, recompute=recompute)
         row = {"stage": s, "forward": fl["forward"] / rate, "backward": fl["backward"] / rate,
                "recompute": fl["recompute"] / rate, "flops": fl}
-        per_micro = {g: sum(seconds(c) for c in comms if c.when == "microbatch" and c.group == g) / m
+        per_micro = {g: sum(exposed(c) for c in comms if c.when == "microbatch" and c.group == g) / m
                      for g in MICROBATCH_GROUPS}
         row.update({f"{g} per microbatch": t for g, t in per_micro.items()})
         row["t"] = row["forward"] + row["backward"] + row["recompute"] + sum(per_micro.values())
@@ -415,10 +494,17 @@ def predict_step(cfg: GPTConfig, pcfg: ParallelConfig, cluster: Cluster, *, batc
         rows = [c for c in busiest["collectives"] if c.group == g and c.when == "microbatch"]
         for what in dict.fromkeys(c.what for c in rows):  # rows with a `what`: a term each
             mine = [c for c in rows if c.what == what]
-            t = sum(seconds(c) for c in mine)
-            if t > 0:
-                name = f"{g} {'+'.join(c.op for c in mine)}{' ' + what if what else ''} (exposed)"
-                terms.append(Term(name, t, _how(mine, sizes[g], links[g], cluster)))
+            t, whole = sum(exposed(c) for c in mine), sum(seconds(c) for c in mine)
+            if whole > 0:
+                ring = any(c.hides_behind == "ring_block" for c in mine)
+                name = (f"{g} {'+'.join(c.op for c in mine)}{' ' + what if what else ''} "
+                        f"({'exposed beyond the block in hand' if ring else 'exposed'})")
+                how = _how(mine, sizes[g], links[g], cluster)
+                if ring:
+                    per_send = whole / sum(c.calls for c in mine)
+                    how += (f"; max(0, {per_send * 1e6:.4g} us per send - {ring_block * 1e6:.4g} us of the "
+                            "block's attention)")
+                terms.append(Term(name, t, how, hidden=whole - t))
     if pcfg.pp > 1:
         terms.append(Term(f"pipeline bubble ({pcfg.schedule})", pipe - m * busiest["t"],
                           f"(m-1) max t + sum t - m max t; balanced: (p-1)/(m+p-1) = "
@@ -430,7 +516,7 @@ def predict_step(cfg: GPTConfig, pcfg: ParallelConfig, cluster: Cluster, *, batc
     hw = sum(r["flops"]["forward"] + r["flops"]["backward"] + r["flops"]["recompute"] for r in stages)
     return StepTime(step_s=step, terms=terms, tokens_per_step=batch * seq, world=world,
                     peak_flops=cluster.peak_flops, model_flops=fpt * batch * seq,
-                    hardware_flops=hw * m * pcfg.dp * pcfg.tp, stages=stages)
+                    hardware_flops=hw * m * pcfg.dp * pcfg.cp * pcfg.tp, stages=stages)
 
 
 def _how(rows: list[Collective], n: int, link: Link, cluster: Cluster) -> str:
@@ -480,7 +566,8 @@ def time_text(st: StepTime, cluster: Cluster, pcfg: ParallelConfig, train_tokens
     lines = [f"step time on {pcfg.world_size} x {cluster.gpu} ({cluster.name}: {cluster.gpus_per_node} per "
              f"node; {eff}; links at {cluster.comm_efficiency:.0%} of their bandwidth):"]
     sizes = group_sizes(pcfg)
-    for dim in ("tp", "dp", "ep", "edp", "pp") if pcfg.ep > 1 else ("tp", "dp", "pp"):
+    dims = ("tp", "cp", "dp", "dp_cp", "pp") if pcfg.cp > 1 else ("tp", "dp", "pp")
+    for dim in ("tp", "dp", "ep", "edp", "pp") if pcfg.ep > 1 else dims:
         n = sizes[dim]
         if n > 1:
             per_node, nodes = group_span(dim, pcfg, cluster.gpus_per_node)

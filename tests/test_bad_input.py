@@ -248,6 +248,13 @@ CASES = {
                                  batch=8),
         r"zero=1 with a mixture of experts: ZeRO's collectives over dp and edp are not in the time model",
         r"time it with zero=0 \(drop --zero\)"),
+    "journey plan --search --cp not dividing the GPUs": (
+        lambda tmp: search_layouts(MINI, get_cluster("h100"), gpus=8, seq=128, batch=8, cp=3),
+        r"cp=3 must be a positive integer dividing the 8 GPUs", r"use one of \[1, 2, 4, 8\]"),
+    "journey plan: cp with ZeRO in the time model": (
+        lambda tmp: predict_step(MINI, ParallelConfig(dp=2, cp=2, zero=1), get_cluster("h100"), batch=8),
+        r"cp=2 with ZeRO: its collectives over the dp x cp group are not in the time model",
+        r"time it with cp=1 or with a dense model and zero=0"),
     "journey plan: a cluster file with an unknown key": (
         lambda tmp: load_cluster(_text_file(tmp, b'base = "h100"\nnvlink_gb_s = 900\n', "c.toml")),
         r"unknown cluster setting 'nvlink_gb_s'", r"use gpus_per_node, peak_tflops, .*intra_gb_s"),

@@ -203,7 +203,8 @@ predicted steps). None of them needs a process group."""
               collective_time=steptime.collective_time, group_span=steptime.group_span,
               optimizer_seconds=steptime.optimizer_seconds, model_flops_per_token=flops.model_flops_per_token,
               stage_flops=flops.stage_flops, attention_share=flops.attention_share,
-              layer_matrix_params=layer_matrix_params, search_layouts=search.search_layouts)
+              layer_matrix_params=layer_matrix_params, search_layouts=search.search_layouts,
+              layer_forward_flops=flops.layer_forward_flops, cp_attention_share=flops.cp_attention_share)
     # desyncs (notes/debugging.md): pairing by order, stragglers, the repo's and torch's timeouts
     ns.update({k: getattr(desync, k) for k in ("pair_by_order", "step_calls", "straggler_probability")})
     ns.update(runtime=runtime)

@@ -22,11 +22,14 @@ from journey_dist.memory.estimate import PRECISIONS, estimate_memory, model_stat
 from journey_dist.memory.sizes import active_param_count, expert_param_count, model_tensors
 from journey_dist.mesh import all_groups
 from journey_dist.model import GPT
+from journey_dist.parallel.context.accounting import check_context_parallel, kv_block_bytes, layer_comm
+from journey_dist.parallel.context.layout import SequenceLayout, attention_work, imbalance
+from journey_dist.parallel.context.parallelize import dp_cp_ranks
 from journey_dist.parallel.expert.layer import expert_group_ranks
 from journey_dist.parallel.pipeline.orders import bubble_formula
 from journey_dist.plan import make_plan
-from journey_dist.search import dp_for, search_layouts
-from journey_dist.steptime import collective_time, group_span, pipeline_time, predict_step
+from journey_dist.search import LONG_SEQ, dp_for, search_layouts
+from journey_dist.steptime import collective_time, group_ranks_matrix, group_span, pipeline_time, predict_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +139,16 @@ def test_plan_dp_bytes_are_every_gradient_for_llama():
     plan = make_plan(cfg, ParallelConfig(dp=2), batch=8, dtype="fp32")
     assert plan["stages"][0]["comm"]["dp"]["all_reduce"]["bytes"] == 4 * sum(
         p.numel() for p in GPT(cfg).parameters())
+
+
+def test_plan_dp_cp_bytes_are_every_gradient_at_its_width():
+    """Under cp the gradients cross dp x cp (the cp group when dp = 1, after the loss's 8 bytes per
+    micro-batch) at the gradients' width: fp32 main grads for bf16-megatron, not the residual's 2."""
+    cfg = get_preset("llama-mini")
+    n = sum(p.numel() for p in GPT(cfg).parameters())
+    for dp, group, loss in ((2, "dp_cp", 0), (1, "cp", 8 * 2)):
+        plan = make_plan(cfg, ParallelConfig(dp=dp, cp=2, microbatches=2), batch=4, dtype="bf16-megatron")
+        assert plan["stages"][0]["comm"][group]["all_reduce"]["bytes"] == loss + 4 * n
 
 
 def test_search_results_fit_and_rank():
@@ -346,3 +359,114 @@ def _flat(cluster) -> dict:
         elif not isinstance(value, str):
             out[key] = value
     return out
+
+
+# ----------------------------------------------------------------------------- context parallel
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_flops_are_the_busiest_ranks_share_of_the_counted_work(cp):
+    """A cp rank runs tokens / cp through the linears and the head, and the busiest rank's share of
+    attention: layout.attention_work's max over sum (plain ring: imbalance 2cp / (cp + 1) over the
+    mean; zigzag: 1 / cp); Ulysses holds a / cp heads of every token (1 / cp)."""
+    cfg, seq, b = get_preset("llama-mini"), 128, 3
+    whole = layer_forward_flops(cfg, b * seq, seq)
+    for design, kind in (("ring", "plain"), ("zigzag", "zigzag"), ("ulysses", None)):
+        fl = layer_forward_flops(cfg, b * seq, seq, cp=cp, cp_design=design)
+        assert fl["linears"] == pytest.approx(whole["linears"] / cp)
+        share = 1 / cp
+        if kind is not None:
+            work = attention_work(SequenceLayout(cp, kind), seq, batch=b, heads=cfg.n_head,
+                                  head_dim=cfg.head_dim)
+            share = max(w["flops"] for w in work) / sum(w["flops"] for w in work)
+            assert share == pytest.approx(imbalance(work) / cp)
+        assert fl["attention"] == pytest.approx(whole["attention"] * share), design
+    ring = layer_forward_flops(cfg, b * seq, seq, cp=cp, cp_design="ring")["attention"]
+    assert ring * cp / whole["attention"] == pytest.approx(2 * cp / (cp + 1))  # the plain split's imbalance
+    st = stage_flops(cfg, tokens=b * seq, seq=seq, cp=cp, cp_design="zigzag")
+    assert st["forward"] == pytest.approx(stage_flops(cfg, tokens=b * seq, seq=seq)["forward"] / cp)
+
+
+@pytest.mark.parametrize("layout", [(2, 4, 2, 8), (2, 2, 4, 8), (4, 2, 1, 4), (1, 8, 8, 8), (2, 8, 4, 8)])
+def test_cp_and_dp_cp_group_span_is_mesh_placement(layout):
+    """cp groups are mesh.py's (cp ranks tp apart); the gradient group is every dp and cp rank of a
+    (pp, tp) slot, as parallel/context/parallelize.dp_cp_ranks builds it."""
+    dp, cp, tp, gpn = layout
+    pcfg = ParallelConfig(dp=dp, cp=cp, tp=tp, pp=2, microbatches=2)
+    dp_cp = sorted({tuple(dp_cp_ranks(r, pcfg)) for r in range(pcfg.world_size)})
+    for dim, groups in (("cp", all_groups("cp", pcfg)), ("dp", all_groups("dp", pcfg)), ("dp_cp", dp_cp)):
+        assert sorted(map(tuple, group_ranks_matrix(dim, pcfg).tolist())) == sorted(map(tuple, groups)), dim
+        nodes = max(len({r // gpn for r in g}) for g in groups)
+        assert group_span(dim, pcfg, gpn) == (-(-len(groups[0]) // nodes), nodes), dim
+
+
+def test_cp_terms_are_alpha_beta_on_the_cp_link():
+    """llama3.1-8b on 64 H100s, tp=8 in a node, so a cp group puts one rank on each of cp nodes (IB).
+    Ring (zigzag): cp - 1 k/v sends forward and 2cp - 1 backward per layer and micro-batch, each
+    exposed by max(0, send - W), W = one layer's attention forward / cp: 2K-token sequences expose
+    them, 32K ones hide them (W grows as S^2, a block as S). Ulysses: 8 all-to-alls per layer,
+    exposed. Gradients: one all-reduce over dp x cp."""
+    cfg, h100 = get_preset("llama3.1-8b"), get_cluster("h100")
+    eff, rate, ib8 = h100.comm_efficiency, h100.rank_flops(8), h100.link_for(1, 8)
+    g = model_state_bytes(1, "bf16-mixed")["grads"]
+    for seq, exposed in ((2048, True), (32768, False)):
+        pcfg = ParallelConfig(dp=1, cp=8, tp=8, microbatches=2, cp_design="zigzag")
+        st = predict_step(cfg, pcfg, h100, batch=2, seq=seq, overlap=False)
+        kv = kv_block_bytes(cfg, 8, micro_batch=1, seq_len=seq, tp=8, bytes_per_value=2)
+        W = layer_forward_flops(cfg, seq, seq, 8, 8, "zigzag")["attention"] / (8 * rate)
+        for what, hops in (("k/v forward", 7), ("k/v + dK/dV backward", 15)):
+            calls = hops * 2 * cfg.n_layer
+            whole = collective_time("send", calls * kv, 8, ib8, calls=calls, efficiency=eff)
+            term = next(t for t in st.terms if t.name.startswith(f"cp send {what}"))
+            assert term.seconds == pytest.approx(calls * max(0.0, whole / calls - W))
+            assert term.seconds + term.hidden == pytest.approx(whole)
+            assert (term.seconds > 0) == exposed
+        grads = param_count(cfg, 8) * g
+        assert st.term("dp_cp all_reduce grads") == pytest.approx(collective_time(
+            "all_reduce", grads, 8, ib8, calls=math.ceil(grads / (25 * 2**20)), efficiency=eff))
+        assert st.step_s == pytest.approx(sum(t.seconds for t in st.terms))
+    # recompute runs attention's forward again, and with it the forward's k/v sends
+    full = predict_step(cfg, pcfg, h100, batch=2, seq=2048, overlap=False, recompute="full")
+    again = next(t for t in full.terms if t.name.startswith("cp send k/v recompute"))
+    forward = next(t for t in full.terms if t.name.startswith("cp send k/v forward"))
+    assert again.seconds == pytest.approx(forward.seconds) and again.seconds > 0
+    assert "cp send k/v recompute" not in " ".join(t.name for t in st.terms)
+    pcfg = ParallelConfig(dp=2, cp=4, tp=8, microbatches=2, cp_design="ulysses")
+    a2a = layer_comm(cfg, "ulysses", 4, micro_batch=1, seq_len=8192, tp=8, bytes_per_value=2)["all_to_all"]
+    for recompute, passes in (("none", 8), ("full", 12)):  # 4 forward, 4 backward, the forward again
+        st = predict_step(cfg, pcfg, h100, batch=4, seq=8192, overlap=False, recompute=recompute)
+        assert st.term("cp all_to_all") == pytest.approx(collective_time(
+            "all_to_all", a2a["bytes"] / 8 * passes * 2 * cfg.n_layer, 4, h100.link_for(1, 4),
+            calls=passes * 2 * cfg.n_layer, efficiency=eff))
+    grads = param_count(cfg, 8) * g
+    assert st.term("dp_cp all_reduce grads") == pytest.approx(collective_time(  # 8 ranks, 8 apart
+        "all_reduce", grads, 8, ib8, calls=math.ceil(grads / (25 * 2**20)), efficiency=eff))
+
+
+def test_search_enumerates_cp_and_respects_a_fixed_cp(capsys):
+    cfg, h100 = get_preset("llama-mini", block_size=LONG_SEQ), get_cluster("h100")
+    kw = dict(gpus=8, seq=LONG_SEQ, batch=8, micro_batches=(1,), recomputes=("full",))
+    free = search_layouts(cfg, h100, **kw)
+    assert {c.pcfg.cp for c in free.ranked} == {1, 2, 4, 8}
+    assert {c.pcfg.cp_design for c in free.ranked if c.pcfg.cp > 1} == {"zigzag", "ulysses"}
+    for c in free.ranked:
+        p = c.pcfg
+        assert p.world_size == 8 and (p.cp == 1 or p.zero == 0)
+        check_context_parallel(p, cfg, LONG_SEQ)
+        peaks = [estimate_memory(cfg, batch_size=8, seq_len=LONG_SEQ, dtype="bf16-mixed", dp=p.dp,
+                                 zero=p.zero,
+                                 tp=p.tp, pp=p.pp, microbatches=p.microbatches,
+                                 sequence_parallel=p.sequence_parallel, recompute=True, stage=s, cp=p.cp,
+                                 cp_design=p.cp_design).total for s in range(p.pp)]
+        assert c.peak == max(peaks) <= h100.memory
+    assert {c.pcfg.cp for c in search_layouts(cfg, h100, **{**kw, "seq": LONG_SEQ // 2}).ranked} == {1}
+    fixed = search_layouts(cfg, h100, **kw, cp=2, cp_design="ring")
+    assert fixed.ranked and all((c.pcfg.cp, c.pcfg.cp_design) == (2, "ring") for c in fixed.ranked)
+    with pytest.raises(ConfigError, match="cp=3 must be a positive integer dividing the 8 GPUs"):
+        search_layouts(cfg, h100, **kw, cp=3)
+    args = ["plan", "--preset", "llama3.1-8b", "--gpus", "16", "--gpu", "h100", "--seq", "131072",
+            "--batch", "4", "--search", "--recompute", "full", "--tp", "8"]
+    assert main([*args, "--cp", "2", "--json"]) == 0
+    assert all(r["parallel"]["cp"] == 2 for r in json.loads(capsys.readouterr().out))
+    assert main(["plan", "--preset", "gpt-mini", "--cp-design", "zigzag"]) == 2  # no --cp: not ignored
+    assert "--cp-design zigzag says how --cp splits each sequence; add --cp N" in capsys.readouterr().err
