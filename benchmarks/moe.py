@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tp_parity import cpu_model  # the sibling script: one way to name the CPU
 
 from journey_dist.comm import CommLedger
 from journey_dist.config import ParallelConfig, get_preset
@@ -47,14 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LAB = "12_mixture_of_experts"
 
-
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def run_lab() -> tuple[dict, float]:

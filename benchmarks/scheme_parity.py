@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from tp_parity import cpu_model  # the sibling script: one way to name the CPU
 
 from journey_dist.comm import CommLedger, calls_and_bytes
 from journey_dist.config import LoRAConfig, ParallelConfig, get_preset
@@ -134,14 +134,6 @@ def four_ranks(preset: str, cfg: TrainConfig) -> dict:
         rows[f"3d dp{dp} x tp{tp} x pp{pp}"] = {**diffs, "ledger": bool(ok.item())}
     return {"rows": rows}
 
-
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def markdown(s: dict) -> str:

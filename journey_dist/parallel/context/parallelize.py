@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from journey_dist.config import CP_DESIGNS, ConfigError, GPTConfig, ParallelConfig
 from journey_dist.mesh import Mesh, rank_coords
-from journey_dist.model import SINUSOIDAL_SCALE, KVCache
+from journey_dist.model import SINUSOIDAL_SCALE, CausalSelfAttention, KVCache
 from journey_dist.parallel.common import mean_over
 from journey_dist.parallel.context.accounting import check_cp_model
 from journey_dist.parallel.context.allgather import allgather_attention
@@ -101,14 +101,7 @@ class ContextParallelAttention(nn.Module):
         if cache is not None:
             raise ValueError("context parallel trains on split sequences; generate with the plain model")
         B, T, _ = x.shape
-        if hasattr(self, "c_attn"):
-            q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=2)
-            kv_heads = self.n_head
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            kv_heads = self.n_kv_head
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = (t.view(B, T, kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
+        q, k, v = CausalSelfAttention.qkv(self, x)  # the model's projections and head split
         if self.config.positions == "rope":  # each token turned by its global position
             cos, sin = rope_tables_at(self.cp.token_positions(T, x.device), self.head_dim,
                                       self.config.rope_theta, q.dtype)

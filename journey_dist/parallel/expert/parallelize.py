@@ -33,7 +33,14 @@ from journey_dist.config import GPTConfig, ParallelConfig
 from journey_dist.data import TokenData, shard
 from journey_dist.mesh import Mesh, all_groups, build_mesh
 from journey_dist.model import MoE
-from journey_dist.parallel.common import ClipFn, clip_by_total_norm, mean_over, squared_sum, tp_duplicate
+from journey_dist.parallel.common import (
+    ClipFn,
+    all_reduce_flat,
+    clip_by_total_norm,
+    mean_over,
+    squared_sum,
+    tp_duplicate,
+)
 from journey_dist.parallel.expert.accounting import (
     RouterLog,
     comm_by_group,
@@ -78,12 +85,7 @@ def _all_reduce_mean(grads: list[torch.Tensor], group: dist.ProcessGroup, size: 
     if not grads:
         return
     if size > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        all_reduce_flat(grads, group)
     for g in grads:
         g.div_(divide_by)
 

@@ -34,7 +34,7 @@ from journey_dist.comm import ledger_by_op
 from journey_dist.config import GPTConfig, ParallelConfig, padded_vocab_size
 from journey_dist.data import TokenData
 from journey_dist.model import GPT, MLP, Block, KVCache, MoE, add_positions, moe_loss
-from journey_dist.parallel.common import clip_fn, tp_duplicate
+from journey_dist.parallel.common import all_reduce_flat, clip_fn, tp_duplicate
 from journey_dist.parallel.tensor.generate import tp_generate
 from journey_dist.parallel.tensor.layers import (
     ColumnParallelLinear,
@@ -215,14 +215,8 @@ def sync_sequence_parallel_grads(module: nn.Module, group: Group = None) -> None
     """
     grads = [p.grad for p in module.parameters()
              if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or tp_size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    if tp_size(group) > 1:
+        all_reduce_flat(grads, group)
 
 
 def _unshard(local: torch.Tensor, ref: nn.Parameter, group: Group) -> torch.Tensor:
