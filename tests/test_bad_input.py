@@ -545,7 +545,8 @@ def test_lab10_runs_in_its_own_directory_and_deletes_only_its_entries(tmp_path):
     stale.write_bytes(b"an earlier run's checkpoint")
     (own / "notes.txt").write_text("the learner's own notes\n")
     proc = _run_lab(tmp_path, "10_reliability.py", ["--preset", "tiny", "--steps", "4", "--every", "1",
-                                                    "--crash-at", "2", "--dir", str(own)], timeout_s=900)
+                                                    "--crash-at", "2", "--dir", str(own),
+                                                        "--desync", "none"], timeout_s=900)  # own test
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (own / "notes.txt").read_text() == "the learner's own notes\n" and not stale.exists()
     assert sorted(p.name for p in own.iterdir()) == sorted([labkit.OWNER_FILE, "notes.txt", "file", "dcp",

@@ -96,10 +96,13 @@ class ContextParallelAttention(nn.Module):
         self.n_head, self.head_dim = attn.n_head, attn.head_dim  # this module's (tp-local) heads
         self.n_kv_head = getattr(attn, "n_kv_head", attn.n_head) if config.separate_qkv else attn.n_head
         self.cp, self.config = cp, config
+        # a tensor-parallel attention's input mapping (f: its input gradient all-reduced over tp)
+        self.enter_region = getattr(attn, "enter_region", lambda x: x)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         if cache is not None:
             raise ValueError("context parallel trains on split sequences; generate with the plain model")
+        x = self.enter_region(x)
         B, T, _ = x.shape
         q, k, v = CausalSelfAttention.qkv(self, x)  # the model's projections and head split
         if self.config.positions == "rope":  # each token turned by its global position

@@ -164,10 +164,16 @@ class TensorParallelAttention(CausalSelfAttention):
         """ALiBi's slopes are per global head: this rank's slice of them."""
         return alibi_slopes(self.global_heads)[self.first_head:self.first_head + self.n_head]
 
+    def enter_region(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's way into the tp region (f: identity forward, all-reduce of the gradient
+        backward; with SP, g-bar: all-gather forward, reduce-scatter backward). A wrapper that
+        replaces this module's core (context parallel) must enter the same way."""
+        return enter_tp_region(x, self.group, self.sequence_parallel)
+
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         """x (B, T, C) (or (B, T/t, C) with SP) -> same shape. With a cache (model.KVCache holding
         this rank's K/t kv heads), the T new tokens attend to the cache.pos cached ones too."""
-        x = enter_tp_region(x, self.group, self.sequence_parallel)  # (B, T, C), T the full sequence
+        x = self.enter_region(x)  # (B, T, C), T the full sequence
         p = self.dropout if self.training else 0.0
         with fork_if(p > 0, "tp", x.device):  # this rank's heads: its own dropout masks
             y = self.attend(x, cache, layer)  # (B, T, H/t * D)
