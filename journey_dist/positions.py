@@ -46,6 +46,14 @@ def rope_tables(start: int, length: int, head_dim: int, theta: float, device: to
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rope_tables_at(positions: torch.Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_tables for any positions (T,) (zigzag's, a paged batch's: not contiguous): cos, sin (T, D)."""
+    freqs = positions.float()[:, None] * rope_inv_freq(head_dim, theta, positions.device)[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(.., D) -> (.., D): [x1, x2] -> [-x2, x1], i.e. each pair (x1[i], x2[i]) turned by 90 degrees."""
     x1, x2 = x[..., : x.size(-1) // 2], x[..., x.size(-1) // 2:]

@@ -103,8 +103,11 @@ def test_lab11_context_parallel_claims(tmp_path):
     assert all(not a["ran"] or a["max_diff"] < TOL for a in r["torch_context_parallel"].values())
 
 
-def test_lab13_serving_claims(tmp_path):
-    args = ("--preset", "tiny", "--requests", "12", "--blocks", "8", "--max-seqs", "8", "--train-steps", "3",
+@pytest.mark.parametrize("preset,blocks", [("tiny", "8"), ("llama-mini", "24")])  # llama: RoPE, GQA
+def test_lab13_serving_claims(tmp_path, preset, blocks):
+    # blocks of 16 tokens: room for a few context windows (32 tokens tiny, 128 llama-mini) at once
+    args = ("--preset", preset, "--requests", "12", "--blocks", blocks, "--max-seqs", "8",
+            "--train-steps", "3",
             "--group-size", "16")
     _, r = run_lab("13_serving", *args, runs_dir=tmp_path)
     runs = r["batching"]

@@ -14,6 +14,7 @@ from journey_dist.plots import kv_memory_plot
 from journey_dist.serving.blocks import BlockManager, PagedKVCache
 from journey_dist.serving.paged import AttentionGroup, build_batch, paged_attention, paged_forward
 from journey_dist.serving.quant import (
+    QuantLinear,
     model_bytes,
     pack_int4,
     quantization_table,
@@ -26,6 +27,8 @@ from journey_dist.serving.quant import (
 from journey_dist.serving.scheduler import ServingEngine, batching_table, reference_outputs
 from journey_dist.serving.tp import tp_table
 from journey_dist.serving.trace import Request, make_trace, trace_summary
+from tests.families import FAMILIES
+from tests.families import tiny as tiny_config
 
 TINY = get_preset("tiny")  # 2 layers, 4 heads, head_dim 8, context 32
 
@@ -57,14 +60,19 @@ def reference(tiny, trace) -> dict[int, list[int]]:
     return reference_outputs(tiny, trace)
 
 
-def test_paged_forward_equals_contiguous_cache_in_chunks(tiny):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paged_forward_equals_contiguous_cache_in_chunks(family):
     # three requests of different lengths, prefilled in chunks then decoded, blocks interleaved
     # in the pool; every step's last-token logits equal GPT.forward with its contiguous KVCache
+    # (llama: q/k/v_proj with 2 kv heads for 4 query heads, RoPE at each token's own position)
+    config = tiny_config(family)
+    torch.manual_seed(0)
+    tiny = GPT(config).eval()
     torch.manual_seed(1)
     seqs = {0: torch.randint(0, 256, (20,)), 1: torch.randint(0, 256, (9,)), 2: torch.randint(0, 256, (14,))}
     cuts = {0: [7, 15, 16, 17, 18, 19, 20], 1: [3, 9], 2: [14]}
-    blocks, cache = BlockManager(32, 4), PagedKVCache(TINY, 32, 4)
-    caches = {r: KVCache(TINY, 1, 32) for r in seqs}
+    blocks, cache = BlockManager(32, 4), PagedKVCache(config, 32, 4)
+    caches = {r: KVCache(config, 1, 32) for r in seqs}
     done, worst = {r: 0 for r in seqs}, 0.0
     for step in range(max(len(c) for c in cuts.values())):
         plan = []
@@ -202,13 +210,15 @@ def test_bad_engine_settings(tiny, kwargs, pattern):
         ServingEngine(tiny, block_size=4, **kwargs)
 
 
-def test_a_model_without_gpt2_attention_is_refused_up_front(tiny):
-    other = copy.deepcopy(tiny)
-    for block in other.transformer.h:  # e.g. separate q/k/v projections, as the Llama family has
-        block.attn.q_proj = block.attn.c_attn
-        del block.attn.c_attn
-    with pytest.raises(ConfigError, match=r"paged serving runs GPT-2 blocks.*serving/paged.py"):
-        ServingEngine(other, num_blocks=8, block_size=4)
+def test_a_model_paged_attention_cannot_run_is_refused_up_front(tiny):
+    wrapped = copy.deepcopy(tiny)
+    for block in wrapped.transformer.h:  # e.g. a tensor-parallel copy's attention: not the plain one
+        block.attn = torch.nn.Identity()
+    with pytest.raises(ConfigError, match=r"paged serving runs the plain GPT's blocks; Identity is not one"):
+        ServingEngine(wrapped, num_blocks=8, block_size=4)
+    alibi = GPT(tiny_config("llama", positions="alibi"))
+    with pytest.raises(ConfigError, match=r"positions='alibi': paged attention here adds no distance bias"):
+        ServingEngine(alibi, num_blocks=8, block_size=4)
 
 
 def test_trace_is_seeded_and_fits_the_context():
@@ -231,6 +241,10 @@ def test_quantized_codes_within_half_a_step_and_bytes_equal_formula(tiny, bits, 
     assert model_bytes(q) == quantized_weight_bytes(TINY, bits, group) < model_bytes(tiny)
     assert 0 < relative_weight_error(tiny, q) < (0.01 if bits == 8 else 0.15)
     assert all(p.dtype == torch.float32 for p in tiny.parameters())  # the original is untouched
+    llama = GPT(tiny_config("llama"))  # q/k/v/o_proj (2 kv heads), gate/up/down_proj, untied head
+    q = quantize_model(llama, bits, group)
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 7 * llama.config.n_layer
+    assert model_bytes(q) == quantized_weight_bytes(llama.config, bits, group) < model_bytes(llama)
 
 
 def test_int4_packing_round_trips():

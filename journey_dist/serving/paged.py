@@ -10,8 +10,9 @@ looks at requests separately. For layer l, each token's key and value are writte
 slot, then each request's K/V are gathered block by block through its table and its queries
 attend causally: query at position p sees keys 0..p of its own request and nothing else.
 
-The weights are the plain GPT's (`journey_dist.model.GPT`): embeddings, LayerNorms, c_attn
-(q, k, v), c_proj and the MLP are called as modules, so the numbers match `GPT.generate` with its
+The weights are the plain GPT's (`journey_dist.model.GPT`, either family): embeddings, norms, the
+q/k/v projections (c_attn or q/k/v_proj, RoPE at each token's position), c_proj/o_proj and the MLP
+are called as modules, so the numbers match `GPT.generate` with its
 contiguous `KVCache` to fp32 rounding (tests/test_serving.py checks the greedy tokens).
 """
 
@@ -25,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from journey_dist.config import ConfigError
-from journey_dist.model import GPT
+from journey_dist.model import GPT, CausalSelfAttention, add_positions
+from journey_dist.positions import apply_rope, rope_tables_at
 from journey_dist.serving.blocks import BlockManager, PagedKVCache
 
 
@@ -116,35 +118,43 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: At
 
 
 def check_model(model: nn.Module) -> None:
-    """ConfigError unless paged_forward can run this model: GPT-2 blocks (fused c_attn, learned
-    positions wpe). Called when an engine is built, before any request."""
-    tr = getattr(model, "transformer", None)
+    """ConfigError unless paged_forward can run this model: either family's blocks with learned,
+    sinusoidal or rotary positions (ALiBi's distance bias is not applied to paged attention).
+    Called when an engine is built, before any request."""
+    tr, config = getattr(model, "transformer", None), getattr(model, "config", None)
     attn = tr.h[0].attn if tr is not None and len(tr.h) else None
-    if attn is None or not hasattr(attn, "c_attn") or not hasattr(tr, "wpe"):
-        raise ConfigError(f"paged serving runs GPT-2 blocks (fused c_attn, learned positions wpe); "
+    if not isinstance(attn, CausalSelfAttention):
+        raise ConfigError(f"paged serving runs the plain GPT's blocks; "
                           f"{type(attn).__name__ if attn is not None else type(model).__name__} is not one: "
-                          f"add its q/k/v projections (and rotary positions) to serving/paged.py "
-                          f"(project_qkv, paged_forward)")
+                          "serve the model before wrapping it (tensor parallel serving: serving/tp.py)")
+    if config.positions == "alibi":
+        raise ConfigError("positions='alibi': paged attention here adds no distance bias; serve a model "
+                          "with learned, sinusoidal or rope positions (or add the bias to paged_attention)")
 
 
-def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, C) -> q (N, H, D), k and v (N, kv_heads, D) through the block's own fused c_attn."""
-    H, D = attn.n_head, attn.head_dim
-    q, k, v = attn.c_attn(x).split(H * D, dim=-1)
-    return q.view(-1, H, D), k.view(-1, H, D), v.view(-1, H, D)
+def project_qkv(attn: CausalSelfAttention, x: torch.Tensor, positions: torch.Tensor,
+                rope_theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, C) -> q (N, H, D), k and v (N, kv_heads, D) through the block's own projections (GPT-2's
+    fused c_attn or Llama's q/k/v_proj); with rope_theta, q and k turned by each token's position."""
+    q, k, v = attn.qkv(x[None])  # (1, H, N, D), (1, K, N, D): N tokens of many requests, one stream
+    if rope_theta is not None:
+        cos, sin = rope_tables_at(positions, attn.head_dim, rope_theta, q.dtype)  # (N, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
 
 
 @torch.no_grad()
 def paged_forward(model: GPT, cache: PagedKVCache, batch: PagedBatch) -> torch.Tensor:
     """Run one step; fills the cache at batch.slots; returns (S, V) logits of each request's last token."""
-    tr = model.transformer
-    x = tr.wte(batch.tokens) + tr.wpe(batch.positions)  # (N, C)
+    tr, config = model.transformer, model.config
+    x = add_positions(tr.wte(batch.tokens), batch.positions, config, tr)  # (N, C)
+    theta = config.rope_theta if config.positions == "rope" else None
     for layer, block in enumerate(tr.h):
         a = block.ln_1(x)
-        q, k, v = project_qkv(block.attn, a)
+        q, k, v = project_qkv(block.attn, a, batch.positions, theta)
         cache.write(layer, batch.slots, k, v)
         y = torch.cat([paged_attention(q[g.start:g.end], *cache.gather(layer, g.block_tables), g)
                        for g in batch.groups])  # (N, H, D)
-        x = x + block.attn.c_proj(y.flatten(1))
+        x = x + block.attn.out_proj(y.flatten(1))
         x = x + block.mlp(block.ln_2(x))
     return model.lm_head(tr.ln_f(x[batch.last]))  # (S, V)

@@ -11,8 +11,8 @@ stored code is round(w / scale) in [-qmax, qmax] (symmetric: no zero point). Deq
 w' = code x scale is within scale / 2 of w. Activations stay fp32 (weight-only): the matmul
 dequantizes, so what shrinks is the memory (and, on a GPU, the bytes a memory-bound decode step
 reads), not the FLOPs. int4 codes are packed two per byte. Quantized: the linear layers of the
-blocks (c_attn, c_proj, c_fc, mlp.c_proj); kept fp32: embeddings (the tied output head),
-LayerNorms, biases.
+blocks (c_attn, c_proj, c_fc, mlp.c_proj; Llama: q/k/v/o_proj, gate/up/down_proj); kept fp32: embeddings,
+norms, biases.
 
 torchao's int8 weight-only (Int8WeightOnlyConfig) is per channel too but divides absmax by 127.5
 and keeps codes in [-128, 127] (the extreme positive weight rounds to 128 and is clipped by half
@@ -33,13 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from journey_dist.config import ConfigError, GPTConfig
+from journey_dist.config import ConfigError, GPTConfig, block_linears
 from journey_dist.memory.estimate import fmt_bytes, param_count
 from journey_dist.model import GPT
 from journey_dist.ngram import model_stream_nll
 from journey_dist.report import Column, fixed, table
-
-BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def check_quant(bits: int, group_size: int | None, in_features: int | None = None) -> None:
@@ -117,8 +115,25 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, int{self.bits}, group {self.group_size}"
 
 
+def block_linear_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear of one block, by family: GPT-2's fused c_attn (h -> 3h),
+    c_proj, c_fc, mlp.c_proj; Llama's q/k/v/o_proj (k and v with the kv heads) and gate/up/down."""
+    h, d, f = cfg.n_embd, cfg.head_dim, cfg.mlp_dim
+    q, kv = cfg.n_head * d, (cfg.n_kv_head or cfg.n_head) * d
+    if cfg.separate_qkv:
+        attn = {"attn.q_proj": (h, q), "attn.k_proj": (h, kv), "attn.v_proj": (h, kv), "attn.o_proj": (q, h)}
+    else:
+        attn = {"attn.c_attn": (h, q + 2 * kv), "attn.c_proj": (q, h)}
+    mlp = ({"mlp.gate_proj": (h, f), "mlp.up_proj": (h, f), "mlp.down_proj": (f, h)} if cfg.mlp == "swiglu"
+           else {"mlp.c_fc": (h, f), "mlp.c_proj": (f, h)})
+    shapes = attn | mlp
+    assert tuple(shapes) == block_linears(cfg), (tuple(shapes), block_linears(cfg))
+    return shapes
+
+
 def block_linear_names(model: GPT) -> list[str]:
-    return [f"transformer.h.{i}.{s}" for i in range(len(model.transformer.h)) for s in BLOCK_LINEARS]
+    suffixes = block_linears(model.config)
+    return [f"transformer.h.{i}.{s}" for i in range(len(model.transformer.h)) for s in suffixes]
 
 
 def quantize_model(model: GPT, bits: int = 8, group_size: int | None = None, full_range: bool = False) -> GPT:
@@ -153,15 +168,16 @@ def model_bytes(model: nn.Module) -> int:
 def quantized_weight_bytes(cfg: GPTConfig, bits: int, group_size: int | None = None, scale_bytes: int = 4,
                            code_bytes: float | None = None, zero_point_bytes: int = 0) -> int:
     """Formula: block linears at bits/8 bytes per weight plus one scale per channel (int8) or per
-    group; everything else (embeddings, LayerNorms, biases) fp32. GPT-2 blocks hold 12 h^2 linear
-    weights (q, k, v: 3h^2; attention output h^2; MLP 4h^2 + 4h^2) with 9h output channels.
+    group; everything else (embeddings, norms, biases) fp32. GPT-2 blocks hold 12 h^2 linear
+    weights (q, k, v: 3h^2; attention output h^2; MLP 4h^2 + 4h^2) with 9h output channels; the
+    Llama family's come from block_linear_shapes (GQA's smaller k, v; SwiGLU's three matrices).
 
     code_bytes overrides bits/8 for a layout that stores codes wider than they are (torchao keeps
     int4 codes one per int8 byte); zero_point_bytes adds a zero point per scale (torchao stores an
     int8 one even for symmetric quantization)."""
-    h, L = cfg.n_embd, cfg.n_layer
-    quantized = 12 * h * h * L
-    scales = quantized // group_size if group_size else 9 * h * L
+    shapes, L = block_linear_shapes(cfg).values(), cfg.n_layer
+    quantized = sum(i * o for i, o in shapes) * L
+    scales = quantized // group_size if group_size else sum(o for _, o in shapes) * L
     codes = quantized * (bits / 8 if code_bytes is None else code_bytes)
     return int((param_count(cfg) - quantized) * 4 + codes + scales * (scale_bytes + zero_point_bytes))
 

@@ -32,7 +32,7 @@ from journey_dist.parallel.context.layout import SequenceLayout
 from journey_dist.parallel.context.ring import Ring, ring_attention
 from journey_dist.parallel.context.ulysses import ulysses_attention
 from journey_dist.parallel.tensor.mappings import reduce_from_region
-from journey_dist.positions import apply_rope, rope_inv_freq, sinusoidal_table
+from journey_dist.positions import apply_rope, rope_tables_at, sinusoidal_table
 from journey_dist.train import StepHooks
 
 Group = dist.ProcessGroup | None
@@ -75,14 +75,6 @@ class ContextParallel:
             return allgather_attention(q, k, v, self.group,
                                        self.layout.positions(q.size(2) * self.size, self.rank, q.device))
         return ring_attention(q, k, v, self.ring)
-
-
-def rope_tables_at(positions: torch.Tensor, head_dim: int, theta: float,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions.rope_tables for any positions (zigzag's are not contiguous): cos, sin (T, D)."""
-    freqs = positions.float()[:, None] * rope_inv_freq(head_dim, theta, positions.device)[None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 class ContextParallelAttention(nn.Module):
