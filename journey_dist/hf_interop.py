@@ -182,6 +182,16 @@ def _llama_config(hf_config, *, bias: bool) -> GPTConfig:
     )
 
 
+def _rotary_family_fields(config: GPTConfig) -> dict:
+    """The fields LlamaConfig and MixtralConfig share: sizes, GQA heads, RMSNorm eps, RoPE, dropout."""
+    return dict(vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+                num_attention_heads=config.n_head, num_key_value_heads=config.kv_heads,
+                max_position_embeddings=config.block_size, rms_norm_eps=config.layer_norm_eps,
+                tie_word_embeddings=config.tie_embeddings,
+                rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+                attention_dropout=config.dropout)
+
+
 def hf_config_from(config: GPTConfig, attn_implementation: str = "eager"):
     """transformers GPT2Config, LlamaConfig or MixtralConfig matching a GPTConfig."""
     # deferred: transformers is optional (the [test] extra) and takes seconds to import
@@ -190,25 +200,16 @@ def hf_config_from(config: GPTConfig, attn_implementation: str = "eager"):
         from transformers import MixtralConfig
 
         hf = MixtralConfig(
-            vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.expert_dim,
-            num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-            num_key_value_heads=config.kv_heads, max_position_embeddings=config.block_size,
-            rms_norm_eps=config.layer_norm_eps, tie_word_embeddings=config.tie_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-            attention_dropout=config.dropout, num_local_experts=config.n_experts,
-            num_experts_per_tok=config.moe_top_k, router_aux_loss_coef=config.moe_aux_coef,
-            sliding_window=None, router_jitter_noise=0.0,
+            **_rotary_family_fields(config), intermediate_size=config.expert_dim,
+            num_local_experts=config.n_experts, num_experts_per_tok=config.moe_top_k,
+            router_aux_loss_coef=config.moe_aux_coef, sliding_window=None, router_jitter_noise=0.0,
         )
     elif family == "llama":
         from transformers import LlamaConfig
 
         hf = LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.mlp_dim,
-            num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-            num_key_value_heads=config.kv_heads, max_position_embeddings=config.block_size,
-            rms_norm_eps=config.layer_norm_eps, tie_word_embeddings=config.tie_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-            attention_bias=config.bias, mlp_bias=config.bias, attention_dropout=config.dropout,
+            **_rotary_family_fields(config), intermediate_size=config.mlp_dim,
+            attention_bias=config.bias, mlp_bias=config.bias,
         )
     else:
         from transformers import GPT2Config  # deferred, as above

@@ -34,22 +34,28 @@ from journey_dist.steptime import collective_time, group_ranks_matrix, group_spa
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _counted_flops(cfg, batch: int = 2) -> tuple[int, int, int]:
+    """torch's FlopCounterMode over one forward + backward of GPT(cfg) on (batch, block_size)
+    random ids: (FLOPs counted, tokens, seq)."""
+    seq = cfg.block_size
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    return counter.get_total_flops(), batch * seq, seq
+
+
 @pytest.mark.slow  # FlopCounterMode's first use imports a large part of torch (~5 s idle, 20 s loaded)
 @pytest.mark.parametrize("preset", ["tiny", "llama-mini"])
 def test_flops_equal_torch_flop_counter(preset):
     """Forward + backward FLOPs of the real model (eager attention: its matmuls are visible to the
     counter) equal model_flops_per_token x tokens, and the stage split adds up to it."""
     cfg = get_preset(preset).with_(attn_impl="eager", block_size=32)
-    batch, seq = 2, cfg.block_size
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
-    with FlopCounterMode(display=False) as counter:
-        model(x, x)[1].backward()
-    assert counter.get_total_flops() == model_flops_per_token(cfg, seq) * batch * seq
-    tokens = batch * seq
+    counted, tokens, seq = _counted_flops(cfg)
+    assert counted == model_flops_per_token(cfg, seq) * tokens
     whole = stage_flops(cfg, tokens=tokens, seq=seq)
-    assert whole["forward"] + whole["backward"] == counter.get_total_flops()
+    assert whole["forward"] + whole["backward"] == counted
     split = [stage_flops(cfg, tokens=tokens, seq=seq, tp=2, pp=2, stage=s) for s in range(2)]
     assert 2 * sum(s["forward"] for s in split) == whole["forward"]  # tp=2: each rank half
 
@@ -265,16 +271,10 @@ def test_moe_flops_equal_torch_flop_counter():
     from the shapes, equal FlopCounterMode's forward + backward (no token dropped: whatever the
     routing, the experts take t k rows). Under tp the MoE runs whole on both ranks."""
     cfg = get_preset("moe-mini").with_(attn_impl="eager", block_size=16, n_layer=2, moe_shared_hidden=64)
-    batch, seq = 2, cfg.block_size
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
-    with FlopCounterMode(display=False) as counter:
-        model(x, x)[1].backward()
-    tokens = batch * seq
-    assert counter.get_total_flops() == model_flops_per_token(cfg, seq) * tokens
+    counted, tokens, seq = _counted_flops(cfg)
+    assert counted == model_flops_per_token(cfg, seq) * tokens
     whole = stage_flops(cfg, tokens=tokens, seq=seq)
-    assert whole["forward"] + whole["backward"] == counter.get_total_flops()
+    assert whole["forward"] + whole["backward"] == counted
     layer = layer_forward_flops(cfg, tokens, seq)
     moe = layer["router"] + layer["experts"] + layer["shared"]
     assert layer["experts"] == 2 * tokens * cfg.moe_top_k * (2 * 128 * 256)  # k experts of c_fc + c_proj
